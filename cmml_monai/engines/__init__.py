@@ -1,0 +1,1 @@
+"""cmml_monai.engines."""
