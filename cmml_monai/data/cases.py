@@ -85,6 +85,8 @@ class CaseList:
         table_columns: clinical columns used as features (raw names).
         cases: the usable cases.
         dropped: ``(case_id, reason)`` of cases that were dropped (e.g. every modality missing).
+        table_types: declared type (``"numeric"`` / ``"categorical"``) of table columns the adapter knows;
+            ``TableSchema.fit(..., declared=table_types)`` infers the others.
     """
 
     name: str
@@ -94,6 +96,7 @@ class CaseList:
     table_columns: list[str]
     cases: list[Case]
     dropped: list[tuple[str, str]] = field(default_factory=list)
+    table_types: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         counts = Counter(c.case_id for c in self.cases)

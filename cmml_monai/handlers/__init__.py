@@ -1,1 +1,28 @@
-"""cmml_monai.handlers."""
+"""cmml_monai.handlers: macro AUC metric, MLflow parent/stage runs, resume, loss averages, plots."""
+
+from cmml_monai.handlers.checkpoint import LoadNetworkHandler, ResumeHandler, StageCheckpointSaver, latest_checkpoint
+from cmml_monai.handlers.metrics import MacroAUC, MacroAUCMetric
+from cmml_monai.handlers.mlflow import MLflowTracker, StageMLFlowHandler, resolve_tracking_uri, save_executed_config
+from cmml_monai.handlers.plots import plot_roc, plot_sweep
+from cmml_monai.handlers.report import comparison_table, read_sweep, write_comparison
+from cmml_monai.handlers.stats import BindTrainer, EpochLossAverager
+
+__all__ = [
+    "MacroAUC",
+    "MacroAUCMetric",
+    "MLflowTracker",
+    "StageMLFlowHandler",
+    "resolve_tracking_uri",
+    "save_executed_config",
+    "ResumeHandler",
+    "StageCheckpointSaver",
+    "BindTrainer",
+    "LoadNetworkHandler",
+    "latest_checkpoint",
+    "EpochLossAverager",
+    "plot_sweep",
+    "plot_roc",
+    "read_sweep",
+    "comparison_table",
+    "write_comparison",
+]

@@ -1,1 +1,32 @@
-"""cmml_monai.networks."""
+"""cmml_monai.networks: encoders, CRTA, memory, alignment, the CMML net and the late-fusion baselines."""
+
+from cmml_monai.networks.alignment import CrossModalAlignment, FusionHead, InstanceAdaptiveReference, ProjectionHead
+from cmml_monai.networks.baselines import LATE_FUSION_MODES, LateFusionNet
+from cmml_monai.networks.cmml import CMMLNet
+from cmml_monai.networks.context import ContextTokens
+from cmml_monai.networks.crta import CascadedResidualTransformerAE
+from cmml_monai.networks.encoders import IMAGE_ENCODERS, ImageEncoder, MultiModalEncoder, build_image_backbone
+from cmml_monai.networks.memory import ModalityMemoryBank
+from cmml_monai.networks.tabular import TabularEncoder
+from cmml_monai.networks.utils import masked_mean, presence_from_nan, random_keep_mask
+
+__all__ = [
+    "CMMLNet",
+    "LateFusionNet",
+    "LATE_FUSION_MODES",
+    "MultiModalEncoder",
+    "ImageEncoder",
+    "TabularEncoder",
+    "IMAGE_ENCODERS",
+    "build_image_backbone",
+    "ContextTokens",
+    "CascadedResidualTransformerAE",
+    "ModalityMemoryBank",
+    "InstanceAdaptiveReference",
+    "CrossModalAlignment",
+    "FusionHead",
+    "ProjectionHead",
+    "presence_from_nan",
+    "masked_mean",
+    "random_keep_mask",
+]

@@ -1,0 +1,221 @@
+"""MEN (meningioma grading) adapter: 3D MRI sequences + clinical table, binary low/high grade.
+
+Native layout (read unchanged)::
+
+    <dataset_dir>/
+      clinical.csv (or .xlsx; any name, or the clinical_table option)
+      <case>/<case>-t1c.nii.gz, <case>-t2w.nii.gz, ...   one NIfTI per sequence (BraTS naming; .nii too)
+      <case>/t1c/*.dcm, <case>/t2w/*.dcm, ...             or one DICOM series folder per sequence
+
+The table columns are mapped by ``column_map`` (logical name -> actual column). Grade 1 is low, 2 and 3
+are high (``"low"``/``"high"`` and roman numerals are accepted). Each sequence is one image3d modality
+with one channel; missing sequences are common and are reported as ``file absent``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Mapping, Sequence
+
+from cmml_monai.data.adapters.common import (
+    FILE_ABSENT,
+    check_unique_ids,
+    clean_cell,
+    drop_all_missing,
+    resolve_path,
+)
+from cmml_monai.data.adapters.splits import DEFAULT_FRACTIONS, load_or_make_split, normalise_split_name
+from cmml_monai.data.cases import TABLE_MODALITY, Case, CaseList, ModalitySpec
+from cmml_monai.data.errors import DataError
+from cmml_monai.data.table import read_table
+
+__all__ = [
+    "load_men",
+    "MEN_CLASSES",
+    "MEN_SEQUENCES",
+    "MEN_DEFAULT_COLUMN_MAP",
+    "MEN_DEFAULT_TABLE_COLUMNS",
+    "parse_grade",
+    "find_sequence",
+]
+
+MEN_CLASSES = ["low", "high"]
+MEN_SEQUENCES = ["t1c", "t1n", "t2w", "t2f"]
+MEN_DEFAULT_COLUMN_MAP = {"case_id": "case_id", "grade": "grade", "age": "age", "sex": "sex", "split": "split"}
+MEN_DEFAULT_TABLE_COLUMNS = ["age", "sex"]
+_TABLE_EXTS = (".csv", ".tsv", ".xlsx", ".xls")
+_GRADES = {"1": 0, "i": 0, "low": 0, "low grade": 0, "2": 1, "3": 1, "ii": 1, "iii": 1, "high": 1, "high grade": 1}
+_NUMERIC = {"age"}
+
+
+def parse_grade(value: object) -> int | None:
+    """WHO grade -> 0 (low: grade 1) or 1 (high: grades 2, 3); None when not recognised."""
+    v = clean_cell(value)
+    if v is None:
+        return None
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer():
+        v = str(int(v))
+    key = " ".join(str(v).strip().lower().replace("grade", " ").split()) or str(v).strip().lower()
+    if key.endswith(".0") and key[:-2].isdigit():
+        key = key[:-2]
+    return _GRADES.get(key)
+
+
+def _is_dicom_folder(path: str) -> bool:
+    if not os.path.isdir(path):
+        return False
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if os.path.isfile(full) and (name.lower().endswith((".dcm", ".dicom", ".ima")) or "." not in name):
+            return True
+    return False
+
+
+def find_sequence(case_dir: str, case_id: str, sequence: str) -> str | None:
+    """The NIfTI file or DICOM series folder of ``sequence`` in ``case_dir``; None when absent.
+
+    Tried in order: ``<case>-<seq>.nii.gz``, ``<case>-<seq>.nii``, ``<seq>.nii(.gz)``, then a DICOM folder
+    named ``<seq>`` (any case); NIfTI wins when both exist.
+    """
+    if not os.path.isdir(case_dir):
+        return None
+    folder = os.path.basename(os.path.normpath(case_dir))
+    for stem in (f"{case_id}-{sequence}", f"{folder}-{sequence}", f"{case_id}_{sequence}", sequence):
+        for ext in (".nii.gz", ".nii"):
+            p = os.path.join(case_dir, stem + ext)
+            if os.path.isfile(p):
+                return p
+    for name in sorted(os.listdir(case_dir)):
+        p = os.path.join(case_dir, name)
+        if name.lower() == sequence.lower() and _is_dicom_folder(p):
+            return p
+    return None
+
+
+def _default_table(dataset_dir: str) -> str:
+    found = sorted(f for f in os.listdir(dataset_dir)
+                   if f.lower().endswith(_TABLE_EXTS) and os.path.isfile(os.path.join(dataset_dir, f))
+                   and not f.startswith((".", "~$")))
+    if len(found) != 1:
+        raise DataError(
+            f"MEN: expected exactly one clinical table (.csv/.xlsx) at the top of {dataset_dir}, found {found or 'none'}; "
+            "set the clinical_table option"
+        )
+    return os.path.join(dataset_dir, found[0])
+
+
+def load_men(
+    dataset_dir: str | os.PathLike,
+    clinical_table: str | os.PathLike | None = None,
+    sheet: str | int | None = None,
+    column_map: Mapping[str, str] | None = None,
+    sequences: Sequence[str] = MEN_SEQUENCES,
+    table_columns: Sequence[str] | None = None,
+    split_file: str | os.PathLike | None = None,
+    split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    split_seed: int = 0,
+) -> CaseList:
+    """Read a MEN-style dataset (case folders of NIfTI files or DICOM series + clinical table).
+
+    Args:
+        dataset_dir: folder holding the case folders (and by default the clinical table).
+        clinical_table: CSV/XLSX path (absolute or relative to ``dataset_dir``); default the single table
+            file at the top of ``dataset_dir``.
+        sheet: sheet of an Excel table (default the first).
+        column_map: logical name -> actual column, merged over ``{case_id, grade, age, sex, split}``
+            (each mapping to itself). Extra logical names (e.g. ``"kps": "KPS score"``) can be used in
+            ``table_columns``.
+        sequences: sequence names, one image3d modality each, in packing order.
+        table_columns: logical table features (default ``age, sex``); ``[]`` for no table modality.
+        split_file: JSON split used when the table has no split column (reused, or written when given).
+        split_fractions: train, valid, test fractions for the made split.
+        split_seed: seed of the made split.
+
+    Raises:
+        DataError: missing folder/table/column, unknown grade or split value, duplicated case ids.
+
+    Example:
+        >>> cases = load_men("/data/MEN", column_map={"case_id": "BraTS ID", "grade": "WHO grade"})  # doctest: +SKIP
+    """
+    dataset_dir = os.fspath(dataset_dir)
+    if not os.path.isdir(dataset_dir):
+        raise DataError(f"MEN: dataset_dir {dataset_dir} does not exist")
+    sequences = [str(s) for s in sequences]
+    if not sequences or len(set(sequences)) != len(sequences):
+        raise ValueError(f"sequences must be non-empty and unique, got {sequences!r}")
+    cmap = dict(MEN_DEFAULT_COLUMN_MAP)
+    cmap.update(column_map or {})
+    feats = list(MEN_DEFAULT_TABLE_COLUMNS if table_columns is None else table_columns)
+    table_path = resolve_path(dataset_dir, clinical_table) if clinical_table is not None else _default_table(dataset_dir)
+    required = [cmap["case_id"], cmap["grade"], *(cmap.get(f, f) for f in feats)]
+    df = read_table(table_path, sheet=sheet, required=required)  # type: ignore[arg-type]
+    id_col, grade_col, split_col = cmap["case_id"], cmap["grade"], cmap.get("split")
+    has_split = split_col is not None and split_col in df.columns
+
+    rows = df.to_dict(orient="records")
+    ids = []
+    for pos, row in enumerate(rows):
+        v = clean_cell(row[id_col])
+        if v is None:
+            raise DataError(f"{table_path}: empty {id_col!r} in data row {pos + 1}; every row needs a case id")
+        ids.append(str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
+    check_unique_ids(ids, table_path, id_col)  # type: ignore[arg-type]
+    case_dirs = {d for d in os.listdir(dataset_dir) if os.path.isdir(os.path.join(dataset_dir, d))}
+    if not case_dirs & set(ids):
+        raise DataError(
+            f"MEN: none of the {len(ids)} case ids in {table_path} has a folder in {dataset_dir}; "
+            "expected one folder per case named by its id (check column_map['case_id'])"
+        )
+
+    modalities = [ModalitySpec(s, "image3d", 1) for s in sequences]
+    if feats:
+        modalities.append(ModalitySpec(TABLE_MODALITY, "table", 0))
+    cases, dropped, explicit_split = [], [], {}
+    for cid, row in zip(ids, rows):
+        grade_raw = clean_cell(row[grade_col])
+        if grade_raw is None:
+            dropped.append((cid, "grade empty"))
+            continue
+        label = parse_grade(grade_raw)
+        if label is None:
+            raise DataError(
+                f"{table_path}: case {cid}: grade {grade_raw!r} in column {grade_col!r} is not 1, 2, 3, low or high"
+            )
+        if has_split:
+            name = normalise_split_name(clean_cell(row[split_col]))
+            if name is None:
+                raise DataError(
+                    f"{table_path}: case {cid}: split {row[split_col]!r} in column {split_col!r}; use train, valid or test"
+                )
+            explicit_split[cid] = name
+        case_dir = os.path.join(dataset_dir, cid)
+        paths: dict[str, str | None] = {}
+        reasons: dict[str, str] = {}
+        for s in sequences:
+            p = find_sequence(case_dir, cid, s)
+            paths[s] = p
+            if p is None:
+                reasons[s] = FILE_ABSENT if os.path.isdir(case_dir) else "case folder absent"
+        table = {f: clean_cell(row[cmap.get(f, f)]) for f in feats}
+        cases.append(Case(cid, "", paths, label, table, reasons))
+    dropped += [(d, "not in clinical table") for d in sorted(case_dirs - set(ids)) if not d.startswith(".")]
+
+    kept, empty = drop_all_missing(cases, modalities, feats)
+    if has_split:
+        split = explicit_split
+    else:
+        split = load_or_make_split([c.case_id for c in kept], [str(c.label) for c in kept], split_file,
+                                   split_fractions, split_seed)
+    for c in kept:
+        c.split = split[c.case_id]
+    return CaseList(
+        name="men",
+        modalities=modalities,
+        class_names=list(MEN_CLASSES),
+        multi_label=False,
+        table_columns=feats,
+        cases=kept,
+        dropped=dropped + empty,
+        table_types={f: ("numeric" if f in _NUMERIC else "categorical") for f in feats if f in ("age", "sex")},
+    )

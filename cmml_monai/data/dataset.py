@@ -1,0 +1,383 @@
+"""Datasets and loaders: case lists to batch-contract items, decoded once and cached.
+
+``build_dataset`` chains ``LoadModalityd`` -> ``ApplyToPresentd(image_transforms(...))`` ->
+``PackModalitiesd``. Every step is deterministic, so a MONAI ``CacheDataset`` (memory) or
+``PersistentDataset`` (disk) keeps the packed tensors and images are decoded once (DESIGN section 7);
+simulated missingness and augmentation happen on the batch afterwards. The same path serves
+inference: ``with_label=False`` accepts cases without labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.data.utils import pickle_hashing
+from monai.transforms import Compose
+
+from cmml_monai.data.cases import Case, CaseList
+from cmml_monai.data.errors import DataError
+from cmml_monai.data.readers import LoadModalityd
+from cmml_monai.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ApplyToPresentd,
+    PackModalitiesd,
+    TableEncoder,
+    image_transforms,
+)
+
+__all__ = [
+    "RESERVED_KEYS",
+    "CaseDataset",
+    "CaseCacheDataset",
+    "CasePersistentDataset",
+    "data_dicts",
+    "case_transforms",
+    "hash_with_file_stats",
+    "build_dataset",
+    "collate_cases",
+    "build_dataloader",
+]
+
+RESERVED_KEYS = ("image", "tabular", "label", "case_id", "table")
+CACHE_MODES = ("none", "cache", "persistent")
+STANDARD_SPLITS = ("train", "valid", "test")
+
+
+def _unwrap_data_error(err: BaseException) -> BaseException:
+    """The DataError behind MONAI's ``RuntimeError("applying transform ...")`` wrappers, else ``err``."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, DataError):
+            return seen
+        seen = seen.__cause__
+    return err
+
+
+class _PlainErrors:
+    """Mixin: surface a DataError raised inside a transform as itself (one line for the user)
+    instead of the nested RuntimeErrors that MONAI's ``Compose`` wraps it in."""
+
+    def __getitem__(self, index: Any) -> Any:
+        try:
+            return super().__getitem__(index)  # type: ignore[misc]
+        except RuntimeError as err:
+            found = _unwrap_data_error(err)
+            if found is err:
+                raise
+            raise found from None
+
+
+class CaseDataset(_PlainErrors, Dataset):
+    """``monai.data.Dataset`` whose data errors surface as ``DataError``."""
+
+
+class CaseCacheDataset(_PlainErrors, CacheDataset):
+    """``monai.data.CacheDataset`` whose data errors surface as ``DataError``, also while the cache is
+    filled (in the constructor). Same arguments as ``CacheDataset``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(*args, **kwargs)
+        except RuntimeError as err:
+            found = _unwrap_data_error(err)
+            if found is err:
+                raise
+            raise found from None
+
+    def _transform(self, index: int) -> Any:
+        # with no random transform MONAI returns the cached dict itself: hand out a shallow copy so a
+        # consumer adding or popping keys cannot change the cache (the tensors are shared, read-only use)
+        data = super()._transform(index)
+        return dict(data) if isinstance(data, dict) else data
+
+
+class CasePersistentDataset(_PlainErrors, PersistentDataset):
+    """``monai.data.PersistentDataset`` whose data errors surface as ``DataError``."""
+
+
+def _cases(case_list: CaseList, split: str | Sequence[str] | None) -> list[Case]:
+    if split is None:
+        return list(case_list.cases)
+    splits = [split] if isinstance(split, str) else list(split)
+    known = sorted({c.split for c in case_list.cases} | set(STANDARD_SPLITS))
+    bad = [s for s in splits if s not in known]
+    if bad:  # a typo would otherwise give an empty dataset; a standard split may be empty
+        raise ValueError(f"split {bad} is not one of the splits {known}")
+    return [c for c in case_list.cases if c.split in splits]
+
+
+def _image_keys(case_list: CaseList) -> list[str]:
+    keys = [m.name for m in case_list.image_modalities]
+    clash = [k for k in keys if k in RESERVED_KEYS]
+    if clash:
+        raise ValueError(f"modality names {clash} clash with the batch keys {list(RESERVED_KEYS)}; rename them")
+    return keys
+
+
+def data_dicts(
+    case_list: CaseList, split: str | Sequence[str] | None = None, with_label: bool = True
+) -> list[dict[str, Any]]:
+    """Turn cases into the dicts the MONAI transforms consume.
+
+    Args:
+        case_list: the dataset.
+        split: ``"train"`` / ``"valid"`` / ``"test"``, several of them, or ``None`` for all cases.
+        with_label: include ``label`` (False for inference manifests).
+
+    Returns:
+        one dict per case: ``case_id``, one key per image modality (path or ``None``), ``table``
+        (raw row restricted to the table columns; only when the dataset has a table) and ``label``.
+
+    Example:
+        >>> data_dicts(case_list, "train")[0]  # doctest: +SKIP
+        {'case_id': '12', 'clinic': None, 'derm': '.../Fal009.jpg', 'table': {'sex': 'female'}, 'label': 1}
+    """
+    keys = _image_keys(case_list)
+    out = []
+    for case in _cases(case_list, split):
+        d: dict[str, Any] = {"case_id": str(case.case_id)}
+        for k in keys:
+            p = case.paths.get(k)
+            d[k] = None if p is None else os.fspath(p)
+        if case_list.has_table:
+            d["table"] = {c: case.table.get(c) for c in case_list.table_columns}
+        if with_label:
+            d["label"] = case.label
+        out.append(d)
+    return out
+
+
+def case_transforms(
+    case_list: CaseList,
+    schema: TableEncoder | None,
+    spatial_size: Sequence[int],
+    pixdim: Sequence[float] | None = None,
+    reader: str = "itk",
+    series: str | Mapping[Hashable, str | None] | None = None,
+    mean: Sequence[float] | None = IMAGENET_MEAN,
+    std: Sequence[float] | None = IMAGENET_STD,
+    with_label: bool = True,
+) -> Compose:
+    """The deterministic chain from a data dict to a batch-contract item.
+
+    Args:
+        case_list: gives the image modalities (kind, channels), multi-label flag and table presence.
+        schema: fitted table encoder; required when the dataset has a table, ignored otherwise.
+        spatial_size, pixdim, mean, std: see :func:`cmml_monai.data.transforms.image_transforms`.
+        reader, series: see :class:`cmml_monai.data.readers.LoadModalityd`.
+        with_label: require a label.
+    """
+    mods = case_list.image_modalities
+    if not mods:
+        raise ValueError(f"dataset {case_list.name!r} has no image modality to pack")
+    kinds = sorted({m.kind for m in mods})
+    if len(kinds) != 1:
+        raise ValueError(f"dataset {case_list.name!r} mixes image kinds {kinds}; one packed tensor needs one kind")
+    kind = kinds[0]
+    if case_list.has_table and schema is None:
+        raise ValueError(f"dataset {case_list.name!r} has a table: pass the fitted TableSchema as schema")
+    keys = _image_keys(case_list)
+    chain = image_transforms(
+        kind, spatial_size, pixdim, **({"mean": mean, "std": std} if kind == "image2d" else {})
+    )
+    return Compose(
+        [
+            LoadModalityd(keys, kind, reader=reader, series=series),
+            ApplyToPresentd(keys, chain),
+            PackModalitiesd(
+                keys,
+                [m.channels for m in mods],
+                spatial_size,
+                schema=schema if case_list.has_table else None,
+                multi_label=case_list.multi_label,
+                with_label=with_label,
+            ),
+        ]
+    )
+
+
+def _path_stats(path: str) -> Any:
+    """(size, mtime) of a file, or of each file of a DICOM folder; None when absent."""
+    try:
+        if os.path.isdir(path):
+            return sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file())
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return None
+
+
+def hash_with_file_stats(item: Mapping[str, Any]) -> bytes:
+    """``PersistentDataset`` key of a data dict: its content plus the size and modification time of
+    every image path in it, so a replaced or rewritten image is decoded again instead of served stale."""
+    stats = {k: _path_stats(v) for k, v in item.items() if k != "case_id" and isinstance(v, str)}
+    return pickle_hashing({"item": dict(item), "stats": stats})
+
+
+def _fingerprint(settings: Mapping[str, Any], schema: TableEncoder | None) -> str:
+    """Hash of everything that changes a cached item besides the data dict itself."""
+    blob: dict[str, Any] = {"settings": dict(settings)}
+    if schema is not None:
+        to_json = getattr(schema, "to_json", None)
+        blob["schema"] = to_json() if callable(to_json) else repr(schema)
+    text = json.dumps(blob, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def build_dataset(
+    case_list: CaseList,
+    split: str | Sequence[str] | None,
+    schema: TableEncoder | None,
+    *,
+    spatial_size: Sequence[int],
+    pixdim: Sequence[float] | None = None,
+    cache: str = "none",
+    cache_dir: str | os.PathLike | None = None,
+    cache_rate: float = 1.0,
+    num_workers: int = 0,
+    reader: str = "itk",
+    series: str | Mapping[Hashable, str | None] | None = None,
+    mean: Sequence[float] | None = IMAGENET_MEAN,
+    std: Sequence[float] | None = IMAGENET_STD,
+    with_label: bool = True,
+    progress: bool = False,
+) -> Dataset:
+    """A MONAI dataset of batch-contract items (``image``, ``tabular``, ``label``, ``case_id``).
+
+    Args:
+        case_list: the dataset (from ``cmml_monai.data.adapters.load_dataset``).
+        split: split name(s), or ``None`` for every case (inference).
+        schema: table encoder fitted on the train split (``None`` when the dataset has no table).
+        spatial_size: common spatial shape (2 values for 2D datasets, 3 for 3D).
+        pixdim: 3D target spacing in mm (``None``: native spacing).
+        cache: ``"none"`` (decode every access), ``"cache"`` (``CacheDataset`` in memory) or
+            ``"persistent"`` (``PersistentDataset`` under ``cache_dir``).
+        cache_dir: folder of the persistent cache; a sub-folder named by a hash of the preprocessing
+            settings and table schema is used, so changing them never reuses stale items, and each
+            item's key covers its files' size and modification time (:func:`hash_with_file_stats`).
+        cache_rate: fraction of items cached by ``"cache"``.
+        num_workers: threads used to fill the ``"cache"`` cache.
+        reader: DICOM reader, ``"itk"`` or ``"pydicom"``.
+        series: DICOM series selector(s) for folders holding several series.
+        mean, std: 2D normalisation (per RGB channel).
+        with_label: False for inference cases without labels.
+        progress: show the caching progress bar.
+
+    Returns:
+        a ``monai.data.Dataset``, ``CacheDataset`` or ``PersistentDataset`` (subclasses that raise a
+        bad file's ``DataError`` as itself rather than wrapped in MONAI's ``RuntimeError``).
+
+    Example:
+        >>> ds = build_dataset(cases, "train", schema, spatial_size=(224, 224), cache="cache")  # doctest: +SKIP
+        >>> ds[0]["image"].shape  # [M*C, 224, 224]
+    """
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    if not 0.0 <= float(cache_rate) <= 1.0:
+        raise ValueError(f"cache_rate must be in [0, 1], got {cache_rate}")
+    if int(num_workers) < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    data = data_dicts(case_list, split, with_label=with_label)
+    transform = case_transforms(
+        case_list, schema, spatial_size, pixdim, reader=reader, series=series, mean=mean, std=std,
+        with_label=with_label,
+    )
+    if cache == "none":
+        return CaseDataset(data, transform)
+    if cache == "cache":
+        # the cache is filled here: decoding errors surface now
+        return CaseCacheDataset(
+            data, transform, cache_rate=float(cache_rate), num_workers=int(num_workers) or 1, progress=progress
+        )
+    if cache_dir is None:
+        raise ValueError("cache='persistent' needs cache_dir (a folder for the preprocessed items)")
+    settings = {
+        "dataset": case_list.name,
+        "modalities": [(m.name, m.kind, m.channels) for m in case_list.modalities],
+        "multi_label": case_list.multi_label,
+        "spatial_size": [int(s) for s in spatial_size],
+        "pixdim": None if pixdim is None else [float(p) for p in pixdim],
+        "reader": reader,
+        "series": series,
+        "mean": None if mean is None else [float(m) for m in mean],
+        "std": None if std is None else [float(s) for s in std],
+        "with_label": with_label,
+    }
+    folder = os.path.join(os.fspath(cache_dir), _fingerprint(settings, schema if case_list.has_table else None))
+    os.makedirs(folder, exist_ok=True)
+    return CasePersistentDataset(data, transform, cache_dir=folder, hash_func=hash_with_file_stats)
+
+
+def collate_cases(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack batch-contract items: tensors along a new dim 0, ``case_id`` as a list of strings.
+
+    Other keys (if any) are kept as lists.
+
+    Raises:
+        ValueError: an empty batch, or items with different keys.
+    """
+    if len(batch) == 0:
+        raise ValueError("cannot collate an empty batch")
+    keys = list(batch[0].keys())
+    for item in batch[1:]:
+        if list(item.keys()) != keys:
+            raise ValueError(f"batch items have different keys: {keys} vs {list(item.keys())}")
+    out: dict[str, Any] = {}
+    for k in keys:
+        values = [item[k] for item in batch]
+        if k == "case_id":
+            out[k] = [str(v) for v in values]
+        elif all(isinstance(v, torch.Tensor) for v in values):
+            out[k] = torch.stack([v.as_subclass(torch.Tensor) for v in values])
+        elif all(isinstance(v, np.ndarray) for v in values):
+            out[k] = torch.as_tensor(np.stack(values))
+        else:
+            out[k] = values
+    return out
+
+
+def build_dataloader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A ``monai.data.DataLoader`` over batch-contract items, seeded for a reproducible order.
+
+    Args:
+        dataset: e.g. from :func:`build_dataset`.
+        batch_size: cases per batch (> 0).
+        shuffle: reshuffle every epoch (training).
+        num_workers: loader worker processes.
+        seed: seed of the shuffling generator (the same seed gives the same order).
+        drop_last: drop the last incomplete batch.
+        pin_memory: pin host memory (when feeding a GPU).
+    """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if int(num_workers) < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    generator = torch.Generator()
+    generator.manual_seed(int(seed))
+    return DataLoader(
+        dataset,
+        batch_size=int(batch_size),
+        shuffle=shuffle,
+        num_workers=int(num_workers),
+        collate_fn=collate_cases,
+        generator=generator,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        persistent_workers=int(num_workers) > 0,
+    )

@@ -1,0 +1,317 @@
+"""Missing-modality masks: natural presence, simulated missingness, fixed subsets, saving and applying.
+
+Presence masks are ``[N, k]`` bool arrays in ``CaseList.modalities`` order (image modalities, then the
+table last when the dataset has one); True = present. A simulated mask only removes modalities that
+are naturally present and always keeps at least one. Masks are seeded and saved per split as JSON so
+that every method is evaluated on exactly the same masks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from cmml_monai.data.cases import Case, CaseList
+from cmml_monai.data.errors import DataError
+
+__all__ = [
+    "DEFAULT_RATES",
+    "rate_key",
+    "natural_presence",
+    "simulate_presence",
+    "fixed_subset_presence",
+    "all_subsets",
+    "apply_presence_mask",
+    "save_masks",
+    "load_masks",
+    "ensure_masks",
+]
+
+DEFAULT_RATES: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7)
+_MASK_VERSION = 1
+
+
+def rate_key(rate: float) -> str:
+    """The string key of a missing rate in mask files, e.g. ``0.3 -> "0.3"``."""
+    return repr(float(rate))
+
+
+def _check_natural(natural: Any) -> np.ndarray:
+    arr = np.asarray(natural)
+    if arr.ndim != 2:
+        raise ValueError(f"natural presence must be a [N, k] array, got shape {arr.shape}")
+    return arr.astype(bool)
+
+
+def natural_presence(case_list: CaseList, cases: Sequence[Case] | None = None) -> np.ndarray:
+    """Natural presence ``[N, k]`` of ``cases`` (default: all cases of ``case_list``).
+
+    Example:
+        >>> natural = natural_presence(case_list, case_list.split("test"))  # doctest: +SKIP
+    """
+    cases = case_list.cases if cases is None else cases
+    k = len(case_list.modalities)
+    if not cases:
+        return np.zeros((0, k), dtype=bool)
+    return np.array([case_list.present(c) for c in cases], dtype=bool).reshape(len(cases), k)
+
+
+def simulate_presence(natural: np.ndarray, rate: float, seed: int = 0) -> np.ndarray:
+    """Drop each naturally present modality independently with probability ``rate``, keeping at least one.
+
+    When every present modality of a case is dropped, one of its present modalities is kept, chosen at
+    random. One uniform draw per cell decides the drop (``u < rate``), so for a fixed seed the masks of
+    increasing rates are nested: what is missing at 0.3 is also missing at 0.5 (up to the kept one).
+
+    Args:
+        natural: ``[N, k]`` bool natural presence.
+        rate: drop probability in ``[0, 1]``.
+        seed: random seed; the same seed gives the same mask.
+
+    Raises:
+        ValueError: bad ``rate``, bad shape, or a case with no modality at all.
+    """
+    natural = _check_natural(natural)
+    if not 0.0 <= float(rate) <= 1.0:
+        raise ValueError(f"missing rate must be in [0, 1], got {rate!r}")
+    empty = np.flatnonzero(~natural.any(axis=1))
+    if empty.size:
+        raise ValueError(f"rows {empty[:5].tolist()} have no modality at all; drop such cases before simulating")
+    rng = np.random.default_rng(seed)
+    u = rng.random(natural.shape)
+    # a random tie-break per cell picks which present modality survives when all are dropped
+    pick = rng.random(natural.shape)
+    out = natural & (u >= float(rate))
+    none_left = ~out.any(axis=1)
+    if none_left.any():
+        score = np.where(natural, pick, -1.0)
+        keep = score.argmax(axis=1)
+        rows = np.flatnonzero(none_left)
+        out[rows, keep[rows]] = True
+    return out
+
+
+def fixed_subset_presence(natural: np.ndarray, subset_mask: Sequence[bool] | np.ndarray) -> np.ndarray:
+    """Keep only the modalities in ``subset_mask`` (``[k]`` bool): ``natural & subset_mask``.
+
+    Rows that end up with no modality are all False; evaluation excludes them (``mask.any(1)``).
+    """
+    natural = _check_natural(natural)
+    subset = np.asarray(subset_mask, dtype=bool).reshape(-1)
+    if subset.shape[0] != natural.shape[1]:
+        raise ValueError(f"subset_mask has {subset.shape[0]} entries, expected k={natural.shape[1]}")
+    if not subset.any():
+        raise ValueError("subset_mask selects no modality; a case needs at least one")
+    return natural & subset[None, :]
+
+
+def all_subsets(k: int) -> list[tuple[bool, ...]]:
+    """Every non-empty subset of ``k`` modalities as a bool tuple, largest first."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    subsets = [tuple(bool(i >> j & 1) for j in range(k)) for i in range(1, 2**k)]
+    return sorted(subsets, key=lambda s: (-sum(s), [not x for x in s]))
+
+
+def apply_presence_mask(
+    image: torch.Tensor,
+    tabular: torch.Tensor | None,
+    present: torch.Tensor | np.ndarray,
+    channels_per_modality: int | Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Write NaN into the channels / table of absent modalities (returns masked copies).
+
+    Args:
+        image: ``[B, sum(C_i), *spatial]``; image modality i owns its consecutive channel block.
+        tabular: ``[B, F]`` or None.
+        present: ``[B, k]`` bool; k = image modalities (+1 for the table, which is last).
+        channels_per_modality: channels of each image modality (one int for all, or one per modality).
+
+    Returns:
+        ``(image, tabular)`` copies with NaN where the modality is absent; ``tabular`` stays None if None.
+
+    Example:
+        >>> img, tab = apply_presence_mask(batch["image"], batch["tabular"], present, 3)  # doctest: +SKIP
+    """
+    if image.ndim < 2:
+        raise ValueError(f"image must be [B, C, ...], got shape {tuple(image.shape)}")
+    if isinstance(channels_per_modality, int):
+        if channels_per_modality < 1 or image.shape[1] % channels_per_modality:
+            raise ValueError(
+                f"channels_per_modality={channels_per_modality} does not divide the {image.shape[1]} image channels"
+            )
+        channels = [channels_per_modality] * (image.shape[1] // channels_per_modality)
+    else:
+        channels = [int(c) for c in channels_per_modality]
+        if sum(channels) != image.shape[1] or any(c < 1 for c in channels):
+            raise ValueError(f"channels_per_modality={channels} does not match the {image.shape[1]} image channels")
+    m = len(channels)
+    present_t = torch.as_tensor(present, device=image.device).bool()
+    if present_t.ndim != 2 or present_t.shape[0] != image.shape[0] or present_t.shape[1] not in (m, m + 1):
+        raise ValueError(
+            f"present must be [B={image.shape[0]}, k={m} or {m + 1}], got shape {tuple(present_t.shape)}"
+        )
+    if tabular is not None and present_t.shape[1] != m + 1:
+        raise ValueError(f"present has {present_t.shape[1]} columns but a table is given: expected {m + 1}")
+    reps = torch.as_tensor(channels, device=image.device)
+    chan = torch.repeat_interleave(present_t[:, :m], reps, dim=1)  # [B, sum(C)]
+    chan = chan.reshape(*chan.shape, *([1] * (image.ndim - 2)))
+    nan = torch.tensor(float("nan"), dtype=image.dtype, device=image.device)
+    image_out = torch.where(chan, image, nan)
+    tab_out = None
+    if tabular is not None:
+        nan_t = torch.tensor(float("nan"), dtype=tabular.dtype, device=tabular.device)
+        tab_out = torch.where(present_t[:, m:].to(tabular.device), tabular, nan_t)
+    return image_out, tab_out
+
+
+def _atomic_write_json(path: str, data: Any) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".masks-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_masks(
+    path: str | os.PathLike,
+    case_ids: Sequence[str],
+    modality_names: Sequence[str],
+    masks: Mapping[float | str, np.ndarray],
+    seed: int | None = None,
+) -> None:
+    """Save presence masks of one split as JSON: one ``"0101"``-style string per case and rate.
+
+    Args:
+        path: the JSON file (written atomically).
+        case_ids: case ids in row order.
+        modality_names: modality names in column order.
+        masks: rate -> ``[N, k]`` bool mask.
+        seed: the seed that made the masks (recorded, checked by ``ensure_masks``).
+    """
+    n, k = len(case_ids), len(modality_names)
+    out: dict[str, list[str]] = {}
+    for rate, mask in masks.items():
+        arr = np.asarray(mask, dtype=bool)
+        if arr.shape != (n, k):
+            raise ValueError(f"mask for rate {rate} has shape {arr.shape}, expected ({n}, {k})")
+        out[rate_key(float(rate))] = ["".join("1" if x else "0" for x in row) for row in arr]
+    data = {
+        "version": _MASK_VERSION,
+        "seed": seed,
+        "modalities": list(modality_names),
+        "case_ids": [str(c) for c in case_ids],
+        "masks": out,
+    }
+    _atomic_write_json(os.fspath(path), data)
+
+
+def load_masks(
+    path: str | os.PathLike,
+    case_ids: Sequence[str] | None = None,
+    modality_names: Sequence[str] | None = None,
+) -> dict[float, np.ndarray]:
+    """Load masks saved by ``save_masks`` as ``{rate: [N, k] bool}``.
+
+    Args:
+        path: the JSON file.
+        case_ids, modality_names: when given, must equal what the file was made for.
+
+    Raises:
+        DataError: missing/invalid file, or case ids / modalities that do not match.
+    """
+    data = _read_mask_file(os.fspath(path))
+    _verify(os.fspath(path), data, case_ids, modality_names)
+    return _decode(os.fspath(path), data)
+
+
+def _read_mask_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise DataError(f"mask file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if data.get("version") != _MASK_VERSION or not isinstance(data.get("masks"), dict):
+            raise ValueError("unexpected content")
+        data["case_ids"] = [str(c) for c in data["case_ids"]]
+        data["modalities"] = [str(m) for m in data["modalities"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path}: not a valid mask file ({e}); delete it to regenerate the masks") from e
+    return data
+
+
+def _verify(path: str, data: Mapping[str, Any], case_ids: Sequence[str] | None, modality_names: Sequence[str] | None):
+    if modality_names is not None and list(modality_names) != data["modalities"]:
+        raise DataError(
+            f"{path}: masks were made for modalities {data['modalities']}, not {list(modality_names)}; "
+            "delete the file to regenerate it"
+        )
+    if case_ids is not None and [str(c) for c in case_ids] != data["case_ids"]:
+        raise DataError(
+            f"{path}: masks were made for other cases ({len(data['case_ids'])} ids, now {len(case_ids)}) "
+            "or in another order; delete the file to regenerate it"
+        )
+
+
+def _decode(path: str, data: Mapping[str, Any]) -> dict[float, np.ndarray]:
+    n, k = len(data["case_ids"]), len(data["modalities"])
+    out: dict[float, np.ndarray] = {}
+    for key, rows in data["masks"].items():
+        try:
+            arr = np.array([[ch == "1" for ch in row] for row in rows], dtype=bool).reshape(n, k)
+            if any(len(row) != k or set(row) - {"0", "1"} for row in rows):
+                raise ValueError("rows must be strings of 0/1")
+            out[float(key)] = arr
+        except ValueError as e:
+            raise DataError(f"{path}: masks for rate {key!r} are malformed ({e}); delete the file to regenerate") from e
+    return out
+
+
+def ensure_masks(
+    path: str | os.PathLike,
+    case_ids: Sequence[str],
+    modality_names: Sequence[str],
+    natural: np.ndarray,
+    rates: Sequence[float] = DEFAULT_RATES,
+    seed: int = 0,
+) -> dict[float, np.ndarray]:
+    """Load the masks of a split if the file exists, else simulate and save them.
+
+    Every method calls this with the same path, so all are evaluated on the same masks.
+
+    Raises:
+        DataError: the existing file was made for other cases, modalities, seed or rates, or it marks
+            present a modality that is naturally missing.
+    """
+    path = os.fspath(path)
+    natural = _check_natural(natural)
+    if natural.shape != (len(case_ids), len(modality_names)):
+        raise ValueError(f"natural has shape {natural.shape}, expected ({len(case_ids)}, {len(modality_names)})")
+    if os.path.isfile(path):
+        data = _read_mask_file(path)
+        _verify(path, data, case_ids, modality_names)
+        if data.get("seed") is not None and data["seed"] != seed:
+            raise DataError(f"{path}: masks were made with seed {data['seed']}, not {seed}; delete it to regenerate")
+        masks = _decode(path, data)
+        absent = [r for r in rates if float(r) not in masks]
+        if absent:
+            raise DataError(f"{path}: no masks for rates {absent}; delete the file to regenerate it")
+        for r in rates:
+            if (masks[float(r)] & ~natural).any():
+                raise DataError(f"{path}: masks for rate {r} mark naturally missing inputs present; delete it")
+        return {float(r): masks[float(r)] for r in rates}
+    masks = {float(r): simulate_presence(natural, float(r), seed) for r in rates}
+    save_masks(path, case_ids, modality_names, masks, seed=seed)
+    return masks

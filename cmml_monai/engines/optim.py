@@ -1,0 +1,106 @@
+"""Optimizers per training stage, from ``network.stage_parameters(stage)``.
+
+Stage 2 fine-tunes the CRTA (``network.crta_parameters()``: CRTA + context tokens) at
+``lr * crta_lr_scale`` or freezes it (``freeze_crta``). Networks without ``crta_parameters`` are split by
+name prefix, so baselines without a CRTA get one group.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import torch
+
+__all__ = ["stage_parameter_groups", "stage_optimizer", "cosine_scheduler"]
+
+logger = logging.getLogger(__name__)
+
+CRTA_PREFIXES: tuple[str, ...] = ("crta", "memory", "context")
+
+
+def _stage_params(network: torch.nn.Module, stage: int) -> list[torch.nn.Parameter]:
+    fn = getattr(network, "stage_parameters", None)
+    if fn is None:
+        return [p for p in network.parameters()]
+    if stage == 2 and getattr(network, "use_stage2", True) is False:
+        # a method without stage 2 (its stage-2 trainer has 0 epochs and never steps this optimizer)
+        logger.info("network has no stage 2: the stage-2 optimizer is a placeholder over the stage-1 parameters")
+        stage = 1
+    params = fn(stage)
+    if isinstance(params, dict):  # {group name: params}
+        out: list[torch.nn.Parameter] = []
+        for group in params.values():
+            out.extend(group)
+        return out
+    out = []
+    for p in params:
+        out.extend(p["params"] if isinstance(p, dict) else [p])
+    return out
+
+
+def stage_parameter_groups(
+    network: torch.nn.Module,
+    stage: int,
+    lr: float,
+    crta_lr_scale: float = 0.1,
+    freeze_crta: bool = False,
+    crta_prefixes: Sequence[str] = CRTA_PREFIXES,
+) -> list[dict]:
+    """Param groups of ``stage``: stage 1 one group; stage 2 the rest at ``lr`` and the CRTA at
+    ``lr * crta_lr_scale`` (left out when ``freeze_crta``).
+
+    Raises:
+        ValueError: bad stage, negative scale, or a stage with no trainable parameters.
+    """
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    if crta_lr_scale < 0:
+        raise ValueError(f"crta_lr_scale must be >= 0, got {crta_lr_scale!r}")
+    chosen = {id(p) for p in _stage_params(network, stage)}
+    crta_fn = getattr(network, "crta_parameters", None)
+    crta_ids = {id(p) for p in crta_fn()} if callable(crta_fn) else None
+    crta, rest = [], []
+    for name, p in network.named_parameters():
+        if id(p) not in chosen:
+            continue
+        is_crta = id(p) in crta_ids if crta_ids is not None else name.split(".")[0] in crta_prefixes
+        (crta if is_crta else rest).append(p)
+    if stage == 1:
+        groups = [{"params": crta + rest, "lr": lr, "name": "all"}]
+    else:
+        groups = [{"params": rest, "lr": lr, "name": "main"}]
+        if crta and not freeze_crta and crta_lr_scale > 0:
+            groups.append({"params": crta, "lr": lr * crta_lr_scale, "name": "crta"})
+        elif crta:
+            logger.info("stage 2: %d CRTA parameter tensors frozen", len(crta))
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError(f"stage {stage}: the network has no parameters to train")
+    return groups
+
+
+def stage_optimizer(
+    network: torch.nn.Module,
+    stage: int,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    crta_lr_scale: float = 0.1,
+    freeze_crta: bool = False,
+) -> torch.optim.Optimizer:
+    """AdamW over ``stage_parameter_groups``."""
+    return torch.optim.AdamW(
+        stage_parameter_groups(network, stage, lr, crta_lr_scale, freeze_crta), lr=lr, weight_decay=weight_decay
+    )
+
+
+def cosine_scheduler(optimizer: torch.optim.Optimizer, max_epochs: int, eta_min_ratio: float = 0.01):
+    """Cosine decay over ``max_epochs`` epochs (stepped once per epoch by ``LrScheduleHandler``)."""
+    eta_min = min(g["lr"] for g in optimizer.param_groups) * eta_min_ratio
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(max_epochs)), eta_min=eta_min)
+
+
+def trainable(optimizer: torch.optim.Optimizer) -> Iterable[torch.nn.Parameter]:
+    """The parameters an optimizer steps."""
+    for g in optimizer.param_groups:
+        yield from g["params"]

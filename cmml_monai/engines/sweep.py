@@ -1,0 +1,271 @@
+"""The missing-rate sweep of DESIGN section 5 on one split, with saved seeded masks.
+
+For each rate in ``rates`` every modality of every case is independently missing with that
+probability (at least one kept); the masks are made once per split by
+``cmml_monai.data.missingness.ensure_masks`` and reused by every method. Then every fixed subset of
+modalities. Each condition runs a ``CMMLEvaluator`` whose ``MaskedPrepareBatch`` writes NaN into the
+missing modalities, so the network sees exactly what it would see when served.
+
+Outputs in ``output_dir``: ``sweep.csv`` (method, rate, auc, acc, f1, n), ``sweep.png``,
+``subsets.csv`` (method, subset, auc, acc, f1, n), ``roc_rate<r>.png``, ``summary.json`` (AVG AUC).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Events
+from monai.data import DataLoader
+from torch.utils.data import Dataset, Subset
+
+from cmml_monai.data.cases import CaseList
+from cmml_monai.data.missingness import DEFAULT_RATES, all_subsets, ensure_masks, natural_presence
+from cmml_monai.engines.evaluator import CMMLEvaluator
+from cmml_monai.engines.metrics import classification_metrics
+from cmml_monai.engines.prepare import MaskedPrepareBatch
+from cmml_monai.handlers.plots import plot_roc, plot_sweep
+
+__all__ = ["MissingRateSweep", "predict", "SWEEP_COLUMNS", "SUBSET_COLUMNS", "format_table"]
+
+logger = logging.getLogger(__name__)
+
+SWEEP_COLUMNS = ("method", "rate", "auc", "acc", "f1", "n")
+SUBSET_COLUMNS = ("method", "subset", "auc", "acc", "f1", "n")
+
+
+def predict(
+    network: torch.nn.Module,
+    loader: DataLoader,
+    masks: dict[str, np.ndarray],
+    channels_per_modality: int | Sequence[int],
+    device: torch.device,
+    multi_label: bool,
+    amp: bool = False,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Probabilities, labels and case ids of ``loader`` under ``masks`` (via a ``CMMLEvaluator``)."""
+    evaluator = CMMLEvaluator(
+        device=device,
+        val_data_loader=loader,
+        network=network,
+        amp=amp,
+        prepare_batch=MaskedPrepareBatch(masks, channels_per_modality),
+        decollate=False,
+    )
+    probs: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    ids: list[str] = []
+
+    def collect(engine: CMMLEvaluator) -> None:
+        out = engine.state.output
+        logits = out["pred"].float()
+        probs.append((torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)).cpu())
+        labels.append(out["label"].cpu())
+        ids.extend(str(c) for c in engine.state.batch["case_id"])
+
+    evaluator.logger.setLevel(logging.WARNING)  # one evaluator per condition: keep the console readable
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, collect)
+    evaluator.run()
+    if not probs:
+        return np.zeros((0, 0)), np.zeros((0,)), []
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy(), ids
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A plain fixed-width text table (printed to the console)."""
+    def fmt(key: str, value: Any) -> str:
+        if key == "rate":
+            return f"{float(value):g}"
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    cells = [[fmt(c, r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> str:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+class MissingRateSweep:
+    """Evaluate a trained network under simulated missingness and fixed modality subsets.
+
+    Args:
+        network: the served network (``net(image, tabular) -> logits``).
+        case_list: the dataset's ``CaseList`` (modalities, natural presence, class names).
+        dataset: the batch-contract dataset of ``split``, in ``case_list.split(split)`` order.
+        output_dir: where the CSVs, PNGs and summary go.
+        masks_dir: where ``masks_<split>.json`` is saved / reused (share it between methods).
+        method: the method name written in every row.
+        split: split evaluated (``"test"``).
+        rates: missing rates.
+        seed: mask seed.
+        subsets: also evaluate every fixed subset of modalities.
+        roc: write ROC PNGs (one per rate).
+        checkpoint: weights to load first (a ``CheckpointSaver`` file or a plain state dict); None = as is.
+        device: device (default: CUDA if available, else CPU).
+        amp: bf16 autocast on CUDA.
+        batch_size, num_workers: of the evaluation loader.
+        tracker: an ``MLflowTracker`` to log the tables, plots and metrics to (optional).
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        case_list: CaseList,
+        dataset: Dataset,
+        output_dir: str,
+        masks_dir: str,
+        method: str = "cmml",
+        split: str = "test",
+        rates: Sequence[float] = DEFAULT_RATES,
+        seed: int = 0,
+        subsets: bool = True,
+        roc: bool = True,
+        checkpoint: str | None = None,
+        device: str | torch.device | None = None,
+        amp: bool = False,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        tracker: Any = None,
+    ) -> None:
+        if not rates:
+            raise ValueError(f"rates must not be empty, got {rates!r}")
+        self.network = network
+        self.case_list = case_list
+        self.dataset = dataset
+        self.output_dir = output_dir
+        self.masks_dir = masks_dir
+        self.method = method
+        self.split = split
+        self.rates = [float(r) for r in rates]
+        self.seed = seed
+        self.subsets = subsets
+        self.roc = roc
+        self.checkpoint = checkpoint
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu"
+        )
+        self.amp = amp
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.tracker = tracker
+        self.rows: list[dict] = []
+        self.subset_rows: list[dict] = []
+
+    def _load_checkpoint(self) -> None:
+        if not self.checkpoint:
+            return
+        if not os.path.isfile(self.checkpoint):
+            raise FileNotFoundError(f"checkpoint {self.checkpoint} not found: train first or set the checkpoint path")
+        state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "network" in state and isinstance(state["network"], dict):
+            state = state["network"]
+        self.network.load_state_dict(state)
+        logger.info("sweep: loaded %s", self.checkpoint)
+
+    def _loader(self, indices: Sequence[int]) -> DataLoader:
+        return DataLoader(
+            Subset(self.dataset, list(indices)), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
+        )
+
+    def _evaluate(self, mask: np.ndarray, case_ids: list[str]) -> tuple[dict, np.ndarray, np.ndarray]:
+        keep = np.flatnonzero(mask.any(axis=1))
+        masks = {case_ids[i]: mask[i] for i in keep}
+        channels = [m.channels for m in self.case_list.image_modalities]
+        probs, labels, ids = predict(
+            self.network, self._loader(keep), masks, channels, self.device, self.case_list.multi_label, self.amp
+        )
+        if ids != [case_ids[i] for i in keep]:
+            raise ValueError(f"the {self.split} dataset is not in case-list order; cannot match masks to cases")
+        return classification_metrics(probs, labels, self.case_list.multi_label), probs, labels
+
+    def run(self) -> list[dict]:
+        """Run every condition, write the outputs, log them; returns the per-rate rows."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        self._load_checkpoint()
+        cases = self.case_list.split(self.split)
+        if not cases:
+            raise ValueError(f"split {self.split!r} has no cases; cannot run the sweep")
+        if len(self.dataset) != len(cases):
+            raise ValueError(f"the {self.split} dataset has {len(self.dataset)} items but the case list {len(cases)}")
+        case_ids = [c.case_id for c in cases]
+        natural = natural_presence(self.case_list, cases)
+        masks = ensure_masks(
+            os.path.join(self.masks_dir, f"masks_{self.split}.json"),
+            case_ids,
+            self.case_list.modality_names,
+            natural,
+            self.rates,
+            self.seed,
+        )
+        self.rows, self.subset_rows = [], []
+        for rate in self.rates:
+            metrics, probs, labels = self._evaluate(masks[rate], case_ids)
+            row = {"method": self.method, "rate": rate, **{k: metrics[k] for k in ("auc", "acc", "f1", "n")}}
+            self.rows.append(row)
+            logger.info("sweep %s rate %.1f: auc %.4f acc %.4f f1 %.4f n %d", self.method, rate, *list(row.values())[2:])
+            if self.roc and len(labels):
+                plot_roc(
+                    probs, labels, self.case_list.class_names, self.case_list.multi_label,
+                    os.path.join(self.output_dir, f"roc_rate{rate:g}.png"), f"{self.method}, missing rate {rate:g}",
+                )
+        if self.subsets:
+            names = self.case_list.modality_names
+            for subset in all_subsets(len(names)):
+                sub_mask = natural & np.asarray(subset)[None, :]
+                if not sub_mask.any():
+                    continue
+                metrics, _, _ = self._evaluate(sub_mask, case_ids)
+                label = "+".join(n for n, s in zip(names, subset) if s)
+                self.subset_rows.append(
+                    {"method": self.method, "subset": label, **{k: metrics[k] for k in ("auc", "acc", "f1", "n")}}
+                )
+        self._write()
+        return self.rows
+
+    @property
+    def avg_auc(self) -> float:
+        """Mean AUC over the rates (NaN rates ignored)."""
+        values = [r["auc"] for r in self.rows if r["auc"] == r["auc"]]
+        return float(np.mean(values)) if values else float("nan")
+
+    def _write(self) -> None:
+        out = self.output_dir
+        sweep_csv = _write_csv(os.path.join(out, "sweep.csv"), self.rows, SWEEP_COLUMNS)
+        subsets_csv = _write_csv(os.path.join(out, "subsets.csv"), self.subset_rows, SUBSET_COLUMNS)
+        png = plot_sweep(self.rows, os.path.join(out, "sweep.png"), f"{self.case_list.name}: AUC vs missing rate")
+        summary = {"method": self.method, "dataset": self.case_list.name, "split": self.split,
+                   "avg_auc": self.avg_auc, "rates": self.rates}
+        with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+        print(f"\nMissing-rate sweep ({self.case_list.name}, {self.split} split, method {self.method}):")
+        print(format_table(self.rows, SWEEP_COLUMNS))
+        print(f"AVG AUC = {self.avg_auc:.4f}")
+        if self.subset_rows:
+            print("\nFixed modality subsets:")
+            print(format_table(self.subset_rows, SUBSET_COLUMNS))
+        print(f"\nwritten: {sweep_csv}, {subsets_csv}, {png}")
+        if self.tracker is not None and getattr(self.tracker, "enabled", False):
+            for path in (sweep_csv, subsets_csv, png, os.path.join(out, "summary.json")):
+                self.tracker.log_artifact(path, "sweep")
+            for rate in self.rates:
+                self.tracker.log_artifact(os.path.join(out, f"roc_rate{rate:g}.png"), "sweep/roc")
+            metrics = {f"test_auc_rate_{r['rate']:g}": r["auc"] for r in self.rows}
+            metrics.update({f"test_acc_rate_{r['rate']:g}": r["acc"] for r in self.rows})
+            metrics.update({f"test_f1_rate_{r['rate']:g}": r["f1"] for r in self.rows})
+            metrics["test_avg_auc"] = self.avg_auc
+            self.tracker.log_metrics(metrics)
+            print(f"MLflow: {self.tracker.tracking_uri} (experiment {self.tracker.experiment_name!r})")

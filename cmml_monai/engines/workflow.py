@@ -1,0 +1,77 @@
+"""Steps of the two-stage workflow that the ``run`` list of ``configs/train.json`` calls."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import torch
+from monai.engines import Workflow
+
+from cmml_monai.handlers.checkpoint import latest_checkpoint
+
+__all__ = ["run_stage", "publish_model", "final_model_path", "log_run_inputs"]
+
+logger = logging.getLogger(__name__)
+
+
+def run_stage(trainer: Workflow, name: str = "") -> bool:
+    """Run ``trainer`` unless it has 0 epochs (a method without that stage). Returns whether it ran."""
+    if int(trainer.state.max_epochs or 0) < 1:
+        logger.info("%s: 0 epochs, skipped", name or "stage")
+        return False
+    logger.info("%s: training for %d epochs", name or "stage", trainer.state.max_epochs)
+    trainer.run()
+    return True
+
+
+def final_model_path(output_dir: str) -> str:
+    """``<output_dir>/models/model.pt``: the served weights (what evaluation and export load)."""
+    return os.path.join(output_dir, "models", "model.pt")
+
+
+def publish_model(output_dir: str, stage_dirs: list[str], tracker=None) -> str:
+    """Copy the best-by-validation-AUC weights of the last stage that trained to ``models/model.pt``.
+
+    Falls back to that stage's last full checkpoint (its network part) when no best file exists.
+
+    Raises:
+        FileNotFoundError: no stage has a checkpoint.
+    """
+    dest = final_model_path(output_dir)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    for folder in reversed(stage_dirs):
+        best = os.path.join(folder, "model_best.pt")
+        if os.path.isfile(best):
+            shutil.copyfile(best, dest)
+            break
+        last = latest_checkpoint(folder)
+        if last is not None:
+            state = torch.load(last, map_location="cpu", weights_only=True)
+            torch.save(state["network"], dest)
+            break
+    else:
+        raise FileNotFoundError(f"no checkpoint in {stage_dirs}: nothing was trained")
+    logger.info("served weights: %s (from %s)", dest, folder)
+    if tracker is not None and getattr(tracker, "enabled", False):
+        tracker.log_artifact(dest, "models")
+    return dest
+
+
+def log_run_inputs(
+    tracker, output_dir: str, case_list, schema_path: str | None = None, config_name: str = "config_executed.json"
+) -> None:
+    """Log what a run was made from to the parent MLflow run: the executed config, the table schema,
+    and the dataset summary (counts only) as params."""
+    from cmml_monai.engines.setup import dataset_summary
+    from cmml_monai.handlers.mlflow import save_executed_config
+
+    os.makedirs(output_dir, exist_ok=True)
+    config = save_executed_config(os.path.join(output_dir, config_name))
+    if tracker is None or not getattr(tracker, "enabled", False):
+        return
+    tracker.log_params({"data": dataset_summary(case_list)})
+    tracker.log_artifact(config, "config")
+    if schema_path and os.path.isfile(schema_path):
+        tracker.log_artifact(schema_path, "config")

@@ -1,0 +1,125 @@
+"""Resuming a stage from its last full checkpoint, and starting stage 2 from stage 1."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointLoader, CheckpointSaver
+
+__all__ = ["latest_checkpoint", "StageCheckpointSaver", "ResumeHandler", "LoadNetworkHandler"]
+
+logger = logging.getLogger(__name__)
+
+_EPOCH_RE = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
+
+
+def latest_checkpoint(folder: str) -> str | None:
+    """The ``checkpoint_epoch=N.pt`` with the largest N in ``folder`` (written by ``CheckpointSaver``
+    with ``save_interval=1`` and ``epoch_level=True``), or None."""
+    best, best_epoch = None, -1
+    for path in glob.glob(os.path.join(glob.escape(folder), "checkpoint_epoch=*.pt")):
+        m = _EPOCH_RE.search(os.path.basename(path))
+        if m and int(m.group(1)) > best_epoch:
+            best, best_epoch = path, int(m.group(1))
+    return best
+
+
+class StageCheckpointSaver(CheckpointSaver):
+    """``CheckpointSaver`` of a stage's full state: every epoch (``checkpoint_epoch=N.pt``, the last one
+    kept) and at the end (``checkpoint_final.pt``); the attached trainer joins ``save_dict`` as ``"trainer"``.
+
+    A config cannot reference the trainer inside the trainer's own handler list (a reference cycle),
+    so the trainer is added when the handler is attached.
+
+    Args:
+        save_dir: the stage's checkpoint folder.
+        save_dict: objects to save (network, optimizer, lr_scheduler); the same dict as ``ResumeHandler``'s.
+        kwargs: other ``CheckpointSaver`` arguments.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, **kwargs) -> None:
+        kwargs.setdefault("save_final", True)
+        kwargs.setdefault("final_filename", "checkpoint_final.pt")
+        kwargs.setdefault("save_interval", 1)
+        kwargs.setdefault("n_saved", 1)
+        kwargs.setdefault("epoch_level", True)
+        super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
+
+    def attach(self, engine: Engine) -> None:
+        self.save_dict.setdefault("trainer", engine)
+        super().attach(engine)
+
+
+class ResumeHandler:
+    """At ``STARTED``, load the last full state of this stage (network, optimizer, scheduler, trainer
+    epoch) when one exists, so an interrupted run continues where it stopped.
+
+    Attach it first among the trainer handlers. With ``enabled=False`` (or no checkpoint) it does nothing.
+
+    Args:
+        checkpoint_dir: where the stage's ``checkpoint_epoch=N.pt`` files are saved.
+        load_dict: the objects to restore, the same dict the ``CheckpointSaver`` saved.
+        enabled: resume at all.
+    """
+
+    def __init__(self, checkpoint_dir: str, load_dict: dict, enabled: bool = True) -> None:
+        self.checkpoint_dir = checkpoint_dir
+        self.load_dict = load_dict
+        self.enabled = enabled
+        self.loaded_from: str | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self.load_dict.setdefault("trainer", engine)
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        path = latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            return
+        CheckpointLoader(load_path=path, load_dict=self.load_dict, map_location=engine.state.device)(engine)
+        self.loaded_from = path
+        logger.info("resumed from %s at epoch %d of %s", path, engine.state.epoch, engine.state.max_epochs)
+
+
+class LoadNetworkHandler:
+    """At ``STARTED`` of a fresh stage (epoch 0), load network weights from an earlier stage's checkpoint.
+
+    Stage 2 starts from stage 1: from the stage-1 network state, whether stage 1 ran in this process or
+    an earlier one. A missing file is fine when ``required`` is False (e.g. baselines without stage 1).
+
+    Args:
+        checkpoint_dir: the earlier stage's checkpoint folder (its latest ``checkpoint_epoch=N.pt``).
+        network: the network to load into.
+        key: key of the network in the checkpoint dict.
+        required: raise ``FileNotFoundError`` when there is no checkpoint.
+    """
+
+    def __init__(self, checkpoint_dir: str, network: torch.nn.Module, key: str = "network", required: bool = False):
+        self.checkpoint_dir = checkpoint_dir
+        self.network = network
+        self.key = key
+        self.required = required
+        self.loaded_from: str | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.epoch > 0:  # resumed mid-stage: the stage's own checkpoint already has the weights
+            return
+        path = latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            if self.required:
+                raise FileNotFoundError(f"no checkpoint_epoch=N.pt in {self.checkpoint_dir}: run the earlier stage first")
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.network.load_state_dict(state[self.key] if self.key in state else state)
+        self.loaded_from = path
+        logger.info("network initialised from %s", path)

@@ -1,0 +1,287 @@
+"""MLflow tracking: one parent run per workflow, one nested run per training stage.
+
+The tracking URI is, in order: ``MLFLOW_TRACKING_URI`` (environment), the ``tracking_uri`` argument
+(config), else a local SQLite store ``<output_dir>/mlruns.db`` with artifacts under
+``<output_dir>/mlruns`` (MONAI 1.6's default backend; ``file:`` stores are refused by MLflow 3.17).
+Only counts, rates and settings are logged: never case ids or other patient identifiers.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import mlflow
+from ignite.engine import Engine
+from monai.bundle import ConfigParser
+from monai.handlers import MLFlowHandler
+from monai.utils import path_to_sqlite_uri
+
+__all__ = ["resolve_tracking_uri", "MLflowTracker", "StageMLFlowHandler", "save_executed_config"]
+
+logger = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"
+_NOT_CONFIG_ARGS = {"meta_file", "logging_file", "init_id", "run_id", "final_id", "tracking", "workflow_type",
+                    "workflow_name", "args_file", "properties_path"}
+
+
+def resolve_tracking_uri(output_dir: str, tracking_uri: str | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` > ``tracking_uri`` > ``sqlite:///<output_dir>/mlruns.db``.
+
+    Raises:
+        ValueError: a ``file:`` URI or a bare path (no longer supported by MLflow as a tracking store).
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
+    if not uri:
+        os.makedirs(output_dir, exist_ok=True)
+        uri = path_to_sqlite_uri(os.path.join(output_dir, "mlruns.db"))
+    if uri.startswith("file:") or "://" not in uri:
+        raise ValueError(
+            f"tracking_uri={uri!r}: MLflow 3.17 refuses file stores; use sqlite:///<path>/mlruns.db or http://host:port"
+        )
+    return uri
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+class MLflowTracker:
+    """Owns the parent run and creates one nested run per stage (``child_run_id(name)``).
+
+    Args:
+        output_dir: where the default SQLite store and artifacts live.
+        tracking_uri: a tracking server / database URI (``MLFLOW_TRACKING_URI`` wins when set).
+        experiment_name: MLflow experiment.
+        run_name: parent run name (default ``<run_prefix>_<time>``).
+        enabled: False turns every call into a no-op.
+        params: parent-run parameters (config essentials, dataset summary, rates), nested dicts allowed.
+        tags: parent-run tags.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        tracking_uri: str | None = None,
+        experiment_name: str = "cmml",
+        run_name: str | None = None,
+        enabled: bool = True,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        self.enabled = bool(enabled)
+        self.output_dir = output_dir
+        self.experiment_name = experiment_name
+        self.run_name = run_name or f"cmml_{time.strftime('%Y%m%d_%H%M%S')}"
+        self.params = dict(params or {})
+        self.tags = dict(tags or {})
+        self.tracking_uri = resolve_tracking_uri(output_dir, tracking_uri) if self.enabled else ""
+        self.artifact_location = None
+        if self.tracking_uri.startswith("sqlite:///"):
+            self.artifact_location = "file://" + os.path.abspath(os.path.join(output_dir, "mlruns"))
+        self._client: mlflow.MlflowClient | None = None
+        self._experiment_id: str | None = None
+        self._parent: str | None = None
+        self._children: dict[str, str] = {}
+
+    @property
+    def client(self) -> mlflow.MlflowClient:
+        if self._client is None:
+            self._client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            exp = self.client.get_experiment_by_name(self.experiment_name)
+            if exp is None:
+                self._experiment_id = self.client.create_experiment(
+                    self.experiment_name, artifact_location=self.artifact_location
+                )
+            else:
+                self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    @property
+    def parent_run_id(self) -> str | None:
+        """The parent run (created, with its params, on first use)."""
+        if not self.enabled:
+            return None
+        if self._parent is None:
+            run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self.tags)
+            self._parent = run.info.run_id
+            logger.info("MLflow: run %s (%s) at %s", self.run_name, self._parent, self.tracking_uri)
+            if self.params:
+                self.log_params(self.params)
+        return self._parent
+
+    def child_run_id(self, name: str) -> str | None:
+        """The nested run ``<parent name>/<name>`` (created on first use)."""
+        if not self.enabled:
+            return None
+        if name not in self._children:
+            parent = self.parent_run_id
+            run = self.client.create_run(
+                self.experiment_id, run_name=f"{self.run_name}/{name}", tags={PARENT_TAG: parent, "stage": name}
+            )
+            self._children[name] = run.info.run_id
+        return self._children[name]
+
+    def _run(self, child: str | None) -> str | None:
+        return self.child_run_id(child) if child else self.parent_run_id
+
+    def log_params(self, params: Mapping[str, Any], child: str | None = None) -> None:
+        """Log (flattened) params to the parent or a child run; keys already logged are skipped."""
+        run_id = self._run(child)
+        if run_id is None:
+            return
+        existing = self.client.get_run(run_id).data.params
+        flat = {k: v for k, v in _flatten(params).items() if k not in existing}
+        items = list(flat.items())
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0, child: str | None = None) -> None:
+        run_id = self._run(child)
+        if run_id is None:
+            return
+        ts = int(time.time() * 1000)
+        ms = [mlflow.entities.Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if v == v]
+        if ms:
+            self.client.log_batch(run_id, metrics=ms)
+
+    def log_artifact(self, path: str | None, artifact_path: str | None = None, child: str | None = None) -> None:
+        """Log a file or folder; a missing path is skipped with a warning."""
+        run_id = self._run(child)
+        if run_id is None or not path:
+            return
+        if not os.path.exists(path):
+            logger.warning("MLflow: artifact %s does not exist, not logged", path)
+            return
+        if os.path.isdir(path):
+            self.client.log_artifacts(run_id, path, artifact_path)
+        else:
+            self.client.log_artifact(run_id, path, artifact_path)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Terminate the child runs and the parent run."""
+        if not self.enabled or self._parent is None:
+            return
+        for run_id in self._children.values():
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, status)
+        self.client.set_terminated(self._parent, status)
+        self._parent, self._children = None, {}
+
+    def __repr__(self) -> str:
+        return f"MLflowTracker(uri={self.tracking_uri!r}, experiment={self.experiment_name!r}, run={self.run_name!r})"
+
+
+class StageMLFlowHandler(MLFlowHandler):
+    """``MLFlowHandler`` that logs into the tracker's nested run for ``stage`` instead of a new run.
+
+    Attach one to a stage's trainer (epoch losses, LR; ``close_on_complete=True``) and one to its
+    evaluator (validation metrics, with ``step_engine`` = the trainer so the step is the training epoch).
+
+    Args:
+        tracker: the shared ``MLflowTracker``; nothing is attached when it is disabled.
+        stage: nested run name, e.g. ``"stage1"``.
+        step_engine: engine whose epoch is the metric step (default: the attached engine).
+        kwargs: other ``MLFlowHandler`` arguments (``artifacts``, ``close_on_complete``, ...).
+    """
+
+    def __init__(
+        self,
+        tracker: MLflowTracker,
+        stage: str,
+        step_engine: Engine | None = None,
+        iteration_log: bool = False,
+        output_transform: Callable = lambda x: None,
+        artifacts: str | Sequence[str] | None = None,
+        close_on_complete: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.tracker = tracker
+        self.stage = stage
+        self.step_engine = step_engine
+        if not tracker.enabled:
+            self.cur_run = None
+            return
+        super().__init__(
+            tracking_uri=tracker.tracking_uri,
+            iteration_log=iteration_log,
+            output_transform=output_transform,
+            experiment_name=tracker.experiment_name,
+            run_name=f"{tracker.run_name}/{stage}",
+            artifacts=artifacts,
+            close_on_complete=close_on_complete,
+            artifact_location=tracker.artifact_location,
+            global_epoch_transform=self._step,
+            **kwargs,
+        )
+
+    def _step(self, epoch: int) -> int:
+        return int(self.step_engine.state.epoch) if self.step_engine is not None else int(epoch)
+
+    def attach(self, engine: Engine) -> None:
+        if self.tracker.enabled:
+            super().attach(engine)
+
+    def start(self, engine: Engine) -> None:
+        if self.cur_run is None:
+            self.cur_run = self.client.get_run(self.tracker.child_run_id(self.stage))
+        super().start(engine)
+
+    def _dispose_sqlite_store(self) -> None:  # the tracker's client shares the database: keep it open
+        return
+
+
+def save_executed_config(path: str, argv: Sequence[str] | None = None) -> str | None:
+    """Rebuild the config of this ``python -m monai.bundle run`` call (files + overrides) into ``path``.
+
+    Returns:
+        ``path``, or None when the process was not started with ``--config_file`` (e.g. a test).
+    """
+    argv = list(sys.argv if argv is None else argv)
+    if "--config_file" not in argv:
+        return None
+    pairs: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        if argv[i].startswith("--"):
+            key = argv[i][2:]
+            value: Any = True
+            if "=" in key:
+                key, value = key.split("=", 1)
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value = argv[i + 1]
+                i += 1
+            if isinstance(value, str):
+                try:
+                    value = ast.literal_eval(value)
+                except (ValueError, SyntaxError):
+                    pass
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                value = value.lower() == "true"
+            pairs[key] = value
+        i += 1
+    files = pairs.pop("config_file")
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser.update({k: v for k, v in pairs.items() if k not in _NOT_CONFIG_ARGS})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    ConfigParser.export_config_file(parser.get(), path)
+    return path

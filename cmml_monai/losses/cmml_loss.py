@@ -1,0 +1,97 @@
+"""The combined CMML objective for stage 1 and stage 2 (and the baselines, which give only logits)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cmml_monai.losses.alignment import AlignmentLoss
+from cmml_monai.losses.reconstruction import ReconstructionLoss
+from cmml_monai.losses.supcon import SupConLoss
+
+__all__ = ["CMMLLoss"]
+
+
+class CMMLLoss(nn.Module):
+    """Combine the CMML terms from a ``forward_train`` output dict.
+
+    Each term is computed only when its keys are in ``outputs``:
+
+    - ``cls``: CE (single-label, ``label [B]`` int) or BCE-with-logits (multi-label, ``label [B, L]``)
+      on ``logits``; weight ``w_aux`` in stage 1 (the auxiliary head), 1 in stage 2.
+    - ``rec`` (``synth``, ``target``, ``recon_mask``): ``w_rec * ReconstructionLoss``.
+    - ``align`` (``aligned``, ``reference``, optional ``align_mask``): ``w_align * AlignmentLoss``.
+    - ``supcon`` (``proj`` ``[V*B, p]``, ``V`` views stacked view by view): ``w_supcon * SupConLoss``
+      with the labels repeated ``V`` times.
+
+    Stage 1: ``L = w_aux L_cls + w_rec L_rec``; stage 2: ``L = L_cls + w_align L_align + w_supcon L_supcon``.
+
+    Args:
+        stage: 1 or 2.
+        multi_label: BCE instead of CE.
+        w_rec, w_aux, w_align, w_supcon: term weights.
+        temperature: SupCon temperature.
+
+    Returns (``forward``):
+        dict with ``loss`` and the weighted terms that were computed (``cls``, ``rec``, ``align``,
+        ``supcon``), all scalars.
+
+    Example::
+
+        >>> out = {"logits": torch.randn(4, 5)}
+        >>> sorted(CMMLLoss(stage=2, multi_label=False)(out, torch.tensor([0, 1, 2, 3])))
+        ['cls', 'loss']
+    """
+
+    def __init__(
+        self,
+        stage: int,
+        multi_label: bool = False,
+        w_rec: float = 1.0,
+        w_aux: float = 1.0,
+        w_align: float = 0.5,
+        w_supcon: float = 0.1,
+        temperature: float = 0.07,
+    ) -> None:
+        super().__init__()
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}.")
+        for name, w in (("w_rec", w_rec), ("w_aux", w_aux), ("w_align", w_align), ("w_supcon", w_supcon)):
+            if w < 0:
+                raise ValueError(f"{name} must be >= 0, got {w}.")
+        self.stage = stage
+        self.multi_label = multi_label
+        self.w_rec, self.w_aux, self.w_align, self.w_supcon = w_rec, w_aux, w_align, w_supcon
+        self.reconstruction = ReconstructionLoss()
+        self.alignment = AlignmentLoss()
+        self.supcon = SupConLoss(temperature)
+
+    def classification(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if self.multi_label:
+            return F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype))
+        if label.dim() == 2 and label.shape[1] == 1:
+            label = label[:, 0]
+        return F.cross_entropy(logits, label.long())
+
+    def forward(self, outputs: dict[str, torch.Tensor], label: torch.Tensor) -> dict[str, torch.Tensor]:
+        if "logits" not in outputs:
+            raise ValueError(f"outputs must contain 'logits', got keys {sorted(outputs)}.")
+        terms: dict[str, torch.Tensor] = {}
+        w_cls = self.w_aux if self.stage == 1 else 1.0
+        terms["cls"] = w_cls * self.classification(outputs["logits"], label)
+        if self.stage == 1 and all(k in outputs for k in ("synth", "target", "recon_mask")):
+            terms["rec"] = self.w_rec * self.reconstruction(outputs["synth"], outputs["target"], outputs["recon_mask"])
+        if self.stage == 2 and all(k in outputs for k in ("aligned", "reference")):
+            terms["align"] = self.w_align * self.alignment(
+                outputs["aligned"], outputs["reference"], outputs.get("align_mask")
+            )
+        if self.stage == 2 and "proj" in outputs:
+            proj = outputs["proj"]
+            views = proj.shape[0] // label.shape[0]
+            if views * label.shape[0] != proj.shape[0]:
+                raise ValueError(f"proj rows ({proj.shape[0]}) must be a multiple of the batch ({label.shape[0]}).")
+            labels = label.repeat(views) if label.dim() == 1 else label.repeat(views, 1)
+            terms["supcon"] = self.w_supcon * self.supcon(proj, labels)
+        terms["loss"] = torch.stack(list(terms.values())).sum()
+        return terms

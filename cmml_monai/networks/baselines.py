@@ -1,0 +1,130 @@
+"""Late-fusion baselines with the same encoders as CMML: zero fill, modality dropout, mean imputation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from cmml_monai.networks.encoders import MultiModalEncoder
+from cmml_monai.networks.utils import masked_mean, random_keep_mask
+
+__all__ = ["LateFusionNet", "LATE_FUSION_MODES"]
+
+LATE_FUSION_MODES = ("zero_fill", "modality_dropout", "mean_impute")
+
+
+class LateFusionNet(nn.Module):
+    """Concatenate the modality tokens and classify with an MLP; missing tokens are filled.
+
+    - ``zero_fill``: missing tokens are zeros and the presence indicators are concatenated.
+    - ``modality_dropout``: ``zero_fill`` plus, in ``forward_train`` while training, dropping each
+      present modality with ``dropout_prob`` (at least one kept), by masking tokens.
+    - ``mean_impute``: a missing token is replaced by the running mean (EMA buffer, updated in
+      ``forward_train`` while training) of that modality's real tokens; no indicators.
+
+    Args:
+        image_modalities, image_channels, spatial_dims, num_classes, tabular_cardinalities,
+        multi_label, feature_dim, image_encoder: the shared constructor (see ``CMMLNet``).
+        mode: one of ``LATE_FUSION_MODES``.
+        dropout_prob: modality dropout probability (``modality_dropout`` only).
+        share_image_encoder: one image backbone for all image modalities.
+        pretrained_path: local state dict for the image backbones.
+        hidden_dim: MLP hidden width (default ``feature_dim``).
+        dropout: dropout in the MLP.
+        mean_momentum: EMA momentum of the running means (``mean_impute``).
+        num_heads: attention heads of the table encoder.
+        tabular_layers: transformer layers of the table encoder.
+
+    Example::
+
+        >>> net = LateFusionNet(2, 3, 2, 5, [0, 3], feature_dim=32, image_encoder="resnet10")
+        >>> net(torch.randn(4, 6, 32, 32), torch.randn(4, 2)).shape
+        torch.Size([4, 5])
+    """
+
+    def __init__(
+        self,
+        image_modalities: int,
+        image_channels: int,
+        spatial_dims: int,
+        num_classes: int,
+        tabular_cardinalities: Sequence[int] | None = None,
+        multi_label: bool = False,
+        feature_dim: int = 256,
+        image_encoder: str = "resnet18",
+        mode: str = "zero_fill",
+        dropout_prob: float = 0.3,
+        share_image_encoder: bool = False,
+        pretrained_path: str | None = None,
+        hidden_dim: int | None = None,
+        dropout: float = 0.1,
+        mean_momentum: float = 0.99,
+        num_heads: int = 4,
+        tabular_layers: int = 1,
+    ) -> None:
+        super().__init__()
+        if mode not in LATE_FUSION_MODES:
+            raise ValueError(f"mode must be one of {LATE_FUSION_MODES}, got {mode!r}.")
+        if not 0.0 <= dropout_prob <= 1.0:
+            raise ValueError(f"dropout_prob must be in [0, 1], got {dropout_prob}.")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        if not 0.0 <= mean_momentum < 1.0:
+            raise ValueError(f"mean_momentum must be in [0, 1), got {mean_momentum}.")
+        self.mode = mode
+        self.dropout_prob = dropout_prob
+        self.multi_label = multi_label
+        self.mean_momentum = mean_momentum
+        self.encoder = MultiModalEncoder(
+            image_modalities, image_channels, spatial_dims, tabular_cardinalities, feature_dim, image_encoder,
+            share_image_encoder, pretrained_path, tabular_layers, num_heads,
+        )
+        k = self.encoder.num_modalities
+        self.num_modalities = k
+        self.use_indicators = mode != "mean_impute"
+        self.register_buffer("running_mean", torch.zeros(k, feature_dim))
+        self.register_buffer("mean_initialized", torch.zeros(k, 1, dtype=torch.bool))
+        hidden = hidden_dim or feature_dim
+        in_dim = k * feature_dim + (k if self.use_indicators else 0)
+        self.head = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+        )
+
+    def stage_parameters(self, stage: int) -> list[nn.Parameter]:
+        """All parameters (one stage; the argument is accepted for a uniform trainer)."""
+        return list(self.parameters())
+
+    def _classify(self, tokens: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        keep = present.unsqueeze(-1)
+        if self.mode == "mean_impute":
+            filled = torch.where(keep, tokens, self.running_mean.to(tokens.dtype).expand_as(tokens))
+            return self.head(filled.flatten(1))
+        filled = tokens * keep.to(tokens.dtype)
+        return self.head(torch.cat([filled.flatten(1), present.to(tokens.dtype)], dim=1))
+
+    def forward(self, image: torch.Tensor, tabular: torch.Tensor | None = None) -> torch.Tensor:
+        tokens, present = self.encoder(image, tabular)
+        return self._classify(tokens, present)
+
+    def forward_train(
+        self, image: torch.Tensor, tabular: torch.Tensor | None = None, stage: int = 1
+    ) -> dict[str, torch.Tensor]:
+        """Returns ``logits`` and ``present`` (``stage`` is ignored)."""
+        tokens, present = self.encoder(image, tabular)
+        used = present
+        if self.training and self.mode == "modality_dropout":
+            used = random_keep_mask(present, self.dropout_prob)
+        if self.training and self.mode == "mean_impute":
+            with torch.no_grad():
+                # modalities without a real token in the batch keep their mean
+                mean = masked_mean(tokens.detach().transpose(0, 1), present.t(), dim=1)
+                seen = present.any(dim=0).unsqueeze(-1)
+                mean = mean.to(self.running_mean)
+                moved = self.mean_momentum * self.running_mean + (1 - self.mean_momentum) * mean
+                # the first batch that sees a modality sets its mean (no slow warm-up from zero)
+                moved = torch.where(self.mean_initialized, moved, mean)
+                self.running_mean.copy_(torch.where(seen, moved, self.running_mean))
+                self.mean_initialized.copy_(self.mean_initialized | seen)
+        return {"logits": self._classify(tokens, used), "present": present}

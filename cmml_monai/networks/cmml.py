@@ -1,0 +1,245 @@
+"""CMMLNet: context-driven missing-modality learning (DESIGN section 4), one module for both stages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from cmml_monai.networks.alignment import (
+    CrossModalAlignment,
+    FusionHead,
+    InstanceAdaptiveReference,
+    ProjectionHead,
+    normalize,
+)
+from cmml_monai.networks.context import ContextTokens
+from cmml_monai.networks.crta import CascadedResidualTransformerAE
+from cmml_monai.networks.encoders import MultiModalEncoder
+from cmml_monai.networks.memory import ModalityMemoryBank
+from cmml_monai.networks.utils import random_keep_mask
+
+__all__ = ["CMMLNet"]
+
+
+class CMMLNet(nn.Module):
+    """CMML for images (2D or 3D, several modalities) plus an optional clinical table.
+
+    ``forward(image, tabular=None) -> logits`` is the served / exported path: presence from NaN,
+    encoders, CRTA completion of the missing tokens, memory enrichment, instance-adaptive
+    reference, alignment, fusion, classifier (with ``use_stage2=False``: CRTA + the stage-1
+    auxiliary head). It has no data-dependent Python branch, so a trace handles every pattern.
+
+    ``forward_train(image, tabular=None, stage) -> dict`` is the training path. Every present
+    modality is encoded once; the extra missingness is made by masking tokens afterwards.
+
+    - stage 1: ``logits`` (auxiliary head on the pooled CRTA output), ``synth`` ``[B, k, d]``
+      (final CRTA tokens), ``synth_blocks`` ``[N, B, k, d]`` (the cascade), ``target`` ``[B, k, d]``
+      (real tokens, detached), ``recon_mask`` ``[B, k]`` (dropped but truly present slots),
+      ``present``, ``keep`` (the reduced mask). The memory banks are written when training.
+    - stage 2: two views in one batched pass: view 1 keeps the observed presence (what the served
+      path sees), view 2 drops further present modalities at random (``stage2_drop_prob``).
+      ``logits`` (view 1), ``aligned`` ``[B, k, p]`` and ``reference`` ``[B, p]`` (view 1
+      projections), ``align_mask`` ``[B, k]`` (= ``present``: only real modalities are aligned),
+      ``proj`` ``[2B, p]`` (normalised projections, view 1 rows then view 2 rows),
+      ``proj_present`` ``[2B, k]`` and ``present``.
+
+    Args:
+        image_modalities: number of image modalities ``M`` (packed along channels).
+        image_channels: channels per image modality ``C``.
+        spatial_dims: 2 or 3.
+        num_classes: number of classes (single-label) or labels (multi-label).
+        tabular_cardinalities: table feature cardinalities (0 = numeric), None for no table.
+        multi_label: labels are multi-hot (kept for the shared constructor; the loss uses it).
+        feature_dim: token width ``d``.
+        image_encoder: ``resnet10/18/34/50`` or ``densenet121`` (MONAI networks).
+        num_context_tokens: ``K``.
+        num_blocks: CRTA blocks ``N``.
+        memory_slots: memory slots ``S`` per modality.
+        memory_tau: memory read temperature.
+        use_memory: ablation flag: memory bank enrichment.
+        use_context: ablation flag: context tokens (without them the CRTA runs over modality tokens
+            only and the reference is the pooled CRTA output).
+        use_stage2: ablation flag: build stage 2; without it the served path is the stage-1 head.
+        stage1_drop_prob: probability of dropping each present modality in stage 1.
+        stage2_drop_prob: probability of dropping each present modality in the second stage-2 view.
+        share_image_encoder: one image backbone for all image modalities.
+        pretrained_path: local state dict for the image backbones.
+        projection_dim: width ``p`` of the alignment / contrastive projections.
+        num_heads: attention heads of every transformer part (must divide ``feature_dim``).
+        fusion_layers: transformer layers of the fusion head.
+        tabular_layers: transformer layers of the table encoder.
+        dropout: dropout in the transformer parts.
+        memory_momentum: EMA momentum of the memory write.
+
+    Example::
+
+        >>> net = CMMLNet(2, 3, 2, 5, tabular_cardinalities=[0, 4], feature_dim=32, image_encoder="resnet10")
+        >>> image = torch.randn(4, 6, 32, 32); image[0, :3] = float("nan")   # case 0: first image missing
+        >>> net(image, torch.randn(4, 2)).shape
+        torch.Size([4, 5])
+        >>> sorted(net.forward_train(image, torch.randn(4, 2), stage=1))
+        ['keep', 'logits', 'present', 'recon_mask', 'synth', 'synth_blocks', 'target']
+    """
+
+    # constant for TorchScript: the stage-2 branch is not compiled when the modules do not exist
+    __constants__ = ["use_stage2"]
+
+    def __init__(
+        self,
+        image_modalities: int,
+        image_channels: int,
+        spatial_dims: int,
+        num_classes: int,
+        tabular_cardinalities: Sequence[int] | None = None,
+        multi_label: bool = False,
+        feature_dim: int = 256,
+        image_encoder: str = "resnet18",
+        num_context_tokens: int = 8,
+        num_blocks: int = 3,
+        memory_slots: int = 64,
+        memory_tau: float = 0.1,
+        use_memory: bool = True,
+        use_context: bool = True,
+        use_stage2: bool = True,
+        stage1_drop_prob: float = 0.5,
+        stage2_drop_prob: float = 0.3,
+        share_image_encoder: bool = False,
+        pretrained_path: str | None = None,
+        projection_dim: int = 128,
+        num_heads: int = 4,
+        fusion_layers: int = 1,
+        tabular_layers: int = 1,
+        dropout: float = 0.1,
+        memory_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        for name, p in (("stage1_drop_prob", stage1_drop_prob), ("stage2_drop_prob", stage2_drop_prob)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {p}.")
+        if feature_dim % num_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must divide feature_dim ({feature_dim}).")
+        self.num_classes = num_classes
+        self.multi_label = multi_label
+        self.use_memory = use_memory
+        self.use_context = use_context
+        self.use_stage2 = use_stage2
+        self.stage1_drop_prob = stage1_drop_prob
+        self.stage2_drop_prob = stage2_drop_prob
+        self.encoder = MultiModalEncoder(
+            image_modalities, image_channels, spatial_dims, tabular_cardinalities, feature_dim, image_encoder,
+            share_image_encoder, pretrained_path, tabular_layers, num_heads,
+        )
+        k = self.encoder.num_modalities
+        self.num_modalities = k
+        self.context = ContextTokens(num_context_tokens, feature_dim) if use_context else None
+        self.crta = CascadedResidualTransformerAE(k, feature_dim, num_blocks, num_heads, 2.0, dropout)
+        self.aux_norm = nn.LayerNorm(feature_dim)
+        self.aux_head = nn.Linear(feature_dim, num_classes)
+        self.memory: ModalityMemoryBank | None = (
+            ModalityMemoryBank(k, feature_dim, memory_slots, memory_tau, memory_momentum) if use_memory else None
+        )
+        if use_stage2:
+            self.reference = InstanceAdaptiveReference(feature_dim, num_heads, dropout) if use_context else None
+            self.alignment = CrossModalAlignment(feature_dim, num_heads, dropout)
+            self.fusion = FusionHead(feature_dim, num_classes, fusion_layers, num_heads, dropout)
+            self.align_proj = ProjectionHead(feature_dim, projection_dim)
+            self.reference_proj = ProjectionHead(feature_dim, projection_dim)
+            self.contrast_proj = ProjectionHead(feature_dim, projection_dim)
+
+    # ----------------------------------------------------------------------------------------
+    # parameter groups (the trainer freezes / lowers the LR of the CRTA in stage 2)
+    def crta_parameters(self) -> list[nn.Parameter]:
+        """Context tokens + CRTA: trained in stage 1, fine-tuned at a lower LR or frozen in stage 2."""
+        params = list(self.crta.parameters())
+        if self.context is not None:
+            params += list(self.context.parameters())
+        return params
+
+    def stage_parameters(self, stage: int) -> list[nn.Parameter]:
+        """Parameters that the loss of ``stage`` (1 or 2) trains.
+
+        Stage 1: encoders, context, CRTA, auxiliary head. Stage 2: encoders, context, CRTA, memory
+        gate, reference, alignment, fusion head and projection heads (not the auxiliary head).
+        """
+        if stage == 1:
+            return list(self.encoder.parameters()) + self.crta_parameters() + list(self.aux_norm.parameters()) + list(
+                self.aux_head.parameters()
+            )
+        if stage == 2:
+            if not self.use_stage2:
+                raise ValueError("stage 2 parameters requested but the network was built with use_stage2=False.")
+            seen = {id(p) for p in self.stage_parameters(1)}
+            aux = {id(p) for p in list(self.aux_norm.parameters()) + list(self.aux_head.parameters())}
+            params = [p for p in self.stage_parameters(1) if id(p) not in aux]
+            return params + [p for p in self.parameters() if id(p) not in seen]
+        raise ValueError(f"stage must be 1 or 2, got {stage}.")
+
+    # ----------------------------------------------------------------------------------------
+    def _context(self, batch_size: int) -> torch.Tensor | None:
+        return self.context(batch_size) if self.context is not None else None
+
+    def _stage1_head(self, tokens: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        both = tokens if context is None else torch.cat([context, tokens], dim=1)
+        return self.aux_head(self.aux_norm(both.mean(dim=1)))
+
+    def _stage2(self, tokens: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CRTA -> memory -> reference -> alignment -> fusion. Returns logits, u, R, pooled."""
+        completed, context, _ = self.crta(tokens, present, self._context(tokens.shape[0]))
+        if self.memory is not None:
+            completed = self.memory(completed, present)
+        if self.reference is not None and context is not None:
+            reference = self.reference(context, completed)
+        else:
+            reference = completed.mean(dim=1, keepdim=True)
+        aligned = self.alignment(completed, reference)
+        logits, pooled = self.fusion(torch.cat([reference, aligned], dim=1))
+        return logits, aligned, reference, pooled
+
+    def forward(self, image: torch.Tensor, tabular: torch.Tensor | None = None) -> torch.Tensor:
+        """Served path: ``image [B, M*C, *spatial]`` (NaN = missing), ``tabular [B, F]`` -> logits."""
+        tokens, present = self.encoder(image, tabular)
+        if self.use_stage2:
+            return self._stage2(tokens, present)[0]
+        completed, context, _ = self.crta(tokens, present, self._context(tokens.shape[0]))
+        return self._stage1_head(completed, context)
+
+    def forward_train(
+        self, image: torch.Tensor, tabular: torch.Tensor | None = None, stage: int = 2
+    ) -> dict[str, torch.Tensor]:
+        """Training path, see the class docstring for the returned keys."""
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}.")
+        tokens, present = self.encoder(image, tabular)  # the only encoder pass of the step
+        if stage == 1:
+            keep = random_keep_mask(present, self.stage1_drop_prob)
+            synth, context, cascade = self.crta(tokens, keep, self._context(tokens.shape[0]))
+            if self.training and self.memory is not None:
+                self.memory.update(tokens, present)
+            return {
+                "logits": self._stage1_head(synth, context),
+                "synth": synth,
+                "synth_blocks": cascade,
+                "target": tokens.detach(),
+                "recon_mask": present & ~keep,
+                "present": present,
+                "keep": keep,
+            }
+        if not self.use_stage2:
+            raise ValueError("forward_train(stage=2) needs a network built with use_stage2=True.")
+        b = tokens.shape[0]
+        view2 = random_keep_mask(present, self.stage2_drop_prob)
+        masks = torch.cat([present, view2], dim=0)
+        logits, aligned, reference, pooled = self._stage2(torch.cat([tokens, tokens], dim=0), masks)
+        return {
+            "logits": logits[:b],
+            "aligned": self.align_proj(aligned[:b]),
+            "reference": self.reference_proj(reference[:b].mean(dim=1)),
+            "align_mask": present,
+            "proj": normalize(self.contrast_proj(pooled)),
+            "proj_present": masks,
+            "present": present,
+        }

@@ -1,0 +1,222 @@
+"""Image encoders (MONAI ResNet / DenseNet, 2D or 3D) and the multimodal "encode once" front end."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from monai.networks.nets import DenseNet121
+from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
+
+from cmml_monai.networks.tabular import TabularEncoder
+from cmml_monai.networks.utils import presence_from_nan
+
+__all__ = ["IMAGE_ENCODERS", "build_image_backbone", "load_pretrained", "ImageEncoder", "MultiModalEncoder"]
+
+# name -> (block, layers); all ResNets use MONAI's ResNet with the standard 64..512 widths
+_RESNETS = {
+    "resnet10": (ResNetBlock, [1, 1, 1, 1]),
+    "resnet18": (ResNetBlock, [2, 2, 2, 2]),
+    "resnet34": (ResNetBlock, [3, 4, 6, 3]),
+    "resnet50": (ResNetBottleneck, [3, 4, 6, 3]),
+}
+IMAGE_ENCODERS = tuple(_RESNETS) + ("densenet121",)
+
+
+class _DenseNetFeatures(nn.Module):
+    """MONAI DenseNet121 trunk + ReLU + global average pooling (its classifier is dropped)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int) -> None:
+        super().__init__()
+        net = DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1)
+        self.features = net.features
+        self.pool = nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.act(self.features(x))).flatten(1)
+
+
+def build_image_backbone(name: str, spatial_dims: int, in_channels: int) -> tuple[nn.Module, int]:
+    """Build a MONAI backbone that maps ``[B, C, *spatial]`` to pooled features ``[B, F]``.
+
+    Args:
+        name: one of ``IMAGE_ENCODERS``.
+        spatial_dims: 2 or 3.
+        in_channels: input channels of one modality.
+
+    Returns:
+        ``(module, F)``.
+
+    Example::
+
+        >>> net, width = build_image_backbone("resnet10", 2, 3)
+        >>> net(torch.randn(2, 3, 32, 32)).shape, width
+        (torch.Size([2, 512]), 512)
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+    if name in _RESNETS:
+        block, layers = _RESNETS[name]
+        net = ResNet(
+            block, layers, [64, 128, 256, 512], spatial_dims=spatial_dims, n_input_channels=in_channels,
+            conv1_t_size=7, conv1_t_stride=2, feed_forward=False, bias_downsample=False,
+        )
+        return net, 512 * block.expansion
+    if name == "densenet121":
+        return _DenseNetFeatures(spatial_dims, in_channels), 1024
+    raise ValueError(f"image_encoder must be one of {IMAGE_ENCODERS}, got {name!r}.")
+
+
+def load_pretrained(module: nn.Module, path: str) -> None:
+    """Load a local state dict into ``module`` (keys may carry ``module.`` / ``state_dict``).
+
+    Unmatched keys (e.g. a classifier) are skipped with a warning; nothing is downloaded.
+
+    Raises:
+        ValueError: the file does not exist or none of its keys match the module.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"pretrained_path {path!r} is not an existing file (weights are only read from local files).")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    own = module.state_dict()
+    clean = {}
+    for key, value in state.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        if key in own and own[key].shape == value.shape:
+            clean[key] = value
+    if not clean:
+        raise ValueError(f"pretrained_path {path!r}: no key matches the {type(module).__name__} encoder.")
+    missing = [k for k in own if k not in clean]
+    if missing:
+        warnings.warn(f"pretrained_path {path!r}: {len(missing)} encoder tensors not in the file, e.g. {missing[:3]}.")
+    module.load_state_dict(clean, strict=False)
+
+
+class ImageEncoder(nn.Module):
+    """One image modality (or a shared encoder): backbone -> pooled features -> ``d``-dim token.
+
+    Args:
+        image_encoder: backbone name, one of ``IMAGE_ENCODERS``.
+        spatial_dims: 2 or 3.
+        in_channels: channels of one modality.
+        feature_dim: token width ``d``.
+        pretrained_path: optional local state dict for the backbone.
+
+    Example::
+
+        >>> ImageEncoder("resnet10", 2, 3, 32)(torch.randn(2, 3, 16, 16)).shape
+        torch.Size([2, 32])
+    """
+
+    def __init__(
+        self, image_encoder: str, spatial_dims: int, in_channels: int, feature_dim: int,
+        pretrained_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone, width = build_image_backbone(image_encoder, spatial_dims, in_channels)
+        if pretrained_path:
+            load_pretrained(self.backbone, pretrained_path)
+        self.proj = nn.Sequential(nn.Linear(width, feature_dim), nn.LayerNorm(feature_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.backbone(x))
+
+
+class MultiModalEncoder(nn.Module):
+    """Encode every modality once: ``(image, tabular) -> (tokens [B, k, d], present [B, k])``.
+
+    Presence comes from the NaNs (``presence_from_nan``). Missing image modalities are encoded as
+    zeros (keeps the batch vectorised; their content is zeroed first so it cannot matter) and the
+    tokens of missing modalities are set to 0 here; the methods replace them (learned token,
+    mean, ...). The table, when the network has one, is the last modality.
+
+    Args:
+        image_modalities: number of image modalities ``M``.
+        image_channels: channels per modality ``C``.
+        spatial_dims: 2 or 3.
+        tabular_cardinalities: table feature cardinalities, or None for no table.
+        feature_dim: token width ``d``.
+        image_encoder: backbone name.
+        share_image_encoder: one backbone for all image modalities (e.g. left/right fundus).
+        pretrained_path: optional local state dict loaded into every image backbone.
+        tabular_layers: transformer layers of the table encoder.
+        num_heads: attention heads of the table encoder.
+
+    Example::
+
+        >>> enc = MultiModalEncoder(2, 3, 2, [0, 2], feature_dim=32, image_encoder="resnet10")
+        >>> tokens, present = enc(torch.randn(2, 6, 16, 16), torch.randn(2, 2))
+        >>> tokens.shape, present.shape
+        (torch.Size([2, 3, 32]), torch.Size([2, 3]))
+    """
+
+    def __init__(
+        self,
+        image_modalities: int,
+        image_channels: int,
+        spatial_dims: int,
+        tabular_cardinalities: Sequence[int] | None = None,
+        feature_dim: int = 256,
+        image_encoder: str = "resnet18",
+        share_image_encoder: bool = False,
+        pretrained_path: str | None = None,
+        tabular_layers: int = 1,
+        num_heads: int = 4,
+    ) -> None:
+        super().__init__()
+        if image_modalities < 1:
+            raise ValueError(f"image_modalities must be >= 1, got {image_modalities}.")
+        if image_channels < 1:
+            raise ValueError(f"image_channels must be >= 1, got {image_channels}.")
+        if feature_dim < 1:
+            raise ValueError(f"feature_dim must be >= 1, got {feature_dim}.")
+        self.image_modalities = image_modalities
+        self.image_channels = image_channels
+        self.feature_dim = feature_dim
+        self.share_image_encoder = share_image_encoder
+        n_enc = 1 if share_image_encoder else image_modalities
+        self.image_encoders = nn.ModuleList(
+            [ImageEncoder(image_encoder, spatial_dims, image_channels, feature_dim, pretrained_path) for _ in range(n_enc)]
+        )
+        self.tabular_encoder = (
+            TabularEncoder(tabular_cardinalities, feature_dim, tabular_layers, num_heads)
+            if tabular_cardinalities is not None
+            else None
+        )
+        self.num_features = 0 if self.tabular_encoder is None else self.tabular_encoder.num_features
+        self.num_modalities = image_modalities + (1 if self.tabular_encoder is not None else 0)
+
+    def encode(
+        self, image_clean: torch.Tensor, tabular_clean: torch.Tensor | None, cell_mask: torch.Tensor | None,
+        present: torch.Tensor,
+    ) -> torch.Tensor:
+        """Encode NaN-free inputs under an explicit ``present`` mask; missing tokens are 0."""
+        b = image_clean.shape[0]
+        m, c = self.image_modalities, self.image_channels
+        # zero the images of missing modalities so their content cannot reach the encoders
+        img_keep = present[:, :m].repeat_interleave(c, dim=1).reshape([b, m * c] + [1] * (image_clean.dim() - 2))
+        image_clean = image_clean * img_keep.to(image_clean.dtype)
+        if self.share_image_encoder:
+            flat = image_clean.reshape([b * m, c] + list(image_clean.shape[2:]))
+            tokens = self.image_encoders[0](flat).reshape(b, m, self.feature_dim)
+        else:
+            parts = [enc(image_clean[:, i * c:(i + 1) * c]) for i, enc in enumerate(self.image_encoders)]
+            tokens = torch.stack(parts, dim=1)
+        if self.tabular_encoder is not None and tabular_clean is not None and cell_mask is not None:
+            tab = self.tabular_encoder(tabular_clean, cell_mask & present[:, -1:])
+            tokens = torch.cat([tokens, tab.unsqueeze(1).to(tokens.dtype)], dim=1)
+        return tokens * present.unsqueeze(-1).to(tokens.dtype)
+
+    def forward(self, image: torch.Tensor, tabular: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if tabular is not None and self.tabular_encoder is None:
+            raise ValueError("tabular was given but the network was built without tabular_cardinalities.")
+        present, image_clean, tabular_clean, cell_mask = presence_from_nan(
+            image, tabular, self.image_modalities, self.image_channels, self.num_features
+        )
+        return self.encode(image_clean, tabular_clean, cell_mask, present), present

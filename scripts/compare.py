@@ -1,0 +1,71 @@
+"""Compare methods on the same masks: train + sweep each method (or collect finished runs), one table.
+
+Examples::
+
+    # collect runs that already finished (their sweep.csv)
+    python scripts/compare.py --runs outputs/derm7pt_cmml outputs/derm7pt_zero_fill --out outputs/compare
+
+    # train and sweep every method with the same data, masks and epoch budget, then compare
+    python scripts/compare.py --methods cmml zero_fill modality_dropout mean_impute \\
+        --config configs/datasets/odir.json --out outputs/compare_odir -- --dataset_dir /data/ODIR-5K
+
+Arguments after ``--`` are passed to every ``python -m monai.bundle run`` call unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+__all__ = ["main"]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(method: str, configs: list[str], out: str, extra: list[str]) -> str:
+    output_dir = os.path.join(out, method)
+    files = [os.path.join(ROOT, "configs", "train.json"), *configs,
+             os.path.join(ROOT, "configs", "methods", f"{method}.json")]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files),
+           "--bundle_root", ROOT, "--output_dir", output_dir, "--shared_dir", os.path.join(out, "shared"),
+           "--logging_file", os.path.join(ROOT, "configs", "logging.conf"), *extra]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return output_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1 :]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="*", default=[], help="finished output dirs (or sweep.csv files) to collect")
+    parser.add_argument("--methods", nargs="*", default=[], help="methods to train and sweep (configs/methods/*.json)")
+    parser.add_argument("--config", nargs="*", default=[], help="overlays after train.json (e.g. a dataset overlay)")
+    parser.add_argument("--out", required=True, help="output folder of the table (and of the trained runs)")
+    parser.add_argument("--name", default="comparison", help="file name stem of the table")
+    args = parser.parse_args(argv)
+    from cmml_monai.handlers.report import comparison_table, read_sweep, write_comparison
+
+    runs = list(args.runs)
+    for method in args.methods:
+        runs.append(_train(method, [os.path.abspath(c) for c in args.config], os.path.abspath(args.out), extra))
+    if not runs:
+        parser.error("give --runs and/or --methods")
+    rows = [row for run in runs for row in read_sweep(run)]
+    csv_path, md_path = write_comparison(rows, args.out, args.name)
+    columns, table = comparison_table(rows)
+    shown = [c for c in columns if c == "method" or c.startswith("AUC@") or c == "AVG AUC"]
+    print("\n" + " | ".join(shown))
+    for row in table:
+        print(" | ".join([row["method"]] + [f"{row[c]:.4f}" for c in shown[1:]]))
+    print(f"\nwritten: {csv_path}, {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

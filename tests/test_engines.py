@@ -1,0 +1,156 @@
+"""Engine pieces with real components: metrics, optimizer groups, the CMML trainer iteration, masking."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+
+from cmml_monai.engines import (
+    CMMLEvaluator,
+    CMMLTrainer,
+    MaskedPrepareBatch,
+    autocast_context,
+    build_network,
+    classification_metrics,
+    macro_auc,
+    stage_epochs,
+    stage_optimizer,
+    stage_parameter_groups,
+)
+from cmml_monai.handlers import EpochLossAverager, MacroAUC, latest_checkpoint
+from cmml_monai.losses import CMMLLoss
+
+
+def _net(method: str = "cmml", **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    args = dict(image_modalities=2, image_channels=3, spatial_dims=2, num_classes=3, tabular_cardinalities=[0, 3],
+                feature_dim=16, image_encoder="resnet10")
+    args.update(kw)
+    return build_network(method, **args)
+
+
+def _batches(n_batches: int = 2, b: int = 6, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n_batches):
+        image = torch.randn(b, 6, 16, 16, generator=g)
+        image[0, :3] = float("nan")  # first image modality missing in case 0
+        tab = torch.stack([torch.randn(b, generator=g), torch.randint(0, 3, (b,), generator=g).float()], 1)
+        tab[1] = float("nan")  # table missing in case 1
+        label = torch.arange(b) % 3
+        out.append({"image": image, "tabular": tab, "label": label, "case_id": [f"c{i}_{j}" for j in range(b)]})
+    return out
+
+
+def test_macro_auc_skips_absent_class_and_names_it(caplog):
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.3, 0.6, 0.1]])
+    labels = np.array([0, 1, 0, 1])  # class 2 absent
+    auc, skipped = macro_auc(probs, labels)
+    assert skipped == [2]
+    assert auc == pytest.approx(1.0)
+    assert "[2]" in caplog.text
+    m = classification_metrics(probs, labels)
+    assert m["acc"] == 1.0 and m["n"] == 4 and m["skipped"] == [2]
+
+
+def test_macro_auc_multilabel_per_label_mean():
+    probs = np.array([[0.9, 0.2], [0.1, 0.8], [0.8, 0.15], [0.2, 0.1]])
+    labels = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    auc, skipped = macro_auc(probs, labels, multi_label=True)
+    assert skipped == []
+    assert auc == pytest.approx((1.0 + 0.75) / 2)
+    m = classification_metrics(probs, labels, multi_label=True)
+    assert m["acc"] == pytest.approx(7 / 8)
+
+
+def test_macro_auc_all_skipped_is_nan():
+    auc, skipped = macro_auc(np.array([[0.5, 0.5]]), np.array([0]))
+    assert math.isnan(auc) and skipped == [0, 1]
+
+
+def test_stage_epochs_same_budget():
+    assert stage_epochs("cmml", 2, 3) == [2, 3]
+    assert stage_epochs("zero_fill", 2, 3) == [0, 5]
+    assert stage_epochs("cmml_no_stage2", 2, 3) == [5, 0]
+    with pytest.raises(ValueError, match="bogus"):
+        stage_epochs("bogus", 1, 1)
+
+
+def test_stage2_groups_lower_lr_or_freeze_crta():
+    net = _net()
+    crta = {id(p) for p in net.crta_parameters()}
+    g1 = stage_parameter_groups(net, 1, lr=1e-3)
+    assert len(g1) == 1 and crta <= {id(p) for p in g1[0]["params"]}
+    g2 = stage_parameter_groups(net, 2, lr=1e-3, crta_lr_scale=0.1)
+    by_name = {g["name"]: g for g in g2}
+    assert by_name["crta"]["lr"] == pytest.approx(1e-4)
+    assert {id(p) for p in by_name["crta"]["params"]} == crta
+    assert not crta & {id(p) for p in by_name["main"]["params"]}
+    frozen = stage_parameter_groups(net, 2, lr=1e-3, freeze_crta=True)
+    assert [g["name"] for g in frozen] == ["main"]
+    # baselines have one group
+    assert len(stage_parameter_groups(_net("zero_fill"), 2, lr=1e-3)) == 1
+    with pytest.raises(ValueError, match="stage"):
+        stage_parameter_groups(net, 3, lr=1e-3)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_cmml_trainer_two_iterations_update_and_log(stage):
+    net = _net()
+    opt = stage_optimizer(net, stage, lr=1e-3, freeze_crta=(stage == 2))
+    trainer = CMMLTrainer(device="cpu", max_epochs=1, train_data_loader=_batches(), network=net, optimizer=opt,
+                          loss_function=CMMLLoss(stage=stage), stage=stage, amp=True, grad_clip=1.0,
+                          decollate=False)
+    EpochLossAverager().attach(trainer)
+    head = (net.aux_head if stage == 1 else net.fusion).parameters().__next__()
+    before = head.detach().clone()
+    trainer.run()
+    assert trainer.state.iteration == 2
+    out = trainer.state.output
+    assert torch.isfinite(out["loss"]) and out["pred"].shape == (6, 3)
+    expected = "train_loss_rec" if stage == 1 else "train_loss_align"
+    assert expected in trainer.state.metrics and math.isfinite(trainer.state.metrics["train_loss"])
+    assert trainer.state.metrics["train_lr"] == pytest.approx(1e-3)
+    assert not torch.equal(before, head.detach())
+    if stage == 2:  # a frozen CRTA gets no gradients
+        assert all(not p.requires_grad for p in net.crta_parameters())
+
+
+def test_autocast_is_a_noop_on_cpu():
+    ctx = autocast_context(True, "cpu")
+    with ctx:
+        y = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert y.dtype == torch.float32
+
+
+def test_masked_prepare_batch_writes_nan_for_missing():
+    batch = _batches(1, b=2)[0]
+    batch["image"] = torch.zeros(2, 6, 4, 4)
+    batch["tabular"] = torch.zeros(2, 2)
+    prep = MaskedPrepareBatch({"c0_0": [False, True, True], "c0_1": [True, True, False]}, 3)
+    image, label, (tab,), _ = prep(batch, "cpu")
+    assert torch.isnan(image[0, :3]).all() and not torch.isnan(image[0, 3:]).any()
+    assert torch.isnan(tab[1]).all() and not torch.isnan(tab[0]).any()
+    with pytest.raises(ValueError, match="no presence mask"):
+        MaskedPrepareBatch({"other": [True, True, True]}, 3)(batch, "cpu")
+
+
+def test_evaluator_macro_auc_metric_on_served_path():
+    net = _net("zero_fill")
+    ev = CMMLEvaluator(device="cpu", val_data_loader=_batches(2), network=net, amp=True, decollate=False,
+                       key_val_metric={"val_auc": MacroAUC(activation="softmax",
+                                                           output_transform=lambda o: (o["pred"], o["label"]))})
+    ev.run()
+    auc = ev.state.metrics["val_auc"]
+    assert 0.0 <= auc <= 1.0
+
+
+def test_latest_checkpoint_picks_highest_epoch(tmp_path):
+    for e in (1, 3, 2):
+        (tmp_path / f"checkpoint_epoch={e}.pt").write_bytes(b"x")
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_epoch=3.pt")
+    assert latest_checkpoint(str(tmp_path / "none")) is None

@@ -1,0 +1,359 @@
+"""Tests of cmml_monai.networks (tiny sizes: d=32, 16 px images, 16^3 volumes, resnet10)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from monai.utils import set_determinism
+
+from cmml_monai.losses import CMMLLoss
+from cmml_monai.networks import (
+    CascadedResidualTransformerAE,
+    CMMLNet,
+    LateFusionNet,
+    ModalityMemoryBank,
+    MultiModalEncoder,
+    presence_from_nan,
+    random_keep_mask,
+)
+
+NAN = float("nan")
+D = 32
+CARDS = [0, 3, 0]  # numeric, categorical (3 codes), numeric
+SMALL = dict(feature_dim=D, image_encoder="resnet10", num_blocks=2, memory_slots=8, projection_dim=16, dropout=0.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny tensors: intra-op threads only add contention on a shared CPU
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    set_determinism(seed=0)
+    yield
+    set_determinism(seed=None)
+
+
+def make_batch(present: torch.Tensor, spatial=(16, 16), channels: int = 3, table: bool = True):
+    """Images (NaN where a modality is missing) and a table (all NaN when missing, one NaN cell)."""
+    b, k = present.shape
+    m = k - 1 if table else k
+    image = torch.randn(b, m * channels, *spatial)
+    for i in range(m):
+        image[~present[:, i], i * channels:(i + 1) * channels] = NAN
+    if not table:
+        return image, None
+    tab = torch.stack([torch.randn(b), torch.randint(0, 3, (b,)).float(), torch.randn(b)], dim=1)
+    tab[0, 2] = NAN  # a missing cell in a present table
+    tab[~present[:, -1]] = NAN
+    return image, tab
+
+
+def all_patterns(k: int) -> torch.Tensor:
+    """Every non-empty presence pattern of k modalities, one per row."""
+    rows = [p for p in itertools.product([True, False], repeat=k) if any(p)]
+    return torch.tensor(rows)
+
+
+def cmml(**kw) -> CMMLNet:
+    args = dict(image_modalities=2, image_channels=3, spatial_dims=2, num_classes=5, tabular_cardinalities=CARDS)
+    args.update(SMALL)
+    args.update(kw)
+    return CMMLNet(**args)
+
+
+# ---------------------------------------------------------------------------------------------
+def test_presence_from_nan_values():
+    image = torch.randn(3, 6, 4, 4)
+    image[0, :3] = NAN  # modality 0 missing
+    image[1, 3, 0, 0] = NAN  # one NaN pixel: modality 1 still present
+    tab = torch.randn(3, 2)
+    tab[2] = NAN
+    tab[1, 0] = NAN
+    present, img, t, cells = presence_from_nan(image, tab, 2, 3)
+    assert present.tolist() == [[False, True, True], [True, True, True], [True, True, False]]
+    assert not torch.isnan(img).any() and not torch.isnan(t).any()
+    assert img[0, :3].abs().sum() == 0 and img[1, 3, 0, 0] == 0
+    assert cells.tolist() == [[True, True], [False, True], [False, False]]
+    # no table in the network: k excludes it; a table network called with None: table missing
+    p, _, t0, c0 = presence_from_nan(image, None, 2, 3)
+    assert p.shape == (3, 2) and t0 is None and c0 is None
+    p, _, t0, c0 = presence_from_nan(image, None, 2, 3, num_features=4)
+    assert p[:, -1].tolist() == [False] * 3 and t0.shape == (3, 4) and not c0.any()
+    with pytest.raises(ValueError, match="image must be"):
+        presence_from_nan(image, tab, 3, 3)
+
+
+def test_random_keep_mask_keeps_one_and_is_subset():
+    present = all_patterns(3).repeat(20, 1)
+    keep = random_keep_mask(present, 0.9)
+    assert not (keep & ~present).any()
+    assert keep.any(dim=1).all()
+    assert (keep.sum(1) < present.sum(1)).any()  # something was dropped
+    assert torch.equal(random_keep_mask(present, 0.0), present)
+    set_determinism(seed=3)
+    a = random_keep_mask(present, 0.5)
+    set_determinism(seed=3)
+    assert torch.equal(a, random_keep_mask(present, 0.5))
+
+
+def test_crta_keeps_present_slots():
+    crta = CascadedResidualTransformerAE(3, D, num_blocks=3)
+    f = torch.randn(4, 3, D)
+    present = torch.tensor([[True, False, True], [False, False, True], [True, True, True], [True, False, False]])
+    out, ctx, blocks = crta(f, present, torch.randn(4, 8, D))
+    assert torch.equal(out[present], f[present])
+    assert blocks.shape == (3, 4, 3, D) and ctx.shape == (4, 8, D)
+    assert not torch.allclose(out[~present], crta.missing_token.expand(4, 3, D)[~present])
+
+
+def test_memory_bank_read_write():
+    bank = ModalityMemoryBank(2, 4, num_slots=2, tau=0.1, momentum=0.5)
+    f = torch.tensor([[[1.0, 0, 0, 0], [0, 1.0, 0, 0]], [[0, 0, 1.0, 0], [0, 0, 0, 1.0]]])
+    present = torch.tensor([[True, True], [True, False]])
+    bank.update(f, present)  # first write: slots filled from the real features
+    assert bank.initialized.all()
+    assert torch.allclose(bank.memory[0], torch.stack([f[0, 0], f[1, 0]]), atol=0.05)
+    before = bank.memory[0].clone()
+    bank.update(torch.tensor([[[3.0, 0, 0, 0], [0, 1.0, 0, 0]]]), torch.tensor([[True, False]]))
+    # nearest slot of (3,0,0,0) is slot 0: 0.5 * slot + 0.5 * feature; slot 1 unchanged
+    assert torch.allclose(bank.memory[0, 0], 0.5 * before[0] + 0.5 * torch.tensor([3.0, 0, 0, 0]))
+    assert torch.equal(bank.memory[0, 1], before[1])
+    out = bank(f, present)
+    assert torch.equal(out[present], f[present])  # present tokens pass unchanged
+    assert not torch.equal(out[1, 1], f[1, 1])
+
+
+def test_encoder_output_independent_of_missing_content():
+    enc = MultiModalEncoder(2, 3, 2, CARDS, feature_dim=D, image_encoder="resnet10")
+    present = torch.tensor([[False, True, True], [True, True, False], [True, False, True], [True, True, True]])
+    image, tab = torch.randn(4, 6, 16, 16), torch.randn(4, 3).round().abs()
+    other_img, other_tab = image.clone(), tab.clone()
+    other_img[0, :3] = torch.randn(3, 16, 16) * 5
+    other_img[2, 3:] = 7.0
+    other_tab[1] = torch.tensor([9.0, 2.0, -4.0])
+    cells = torch.ones(4, 3, dtype=torch.bool)
+    for train in (True, False):  # train mode too: BN batch statistics must not see the content
+        enc.train(train)
+        a = enc.encode(image, tab, cells, present)
+        b = enc.encode(other_img, other_tab, cells, present)
+        assert torch.equal(a, b)
+        assert a[~present].abs().sum() == 0
+    # and a present modality's content does change its token (the check can fail)
+    other_img[3, :3] += 1.0
+    assert not torch.allclose(enc.encode(other_img, tab, cells, present)[3, 0], a[3, 0])
+
+
+def test_stage1_synthesis_ignores_dropped_content():
+    net = cmml(stage1_drop_prob=1.0).eval()  # one modality kept per case
+    present = torch.tensor([[True, True, False]] * 4)
+    image, tab = make_batch(present)
+    set_determinism(seed=1)
+    out = net.forward_train(image, tab, stage=1)
+    dropped = 0 if not out["keep"][0, 0] else 1
+    changed = image.clone()
+    changed[0, dropped * 3:(dropped + 1) * 3] += 3.0
+    set_determinism(seed=1)
+    out2 = net.forward_train(changed, tab, stage=1)
+    assert torch.equal(out["keep"], out2["keep"])
+    assert torch.allclose(out["synth"][0], out2["synth"][0], atol=1e-6)
+    assert not torch.allclose(out["target"][0, dropped], out2["target"][0, dropped])
+    assert out["recon_mask"][0, dropped]
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_cmml_shapes_every_pattern(spatial_dims):
+    spatial = (16, 16) if spatial_dims == 2 else (16, 16, 16)
+    channels = 3 if spatial_dims == 2 else 1
+    net = cmml(spatial_dims=spatial_dims, image_channels=channels)
+    present = all_patterns(3)  # 7 patterns incl. table only and one image only
+    image, tab = make_batch(present, spatial, channels)
+    b = present.shape[0]
+    net.train()
+    s1 = net.forward_train(image, tab, stage=1)
+    assert s1["logits"].shape == (b, 5) and s1["synth"].shape == (b, 3, D) and s1["target"].shape == (b, 3, D)
+    assert torch.equal(s1["present"], present)
+    assert not (s1["recon_mask"] & ~present).any() and (s1["keep"].any(1)).all()
+    s2 = net.forward_train(image, tab, stage=2)
+    assert s2["logits"].shape == (b, 5) and s2["aligned"].shape == (b, 3, 16) and s2["reference"].shape == (b, 16)
+    assert s2["proj"].shape == (2 * b, 16) and s2["align_mask"].shape == (b, 3)
+    assert torch.allclose(s2["proj"].norm(dim=1), torch.ones(2 * b), atol=1e-4)
+    net.eval()
+    logits = net(image, tab)
+    assert logits.shape == (b, 5)
+    for value in list(s1.values()) + list(s2.values()) + [logits]:
+        assert torch.isfinite(value.float()).all()
+
+
+def test_no_nan_table_missing_and_one_image():
+    net = cmml().eval()
+    image, _ = make_batch(torch.tensor([[True, False, False], [False, True, False]]))
+    out = net(image, None)  # table network called without a table: table treated as missing
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    image, tab = make_batch(torch.tensor([[False, False, True]] * 2))  # every image missing
+    assert torch.isfinite(net(image, tab)).all()
+
+
+def test_every_parameter_gets_gradient_from_its_stage():
+    net = cmml().train()
+    present = all_patterns(3)
+    image, tab = make_batch(present)
+    label = torch.tensor([0, 1, 2, 3, 4, 0, 1])
+    names = {id(p): n for n, p in net.named_parameters()}
+    for stage in (1, 2):
+        net.zero_grad(set_to_none=True)
+        loss = CMMLLoss(stage=stage)(net.forward_train(image, tab, stage=stage), label)["loss"]
+        loss.backward()
+        own = {id(p) for p in net.stage_parameters(stage)}
+        no_grad = [names[id(p)] for p in net.stage_parameters(stage) if p.grad is None or p.grad.abs().sum() == 0]
+        assert no_grad == [], f"stage {stage}: no gradient for {no_grad}"
+        leaked = [n for n, p in net.named_parameters() if id(p) not in own and p.grad is not None and p.grad.abs().sum() > 0]
+        assert leaked == [], f"stage {stage}: gradient outside the stage for {leaked}"
+    assert {id(p) for p in net.parameters()} == {id(p) for s in (1, 2) for p in net.stage_parameters(s)}
+    crta = {id(p) for p in net.crta_parameters()}
+    assert crta <= {id(p) for p in net.stage_parameters(1)} and crta <= {id(p) for p in net.stage_parameters(2)}
+
+
+def test_memory_written_only_in_stage1_training():
+    net = cmml()
+    image, tab = make_batch(all_patterns(3))
+    before = net.memory.memory.clone()
+    net.eval().forward_train(image, tab, stage=1)
+    assert torch.equal(before, net.memory.memory)
+    net.train().forward_train(image, tab, stage=2)
+    assert torch.equal(before, net.memory.memory)
+    net.forward_train(image, tab, stage=1)
+    assert not torch.equal(before, net.memory.memory)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: cmml(),
+        lambda: cmml(use_stage2=False, use_memory=False, use_context=False),
+        lambda: LateFusionNet(2, 3, 2, 5, CARDS, feature_dim=D, image_encoder="resnet10", mode="mean_impute"),
+    ],
+    ids=["cmml", "stage1_no_memory_no_context", "mean_impute"],
+)
+def test_trace_matches_eager_for_other_patterns(make):
+    net = make().eval()
+    image, tab = make_batch(torch.ones(2, 3, dtype=torch.bool))  # traced with everything present
+    present = all_patterns(3)
+    image7, tab7 = make_batch(present)
+    with torch.jit.optimized_execution(False):  # skip the JIT's profiling runs: same graph, faster test
+        traced = torch.jit.trace(net, (image, tab), check_trace=False)
+        assert torch.allclose(traced(image7, tab7), net(image7, tab7), atol=1e-5)
+        if isinstance(net, CMMLNet) and net.use_stage2:
+            # no table argument: the table-missing path depends on the argument, not the data
+            traced_no_tab = torch.jit.trace(net, (image,), check_trace=False)
+            assert torch.allclose(traced_no_tab(image7), net(image7), atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(use_stage2=False, use_context=False)], ids=["cmml", "stage1_only"])
+def test_script_matches_eager(kwargs):
+    net = cmml(**kwargs).eval()
+    image, tab = make_batch(all_patterns(3))
+    with torch.jit.optimized_execution(False):
+        scripted = torch.jit.script(net)
+        assert torch.allclose(scripted(image, tab), net(image, tab), atol=1e-5)
+        assert torch.allclose(scripted(image), net(image), atol=1e-5)
+
+
+def test_determinism():
+    image, tab = make_batch(all_patterns(3))
+    results = []
+    for _ in range(2):
+        set_determinism(seed=7)
+        net = cmml().train()
+        s1 = net.forward_train(image, tab, stage=1)
+        s2 = net.forward_train(image, tab, stage=2)
+        results.append((s1["synth"], s1["keep"], s2["logits"], s2["proj"]))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(use_memory=False),
+        dict(use_context=False),
+        dict(use_stage2=False),
+        dict(share_image_encoder=True),
+        dict(tabular_cardinalities=None),
+    ],
+    ids=["no_memory", "no_context", "no_stage2", "shared_encoder", "no_table"],
+)
+def test_ablations_build_and_run(kwargs):
+    net = cmml(**kwargs).train()
+    k = 3 if kwargs.get("tabular_cardinalities", CARDS) is not None else 2
+    present = all_patterns(k)
+    image, tab = make_batch(present, table=k == 3)
+    out = net.forward_train(image, tab, stage=1)
+    assert out["synth"].shape == (present.shape[0], k, D) and torch.isfinite(out["logits"]).all()
+    if net.use_stage2:
+        out = net.forward_train(image, tab, stage=2)
+        assert torch.isfinite(out["proj"]).all()
+    else:
+        with pytest.raises(ValueError, match="use_stage2"):
+            net.forward_train(image, tab, stage=2)
+    logits = net.eval()(image, tab)
+    assert logits.shape == (present.shape[0], 5) and torch.isfinite(logits).all()
+    if kwargs.get("share_image_encoder"):
+        assert len(net.encoder.image_encoders) == 1
+
+
+@pytest.mark.parametrize("mode", ["zero_fill", "modality_dropout", "mean_impute"])
+def test_late_fusion_baselines(mode):
+    net = LateFusionNet(2, 3, 2, 4, CARDS, multi_label=True, feature_dim=D, image_encoder="resnet10", mode=mode,
+                        dropout_prob=0.5)
+    present = all_patterns(3)
+    image, tab = make_batch(present)
+    out = net.train().forward_train(image, tab, stage=2)
+    assert out["logits"].shape == (7, 4) and torch.isfinite(out["logits"]).all()
+    assert torch.equal(out["present"], present)
+    loss = CMMLLoss(stage=1, multi_label=True)(out, torch.randint(0, 2, (7, 4)).float())
+    assert set(loss) == {"loss", "cls"}
+    loss["loss"].backward()
+    if mode == "mean_impute":
+        assert net.mean_initialized.all() and net.running_mean.abs().sum() > 0
+    logits = net.eval()(image, tab)
+    assert torch.isfinite(logits).all()
+
+
+def test_3d_and_densenet_and_pretrained(tmp_path):
+    net = CMMLNet(3, 1, 3, 2, None, **SMALL).eval()
+    vol = torch.randn(2, 3, 16, 16, 16)
+    vol[0, 1] = NAN
+    assert net(vol).shape == (2, 2)
+    dense = cmml(image_encoder="densenet121", share_image_encoder=True).eval()
+    image, tab = make_batch(torch.tensor([[True, False, True], [False, True, False]]), spatial=(32, 32))
+    assert torch.isfinite(dense(image, tab)).all()
+    # pretrained: a local state dict is loaded into every image backbone
+    src = cmml()
+    path = tmp_path / "backbone.pt"
+    torch.save(src.encoder.image_encoders[0].backbone.state_dict(), path)
+    loaded = cmml(pretrained_path=str(path))
+    for enc in loaded.encoder.image_encoders:
+        assert torch.equal(enc.backbone.conv1.weight, src.encoder.image_encoders[0].backbone.conv1.weight)
+    with pytest.raises(ValueError, match="not an existing file"):
+        cmml(pretrained_path=str(tmp_path / "missing.pt"))
+
+
+def test_argument_checks():
+    with pytest.raises(ValueError, match="image_encoder"):
+        cmml(image_encoder="vgg")
+    with pytest.raises(ValueError, match="spatial_dims"):
+        cmml(spatial_dims=4)
+    with pytest.raises(ValueError, match="stage1_drop_prob"):
+        cmml(stage1_drop_prob=1.5)
+    with pytest.raises(ValueError, match="mode"):
+        LateFusionNet(2, 3, 2, 5, mode="bogus")
+    with pytest.raises(ValueError, match="stage"):
+        cmml().forward_train(torch.randn(1, 6, 16, 16), None, stage=3)

@@ -1,0 +1,132 @@
+"""configs/train.json end to end on tiny synthetic data: properties, two stages, resume, method overlays."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "configs", "train.json")
+METHODS = ["cmml", "zero_fill", "modality_dropout", "mean_impute", "cmml_no_memory", "cmml_no_context",
+           "cmml_no_stage2"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("synthetic") / "derm7pt")
+
+
+def tiny(synthetic_dir: str, out: str, **extra) -> dict:
+    """Overrides that make train.json run in seconds on CPU."""
+    args = {
+        "bundle_root": ROOT,
+        "dataset_dir": synthetic_dir,
+        "synthetic_cases": 30,
+        "output_dir": out,
+        "shared_dir": os.path.join(out, "shared"),
+        "spatial_size": [32, 32],
+        "feature_dim": 16,
+        "batch_size": 8,
+        "stage1_epochs": 1,
+        "stage2_epochs": 1,
+        "progress_bar": False,
+        "missing_rates": [0.0, 0.5],
+        "sweep#subsets": False,
+        "sweep#roc": False,
+        "mlflow_enabled": False,
+    }
+    args.update(extra)
+    return args
+
+
+def workflow(config_file, **override) -> ConfigWorkflow:
+    w = ConfigWorkflow(config_file=config_file, workflow_type="train", **override)
+    w.initialize()
+    return w
+
+
+def test_check_properties_nothing_missing(synthetic_dir, tmp_path):
+    w = workflow(TRAIN, **tiny(synthetic_dir, str(tmp_path)))
+    assert w.check_properties() == []
+    # the model-zoo names resolve to the right objects
+    assert w.max_epochs == 1 and w.val_interval == 1
+    assert type(w.trainer).__name__ == "CMMLTrainer" and type(w.evaluator).__name__ == "CMMLEvaluator"
+    assert w.parser.get_parsed_content("train#trainer").stage == 2
+    assert w.parser.get_parsed_content("stage1#trainer").stage == 1
+
+
+def test_two_stage_run_end_to_end(synthetic_dir, tmp_path):
+    out = str(tmp_path / "run")
+    w = workflow(TRAIN, **tiny(synthetic_dir, out, mlflow_enabled=True))
+    w.run()
+    w.finalize()
+    for stage in ("stage1", "stage2"):
+        for name in ("checkpoint_epoch=1.pt", "checkpoint_final.pt", "model_best.pt"):
+            assert os.path.isfile(os.path.join(out, stage, name)), (stage, name)
+    full = torch.load(os.path.join(out, "stage1", "checkpoint_epoch=1.pt"), weights_only=True)
+    assert {"network", "optimizer", "lr_scheduler", "trainer"} <= set(full)
+    assert full["trainer"]["iteration"] == full["trainer"]["epoch_length"]  # saved after epoch 1
+    # stage 2 started from the stage-1 checkpoint
+    loader = [h for h in w.parser.get_parsed_content("train#handlers") if type(h).__name__ == "LoadNetworkHandler"][0]
+    assert loader.loaded_from.endswith(os.path.join("stage1", "checkpoint_epoch=1.pt"))
+    assert os.path.isfile(os.path.join(out, "models", "model.pt"))
+    assert os.path.isfile(os.path.join(out, "table_schema.json"))
+    with open(os.path.join(out, "sweep", "sweep.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["rate"]) for r in rows] == [0.0, 0.5]
+    assert all(0.0 <= float(r[k]) <= 1.0 for r in rows for k in ("auc", "acc", "f1"))
+    assert os.path.isfile(os.path.join(out, "mlruns.db"))
+
+
+def test_resume_continues_from_next_epoch(synthetic_dir, tmp_path):
+    out = str(tmp_path / "resume")
+    stage1_only = ["$cmml_monai.engines.run_stage(@stage1#trainer, 'stage 1')"]
+    w1 = workflow(TRAIN, **tiny(synthetic_dir, out, run=stage1_only, stage1_epochs=1))
+    w1.run()
+    assert os.path.isfile(os.path.join(out, "stage1", "checkpoint_epoch=1.pt"))
+
+    w2 = workflow(TRAIN, **tiny(synthetic_dir, out, run=stage1_only, stage1_epochs=2))
+    trainer = w2.parser.get_parsed_content("stage1#trainer")
+    started: list[int] = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: started.append(e.state.epoch))
+    w2.run()
+    assert started == [2]  # epoch 1 was restored, not repeated
+    assert trainer.state.epoch == 2
+    resume = w2.parser.get_parsed_content("stage1#handlers")[0]
+    assert resume.loaded_from.endswith("checkpoint_epoch=1.pt")
+    assert os.path.isfile(os.path.join(out, "stage1", "checkpoint_epoch=2.pt"))
+    assert not os.path.isfile(os.path.join(out, "stage1", "checkpoint_epoch=1.pt"))  # only the last is kept
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_overlay_builds_and_steps(method, synthetic_dir, tmp_path):
+    overlay = os.path.join(ROOT, "configs", "methods", f"{method}.json")
+    w = workflow([TRAIN, overlay], **tiny(synthetic_dir, str(tmp_path)))
+    assert w.parser.get_parsed_content("method") == method
+    epochs = w.parser.get_parsed_content("epochs")
+    assert sum(epochs) == 2  # the same total budget for every method
+    key = "train#trainer" if epochs[1] else "stage1#trainer"
+    trainer = w.parser.get_parsed_content(key)
+    batch = next(iter(trainer.data_loader))
+    before = [p.detach().clone() for p in trainer.network.parameters()]
+    out = trainer._iteration(trainer, batch)
+    out = out[0] if isinstance(out, list) else out
+    assert torch.isfinite(torch.as_tensor(out["loss"]))
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.network.parameters()))
+
+
+@pytest.mark.slow
+def test_default_config_runs(tmp_path):
+    """The embedded default (synthetic Derm7pt, default sizes and epochs) end to end."""
+    out = str(tmp_path / "default")
+    w = workflow(TRAIN, bundle_root=ROOT, output_dir=out, shared_dir=os.path.join(out, "shared"),
+                 dataset_dir=str(tmp_path / "syn"), progress_bar=False)
+    w.run()
+    w.finalize()
+    with open(os.path.join(out, "sweep", "sweep.csv"), newline="") as f:
+        assert len(list(csv.DictReader(f))) == 5
