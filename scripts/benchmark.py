@@ -1,9 +1,11 @@
 """Benchmarks: one training step of CMML (stage 1, stage 2) against zero-fill late fusion.
 
-Each benchmark is a function ``bench_<name>(cfg) -> dict`` registered in ``BENCHMARKS`` so that
-other benchmarks (e.g. data loading) can be added beside them. A training step is
-``forward_train + CMMLLoss + backward + optimizer step`` on the same batch with the same encoders;
-the reported time is the median over ``--iters`` steps after ``--warmup`` steps.
+Each benchmark is a function ``bench_<name>(cfg) -> step`` registered in ``BENCHMARKS`` that
+prepares one unit of work (model built, batch made) and returns it as a callable; ``run_benchmarks``
+warms every step up and times them interleaved, so other benchmarks (e.g. data loading) can be
+added beside them. A training step is ``forward_train + CMMLLoss + backward + optimizer step`` on the
+same batch with the same encoders; the reported time is the median over ``--iters`` rounds after
+``--warmup`` steps.
 
     python scripts/benchmark.py                                  # CPU, defaults of the issue
     python scripts/benchmark.py --batch-size 4 --image-size 32 --iters 3 --json out.json
@@ -17,7 +19,6 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -39,6 +40,7 @@ class BenchConfig:
     feature_dim: int = 256
     image_encoder: str = "resnet18"
     missing_rate: float = 0.3
+    encode_present_only: bool = False
     warmup: int = 2
     iters: int = 5
     seed: int = 0
@@ -63,46 +65,59 @@ def make_batch(cfg: BenchConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return image, tab, label, cards
 
 
-def time_training_step(net: torch.nn.Module, stage: int, cfg: BenchConfig) -> dict:
-    """Median seconds of forward_train + CMMLLoss + backward + optimizer step on one batch."""
+def training_step(net: torch.nn.Module, stage: int, cfg: BenchConfig) -> Callable[[], None]:
+    """A prepared step: forward_train + CMMLLoss + backward + optimizer step on one fixed batch."""
     device = torch.device(cfg.device)
     image, tab, label, _ = make_batch(cfg)
-    memory_format = torch.channels_last if cfg.channels_last and cfg.spatial_dims == 2 else torch.contiguous_format
-    if cfg.channels_last and cfg.spatial_dims == 3:
-        memory_format = torch.channels_last_3d
+    memory_format = torch.contiguous_format
+    if cfg.channels_last:
+        memory_format = torch.channels_last if cfg.spatial_dims == 2 else torch.channels_last_3d
     net = net.to(device=device, memory_format=memory_format).train()
     image = image.to(device=device, memory_format=memory_format)
     tab, label = tab.to(device), label.to(device)
     loss_fn = CMMLLoss(stage=stage)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else nullcontext()
-    )
 
-    def step() -> float:
+    def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with autocast:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
             out = net.forward_train(image, tab, stage=stage)
             loss = loss_fn(out, label)["loss"]
         loss.backward()
         opt.step()
-        return float(loss.detach())
+
+    return step
+
+
+def run_benchmarks(names: list[str], cfg: BenchConfig) -> dict[str, dict]:
+    """Warm up every prepared step, then time them interleaved (one step of each per round).
+
+    Interleaving makes the ratios robust to slow drifts of a shared machine's load; the reported
+    time is the median over ``cfg.iters`` rounds.
+    """
+    device = torch.device(cfg.device)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for _ in range(cfg.warmup):
-        step()
-    times = []
+    steps = {name: BENCHMARKS[name](cfg) for name in names}
+    for step in steps.values():
+        for _ in range(cfg.warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(cfg.iters):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    return {"median_s": median, "min_s": min(times), "max_s": max(times), "cases_per_s": cfg.batch_size / median}
+        for name, step in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    results = {}
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        results[name] = {"median_s": median, "min_s": min(ts), "max_s": max(ts), "cases_per_s": cfg.batch_size / median}
+    return results
 
 
 def _net_args(cfg: BenchConfig) -> dict:
@@ -110,27 +125,28 @@ def _net_args(cfg: BenchConfig) -> dict:
     return dict(
         image_modalities=cfg.image_modalities, image_channels=3 if cfg.spatial_dims == 2 else 1,
         spatial_dims=cfg.spatial_dims, num_classes=cfg.num_classes, tabular_cardinalities=cards,
-        feature_dim=cfg.feature_dim, image_encoder=cfg.image_encoder,
+        feature_dim=cfg.feature_dim, image_encoder=cfg.image_encoder, encode_present_only=cfg.encode_present_only,
     )
 
 
-def bench_cmml_stage1(cfg: BenchConfig) -> dict:
+# each benchmark prepares one step (built model, fixed batch) and returns it; run_benchmarks times it
+def bench_cmml_stage1(cfg: BenchConfig) -> Callable[[], None]:
     torch.manual_seed(cfg.seed)
-    return time_training_step(CMMLNet(**_net_args(cfg)), 1, cfg)
+    return training_step(CMMLNet(**_net_args(cfg)), 1, cfg)
 
 
-def bench_cmml_stage2(cfg: BenchConfig) -> dict:
+def bench_cmml_stage2(cfg: BenchConfig) -> Callable[[], None]:
     torch.manual_seed(cfg.seed)
-    return time_training_step(CMMLNet(**_net_args(cfg)), 2, cfg)
+    return training_step(CMMLNet(**_net_args(cfg)), 2, cfg)
 
 
-def bench_zero_fill(cfg: BenchConfig) -> dict:
+def bench_zero_fill(cfg: BenchConfig) -> Callable[[], None]:
     torch.manual_seed(cfg.seed)
-    return time_training_step(LateFusionNet(**_net_args(cfg), mode="zero_fill"), 1, cfg)
+    return training_step(LateFusionNet(**_net_args(cfg), mode="zero_fill"), 1, cfg)
 
 
-# name -> benchmark; add data benchmarks here
-BENCHMARKS: dict[str, Callable[[BenchConfig], dict]] = {
+# name -> benchmark; add data benchmarks here (a function returning a prepared step)
+BENCHMARKS: dict[str, Callable[[BenchConfig], Callable[[], None]]] = {
     "cmml_stage1": bench_cmml_stage1,
     "cmml_stage2": bench_cmml_stage2,
     "zero_fill": bench_zero_fill,
@@ -150,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--feature-dim", type=int, default=defaults.feature_dim)
     parser.add_argument("--image-encoder", default=defaults.image_encoder)
     parser.add_argument("--missing-rate", type=float, default=defaults.missing_rate)
+    parser.add_argument("--encode-present-only", action="store_true", help="skip missing images in the encoders")
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--iters", type=int, default=defaults.iters)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
@@ -162,15 +179,20 @@ def main(argv: list[str] | None = None) -> dict:
         device=args.device, amp=args.amp, channels_last=args.channels_last, batch_size=args.batch_size,
         image_size=args.image_size, image_modalities=args.image_modalities, spatial_dims=args.spatial_dims,
         feature_dim=args.feature_dim, image_encoder=args.image_encoder, missing_rate=args.missing_rate,
+        encode_present_only=args.encode_present_only,
         warmup=args.warmup, iters=args.iters,
     )
-    results = {name: BENCHMARKS[name](cfg) for name in (args.only or BENCHMARKS)}
+    results = run_benchmarks(list(args.only or BENCHMARKS), cfg)
     base = results.get("zero_fill")
-    print(f"{'benchmark':<14}{'median s/step':>15}{'cases/s':>10}{'x zero_fill':>13}")
+    # the min ratio is the least disturbed by other processes on a shared machine
+    print(f"{'benchmark':<14}{'median s/step':>15}{'min s/step':>12}{'cases/s':>10}{'x zf (median)':>15}{'x zf (min)':>12}")
     for name, r in results.items():
-        ratio = r["median_s"] / base["median_s"] if base else float("nan")
-        r["ratio_to_zero_fill"] = ratio
-        print(f"{name:<14}{r['median_s']:>15.4f}{r['cases_per_s']:>10.1f}{ratio:>13.3f}")
+        r["ratio_to_zero_fill"] = r["median_s"] / base["median_s"] if base else float("nan")
+        r["min_ratio_to_zero_fill"] = r["min_s"] / base["min_s"] if base else float("nan")
+        print(
+            f"{name:<14}{r['median_s']:>15.4f}{r['min_s']:>12.4f}{r['cases_per_s']:>10.1f}"
+            f"{r['ratio_to_zero_fill']:>15.3f}{r['min_ratio_to_zero_fill']:>12.3f}"
+        )
     report = {"config": asdict(cfg), "torch_threads": torch.get_num_threads(), "results": results}
     if args.json:
         with open(args.json, "w") as f:

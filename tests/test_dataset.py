@@ -234,6 +234,15 @@ def test_dataloader_collates_and_seeds(derm_like):
     assert any(order(s) != order(3) for s in range(4, 10))
     with pytest.raises(ValueError, match="batch_size"):
         build_dataloader(ds, 0)
+    # DDP: each rank gets its own shard, together every case once
+    from monai.data import DistributedSampler
+
+    shards = [
+        [c for bb in build_dataloader(ds, 2, sampler=DistributedSampler(ds, num_replicas=2, rank=r, shuffle=False))
+         for c in bb["case_id"]]
+        for r in range(2)
+    ]
+    assert sorted(shards[0] + shards[1]) == ["c0", "c1", "c2", "c3"] and len(shards[0]) == len(shards[1]) == 2
     with pytest.raises(ValueError, match="different keys"):
         collate_cases([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}])
 
@@ -285,16 +294,15 @@ def test_3d_dataset_with_missing_sequence(tmp_path):
     assert b["image"][1].isnan().all() and not b["image"][0].isnan().any()
 
 
-@pytest.mark.parametrize("dataset, kw, size, pixdim", [
-    ("derm7pt", {}, (24, 24), None),
-    ("men", {"dicom": True, "shape": (12, 12, 8)}, (12, 12, 8), None),
+@pytest.mark.parametrize("dataset, dicom, size, pixdim", [
+    ("derm7pt", False, (24, 24), None),
+    ("men", True, (16, 16, 12), (6.0, 6.0, 6.0)),
 ])
-def test_real_adapters_on_synthetic_data(tmp_path, dataset, kw, size, pixdim):
+def test_real_adapters_on_synthetic_data(synthetic_dataset, dataset, dicom, size, pixdim):
     from cmml_monai.data.adapters import load_dataset
-    from cmml_monai.data.synthetic import make_synthetic
 
-    make_synthetic(dataset, tmp_path / dataset, cases=12, **kw)
-    case_list = load_dataset(dataset, tmp_path / dataset)
+    dataset_dir, _ = synthetic_dataset(dataset, 12, dicom=dicom)
+    case_list = load_dataset(dataset, dataset_dir)
     schema = TableSchema.fit([c.table for c in case_list.split("train")], case_list.table_columns)
     ds = build_dataset(case_list, "train", schema, spatial_size=size, pixdim=pixdim)
     batch = next(iter(build_dataloader(ds, batch_size=len(ds))))
@@ -309,3 +317,8 @@ def test_real_adapters_on_synthetic_data(tmp_path, dataset, kw, size, pixdim):
             missing = cases[cid].paths.get(m.name) is None
             block = batch["image"][row, i * c : (i + 1) * c]
             assert bool(block.isnan().all()) == missing and bool(block.isnan().any()) == missing
+    if dicom:  # both DICOM readers give the same packed tensors through the whole chain
+        other = build_dataset(case_list, "train", schema, spatial_size=size, pixdim=pixdim, reader="pydicom")
+        again = collate_cases(_items(other))
+        assert again["case_id"] == batch["case_id"]
+        torch.testing.assert_close(again["image"], batch["image"], equal_nan=True, rtol=1e-5, atol=1e-5)

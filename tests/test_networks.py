@@ -15,6 +15,7 @@ from cmml_monai.networks import (
     LateFusionNet,
     ModalityMemoryBank,
     MultiModalEncoder,
+    TrainingForward,
     presence_from_nan,
     random_keep_mask,
 )
@@ -149,6 +150,29 @@ def test_encoder_output_independent_of_missing_content():
     # and a present modality's content does change its token (the check can fail)
     other_img[3, :3] += 1.0
     assert not torch.allclose(enc.encode(other_img, tab, cells, present)[3, 0], a[3, 0])
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_encode_present_only_matches_vectorised(share):
+    dense = MultiModalEncoder(2, 3, 2, CARDS, feature_dim=D, image_encoder="resnet10", share_image_encoder=share)
+    sparse = MultiModalEncoder(2, 3, 2, CARDS, feature_dim=D, image_encoder="resnet10", share_image_encoder=share,
+                               encode_present_only=True)
+    sparse.load_state_dict(dense.state_dict())
+    present = torch.tensor([[False, True, True], [True, True, False], [True, False, True], [True, False, True]])
+    image, tab = make_batch(present)
+    dense.eval(), sparse.eval()
+    a, pa = dense(image, tab)
+    b, pb = sparse(image, tab)
+    assert torch.equal(pa, pb) and torch.allclose(a, b, atol=1e-5)
+    # training: modality 1 is present in 2 cases only, gradient reaches the encoders
+    sparse.train()
+    tokens, _ = sparse(image, tab)
+    tokens.sum().backward()
+    assert all(p.grad is not None for p in sparse.image_encoders.parameters())
+    one = present.clone()
+    one[:, 1] = torch.tensor([True, False, False, False])  # one case: falls back to the vectorised path
+    image, tab = make_batch(one)
+    assert torch.isfinite(sparse(image, tab)[0]).all()
 
 
 def test_stage1_synthesis_ignores_dropped_content():
@@ -323,6 +347,13 @@ def test_late_fusion_baselines(mode):
     loss["loss"].backward()
     if mode == "mean_impute":
         assert net.mean_initialized.all() and net.running_mean.abs().sum() > 0
+    if mode == "modality_dropout":  # training drops tokens: rows with several modalities change
+        net = LateFusionNet(2, 3, 2, 4, CARDS, feature_dim=D, image_encoder="resnet10", mode=mode, dropout_prob=1.0,
+                            dropout=0.0).train()
+        dropped, full = net.forward_train(image, tab)["logits"], net(image, tab)
+        several = present.sum(1) > 1
+        assert not torch.allclose(dropped[several], full[several])
+        assert torch.allclose(dropped[~several], full[~several], atol=1e-6)
     logits = net.eval()(image, tab)
     assert torch.isfinite(logits).all()
 
@@ -357,3 +388,46 @@ def test_argument_checks():
         LateFusionNet(2, 3, 2, 5, mode="bogus")
     with pytest.raises(ValueError, match="stage"):
         cmml().forward_train(torch.randn(1, 6, 16, 16), None, stage=3)
+
+
+def test_training_forward_wrapper_matches_forward_train():
+    net = cmml().train()
+    image, tab = make_batch(all_patterns(3))
+    set_determinism(seed=5)
+    a = TrainingForward(net)(image, tab, 2)
+    set_determinism(seed=5)
+    b = net.forward_train(image, tab, stage=2)
+    assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["proj"], b["proj"])
+    assert len(list(TrainingForward(net).parameters())) == len(list(net.parameters()))
+    with pytest.raises(ValueError, match="forward_train"):
+        TrainingForward(torch.nn.Linear(2, 2))
+
+
+def test_bf16_autocast_training_step_is_finite():
+    net = cmml().train()
+    image, tab = make_batch(all_patterns(3))
+    label = torch.tensor([0, 1, 2, 3, 4, 0, 1])
+    for stage in (1, 2):
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            losses = CMMLLoss(stage=stage)(net.forward_train(image, tab, stage=stage), label)
+        assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in losses.values())
+        losses["loss"].backward()
+
+
+def test_benchmark_script_smoke(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("cmml_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    report = bench.main(["--batch-size", "2", "--image-size", "16", "--feature-dim", "32", "--image-encoder",
+                         "resnet10", "--warmup", "0", "--iters", "1", "--threads", "1", "--json", str(out)])
+    torch.set_num_threads(threads)
+    assert set(report["results"]) == {"cmml_stage1", "cmml_stage2", "zero_fill"}
+    assert report["results"]["zero_fill"]["ratio_to_zero_fill"] == 1.0
+    assert json.loads(out.read_text())["results"]["cmml_stage2"]["median_s"] > 0

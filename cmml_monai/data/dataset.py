@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.data import CacheDataset, DataLoader, Dataset, DistributedSampler, PersistentDataset
 from monai.data.utils import pickle_hashing
 from monai.transforms import Compose
 
@@ -352,28 +352,42 @@ def build_dataloader(
     seed: int = 0,
     drop_last: bool = False,
     pin_memory: bool = False,
+    distributed: bool = False,
+    sampler: torch.utils.data.Sampler | None = None,
 ) -> DataLoader:
     """A ``monai.data.DataLoader`` over batch-contract items, seeded for a reproducible order.
 
     Args:
         dataset: e.g. from :func:`build_dataset`.
-        batch_size: cases per batch (> 0).
+        batch_size: cases per batch (> 0), per process when distributed.
         shuffle: reshuffle every epoch (training).
         num_workers: loader worker processes.
-        seed: seed of the shuffling generator (the same seed gives the same order).
+        seed: seed of the shuffling (the same seed gives the same order).
         drop_last: drop the last incomplete batch.
         pin_memory: pin host memory (when feeding a GPU).
+        distributed: give each process of the initialised ``torch.distributed`` group its own shard
+            (``monai.data.DistributedSampler``; MONAI workflows call its ``set_epoch``).
+        sampler: an explicit sampler instead (then ``shuffle`` is the sampler's business).
+
+    Example:
+        >>> loader = build_dataloader(build_dataset(cases, "train", schema, spatial_size=(224, 224)),
+        ...                           batch_size=32, shuffle=True, seed=0)  # doctest: +SKIP
     """
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if int(num_workers) < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if distributed and sampler is not None:
+        raise ValueError("give either distributed=True or a sampler, not both")
+    if distributed:
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=int(seed))
     generator = torch.Generator()
     generator.manual_seed(int(seed))
     return DataLoader(
         dataset,
         batch_size=int(batch_size),
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
         num_workers=int(num_workers),
         collate_fn=collate_cases,
         generator=generator,

@@ -66,7 +66,7 @@ def simulate_presence(natural: np.ndarray, rate: float, seed: int = 0) -> np.nda
 
     When every present modality of a case is dropped, one of its present modalities is kept, chosen at
     random. One uniform draw per cell decides the drop (``u < rate``), so for a fixed seed the masks of
-    increasing rates are nested: what is missing at 0.3 is also missing at 0.5 (up to the kept one).
+    increasing rates are nested: what is missing at 0.3 is also missing at 0.5.
 
     Args:
         natural: ``[N, k]`` bool natural presence.
@@ -84,12 +84,12 @@ def simulate_presence(natural: np.ndarray, rate: float, seed: int = 0) -> np.nda
         raise ValueError(f"rows {empty[:5].tolist()} have no modality at all; drop such cases before simulating")
     rng = np.random.default_rng(seed)
     u = rng.random(natural.shape)
-    # a random tie-break per cell picks which present modality survives when all are dropped
-    pick = rng.random(natural.shape)
     out = natural & (u >= float(rate))
     none_left = ~out.any(axis=1)
     if none_left.any():
-        score = np.where(natural, pick, -1.0)
+        # keep the present modality with the largest draw: a uniformly random one, and the last one to
+        # go as the rate grows, so masks stay nested across rates
+        score = np.where(natural, u, -1.0)
         keep = score.argmax(axis=1)
         rows = np.flatnonzero(none_left)
         out[rows, keep[rows]] = True

@@ -116,6 +116,18 @@ _DERM_SIZE = np.array([0.20, 0.26, 0.34, 0.18, 0.30])
 _DERM_ASPECT = np.array([1.0, 1.0, 1.5, 1.2, 0.7])
 
 
+_VIGNETTE: list[np.ndarray] = []
+
+
+def _vignette() -> np.ndarray:
+    """The dark corners of a dermoscope, ``[512, 768, 1]`` (computed once)."""
+    if not _VIGNETTE:
+        yy, xx = np.mgrid[0:512, 0:768]
+        r = np.sqrt(((xx - 384) / 384) ** 2 + ((yy - 256) / 256) ** 2)
+        _VIGNETTE.append(np.clip(1.25 - 0.6 * r, 0.2, 1.0).astype(np.float32)[..., None])
+    return _VIGNETTE[0]
+
+
 def _derm_image(rng: np.random.Generator, p: np.ndarray, modality: str) -> np.ndarray:
     w, h = 192, 128  # drawn small, upsampled to the native 768x512
     skin = np.array([222, 180, 150]) + rng.normal(0, 12, 3)
@@ -134,10 +146,8 @@ def _derm_image(rng: np.random.Generator, p: np.ndarray, modality: str) -> np.nd
     img = img.filter(ImageFilter.GaussianBlur(1.2)).resize((768, 512), Image.BILINEAR)
     arr = np.asarray(img, dtype=np.float32)
     if modality == "derm":
-        yy, xx = np.mgrid[0:512, 0:768]
-        r = np.sqrt(((xx - 384) / 384) ** 2 + ((yy - 256) / 256) ** 2)
-        arr = arr * np.clip(1.25 - 0.6 * r, 0.2, 1.0)[..., None]
-    return arr + rng.normal(0, 6, arr.shape)
+        arr = arr * _vignette()
+    return arr + rng.integers(-8, 9, arr.shape, dtype=np.int16)
 
 
 def _make_derm7pt(root: str, n: int, rng: np.random.Generator) -> dict[str, Any]:
@@ -146,7 +156,7 @@ def _make_derm7pt(root: str, n: int, rng: np.random.Generator) -> dict[str, Any]
     y = rng.choice(len(DERM7PT_CLASSES), size=n, p=_DERM_PRIOR)
     y[: len(DERM7PT_CLASSES)] = np.arange(len(DERM7PT_CLASSES))  # every class occurs
     onehot = np.eye(len(DERM7PT_CLASSES))[y]
-    v_clinic, v_derm, v_table = _views(rng, onehot, 3)
+    v_clinic, v_derm, v_table = _views(rng, onehot, 3, signal=2.5, shared=0.6, own=1.0)
     # natural missingness: ~6% clinic == derm, two absent derm files, some empty table cells,
     # and the last case has nothing (clinic == derm, derm absent, empty table) -> dropped
     same = rng.random(n) < 0.06
@@ -265,7 +275,7 @@ def _fundus(rng: np.random.Generator, evidence: np.ndarray, size: tuple[int, int
     arr = np.asarray(img, dtype=np.float32)
     haze = a[ODIR_LABELS.index("C") - 1] * 0.5  # cataract: the whole picture turns hazy
     arr = arr * (1 - haze) + 150 * haze * (arr.sum(-1, keepdims=True) > 0)
-    return arr + rng.normal(0, 5, arr.shape)
+    return arr + rng.integers(-6, 7, arr.shape, dtype=np.int16)
 
 
 def _make_odir(root: str, n: int, rng: np.random.Generator) -> dict[str, Any]:
@@ -290,8 +300,9 @@ def _make_odir(root: str, n: int, rng: np.random.Generator) -> dict[str, Any]:
         # each eye shows each positive label with prob 0.75, and at least one eye shows it
         show_l = (rng.random(len(lab)) < 0.75) & (lab == 1)
         show_r = ((rng.random(len(lab)) < 0.75) | ~show_l) & (lab == 1)
-        age = 52 + 10 * rng.standard_normal() + 12 * lab[3] + 10 * lab[4] + 5 * lab[1]
-        sex = "Male" if rng.random() < (0.65 if lab[5] else 0.47) else "Female"
+        # age and sex correlate with most labels (cataract/AMD older, myopia younger, ...)
+        age = 52 + 8 * rng.standard_normal() + lab @ np.array([-8, 6, 6, 14, 12, 6, -12, 2])
+        sex = "Male" if rng.random() < 0.5 + lab @ np.array([-0.1, 0.1, 0.15, 0, 0, 0.25, -0.25, 0]) else "Female"
         age_cell: Any = int(np.clip(round(age), 1, 95))
         sex_cell: Any = sex
         if rng.random() < 0.03:
@@ -429,8 +440,8 @@ def _make_men(root: str, n: int, rng: np.random.Generator, shape: tuple[int, int
             else:
                 nib.save(nib.Nifti1Image(vol, affine), os.path.join(case_dir, f"{cid}-{seq}.nii.gz"))
         pt = _softmax(views[-1][i], 1.5)[1]
-        age: Any = int(np.clip(round(50 + 10 * rng.standard_normal() + 14 * (pt - 0.5)), 18, 90))
-        sex: Any = "male" if rng.random() < 0.3 + 0.35 * pt else "female"
+        age: Any = int(np.clip(round(52 + 7 * rng.standard_normal() + 24 * (pt - 0.5)), 18, 90))
+        sex: Any = "male" if rng.random() < 0.2 + 0.55 * pt else "female"
         if rng.random() < 0.05:
             sex = None
         if i == n - 1:

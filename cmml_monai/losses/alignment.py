@@ -21,6 +21,7 @@ class AlignmentLoss(nn.Module):
 
     def forward(self, aligned: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Args: ``aligned [B, k, p]``, ``reference [B, p]``, ``mask [B, k]`` bool (None: all)."""
+        aligned, reference = aligned.float(), reference.float()  # full precision under autocast
         dist = 1.0 - F.cosine_similarity(aligned, reference.unsqueeze(1).expand_as(aligned), dim=-1, eps=1e-6)
         if mask is None:
             return dist.mean()

@@ -18,13 +18,13 @@ class ReconstructionLoss(nn.Module):
     Example::
 
         >>> synth, target = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
-        >>> ReconstructionLoss()(synth, synth, torch.ones(2, 3, dtype=torch.bool)).item()
+        >>> round(ReconstructionLoss()(synth, synth, torch.ones(2, 3, dtype=torch.bool)).item(), 5)
         0.0
     """
 
     def forward(self, synth: torch.Tensor, target: torch.Tensor, recon_mask: torch.Tensor) -> torch.Tensor:
         """Args: ``synth, target [B, k, d]``, ``recon_mask [B, k]`` bool. Returns a scalar."""
-        target = target.detach()
+        synth, target = synth.float(), target.detach().float()  # full precision under autocast
         mse = (synth - target).pow(2).mean(dim=-1)
         cos = F.cosine_similarity(synth, target, dim=-1, eps=1e-6)
         per_slot = mse + (1.0 - cos)

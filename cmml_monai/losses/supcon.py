@@ -39,6 +39,7 @@ class SupConLoss(nn.Module):
                 f"features must be [N, p] and labels [N] or [N, L] with the same N, got {tuple(features.shape)} "
                 f"and {tuple(labels.shape)}."
             )
+        features = features.float()  # bf16 similarities / 0.07 would be too coarse under autocast
         n = features.shape[0]
         eye = torch.eye(n, dtype=torch.bool, device=features.device)
         if labels.dim() == 1:

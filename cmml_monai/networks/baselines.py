@@ -36,6 +36,7 @@ class LateFusionNet(nn.Module):
         mean_momentum: EMA momentum of the running means (``mean_impute``).
         num_heads: attention heads of the table encoder.
         tabular_layers: transformer layers of the table encoder.
+        encode_present_only: run the image encoders only on present cases in eager mode.
 
     Example::
 
@@ -63,6 +64,7 @@ class LateFusionNet(nn.Module):
         mean_momentum: float = 0.99,
         num_heads: int = 4,
         tabular_layers: int = 1,
+        encode_present_only: bool = False,
     ) -> None:
         super().__init__()
         if mode not in LATE_FUSION_MODES:
@@ -79,7 +81,7 @@ class LateFusionNet(nn.Module):
         self.mean_momentum = mean_momentum
         self.encoder = MultiModalEncoder(
             image_modalities, image_channels, spatial_dims, tabular_cardinalities, feature_dim, image_encoder,
-            share_image_encoder, pretrained_path, tabular_layers, num_heads,
+            share_image_encoder, pretrained_path, tabular_layers, num_heads, encode_present_only,
         )
         k = self.encoder.num_modalities
         self.num_modalities = k

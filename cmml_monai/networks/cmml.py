@@ -72,6 +72,8 @@ class CMMLNet(nn.Module):
         tabular_layers: transformer layers of the table encoder.
         dropout: dropout in the transformer parts.
         memory_momentum: EMA momentum of the memory write.
+        encode_present_only: run the image encoders only on present cases in eager mode (see
+            ``MultiModalEncoder``); exported models are unaffected.
 
     Example::
 
@@ -113,6 +115,7 @@ class CMMLNet(nn.Module):
         tabular_layers: int = 1,
         dropout: float = 0.1,
         memory_momentum: float = 0.9,
+        encode_present_only: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -131,7 +134,7 @@ class CMMLNet(nn.Module):
         self.stage2_drop_prob = stage2_drop_prob
         self.encoder = MultiModalEncoder(
             image_modalities, image_channels, spatial_dims, tabular_cardinalities, feature_dim, image_encoder,
-            share_image_encoder, pretrained_path, tabular_layers, num_heads,
+            share_image_encoder, pretrained_path, tabular_layers, num_heads, encode_present_only,
         )
         k = self.encoder.num_modalities
         self.num_modalities = k
@@ -188,11 +191,14 @@ class CMMLNet(nn.Module):
 
     def _stage2(self, tokens: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """CRTA -> memory -> reference -> alignment -> fusion. Returns logits, u, R, pooled."""
-        completed, context, _ = self.crta(tokens, present, self._context(tokens.shape[0]))
+        prior = self._context(tokens.shape[0])
+        completed, context, _ = self.crta(tokens, present, prior)
         if self.memory is not None:
             completed = self.memory(completed, present)
-        if self.reference is not None and context is not None:
-            reference = self.reference(context, completed)
+        if self.reference is not None and prior is not None and context is not None:
+            # R_i = C + CrossAttn(C, CRTA output of case i): the dataset prior C queries the
+            # case's refined context and completed (memory-enriched) modality tokens
+            reference = self.reference(prior, torch.cat([context, completed], dim=1))
         else:
             reference = completed.mean(dim=1, keepdim=True)
         aligned = self.alignment(completed, reference)

@@ -147,6 +147,12 @@ class MultiModalEncoder(nn.Module):
         pretrained_path: optional local state dict loaded into every image backbone.
         tabular_layers: transformer layers of the table encoder.
         num_heads: attention heads of the table encoder.
+        encode_present_only: in eager mode, run each image encoder only on the cases where its
+            modality is present (gather / scatter; saves the compute of missing images and keeps
+            them out of the BatchNorm statistics). Traced / scripted models always take the
+            vectorised path, which gives the same tokens in eval mode. In training, a modality
+            present in fewer than 2 cases of the batch falls back to the vectorised path (BatchNorm
+            needs 2 samples). Costs one host sync per modality and step on GPU.
 
     Example::
 
@@ -168,6 +174,7 @@ class MultiModalEncoder(nn.Module):
         pretrained_path: str | None = None,
         tabular_layers: int = 1,
         num_heads: int = 4,
+        encode_present_only: bool = False,
     ) -> None:
         super().__init__()
         if image_modalities < 1:
@@ -180,6 +187,7 @@ class MultiModalEncoder(nn.Module):
         self.image_channels = image_channels
         self.feature_dim = feature_dim
         self.share_image_encoder = share_image_encoder
+        self.encode_present_only = encode_present_only
         n_enc = 1 if share_image_encoder else image_modalities
         self.image_encoders = nn.ModuleList(
             [ImageEncoder(image_encoder, spatial_dims, image_channels, feature_dim, pretrained_path) for _ in range(n_enc)]
@@ -204,14 +212,35 @@ class MultiModalEncoder(nn.Module):
         image_clean = image_clean * img_keep.to(image_clean.dtype)
         if self.share_image_encoder:
             flat = image_clean.reshape([b * m, c] + list(image_clean.shape[2:]))
-            tokens = self.image_encoders[0](flat).reshape(b, m, self.feature_dim)
+            tokens = self._run(self.image_encoders[0], flat, present[:, :m].reshape(b * m)).reshape(b, m, -1)
         else:
-            parts = [enc(image_clean[:, i * c:(i + 1) * c]) for i, enc in enumerate(self.image_encoders)]
+            parts = [
+                self._run(enc, image_clean[:, i * c:(i + 1) * c], present[:, i])
+                for i, enc in enumerate(self.image_encoders)
+            ]
             tokens = torch.stack(parts, dim=1)
         if self.tabular_encoder is not None and tabular_clean is not None and cell_mask is not None:
             tab = self.tabular_encoder(tabular_clean, cell_mask & present[:, -1:])
             tokens = torch.cat([tokens, tab.unsqueeze(1).to(tokens.dtype)], dim=1)
         return tokens * present.unsqueeze(-1).to(tokens.dtype)
+
+    def _run(self, encoder: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.encode_present_only and not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            return self._run_present(encoder, x, mask)
+        return encoder(x)
+
+    @torch.jit.unused
+    def _run_present(self, encoder: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encode only the rows of ``x`` where ``mask``; the other rows get zero tokens."""
+        idx = mask.nonzero().squeeze(1)
+        n = int(idx.numel())
+        if n == x.shape[0] or (self.training and n < 2):
+            return encoder(x)
+        out = x.new_zeros((x.shape[0], self.feature_dim))
+        if n == 0:
+            return out
+        feats = encoder(x.index_select(0, idx))
+        return out.to(feats.dtype).index_copy(0, idx, feats)
 
     def forward(self, image: torch.Tensor, tabular: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if tabular is not None and self.tabular_encoder is None:

@@ -1,0 +1,112 @@
+"""configs/evaluate.json: the missing-rate sweep on saved masks, subsets, ROC plots, and the comparison table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from cmml_monai.handlers import comparison_table, read_sweep, save_executed_config, write_comparison
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "configs", "train.json")
+EVALUATE = os.path.join(ROOT, "configs", "evaluate.json")
+RATES = [0.0, 0.1, 0.3, 0.5, 0.7]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("evaluate")
+    return {"dataset_dir": str(base / "syn"), "shared_dir": str(base / "shared"), "base": base}
+
+
+def _evaluate(method: str, shared: dict) -> tuple[ConfigWorkflow, str]:
+    out = str(shared["base"] / method)
+    w = ConfigWorkflow(
+        config_file=[TRAIN, EVALUATE, os.path.join(ROOT, "configs", "methods", f"{method}.json")],
+        workflow_type="train", bundle_root=ROOT, dataset_dir=shared["dataset_dir"], synthetic_cases=30,
+        output_dir=out, shared_dir=shared["shared_dir"], spatial_size=[32, 32], feature_dim=16, batch_size=8,
+        mlflow_enabled=False,
+    )
+    w.initialize()
+    # a saved model to evaluate (its weights do not matter here)
+    network = w.parser.get_parsed_content("network")
+    path = w.parser.get_parsed_content("checkpoint")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(network.state_dict(), path)
+    w.run()
+    w.finalize()
+    return w, out
+
+
+def _read(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_csv_rows_columns_and_ranges(shared):
+    _, out = _evaluate("cmml", shared)
+    rows = _read(os.path.join(out, "eval", "sweep.csv"))
+    assert list(rows[0]) == ["method", "rate", "auc", "acc", "f1", "n"]
+    assert [float(r["rate"]) for r in rows] == RATES
+    assert {r["method"] for r in rows} == {"cmml"}
+    for r in rows:
+        for k in ("auc", "acc", "f1"):
+            assert 0.0 <= float(r[k]) <= 1.0, (k, r)
+    n_test = int(rows[0]["n"])
+    assert n_test > 0 and all(int(r["n"]) == n_test for r in rows)  # rates never drop a case
+    subsets = _read(os.path.join(out, "eval", "subsets.csv"))
+    assert list(subsets[0]) == ["method", "subset", "auc", "acc", "f1", "n"]
+    assert len(subsets) == 7 and subsets[0]["subset"] == "clinic+derm+table"
+    assert all(int(r["n"]) <= n_test for r in subsets)
+    for name in ["sweep.png", *(f"roc_rate{r:g}.png" for r in RATES)]:
+        assert os.path.getsize(os.path.join(out, "eval", name)) > 0, name
+    summary = json.load(open(os.path.join(out, "eval", "summary.json")))
+    assert summary["avg_auc"] == pytest.approx(np.mean([float(r["auc"]) for r in rows]))
+    masks = json.load(open(os.path.join(shared["shared_dir"], "masks_test.json")))
+    assert sorted(float(k) for k in masks["masks"]) == RATES
+    # the rate-0 mask is the natural presence; higher rates only remove modalities, never all of them
+    m0 = np.array([[c == "1" for c in row] for row in masks["masks"]["0.0"]])
+    m7 = np.array([[c == "1" for c in row] for row in masks["masks"]["0.7"]])
+    assert (m7 <= m0).all() and m7.any(axis=1).all() and m7.sum() < m0.sum()
+
+
+def test_second_method_reuses_the_same_masks_and_compares(shared):
+    mask_file = os.path.join(shared["shared_dir"], "masks_test.json")
+    if not os.path.isfile(mask_file):
+        _evaluate("cmml", shared)
+    before = open(mask_file).read()
+    _, out = _evaluate("zero_fill", shared)
+    assert open(mask_file).read() == before
+    rows = read_sweep(str(shared["base"] / "cmml")) + read_sweep(out)
+    columns, table = comparison_table(rows)
+    assert [r["method"] for r in table] == ["cmml", "zero_fill"]
+    assert columns[:7] == ["method", "AUC@0", "AUC@0.1", "AUC@0.3", "AUC@0.5", "AUC@0.7", "AVG AUC"]
+    for row in table:
+        assert row["AVG AUC"] == pytest.approx(np.mean([row[f"AUC@{r:g}"] for r in RATES]))
+    csv_path, md_path = write_comparison(rows, str(shared["base"] / "cmp"))
+    assert len(_read(csv_path)) == 2
+    assert open(md_path).read().count("\n") == 4
+
+
+def test_comparison_rejects_different_rates():
+    rows = [{"method": "a", "rate": 0.0, "auc": 0.5, "acc": 0.5, "f1": 0.5, "n": 1},
+            {"method": "b", "rate": 0.3, "auc": 0.5, "acc": 0.5, "f1": 0.5, "n": 1}]
+    with pytest.raises(ValueError, match="rates"):
+        comparison_table(rows)
+
+
+def test_executed_config_rebuilt_from_command_line(tmp_path):
+    argv = ["monai.bundle", "run", "--config_file", repr([TRAIN, os.path.join(ROOT, "configs", "methods",
+                                                                           "zero_fill.json")]),
+            "--stage1_epochs", "4", "--spatial_size", "[48, 48]", "--logging_file", "x.conf", "--freeze_crta", "true"]
+    path = save_executed_config(str(tmp_path / "c.json"), argv)
+    cfg = json.load(open(path))
+    assert cfg["method"] == "zero_fill" and cfg["stage1_epochs"] == 4 and cfg["spatial_size"] == [48, 48]
+    assert cfg["freeze_crta"] is True and "logging_file" not in cfg
+    assert save_executed_config(str(tmp_path / "none.json"), ["pytest"]) is None

@@ -1,0 +1,103 @@
+"""Training logs to a real ``mlflow server``: a parent run with one nested run per stage, metrics, artifacts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import pytest
+from monai.bundle import ConfigWorkflow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "configs", "train.json")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server_artifacts")],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                log.flush()
+                pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_training_logs_parent_and_stage_runs_to_server(mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = str(tmp_path / "run")
+    w = ConfigWorkflow(
+        config_file=TRAIN, workflow_type="train", bundle_root=ROOT, dataset_dir=str(tmp_path / "syn"),
+        synthetic_cases=24, output_dir=out, shared_dir=os.path.join(out, "shared"), spatial_size=[32, 32],
+        feature_dim=16, batch_size=8, stage1_epochs=1, stage2_epochs=1, progress_bar=False,
+        missing_rates=[0.0, 0.5], tracking_uri=mlflow_server, experiment_name="cmml_server_test",
+        **{"sweep#subsets": False},
+    )
+    w.initialize()
+    w.run()
+    w.finalize()
+    assert not os.path.exists(os.path.join(out, "mlruns.db"))  # nothing went to the local default store
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name("cmml_server_test")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"stage1", "stage2"}
+    assert all(r.info.status == "FINISHED" for r in [parent, *children.values()])
+    # params: config essentials, dataset summary (counts only), missing rates
+    p = parent.data.params
+    assert p["method"] == "cmml" and p["missing_rates"] == "[0.0, 0.5]"
+    assert int(p["data.cases_train"]) > 0 and "data.missing_test_clinic" in p
+    assert not any("case_id" in k for k in p)
+    # per-epoch metrics of each stage
+    assert {"train_loss", "train_loss_rec", "val_auc"} <= set(children["stage1"].data.metrics)
+    assert {"train_loss", "train_loss_align", "train_loss_supcon", "val_auc"} <= set(children["stage2"].data.metrics)
+    history = client.get_metric_history(children["stage2"].info.run_id, "val_auc")
+    assert [m.step for m in history] == [1] and 0.0 <= history[0].value <= 1.0
+    assert 0.0 <= parent.data.metrics["test_avg_auc"] <= 1.0
+    # artifacts: schema, best checkpoint, sweep table and plot, ROC plots
+    top = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config", "models", "sweep"} <= top
+    assert "config/table_schema.json" in {a.path for a in client.list_artifacts(parent.info.run_id, "config")}
+    sweep = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/sweep.csv", "sweep/sweep.png", "sweep/roc"} <= sweep
+    assert {a.path for a in client.list_artifacts(children["stage2"].info.run_id)} == {"model_best.pt"}
+    local = client.download_artifacts(parent.info.run_id, "sweep/sweep.csv", str(tmp_path / "dl"))
+    assert open(local).readline().strip() == "method,rate,auc,acc,f1,n"
