@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = run_benchmarks(list(args.only or BENCHMARKS), cfg)
     base = results.get("zero_fill")
     # the min ratio is the least disturbed by other processes on a shared machine
-    print(f"{'benchmark':<14}{'median s/step':>15}{'min s/step':>12}{'cases/s':>10}{'x zf (median)':>15}{'x zf (min)':>12}")
+    header = ("benchmark", "median s/step", "min s/step", "cases/s", "x zf (median)", "x zf (min)")
+    print(f"{header[0]:<14}{header[1]:>15}{header[2]:>12}{header[3]:>10}{header[4]:>15}{header[5]:>12}")
     for name, r in results.items():
         r["ratio_to_zero_fill"] = r["median_s"] / base["median_s"] if base else float("nan")
         r["min_ratio_to_zero_fill"] = r["min_s"] / base["min_s"] if base else float("nan")

@@ -250,3 +250,18 @@ def test_men_bad_inputs(synthetic_dataset, tmp_path):
     table.assign(case_id=[f"x{i}" for i in range(len(table))]).to_csv(path, index=False)
     with pytest.raises(DataError, match="no folder|has a folder"):
         load_dataset("men", dst, clinical_table="clinical.csv")
+
+
+@pytest.mark.slow
+def test_men_dicom_reads_with_itk(synthetic_dataset):
+    """ITK (the other MONAI DICOM reader) sees the synthetic series as one 3D volume with its spacing."""
+    root, _ = synthetic_dataset("men", 12, dicom=True)
+    cl = load_dataset("men", root)
+    from monai.data import ITKReader, PydicomReader
+
+    folder = cl.cases[0].paths["t2w"]
+    itk_data, itk_meta = ITKReader().get_data(ITKReader().read(folder))
+    pyd_data, _ = PydicomReader().get_data(PydicomReader().read(folder))
+    assert itk_data.shape == (40, 40, 24)
+    np.testing.assert_allclose(itk_meta["spacing"], [4.8, 4.8, 6.0])
+    np.testing.assert_allclose(itk_data, pyd_data)

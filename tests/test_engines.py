@@ -120,6 +120,26 @@ def test_cmml_trainer_two_iterations_update_and_log(stage):
         assert all(not p.requires_grad for p in net.crta_parameters())
 
 
+def test_early_stop_bound_to_trainer_stops_on_plateau():
+    from monai.handlers import EarlyStopHandler, ValidationHandler, stopping_fn_from_metric
+
+    from cmml_monai.handlers import BindTrainer
+
+    net = _net("zero_fill")
+    stop = EarlyStopHandler(patience=1, score_function=stopping_fn_from_metric("val_const"), trainer=None)
+    class ConstantMetric:  # a validation score that never improves
+        def attach(self, engine):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_const=0.5))
+
+    ev = CMMLEvaluator(device="cpu", val_data_loader=_batches(1), network=net, decollate=False,
+                       val_handlers=[ConstantMetric(), stop])
+    trainer = CMMLTrainer(device="cpu", max_epochs=5, train_data_loader=_batches(1), network=net,
+                          optimizer=stage_optimizer(net, 2), loss_function=CMMLLoss(stage=2), decollate=False,
+                          train_handlers=[ValidationHandler(interval=1, validator=ev), BindTrainer(stop)])
+    trainer.run()
+    assert trainer.state.epoch == 2  # no improvement after epoch 1, patience 1
+
+
 def test_autocast_is_a_noop_on_cpu():
     ctx = autocast_context(True, "cpu")
     with ctx:

@@ -115,3 +115,17 @@ def test_cmml_loss_baseline_and_checks():
         CMMLLoss(stage=2, w_align=-1.0)
     with pytest.raises(ValueError, match="logits"):
         CMMLLoss(stage=2)({}, torch.tensor([0]))
+
+
+def test_reconstruction_over_the_cascade():
+    torch.manual_seed(0)
+    blocks, target = torch.randn(3, 2, 4, 8), torch.randn(2, 4, 8)
+    mask = torch.tensor([[True, False, True, False], [False, False, False, True]])
+    per_block = [ReconstructionLoss()(blocks[i], target, mask) for i in range(3)]
+    assert ReconstructionLoss()(blocks, target, mask).item() == pytest.approx(sum(per_block).item() / 3, rel=1e-5)
+    out = {"logits": torch.zeros(2, 3), "synth": blocks[-1], "synth_blocks": blocks, "target": target,
+           "recon_mask": mask}
+    label = torch.tensor([0, 1])
+    last = CMMLLoss(stage=1)(out, label)["rec"].item()
+    deep = CMMLLoss(stage=1, rec_all_blocks=True)(out, label)["rec"].item()
+    assert last == pytest.approx(per_block[-1].item()) and deep == pytest.approx(sum(per_block).item() / 3, rel=1e-5)

@@ -101,6 +101,16 @@ def test_resume_continues_from_next_epoch(synthetic_dir, tmp_path):
     assert resume.loaded_from.endswith("checkpoint_epoch=1.pt")
     assert os.path.isfile(os.path.join(out, "stage1", "checkpoint_epoch=2.pt"))
 
+    # stage 2 alone (stage 1 given 0 epochs) starts from the stage-1 checkpoint of the earlier run
+    stage2_only = ["$cmml_monai.engines.run_stage(@stage1#trainer, 'stage 1')",
+                   "$cmml_monai.engines.run_stage(@train#trainer, 'stage 2')"]
+    w3 = workflow(TRAIN, **tiny(synthetic_dir, out, run=stage2_only, stage1_epochs=0, stage2_epochs=1))
+    w3.run()
+    loader = [h for h in w3.parser.get_parsed_content("train#handlers") if type(h).__name__ == "LoadNetworkHandler"]
+    assert loader[0].loaded_from.endswith("checkpoint_epoch=2.pt")
+    assert w3.parser.get_parsed_content("stage1#trainer").state.epoch == 0  # stage 1 did not run
+    assert os.path.isfile(os.path.join(out, "stage2", "checkpoint_epoch=1.pt"))
+
 
 @pytest.mark.parametrize("method", METHODS)
 def test_method_overlay_builds_and_steps(method, synthetic_dir, tmp_path):

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from cmml_monai.data.cases import Case, CaseList
 from cmml_monai.data.errors import DataError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so mask files and reports load fast
+    import torch
 
 __all__ = [
     "DEFAULT_RATES",
@@ -138,6 +140,8 @@ def apply_presence_mask(
     Example:
         >>> img, tab = apply_presence_mask(batch["image"], batch["tabular"], present, 3)  # doctest: +SKIP
     """
+    import torch
+
     if image.ndim < 2:
         raise ValueError(f"image must be [B, C, ...], got shape {tuple(image.shape)}")
     if isinstance(channels_per_modality, int):

@@ -283,13 +283,15 @@ def _make_odir(root: str, n: int, rng: np.random.Generator) -> dict[str, Any]:
     os.makedirs(img_dir)
     labels_arr = np.zeros((n, len(ODIR_LABELS)), dtype=int)
     for i in range(n):
-        if rng.random() < 0.3 and i >= len(ODIR_LABELS):
-            labels_arr[i, 0] = 1
+        if i == len(ODIR_LABELS) - 1 or (i >= len(ODIR_LABELS) and rng.random() < 0.3):
+            labels_arr[i, 0] = 1  # normal: N alone
         else:
             k = 1 if rng.random() < 0.75 else 2
             dis = rng.choice(7, size=k, replace=False, p=_ODIR_DISEASE_P)
             if i < len(ODIR_LABELS) - 1:
                 dis = np.array([i])  # every label occurs
+            elif i == len(ODIR_LABELS):
+                dis = np.array([0, 6])  # D and O: two keywords in one cell
             labels_arr[i, 1 + dis] = 1
     shared = 0.6 * rng.standard_normal((n, len(ODIR_LABELS)))
     absent = {int(i) for i in rng.choice(np.arange(1, n - 1), size=3, replace=False)}
@@ -300,6 +302,8 @@ def _make_odir(root: str, n: int, rng: np.random.Generator) -> dict[str, Any]:
         # each eye shows each positive label with prob 0.75, and at least one eye shows it
         show_l = (rng.random(len(lab)) < 0.75) & (lab == 1)
         show_r = ((rng.random(len(lab)) < 0.75) | ~show_l) & (lab == 1)
+        if i == len(ODIR_LABELS):
+            show_l = show_r = lab == 1
         # age and sex correlate with most labels (cataract/AMD older, myopia younger, ...)
         age = 52 + 8 * rng.standard_normal() + lab @ np.array([-8, 6, 6, 14, 12, 6, -12, 2])
         sex = "Male" if rng.random() < 0.5 + lab @ np.array([-0.1, 0.1, 0.15, 0, 0, 0.25, -0.25, 0]) else "Female"
@@ -313,7 +317,7 @@ def _make_odir(root: str, n: int, rng: np.random.Generator) -> dict[str, Any]:
         for eye, show in (("left", show_l), ("right", show_r)):
             shown = [ODIR_LABELS[j] for j in np.flatnonzero(show)]
             kws = [str(rng.choice(_ODIR_KEYWORDS[lb])) for lb in shown] or ["normal fundus"]
-            sep = "\uff0c" if rng.random() < 0.85 else ","
+            sep = "\uff0c" if rng.random() < 0.85 or i == len(ODIR_LABELS) else ","
             row[f"{eye.capitalize()}-Diagnostic Keywords"] = sep.join(kws)
             gone = (i in absent and eye == ("left" if i % 2 else "right")) or i == n - 1
             if gone:
@@ -557,6 +561,16 @@ def ensure_synthetic(
     params = _params(dataset, cases, seed, dicom, shape)
     out_dir = os.path.abspath(os.fspath(out_dir))
     manifest_path = os.path.join(out_dir, MANIFEST_NAME)
+    if not os.path.isfile(manifest_path):
+        try:
+            make_synthetic(dataset, out_dir, **{k: v for k, v in params.items() if k != "dataset"})
+            return out_dir
+        except (DataError, OSError) as e:
+            # another process (e.g. a second DDP rank) may have finished the same folder first
+            if not os.path.isfile(manifest_path):
+                if isinstance(e, DataError):
+                    raise
+                raise DataError(f"cannot write synthetic data to {out_dir}: {e}") from e
     if os.path.isfile(manifest_path):
         try:
             with open(manifest_path, encoding="utf-8") as f:
@@ -567,13 +581,4 @@ def ensure_synthetic(
             raise DataError(
                 f"{out_dir} holds synthetic data made with {found}, not {params}; delete it or choose another folder"
             )
-        return out_dir
-    try:
-        make_synthetic(dataset, out_dir, **{k: v for k, v in params.items() if k != "dataset"})
-    except DataError:
-        raise
-    except OSError as e:
-        # another process may have finished the same folder first
-        if not os.path.isfile(manifest_path):
-            raise DataError(f"cannot write synthetic data to {out_dir}: {e}") from e
     return out_dir

@@ -8,7 +8,7 @@ name prefix, so baselines without a CRTA get one group.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -99,8 +99,3 @@ def cosine_scheduler(optimizer: torch.optim.Optimizer, max_epochs: int, eta_min_
     eta_min = min(g["lr"] for g in optimizer.param_groups) * eta_min_ratio
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(max_epochs)), eta_min=eta_min)
 
-
-def trainable(optimizer: torch.optim.Optimizer) -> Iterable[torch.nn.Parameter]:
-    """The parameters an optimizer steps."""
-    for g in optimizer.param_groups:
-        yield from g["params"]

@@ -63,11 +63,9 @@ class MaskedPrepareBatch(CMMLPrepareBatch):
         if unknown:
             raise ValueError(f"no presence mask for case ids {unknown[:5]}; the masks belong to another split")
         present = torch.as_tensor(np.stack([self.masks[c] for c in ids]), device=image.device)
-        if tabular is None and present.shape[1] > 0:
-            # a table modality in the mask but no table in the batch: keep the image columns only
-            n_img = image.shape[1] // self.channels_per_modality if isinstance(self.channels_per_modality, int) else len(
-                self.channels_per_modality
-            )
+        if tabular is None:  # no table in the batch: only the image columns of the mask apply
+            cpm = self.channels_per_modality
+            n_img = image.shape[1] // cpm if isinstance(cpm, int) else len(cpm)
             present = present[:, :n_img]
         image, tabular = apply_presence_mask(image, tabular, present, self.channels_per_modality)
         return image, label, (tabular,), kw

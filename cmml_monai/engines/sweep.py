@@ -268,4 +268,5 @@ class MissingRateSweep:
             metrics.update({f"test_f1_rate_{r['rate']:g}": r["f1"] for r in self.rows})
             metrics["test_avg_auc"] = self.avg_auc
             self.tracker.log_metrics(metrics)
-            print(f"MLflow: {self.tracker.tracking_uri} (experiment {self.tracker.experiment_name!r})")
+            print(f"MLflow: {self.tracker.tracking_uri} (experiment {self.tracker.experiment_name!r}); "
+                  f"view with: mlflow ui --backend-store-uri {self.tracker.tracking_uri}")

@@ -20,7 +20,9 @@ class CMMLLoss(nn.Module):
 
     - ``cls``: CE (single-label, ``label [B]`` int) or BCE-with-logits (multi-label, ``label [B, L]``)
       on ``logits``; weight ``w_aux`` in stage 1 (the auxiliary head), 1 in stage 2.
-    - ``rec`` (``synth``, ``target``, ``recon_mask``): ``w_rec * ReconstructionLoss``.
+    - ``rec`` (``synth``, ``target``, ``recon_mask``): ``w_rec * ReconstructionLoss``; with
+      ``rec_all_blocks`` and ``synth_blocks`` in the outputs, averaged over every CRTA block (deep
+      supervision of the cascade).
     - ``align`` (``aligned``, ``reference``, optional ``align_mask``): ``w_align * AlignmentLoss``.
     - ``supcon`` (``proj`` ``[V*B, p]``, ``V`` views stacked view by view): ``w_supcon * SupConLoss``
       with the labels repeated ``V`` times.
@@ -32,6 +34,7 @@ class CMMLLoss(nn.Module):
         multi_label: BCE instead of CE.
         w_rec, w_aux, w_align, w_supcon: term weights.
         temperature: SupCon temperature.
+        rec_all_blocks: reconstruct from every cascade block (``synth_blocks``), not only the last.
 
     Returns (``forward``):
         dict with ``loss`` and the weighted terms that were computed (``cls``, ``rec``, ``align``,
@@ -53,6 +56,7 @@ class CMMLLoss(nn.Module):
         w_align: float = 0.5,
         w_supcon: float = 0.1,
         temperature: float = 0.07,
+        rec_all_blocks: bool = False,
     ) -> None:
         super().__init__()
         if stage not in (1, 2):
@@ -63,6 +67,7 @@ class CMMLLoss(nn.Module):
         self.stage = stage
         self.multi_label = multi_label
         self.w_rec, self.w_aux, self.w_align, self.w_supcon = w_rec, w_aux, w_align, w_supcon
+        self.rec_all_blocks = rec_all_blocks
         self.reconstruction = ReconstructionLoss()
         self.alignment = AlignmentLoss()
         self.supcon = SupConLoss(temperature)
@@ -81,7 +86,8 @@ class CMMLLoss(nn.Module):
         w_cls = self.w_aux if self.stage == 1 else 1.0
         terms["cls"] = w_cls * self.classification(outputs["logits"], label)
         if self.stage == 1 and all(k in outputs for k in ("synth", "target", "recon_mask")):
-            terms["rec"] = self.w_rec * self.reconstruction(outputs["synth"], outputs["target"], outputs["recon_mask"])
+            synth = outputs["synth_blocks"] if self.rec_all_blocks and "synth_blocks" in outputs else outputs["synth"]
+            terms["rec"] = self.w_rec * self.reconstruction(synth, outputs["target"], outputs["recon_mask"])
         if self.stage == 2 and all(k in outputs for k in ("aligned", "reference")):
             terms["align"] = self.w_align * self.alignment(
                 outputs["aligned"], outputs["reference"], outputs.get("align_mask")

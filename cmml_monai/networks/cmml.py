@@ -189,7 +189,9 @@ class CMMLNet(nn.Module):
         both = tokens if context is None else torch.cat([context, tokens], dim=1)
         return self.aux_head(self.aux_norm(both.mean(dim=1)))
 
-    def _stage2(self, tokens: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _stage2(
+        self, tokens: torch.Tensor, present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """CRTA -> memory -> reference -> alignment -> fusion. Returns logits, u, R, pooled."""
         prior = self._context(tokens.shape[0])
         completed, context, _ = self.crta(tokens, present, prior)

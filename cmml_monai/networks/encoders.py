@@ -128,6 +128,19 @@ class ImageEncoder(nn.Module):
         return self.proj(self.backbone(x))
 
 
+def _encode_rows(encoder: nn.Module, x: torch.Tensor, mask: torch.Tensor, dim: int, training: bool) -> torch.Tensor:
+    """Encode only the rows of ``x`` where ``mask``; the other rows get zero tokens."""
+    idx = mask.nonzero().squeeze(1)
+    n = int(idx.numel())
+    if n == x.shape[0] or (training and n < 2):  # BatchNorm needs 2 samples in training
+        return encoder(x)
+    out = x.new_zeros((x.shape[0], dim))
+    if n == 0:
+        return out
+    feats = encoder(x.index_select(0, idx))
+    return out.to(feats.dtype).index_copy(0, idx, feats)
+
+
 class MultiModalEncoder(nn.Module):
     """Encode every modality once: ``(image, tabular) -> (tokens [B, k, d], present [B, k])``.
 
@@ -190,7 +203,10 @@ class MultiModalEncoder(nn.Module):
         self.encode_present_only = encode_present_only
         n_enc = 1 if share_image_encoder else image_modalities
         self.image_encoders = nn.ModuleList(
-            [ImageEncoder(image_encoder, spatial_dims, image_channels, feature_dim, pretrained_path) for _ in range(n_enc)]
+            [
+                ImageEncoder(image_encoder, spatial_dims, image_channels, feature_dim, pretrained_path)
+                for _ in range(n_enc)
+            ]
         )
         self.tabular_encoder = (
             TabularEncoder(tabular_cardinalities, feature_dim, tabular_layers, num_heads)
@@ -210,37 +226,40 @@ class MultiModalEncoder(nn.Module):
         # zero the images of missing modalities so their content cannot reach the encoders
         img_keep = present[:, :m].repeat_interleave(c, dim=1).reshape([b, m * c] + [1] * (image_clean.dim() - 2))
         image_clean = image_clean * img_keep.to(image_clean.dtype)
-        if self.share_image_encoder:
-            flat = image_clean.reshape([b * m, c] + list(image_clean.shape[2:]))
-            tokens = self._run(self.image_encoders[0], flat, present[:, :m].reshape(b * m)).reshape(b, m, -1)
+        if torch.jit.is_scripting():  # TorchScript drops the other branch when compiling
+            tokens = self._encode_images(image_clean, present)
+        elif self.encode_present_only and not torch.jit.is_tracing():
+            tokens = self._encode_images_present(image_clean, present)
         else:
-            parts = [
-                self._run(enc, image_clean[:, i * c:(i + 1) * c], present[:, i])
-                for i, enc in enumerate(self.image_encoders)
-            ]
-            tokens = torch.stack(parts, dim=1)
+            tokens = self._encode_images(image_clean, present)
         if self.tabular_encoder is not None and tabular_clean is not None and cell_mask is not None:
             tab = self.tabular_encoder(tabular_clean, cell_mask & present[:, -1:])
             tokens = torch.cat([tokens, tab.unsqueeze(1).to(tokens.dtype)], dim=1)
         return tokens * present.unsqueeze(-1).to(tokens.dtype)
 
-    def _run(self, encoder: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.encode_present_only and not torch.jit.is_scripting() and not torch.jit.is_tracing():
-            return self._run_present(encoder, x, mask)
-        return encoder(x)
+    def _encode_images(self, image_clean: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Vectorised: every encoder runs on its whole batch slice (missing images are zeros)."""
+        b = image_clean.shape[0]
+        m, c = self.image_modalities, self.image_channels
+        if self.share_image_encoder:
+            flat = image_clean.reshape([b * m, c] + list(image_clean.shape[2:]))
+            return self.image_encoders[0](flat).reshape(b, m, self.feature_dim)
+        parts = [enc(image_clean[:, i * c:(i + 1) * c]) for i, enc in enumerate(self.image_encoders)]
+        return torch.stack(parts, dim=1)
 
-    @torch.jit.unused
-    def _run_present(self, encoder: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Encode only the rows of ``x`` where ``mask``; the other rows get zero tokens."""
-        idx = mask.nonzero().squeeze(1)
-        n = int(idx.numel())
-        if n == x.shape[0] or (self.training and n < 2):
-            return encoder(x)
-        out = x.new_zeros((x.shape[0], self.feature_dim))
-        if n == 0:
-            return out
-        feats = encoder(x.index_select(0, idx))
-        return out.to(feats.dtype).index_copy(0, idx, feats)
+    def _encode_images_present(self, image_clean: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Eager only: every encoder runs on the present cases of its modality (gather / scatter)."""
+        b = image_clean.shape[0]
+        m, c = self.image_modalities, self.image_channels
+        if self.share_image_encoder:
+            flat = image_clean.reshape([b * m, c] + list(image_clean.shape[2:]))
+            return _encode_rows(self.image_encoders[0], flat, present[:, :m].reshape(b * m), self.feature_dim,
+                                self.training).reshape(b, m, self.feature_dim)
+        parts = [
+            _encode_rows(enc, image_clean[:, i * c:(i + 1) * c], present[:, i], self.feature_dim, self.training)
+            for i, enc in enumerate(self.image_encoders)
+        ]
+        return torch.stack(parts, dim=1)
 
     def forward(self, image: torch.Tensor, tabular: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if tabular is not None and self.tabular_encoder is None:

@@ -62,7 +62,8 @@ class TabularEncoder(nn.Module):
             start += c
         self.embedding = nn.Embedding(start, feature_dim) if start > 1 else None
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
-        self.register_buffer("max_code", torch.tensor([max(c - 1, 0) for c in cards], dtype=torch.long), persistent=False)
+        max_code = torch.tensor([max(c - 1, 0) for c in cards], dtype=torch.long)
+        self.register_buffer("max_code", max_code, persistent=False)
         self.register_buffer("is_cat", torch.tensor([c > 0 for c in cards], dtype=torch.bool), persistent=False)
         self.layers = nn.ModuleList([TransformerLayer(feature_dim, num_heads, 2.0, dropout) for _ in range(num_layers)])
         self.norm = nn.LayerNorm(feature_dim)

@@ -147,7 +147,9 @@ class GroupedLinear(nn.Module):
     def __init__(self, groups: int, in_features: int, out_features: int) -> None:
         super().__init__()
         if groups < 1 or in_features < 1 or out_features < 1:
-            raise ValueError(f"groups, in_features, out_features must be >= 1, got {groups}, {in_features}, {out_features}.")
+            raise ValueError(
+                f"groups, in_features, out_features must be >= 1, got {groups}, {in_features}, {out_features}."
+            )
         bound = 1.0 / math.sqrt(in_features)
         self.weight = nn.Parameter(torch.empty(groups, in_features, out_features).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(groups, out_features).uniform_(-bound, bound))
