@@ -217,13 +217,15 @@ def test_men_dicom(synthetic_dataset):
     _agrees(cl, manifest)
     folder = cl.cases[0].paths["t1c"]
     assert os.path.isdir(folder) and os.path.basename(folder) == "t1c"
-    from monai.data import PydicomReader
+    import pydicom
 
-    reader = PydicomReader()
-    data, meta = reader.get_data(reader.read(folder))
-    assert data.shape == (40, 40, 24)
-    np.testing.assert_allclose(meta["spacing"], [4.8, 4.8, 6.0])
-    assert data.max() > data.min()
+    files = sorted(os.listdir(folder))
+    assert len(files) == 24 and all(f.endswith(".dcm") for f in files)
+    slices = [pydicom.dcmread(os.path.join(folder, f)) for f in files]
+    assert len({s.SeriesInstanceUID for s in slices}) == 1 and slices[0].Modality == "MR"
+    assert [s.InstanceNumber for s in slices] == list(range(1, 25))
+    assert [float(s.ImagePositionPatient[2]) for s in slices] == [6.0 * k for k in range(24)]
+    assert slices[0].pixel_array.shape == (40, 40) and str(slices[0].PatientName).startswith("Synthetic")
 
 
 def test_men_bad_inputs(synthetic_dataset, tmp_path):
@@ -254,14 +256,17 @@ def test_men_bad_inputs(synthetic_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_men_dicom_reads_with_itk(synthetic_dataset):
-    """ITK (the other MONAI DICOM reader) sees the synthetic series as one 3D volume with its spacing."""
+    """MONAI's ITKReader and PydicomReader see the synthetic series as one 3D volume with its spacing."""
     root, _ = synthetic_dataset("men", 12, dicom=True)
     cl = load_dataset("men", root)
     from monai.data import ITKReader, PydicomReader
 
     folder = cl.cases[0].paths["t2w"]
-    itk_data, itk_meta = ITKReader().get_data(ITKReader().read(folder))
-    pyd_data, _ = PydicomReader().get_data(PydicomReader().read(folder))
-    assert itk_data.shape == (40, 40, 24)
+    itk_reader, pyd_reader = ITKReader(), PydicomReader()
+    itk_data, itk_meta = itk_reader.get_data(itk_reader.read(folder))
+    pyd_data, pyd_meta = pyd_reader.get_data(pyd_reader.read(folder))
+    assert itk_data.shape == (40, 40, 24) and pyd_data.shape == (40, 40, 24)
     np.testing.assert_allclose(itk_meta["spacing"], [4.8, 4.8, 6.0])
+    np.testing.assert_allclose(pyd_meta["spacing"], [4.8, 4.8, 6.0])
     np.testing.assert_allclose(itk_data, pyd_data)
+    assert itk_data.max() > itk_data.min()

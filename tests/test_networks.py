@@ -52,7 +52,7 @@ def make_batch(present: torch.Tensor, spatial=(16, 16), channels: int = 3, table
     if not table:
         return image, None
     tab = torch.stack([torch.randn(b), torch.randint(0, 3, (b,)).float(), torch.randn(b)], dim=1)
-    tab[0, 2] = NAN  # a missing cell in a present table
+    tab[::2, 2] = NAN  # missing cells in present tables (incl. the table-only row of all_patterns)
     tab[~present[:, -1]] = NAN
     return image, tab
 
@@ -225,8 +225,12 @@ def test_no_nan_table_missing_and_one_image():
     assert torch.isfinite(net(image, tab)).all()
 
 
-def test_every_parameter_gets_gradient_from_its_stage():
-    net = cmml().train()
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(use_context=False, use_memory=False), dict(share_image_encoder=True)],
+    ids=["cmml", "no_context_no_memory", "shared_encoder"],
+)
+def test_every_parameter_gets_gradient_from_its_stage(kwargs):
+    net = cmml(**kwargs).train()
     present = all_patterns(3)
     image, tab = make_batch(present)
     label = torch.tensor([0, 1, 2, 3, 4, 0, 1])

@@ -108,8 +108,9 @@ def test_label_signal_in_every_modality(synthetic_dataset):
             np.asarray(Image.open(c.paths[m]).convert("RGB").resize((16, 16)), np.float32)[4:12, 4:12].mean((0, 1))
             for c in cases
         ])
-    elev = ["flat", "palpable", "nodular"]
-    feats["table"] = np.array([[float(c.table["elevation"] == e) for e in elev] for c in cases])
+    # the default table columns, one-hot
+    values = {col: sorted({str(c.table[col]) for c in cases}) for col in cl.table_columns}
+    feats["table"] = np.array([[float(str(c.table[col]) == v) for col in values for v in values[col]] for c in cases])
     acc = {m: _loo_nearest_centroid(f, y) for m, f in feats.items()}
     both = _loo_nearest_centroid(np.concatenate([feats["clinic"], feats["derm"]], 1), y)
     assert all(a > chance + 0.1 for a in acc.values()), (acc, chance)

@@ -141,8 +141,8 @@ def _derm_image(rng: np.random.Generator, p: np.ndarray, modality: str) -> np.nd
     draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=tuple(int(v) for v in np.clip(color, 0, 255)))
     if modality == "derm":  # dermoscopy: a dark ring of the lens and a blue-ish veil grows with MEL evidence
         veil = float(p[DERM7PT_CLASSES.index("MEL")])
-        draw.ellipse([cx - rx * 0.5, cy - ry * 0.5, cx + rx * 0.5, cy + ry * 0.5],
-                     fill=tuple(int(v) for v in np.clip(color * (1 - 0.5 * veil) + np.array([0, 0, 90]) * veil, 0, 255)))
+        core = np.clip(color * (1 - 0.5 * veil) + np.array([0, 0, 90]) * veil, 0, 255)
+        draw.ellipse([cx - rx * 0.5, cy - ry * 0.5, cx + rx * 0.5, cy + ry * 0.5], fill=tuple(int(v) for v in core))
     img = img.filter(ImageFilter.GaussianBlur(1.2)).resize((768, 512), Image.BILINEAR)
     arr = np.asarray(img, dtype=np.float32)
     if modality == "derm":
@@ -179,6 +179,8 @@ def _make_derm7pt(root: str, n: int, rng: np.random.Generator) -> dict[str, Any]
             location = ""
         if rng.random() < 0.03:
             elevation = ""
+        if rng.random() < 0.03:  # a row without any clinical value: the table modality is missing
+            elevation = location = sex = ""
         if i == n - 1:
             elevation = location = sex = ""
         miss = {}
@@ -254,7 +256,8 @@ _ODIR_SIZES = [(512, 384), (480, 480), (640, 480), (400, 300), (560, 420)]
 
 
 def _fundus(rng: np.random.Generator, evidence: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    w, h = size
+    full = size
+    w, h = size[0] // 2, size[1] // 2  # drawn at half size, then upsampled
     img = Image.new("RGB", (w, h), (0, 0, 0))
     draw = ImageDraw.Draw(img)
     cx, cy, r = w / 2, h / 2, 0.46 * min(w, h)
@@ -271,7 +274,7 @@ def _fundus(rng: np.random.Generator, evidence: np.ndarray, size: tuple[int, int
         br = r * (0.10 + 0.18 * aj)
         col = base * (1 - aj) + _ODIR_COLORS[j] * aj
         draw.ellipse([bx - br, by - br, bx + br, by + br], fill=tuple(int(v) for v in np.clip(col, 0, 255)))
-    img = img.filter(ImageFilter.GaussianBlur(2))
+    img = img.filter(ImageFilter.GaussianBlur(1)).resize(full, Image.BILINEAR)
     arr = np.asarray(img, dtype=np.float32)
     haze = a[ODIR_LABELS.index("C") - 1] * 0.5  # cataract: the whole picture turns hazy
     arr = arr * (1 - haze) + 150 * haze * (arr.sum(-1, keepdims=True) > 0)
@@ -283,7 +286,7 @@ def _make_odir(root: str, n: int, rng: np.random.Generator) -> dict[str, Any]:
     os.makedirs(img_dir)
     labels_arr = np.zeros((n, len(ODIR_LABELS)), dtype=int)
     for i in range(n):
-        if i == len(ODIR_LABELS) - 1 or (i >= len(ODIR_LABELS) and rng.random() < 0.3):
+        if i == len(ODIR_LABELS) - 1 or (i > len(ODIR_LABELS) and rng.random() < 0.3):
             labels_arr[i, 0] = 1  # normal: N alone
         else:
             k = 1 if rng.random() < 0.75 else 2
@@ -311,6 +314,8 @@ def _make_odir(root: str, n: int, rng: np.random.Generator) -> dict[str, Any]:
         sex_cell: Any = sex
         if rng.random() < 0.03:
             age_cell = None
+        if rng.random() < 0.02:
+            age_cell = sex_cell = None
         row = {"ID": pid, "Patient Age": age_cell, "Patient Sex": sex_cell,
                "Left-Fundus": f"{pid}_left.jpg", "Right-Fundus": f"{pid}_right.jpg"}
         miss: dict[str, str] = {}
@@ -350,7 +355,6 @@ _MEN_BRAIN = {"t1c": 420.0, "t1n": 380.0, "t2w": 520.0, "t2f": 460.0}
 
 def _men_volume(rng: np.random.Generator, seq: str, p_high: float, shape: tuple[int, int, int],
                 centre: np.ndarray) -> np.ndarray:
-    zz, yy, xx = None, None, None
     xx, yy, zz = np.meshgrid(*(np.arange(s, dtype=np.float32) for s in shape), indexing="ij")
     sx, sy, sz = (np.array(shape, np.float32) - 1) / 2
     brain = ((xx - sx) / (0.42 * shape[0])) ** 2 + ((yy - sy) / (0.46 * shape[1])) ** 2 + \
@@ -359,7 +363,8 @@ def _men_volume(rng: np.random.Generator, seq: str, p_high: float, shape: tuple[
     # the tumour: bigger with high-grade evidence; each sequence shows a different part of it
     scale = min(shape[:2]) / 40.0
     radius = (3.5 + 3.5 * p_high) * scale
-    d = np.sqrt((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 + ((zz - centre[2]) * _MEN_SPACING[2] / _MEN_SPACING[0]) ** 2)
+    dz = (zz - centre[2]) * _MEN_SPACING[2] / _MEN_SPACING[0]  # distances in in-plane voxel units
+    d = np.sqrt((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 + dz**2)
     tumour = d <= radius
     if seq == "t1c":  # enhancing rim and, for high grade, a dark necrotic core
         vol[tumour] = 900 - 250 * p_high
@@ -448,6 +453,8 @@ def _make_men(root: str, n: int, rng: np.random.Generator, shape: tuple[int, int
         sex: Any = "male" if rng.random() < 0.2 + 0.55 * pt else "female"
         if rng.random() < 0.05:
             sex = None
+        if rng.random() < 0.04:
+            age = sex = None
         if i == n - 1:
             age = sex = None
         if age is None and sex is None:
@@ -456,7 +463,8 @@ def _make_men(root: str, n: int, rng: np.random.Generator, shape: tuple[int, int
         rows.append({"case_id": cid, "grade": grade, "age": age, "sex": sex})
         labels[cid] = int(y[i])
         missing[cid] = miss
-    pd.DataFrame(rows, columns=["case_id", "grade", "age", "sex"]).to_csv(os.path.join(root, "clinical.csv"), index=False)
+    table = pd.DataFrame(rows, columns=["case_id", "grade", "age", "sex"])
+    table.to_csv(os.path.join(root, "clinical.csv"), index=False)
     dropped = [(f"BraTS-MEN-{n:05d}-000", "every modality missing")]
     labels.pop(dropped[0][0])
     splits = stratified_split(list(labels), [str(v) for v in labels.values()], DEFAULT_FRACTIONS, 0)

@@ -92,7 +92,8 @@ def read_table(
                 raise DataError(f"{path}: sheet {sheet!r} not found (sheets: {xls.sheet_names}); set the sheet option")
             df = xls.parse(sheet)
         elif ext in (".csv", ".tsv", ".txt"):
-            df = pd.read_csv(path, sep="\t" if ext == ".tsv" else ",")
+            # utf-8-sig: CSVs saved by Excel start with a byte-order mark that would stick to the first column
+            df = pd.read_csv(path, sep="\t" if ext == ".tsv" else ",", encoding="utf-8-sig")
         else:
             raise DataError(f"{path}: unsupported table format {ext!r}; use .csv or .xlsx")
     except DataError:

@@ -29,7 +29,8 @@ class CMMLNet(nn.Module):
     ``forward(image, tabular=None) -> logits`` is the served / exported path: presence from NaN,
     encoders, CRTA completion of the missing tokens, memory enrichment, instance-adaptive
     reference, alignment, fusion, classifier (with ``use_stage2=False``: CRTA + the stage-1
-    auxiliary head). It has no data-dependent Python branch, so a trace handles every pattern.
+    auxiliary head). It has no data-dependent Python branch, so a trace made with one missing
+    pattern handles every pattern; it is also scriptable (`torch.jit.script`).
 
     ``forward_train(image, tabular=None, stage) -> dict`` is the training path. Every present
     modality is encoded once; the extra missingness is made by masking tokens afterwards.

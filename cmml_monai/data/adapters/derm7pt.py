@@ -16,8 +16,6 @@ import os
 import warnings
 from typing import Sequence
 
-import pandas as pd
-
 from cmml_monai.data.adapters.common import FILE_ABSENT, NOT_LISTED, check_unique_ids, clean_cell, drop_all_missing
 from cmml_monai.data.cases import TABLE_MODALITY, Case, CaseList, ModalitySpec
 from cmml_monai.data.errors import DataError
@@ -145,7 +143,9 @@ def load_derm7pt(
             if not 0 <= pos_i < len(meta):
                 raise DataError(f"{ipath}: index {pos_i} is outside meta.csv's {len(meta)} rows (0-based positions)")
             if pos_i in split_of and split_of[pos_i] != split:
-                raise DataError(f"{ipath}: row {pos_i} is already in the {split_of[pos_i]} split; splits must not overlap")
+                raise DataError(
+                    f"{ipath}: row {pos_i} is already in the {split_of[pos_i]} split; splits must not overlap"
+                )
             split_of[pos_i] = split
 
     image_dir = os.path.join(root, "images")

@@ -14,7 +14,6 @@ with one channel; missing sequences are common and are reported as ``file absent
 
 from __future__ import annotations
 
-import glob
 import os
 from typing import Mapping, Sequence
 
@@ -99,8 +98,8 @@ def _default_table(dataset_dir: str) -> str:
                    and not f.startswith((".", "~$")))
     if len(found) != 1:
         raise DataError(
-            f"MEN: expected exactly one clinical table (.csv/.xlsx) at the top of {dataset_dir}, found {found or 'none'}; "
-            "set the clinical_table option"
+            f"MEN: expected exactly one clinical table (.csv/.xlsx) at the top of {dataset_dir}, "
+            f"found {found or 'none'}; set the clinical_table option"
         )
     return os.path.join(dataset_dir, found[0])
 
@@ -147,7 +146,10 @@ def load_men(
     cmap = dict(MEN_DEFAULT_COLUMN_MAP)
     cmap.update(column_map or {})
     feats = list(MEN_DEFAULT_TABLE_COLUMNS if table_columns is None else table_columns)
-    table_path = resolve_path(dataset_dir, clinical_table) if clinical_table is not None else _default_table(dataset_dir)
+    if clinical_table is not None:
+        table_path = resolve_path(dataset_dir, clinical_table)
+    else:
+        table_path = _default_table(dataset_dir)
     required = [cmap["case_id"], cmap["grade"], *(cmap.get(f, f) for f in feats)]
     df = read_table(table_path, sheet=sheet, required=required)  # type: ignore[arg-type]
     id_col, grade_col, split_col = cmap["case_id"], cmap["grade"], cmap.get("split")
@@ -186,7 +188,8 @@ def load_men(
             name = normalise_split_name(clean_cell(row[split_col]))
             if name is None:
                 raise DataError(
-                    f"{table_path}: case {cid}: split {row[split_col]!r} in column {split_col!r}; use train, valid or test"
+                    f"{table_path}: case {cid}: split {row[split_col]!r} in column {split_col!r}; "
+                    "use train, valid or test"
                 )
             explicit_split[cid] = name
         case_dir = os.path.join(dataset_dir, cid)

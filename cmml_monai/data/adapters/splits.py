@@ -123,7 +123,8 @@ def load_or_make_split(
         fd, tmp = tempfile.mkstemp(prefix=".split-", suffix=".json", dir=folder)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"seed": seed, "fractions": list(fractions), "splits": dict(sorted(out.items()))}, f, indent=1)
+                data = {"seed": seed, "fractions": list(fractions), "splits": dict(sorted(out.items()))}
+                json.dump(data, f, indent=1)
                 f.write("\n")
             os.replace(tmp, path)
         except BaseException:
