@@ -442,3 +442,16 @@ def test_benchmark_script_smoke(tmp_path):
     assert set(report["results"]) == {"cmml_stage1", "cmml_stage2", "zero_fill"}
     assert report["results"]["zero_fill"]["ratio_to_zero_fill"] == 1.0
     assert json.loads(out.read_text())["results"]["cmml_stage2"]["median_s"] > 0
+
+
+def test_fusion_head_pools_only_the_modality_tokens():
+    """With ``num_pooled`` the reference tokens join the attention but not the pooled evidence."""
+    from cmml_monai.networks.alignment import FusionHead
+
+    torch.manual_seed(0)
+    head = FusionHead(16, 3, num_layers=0).eval()
+    reference, modality = torch.randn(2, 8, 16), torch.randn(2, 3, 16)
+    _, pooled = head(torch.cat([reference, modality], dim=1), num_pooled=3)
+    assert torch.allclose(pooled, head.norm(modality.mean(dim=1)), atol=1e-6)
+    _, pooled_all = head(torch.cat([reference, modality], dim=1))
+    assert not torch.allclose(pooled, pooled_all, atol=1e-3)

@@ -61,7 +61,9 @@ def fit_schema(
     if reuse and path and os.path.isfile(path):
         return TableSchema.load(path)
     rows = [c.table for c in case_list.split("train")]
-    schema = TableSchema.fit(rows, case_list.table_columns, dict(declared or {}) or None)
+    # the adapter knows the types of its native columns; the config may override them
+    types = {**getattr(case_list, "table_types", {}), **dict(declared or {})}
+    schema = TableSchema.fit(rows, case_list.table_columns, types or None)
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         schema.save(path)

@@ -102,10 +102,16 @@ class FusionHead(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.classifier = nn.Linear(feature_dim, num_classes)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(logits [B, num_classes], pooled [B, d])``."""
+    def forward(self, tokens: torch.Tensor, num_pooled: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(logits [B, num_classes], pooled [B, d])``.
+
+        ``num_pooled > 0`` pools only the last ``num_pooled`` tokens (the modality tokens): the
+        reference tokens take part in the attention but do not dilute the pooled case evidence.
+        """
         for layer in self.layers:
             tokens = layer(tokens)
+        if num_pooled > 0:
+            tokens = tokens[:, tokens.shape[1] - num_pooled :]
         pooled = self.norm(tokens.mean(dim=1))
         return self.classifier(self.drop(pooled)), pooled
 

@@ -187,8 +187,8 @@ class CMMLNet(nn.Module):
         return self.context(batch_size) if self.context is not None else None
 
     def _stage1_head(self, tokens: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        both = tokens if context is None else torch.cat([context, tokens], dim=1)
-        return self.aux_head(self.aux_norm(both.mean(dim=1)))
+        # the completed modality tokens carry the case; the context tokens are a shared prior
+        return self.aux_head(self.aux_norm(tokens.mean(dim=1)))
 
     def _stage2(
         self, tokens: torch.Tensor, present: torch.Tensor
@@ -205,7 +205,7 @@ class CMMLNet(nn.Module):
         else:
             reference = completed.mean(dim=1, keepdim=True)
         aligned = self.alignment(completed, reference)
-        logits, pooled = self.fusion(torch.cat([reference, aligned], dim=1))
+        logits, pooled = self.fusion(torch.cat([reference, aligned], dim=1), aligned.shape[1])
         return logits, aligned, reference, pooled
 
     def forward(self, image: torch.Tensor, tabular: torch.Tensor | None = None) -> torch.Tensor:
