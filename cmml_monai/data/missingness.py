@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.data.cases import Case, CaseList
 from cmml_monai.data.errors import DataError
 
@@ -174,21 +174,6 @@ def apply_presence_mask(
     return image_out, tab_out
 
 
-def _atomic_write_json(path: str, data: Any) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".masks-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_masks(
     path: str | os.PathLike,
     case_ids: Sequence[str],
@@ -219,7 +204,7 @@ def save_masks(
         "case_ids": [str(c) for c in case_ids],
         "masks": out,
     }
-    _atomic_write_json(os.fspath(path), data)
+    atomic_write_json(os.fspath(path), data)
 
 
 def load_masks(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Sequence
@@ -19,6 +18,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.data.errors import DataError
 
 __all__ = ["ColumnType", "ColumnSpec", "TableSchema", "read_table", "is_empty_cell", "normalise_category"]
@@ -278,19 +278,7 @@ class TableSchema:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the schema as human-readable JSON (atomically: temp file then rename)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".schema-", suffix=".json", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_json(), f, indent=2, ensure_ascii=False)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write_json(path, self.to_json(), indent=2)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], source: str = "table schema") -> TableSchema:

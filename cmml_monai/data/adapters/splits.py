@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.data.errors import DataError
 
 __all__ = ["SPLITS", "DEFAULT_FRACTIONS", "stratified_split", "load_or_make_split", "normalise_split_name"]
@@ -117,18 +117,6 @@ def load_or_make_split(
         return out
     out = stratified_split(case_ids, keys, fractions, seed)
     if split_file is not None:
-        path = os.fspath(split_file)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".split-", suffix=".json", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                data = {"seed": seed, "fractions": list(fractions), "splits": dict(sorted(out.items()))}
-                json.dump(data, f, indent=1)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        data = {"seed": seed, "fractions": list(fractions), "splits": dict(sorted(out.items()))}
+        atomic_write_json(split_file, data)
     return out
