@@ -90,12 +90,20 @@ def test_resume_continues_from_next_epoch(synthetic_dir, tmp_path):
     w1.run()
     assert os.path.isfile(os.path.join(out, "stage1", "checkpoint_epoch=1.pt"))
 
+    saved_best = torch.load(os.path.join(out, "stage1", "checkpoint_epoch=1.pt"), weights_only=False)["best"]
+    assert len(saved_best["_saved"]) == 1  # (score, file) of model_best.pt travels with the checkpoint
+
     w2 = workflow(TRAIN, **tiny(synthetic_dir, out, run=stage1_only, stage1_epochs=2))
     trainer = w2.parser.get_parsed_content("stage1#trainer")
+    best_saver = w2.parser.get_parsed_content("stage1#best_saver")
+    restored: list = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: restored.append(best_saver.state_dict()["_saved"]))
     started: list[int] = []
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: started.append(e.state.epoch))
     w2.run()
     assert started == [2]  # epoch 1 was restored, not repeated
+    # the best score of epoch 1 is known before epoch 2 validates: a worse epoch 2 cannot replace model_best.pt
+    assert [tuple(x) for x in restored[0]] == [tuple(x) for x in saved_best["_saved"]]
     assert trainer.state.epoch == 2
     resume = w2.parser.get_parsed_content("stage1#handlers")[0]
     assert resume.loaded_from.endswith("checkpoint_epoch=1.pt")

@@ -1,6 +1,12 @@
 """cmml_monai.handlers: macro AUC metric, MLflow parent/stage runs, resume, loss averages, plots."""
 
-from cmml_monai.handlers.checkpoint import LoadNetworkHandler, ResumeHandler, StageCheckpointSaver, latest_checkpoint
+from cmml_monai.handlers.checkpoint import (
+    BestCheckpointSaver,
+    LoadNetworkHandler,
+    ResumeHandler,
+    StageCheckpointSaver,
+    latest_checkpoint,
+)
 from cmml_monai.handlers.metrics import MacroAUC, MacroAUCMetric
 from cmml_monai.handlers.mlflow import MLflowTracker, StageMLFlowHandler, resolve_tracking_uri, save_executed_config
 from cmml_monai.handlers.plots import plot_roc, plot_sweep
@@ -16,6 +22,7 @@ __all__ = [
     "save_executed_config",
     "ResumeHandler",
     "StageCheckpointSaver",
+    "BestCheckpointSaver",
     "BindTrainer",
     "LoadNetworkHandler",
     "latest_checkpoint",

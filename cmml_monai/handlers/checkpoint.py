@@ -11,7 +11,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-__all__ = ["latest_checkpoint", "StageCheckpointSaver", "ResumeHandler", "LoadNetworkHandler"]
+__all__ = ["latest_checkpoint", "StageCheckpointSaver", "BestCheckpointSaver", "ResumeHandler", "LoadNetworkHandler"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,37 @@ class StageCheckpointSaver(CheckpointSaver):
     def attach(self, engine: Engine) -> None:
         self.save_dict.setdefault("trainer", engine)
         super().attach(engine)
+
+
+class BestCheckpointSaver(CheckpointSaver):
+    """``model_best.pt`` by the evaluator's key metric, whose best-so-far survives a resume.
+
+    Put this object in the stage's ``checkpoint_dict`` too (``"best": "@...#best_saver"``): its
+    ``state_dict`` (the saved file and its score) then travels with every epoch checkpoint and
+    ``ResumeHandler`` restores it, so a resumed run only replaces ``model_best.pt`` with a better score.
+
+    Args:
+        save_dir: the stage's checkpoint folder.
+        save_dict: objects saved in ``model_best.pt`` (usually ``{"network": net}``).
+        filename: name of the best file.
+        kwargs: other ``CheckpointSaver`` arguments.
+
+    Example::
+
+        >>> saver = BestCheckpointSaver("/tmp/stage1", {"network": torch.nn.Linear(1, 1)})
+        >>> saver.state_dict()
+        OrderedDict([('_saved', [])])
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, filename: str = "model_best.pt", **kwargs) -> None:
+        kwargs.setdefault("key_metric_n_saved", 1)
+        super().__init__(
+            save_dir=save_dir, save_dict=save_dict, save_key_metric=True, key_metric_filename=filename, **kwargs
+        )
+
+    def state_dict(self) -> dict:
+        """The key-metric tracking list (score and file of the best checkpoint so far)."""
+        return self._key_metric_checkpoint.state_dict()
 
 
 class ResumeHandler:
