@@ -15,7 +15,7 @@ def atomic_write_json(path: str | os.PathLike, data: Any, indent: int = 1) -> No
 
     Example::
 
-        >>> atomic_write_json("/tmp/example.json", {"a": 1})  # doctest: +SKIP
+        >>> atomic_write_json("outputs/example.json", {"a": 1})  # doctest: +SKIP
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))

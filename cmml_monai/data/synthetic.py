@@ -517,7 +517,7 @@ def make_synthetic(
         ValueError: bad arguments. DataError: ``out_dir`` exists and is not empty.
 
     Example:
-        >>> manifest = make_synthetic("derm7pt", "/tmp/derm7pt_synth", cases=40)  # doctest: +SKIP
+        >>> manifest = make_synthetic("derm7pt", "derm7pt_synth", cases=40)  # doctest: +SKIP
     """
     params = _params(dataset, cases, seed, dicom, shape)
     out_dir = os.path.abspath(os.fspath(out_dir))

@@ -73,12 +73,7 @@ def classification_metrics(probs: Any, labels: Any, multi_label: bool = False) -
     auc, skipped = macro_auc(p, y, multi_label)
     if p.shape[0] == 0:
         return {"auc": float("nan"), "acc": float("nan"), "f1": float("nan"), "n": 0, "skipped": skipped}
-    if multi_label:
-        pred = (p >= 0.5).astype(np.int64)
-        acc = float((pred == y).mean())
-        f1 = float(f1_score(y, pred, average="macro", zero_division=0))
-    else:
-        pred = p.argmax(axis=1)
-        acc = float((pred == y).mean())
-        f1 = float(f1_score(y, pred, average="macro", zero_division=0))
+    pred = (p >= 0.5).astype(np.int64) if multi_label else p.argmax(axis=1)
+    acc = float((pred == y).mean())
+    f1 = float(f1_score(y, pred, average="macro", zero_division=0))
     return {"auc": auc, "acc": acc, "f1": f1, "n": int(p.shape[0]), "skipped": skipped}

@@ -62,7 +62,7 @@ def fit_schema(
         return TableSchema.load(path)
     rows = [c.table for c in case_list.split("train")]
     # the adapter knows the types of its native columns; the config may override them
-    types = {**getattr(case_list, "table_types", {}), **dict(declared or {})}
+    types = {**case_list.table_types, **dict(declared or {})}
     schema = TableSchema.fit(rows, case_list.table_columns, types or None)
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -110,13 +111,16 @@ class CMMLTrainer(SupervisedTrainer):
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             losses = engine.loss_function(outputs, label)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"stage {engine.stage}: the loss is {loss.item()} at iteration {engine.state.iteration}")
+        terms = {k: v for k, v in losses.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+        # one device-to-host copy per step for the finiteness check and every logged term
+        values = dict(zip(terms, torch.stack([v.detach().float().reshape(()) for v in terms.values()]).tolist()))
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(f"stage {engine.stage}: the loss is {values['loss']} at iteration {engine.state.iteration}")
         engine.state.output[Keys.PRED] = outputs["logits"].detach().float()
         engine.state.output[Keys.LOSS] = loss.detach()
-        for key, value in losses.items():
-            if key != "loss" and isinstance(value, torch.Tensor) and value.numel() == 1:
-                engine.state.output[key if key.startswith("loss") else f"loss_{key}"] = float(value.detach())
+        for key, value in values.items():
+            if key != "loss":
+                engine.state.output[key if key.startswith("loss") else f"loss_{key}"] = value
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss.backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)

@@ -70,7 +70,8 @@ class BestCheckpointSaver(CheckpointSaver):
 
     Example::
 
-        >>> saver = BestCheckpointSaver("/tmp/stage1", {"network": torch.nn.Linear(1, 1)})
+        >>> import tempfile
+        >>> saver = BestCheckpointSaver(tempfile.mkdtemp(), {"network": torch.nn.Linear(1, 1)})
         >>> saver.state_dict()
         OrderedDict([('_saved', [])])
     """

@@ -1,23 +1,24 @@
-"""PNG plots of the evaluation: AUC against missing rate, and ROC curves (matplotlib, Agg backend)."""
+"""PNG plots of the evaluation: AUC against missing rate, and ROC curves.
+
+Figures are made without pyplot, so importing this module never changes the user's matplotlib backend.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
 
 __all__ = ["plot_sweep", "plot_roc"]
 
 
 def plot_sweep(rows: Sequence[dict], path: str, title: str = "AUC under missing modalities") -> str:
     """Line plot of ``auc`` against ``rate``, one line per ``method`` in ``rows``; returns ``path``."""
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    fig = Figure(figsize=(5, 3.5), dpi=100)
+    ax = fig.add_subplot()
     for method in sorted({r["method"] for r in rows}):
         pts = sorted((float(r["rate"]), float(r["auc"])) for r in rows if r["method"] == method)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
@@ -29,7 +30,6 @@ def plot_sweep(rows: Sequence[dict], path: str, title: str = "AUC under missing 
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
@@ -40,7 +40,8 @@ def plot_roc(
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels)
     onehot = labels.reshape(probs.shape) if multi_label else np.eye(probs.shape[1])[labels.reshape(-1).astype(int)]
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    fig = Figure(figsize=(4.5, 4.5), dpi=100)
+    ax = fig.add_subplot()
     for c in range(probs.shape[1]):
         if onehot[:, c].min() == onehot[:, c].max():
             continue
@@ -55,5 +56,4 @@ def plot_roc(
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
