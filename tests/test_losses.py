@@ -105,6 +105,19 @@ def test_cmml_loss_stage2_terms_multi_label():
     assert res["loss"].item() == pytest.approx(res["cls"].item() + res["align"].item() + res["supcon"].item(), rel=1e-5)
 
 
+def test_cmml_loss_stage2_classifies_the_dropped_view():
+    label = torch.tensor([0, 2, 1])
+    out = {"logits": torch.randn(3, 3), "logits_dropped": torch.randn(3, 3)}
+    res = CMMLLoss(stage=2, w_cls_dropped=0.5)(out, label)
+    assert set(res) == {"loss", "cls", "cls_dropped"}
+    assert res["cls_dropped"].item() == pytest.approx(0.5 * F.cross_entropy(out["logits_dropped"], label).item())
+    assert res["loss"].item() == pytest.approx(res["cls"].item() + res["cls_dropped"].item(), rel=1e-6)
+    assert set(CMMLLoss(stage=2, w_cls_dropped=0.0)(out, label)) == {"loss", "cls"}
+    assert "cls_dropped" not in CMMLLoss(stage=1)(out, label)  # stage 1 has one view
+    with pytest.raises(ValueError, match="w_cls_dropped"):
+        CMMLLoss(stage=2, w_cls_dropped=-1.0)
+
+
 def test_cmml_loss_baseline_and_checks():
     res = CMMLLoss(stage=2)({"logits": torch.zeros(2, 4), "present": torch.ones(2, 3, dtype=torch.bool)},
                             torch.tensor([1, 3]))

@@ -208,6 +208,7 @@ def test_cmml_shapes_every_pattern(spatial_dims):
     s2 = net.forward_train(image, tab, stage=2)
     assert s2["logits"].shape == (b, 5) and s2["aligned"].shape == (b, 3, 16) and s2["reference"].shape == (b, 16)
     assert s2["proj"].shape == (2 * b, 16) and s2["align_mask"].shape == (b, 3)
+    assert s2["logits_dropped"].shape == (b, 5)
     assert torch.allclose(s2["proj"].norm(dim=1), torch.ones(2 * b), atol=1e-4)
     net.eval()
     logits = net(image, tab)

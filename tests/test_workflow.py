@@ -120,6 +120,35 @@ def test_resume_continues_from_next_epoch(synthetic_dir, tmp_path):
     assert os.path.isfile(os.path.join(out, "stage2", "checkpoint_epoch=1.pt"))
 
 
+def test_early_stop_state_survives_resume(synthetic_dir, tmp_path):
+    """Patience keeps counting across a resume, and a stage that stopped early stays stopped."""
+    out = str(tmp_path / "early")
+    stage2_only = ["$cmml_monai.engines.run_stage(@train#trainer, 'stage 2')"]
+    flat = {"train#early_stop#score_function": "$lambda engine: 0.0", "early_stop_patience": 2}
+
+    def run(epochs: int) -> tuple[list[int], object]:
+        w = workflow(TRAIN, **tiny(synthetic_dir, out, run=stage2_only, stage1_epochs=0, stage2_epochs=epochs, **flat))
+        trainer = w.parser.get_parsed_content("train#trainer")
+        started: list[int] = []
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: started.append(e.state.epoch))
+        w.run()
+        return started, w.parser.get_parsed_content("train#early_stop")
+
+    started, stop = run(2)  # epoch 1 sets the best score, epoch 2 does not improve: counter 1 of 2
+    assert started == [1, 2] and stop.state_dict() == {"counter": 1, "best_score": 0.0, "stopped": False}
+    saved = torch.load(os.path.join(out, "stage2", "checkpoint_epoch=2.pt"), weights_only=False)["early_stop"]
+    assert saved == {"counter": 1, "best_score": 0.0, "stopped": False}
+
+    # resumed with a longer budget: the restored counter reaches the patience after one more epoch
+    # (a fresh counter would have trained epochs 3, 4 and 5)
+    started, stop = run(5)
+    assert started == [3] and stop.state_dict()["stopped"] is True
+
+    # a rerun does not train the stopped stage again
+    started, stop = run(5)
+    assert started == [] and stop.stopped
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_method_overlay_builds_and_steps(method, synthetic_dir, tmp_path):
     overlay = os.path.join(ROOT, "configs", "methods", f"{method}.json")

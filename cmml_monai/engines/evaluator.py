@@ -11,6 +11,7 @@ from monai.inferers import Inferer, SimpleInferer
 from torch.utils.data import DataLoader
 
 from cmml_monai.engines.prepare import CMMLPrepareBatch
+from cmml_monai.utils import as_bool
 
 __all__ = ["CMMLEvaluator"]
 
@@ -40,7 +41,7 @@ class CMMLEvaluator(SupervisedEvaluator):
         postprocessing: Callable | None = None,
         **kwargs: Any,
     ) -> None:
-        use_amp = bool(amp) and torch.device(device).type == "cuda"
+        use_amp = as_bool(amp, "amp") and torch.device(device).type == "cuda"
         super().__init__(
             device=device,
             val_data_loader=val_data_loader,

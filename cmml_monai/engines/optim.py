@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from cmml_monai.utils import as_bool
+
 __all__ = ["stage_parameter_groups", "stage_optimizer", "cosine_scheduler"]
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ def stage_parameter_groups(
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
     if crta_lr_scale < 0:
         raise ValueError(f"crta_lr_scale must be >= 0, got {crta_lr_scale!r}")
+    freeze_crta = as_bool(freeze_crta, "freeze_crta")
     chosen = {id(p) for p in _stage_params(network, stage)}
     crta_fn = getattr(network, "crta_parameters", None)
     crta_ids = {id(p) for p in crta_fn()} if callable(crta_fn) else None

@@ -15,6 +15,7 @@ from cmml_monai.data.cases import CaseList
 from cmml_monai.data.missingness import natural_presence
 from cmml_monai.data.synthetic import ensure_synthetic
 from cmml_monai.data.table import TableSchema
+from cmml_monai.utils import as_bool
 
 __all__ = ["load_cases", "fit_schema", "DatasetInfo", "dataset_summary"]
 
@@ -40,7 +41,7 @@ def load_cases(
         seed: synthetic data seed.
         options: adapter options (``cmml_monai.data.adapters.adapter_options``).
     """
-    if synthetic:
+    if as_bool(synthetic, "synthetic"):
         dataset_dir = ensure_synthetic(dataset, dataset_dir, cases=synthetic_cases, seed=seed)
     case_list = load_dataset(dataset, dataset_dir, **dict(options or {}))
     for split in ("train", "valid", "test"):

@@ -31,6 +31,7 @@ from cmml_monai.engines.evaluator import CMMLEvaluator
 from cmml_monai.engines.metrics import classification_metrics
 from cmml_monai.engines.prepare import MaskedPrepareBatch
 from cmml_monai.handlers.plots import plot_roc, plot_sweep
+from cmml_monai.utils import as_bool
 
 __all__ = ["MissingRateSweep", "predict", "SWEEP_COLUMNS", "SUBSET_COLUMNS", "format_table"]
 
@@ -152,13 +153,13 @@ class MissingRateSweep:
         self.split = split
         self.rates = [float(r) for r in rates]
         self.seed = seed
-        self.subsets = subsets
-        self.roc = roc
+        self.subsets = as_bool(subsets, "sweep#subsets")
+        self.roc = as_bool(roc, "sweep#roc")
         self.checkpoint = checkpoint
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu"
         )
-        self.amp = amp
+        self.amp = as_bool(amp, "amp")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.tracker = tracker

@@ -17,6 +17,7 @@ from torch.optim.optimizer import Optimizer
 from torch.utils.data import DataLoader
 
 from cmml_monai.engines.prepare import CMMLPrepareBatch
+from cmml_monai.utils import as_bool
 
 __all__ = ["CMMLTrainer", "autocast_context"]
 
@@ -87,7 +88,7 @@ class CMMLTrainer(SupervisedTrainer):
             **kwargs,
         )
         self.stage = stage
-        self.use_amp = bool(amp)
+        self.use_amp = as_bool(amp, "amp")
         self.grad_clip = float(grad_clip)
         self.add_event_handler(Events.STARTED, self._restrict_grads)
 

@@ -1,4 +1,4 @@
-"""cmml_monai.handlers: macro AUC metric, MLflow parent/stage runs, resume, loss averages, plots."""
+"""cmml_monai.handlers: macro AUC metric, MLflow parent/stage runs, resume, early stopping, loss averages, plots."""
 
 from cmml_monai.handlers.checkpoint import (
     BestCheckpointSaver,
@@ -7,6 +7,7 @@ from cmml_monai.handlers.checkpoint import (
     StageCheckpointSaver,
     latest_checkpoint,
 )
+from cmml_monai.handlers.early_stop import ResumableEarlyStopHandler
 from cmml_monai.handlers.metrics import MacroAUC, MacroAUCMetric
 from cmml_monai.handlers.mlflow import MLflowTracker, StageMLFlowHandler, resolve_tracking_uri, save_executed_config
 from cmml_monai.handlers.plots import plot_roc, plot_sweep
@@ -24,6 +25,7 @@ __all__ = [
     "StageCheckpointSaver",
     "BestCheckpointSaver",
     "BindTrainer",
+    "ResumableEarlyStopHandler",
     "LoadNetworkHandler",
     "latest_checkpoint",
     "EpochLossAverager",

@@ -10,6 +10,7 @@ import re
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
+from cmml_monai.utils import as_bool
 
 __all__ = ["latest_checkpoint", "StageCheckpointSaver", "BestCheckpointSaver", "ResumeHandler", "LoadNetworkHandler"]
 
@@ -102,7 +103,7 @@ class ResumeHandler:
     def __init__(self, checkpoint_dir: str, load_dict: dict, enabled: bool = True) -> None:
         self.checkpoint_dir = checkpoint_dir
         self.load_dict = load_dict
-        self.enabled = enabled
+        self.enabled = as_bool(enabled, "resume")
         self.loaded_from: str | None = None
 
     def attach(self, engine: Engine) -> None:

@@ -22,6 +22,8 @@ from monai.bundle import ConfigParser
 from monai.handlers import MLFlowHandler
 from monai.utils import path_to_sqlite_uri
 
+from cmml_monai.utils import as_bool
+
 __all__ = ["resolve_tracking_uri", "MLflowTracker", "StageMLFlowHandler", "save_executed_config"]
 
 logger = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ class MLflowTracker:
         params: Mapping[str, Any] | None = None,
         tags: Mapping[str, str] | None = None,
     ) -> None:
-        self.enabled = bool(enabled)
+        self.enabled = as_bool(enabled, "mlflow_enabled")
         self.output_dir = output_dir
         self.experiment_name = experiment_name
         self.run_name = run_name or f"cmml_{time.strftime('%Y%m%d_%H%M%S')}"

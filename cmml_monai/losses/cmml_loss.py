@@ -19,7 +19,10 @@ class CMMLLoss(nn.Module):
     Each term is computed only when its keys are in ``outputs``:
 
     - ``cls``: CE (single-label, ``label [B]`` int) or BCE-with-logits (multi-label, ``label [B, L]``)
-      on ``logits``; weight ``w_aux`` in stage 1 (the auxiliary head), 1 in stage 2.
+      on ``logits``; weight ``w_aux`` in stage 1 (the auxiliary head), 1 in stage 2. In stage 2,
+      plus ``w_cls_dropped`` times the same loss on ``logits_dropped`` when given (the second view,
+      with extra modalities dropped and completed by the CRTA), so the classifier learns from
+      completed cases as it meets them at test time.
     - ``rec`` (``synth``, ``target``, ``recon_mask``): ``w_rec * ReconstructionLoss``; with
       ``rec_all_blocks`` and ``synth_blocks`` in the outputs, averaged over every CRTA block (deep
       supervision of the cascade).
@@ -27,18 +30,19 @@ class CMMLLoss(nn.Module):
     - ``supcon`` (``proj`` ``[V*B, p]``, ``V`` views stacked view by view): ``w_supcon * SupConLoss``
       with the labels repeated ``V`` times.
 
-    Stage 1: ``L = w_aux L_cls + w_rec L_rec``; stage 2: ``L = L_cls + w_align L_align + w_supcon L_supcon``.
+    Stage 1: ``L = w_aux L_cls + w_rec L_rec``; stage 2:
+    ``L = L_cls + w_cls_dropped L_cls(view 2) + w_align L_align + w_supcon L_supcon``.
 
     Args:
         stage: 1 or 2.
         multi_label: BCE instead of CE.
-        w_rec, w_aux, w_align, w_supcon: term weights.
+        w_rec, w_aux, w_align, w_supcon, w_cls_dropped: term weights.
         temperature: SupCon temperature.
         rec_all_blocks: reconstruct from every cascade block (``synth_blocks``), not only the last.
 
     Returns (``forward``):
         dict with ``loss`` and the weighted terms that were computed (``cls``, ``rec``, ``align``,
-        ``supcon``), all scalars.
+        ``supcon``, ``cls_dropped``), all scalars.
 
     Example::
 
@@ -57,16 +61,19 @@ class CMMLLoss(nn.Module):
         w_supcon: float = 0.1,
         temperature: float = 0.07,
         rec_all_blocks: bool = False,
+        w_cls_dropped: float = 1.0,
     ) -> None:
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}.")
-        for name, w in (("w_rec", w_rec), ("w_aux", w_aux), ("w_align", w_align), ("w_supcon", w_supcon)):
+        for name, w in (("w_rec", w_rec), ("w_aux", w_aux), ("w_align", w_align), ("w_supcon", w_supcon),
+                        ("w_cls_dropped", w_cls_dropped)):
             if w < 0:
                 raise ValueError(f"{name} must be >= 0, got {w}.")
         self.stage = stage
         self.multi_label = multi_label
         self.w_rec, self.w_aux, self.w_align, self.w_supcon = w_rec, w_aux, w_align, w_supcon
+        self.w_cls_dropped = w_cls_dropped
         self.rec_all_blocks = rec_all_blocks
         self.reconstruction = ReconstructionLoss()
         self.alignment = AlignmentLoss()
@@ -85,6 +92,8 @@ class CMMLLoss(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         w_cls = self.w_aux if self.stage == 1 else 1.0
         terms["cls"] = w_cls * self.classification(outputs["logits"], label)
+        if self.stage == 2 and "logits_dropped" in outputs and self.w_cls_dropped > 0:
+            terms["cls_dropped"] = self.w_cls_dropped * self.classification(outputs["logits_dropped"], label)
         if self.stage == 1 and all(k in outputs for k in ("synth", "target", "recon_mask")):
             synth = outputs["synth_blocks"] if self.rec_all_blocks and "synth_blocks" in outputs else outputs["synth"]
             terms["rec"] = self.w_rec * self.reconstruction(synth, outputs["target"], outputs["recon_mask"])

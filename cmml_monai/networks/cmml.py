@@ -41,7 +41,7 @@ class CMMLNet(nn.Module):
       ``present``, ``keep`` (the reduced mask). The memory banks are written when training.
     - stage 2: two views in one batched pass: view 1 keeps the observed presence (what the served
       path sees), view 2 drops further present modalities at random (``stage2_drop_prob``).
-      ``logits`` (view 1), ``aligned`` ``[B, k, p]`` and ``reference`` ``[B, p]`` (view 1
+      ``logits`` (view 1), ``logits_dropped`` (view 2: the classifier on CRTA-completed tokens), ``aligned`` ``[B, k, p]`` and ``reference`` ``[B, p]`` (view 1
       projections), ``align_mask`` ``[B, k]`` (= ``present``: only real modalities are aligned),
       ``proj`` ``[2B, p]`` (normalised projections, view 1 rows then view 2 rows),
       ``proj_present`` ``[2B, k]`` and ``present``.
@@ -245,6 +245,7 @@ class CMMLNet(nn.Module):
         logits, aligned, reference, pooled = self._stage2(torch.cat([tokens, tokens], dim=0), masks)
         return {
             "logits": logits[:b],
+            "logits_dropped": logits[b:],
             "aligned": self.align_proj(aligned[:b]),
             "reference": self.reference_proj(reference[:b].mean(dim=1)),
             "align_mask": present,
