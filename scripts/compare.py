@@ -5,11 +5,17 @@ Examples::
     # collect runs that already finished (their sweep.csv)
     python scripts/compare.py --runs outputs/derm7pt_cmml outputs/derm7pt_zero_fill --out outputs/compare
 
-    # train and sweep every method with the same data, masks and epoch budget, then compare
-    python scripts/compare.py --methods cmml zero_fill modality_dropout mean_impute \\
+    # a run under another name (an ablation made with an override): LABEL=PATH
+    python scripts/compare.py --runs cmml=outputs/a cmml_obs=outputs/b --out outputs/compare
+
+    # train and sweep every method with the same data, masks and epoch budget, three training
+    # seeds each (mean and std over the seeds), then compare
+    python scripts/compare.py --methods cmml zero_fill modality_dropout mean_impute --seeds 0 1 2 \\
         --config configs/datasets/odir.json --out outputs/compare_odir -- --dataset_dir /data/ODIR-5K
 
-Arguments after ``--`` are passed to every ``python -m monai.bundle run`` call unchanged.
+Arguments after ``--`` are passed to every ``python -m monai.bundle run`` call unchanged. The masks,
+the data split and the table schema come from one ``shared`` folder under ``--out``, so every method
+and seed is evaluated on the same cases with the same missing modalities.
 """
 
 from __future__ import annotations
@@ -24,13 +30,15 @@ __all__ = ["main"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _train(method: str, configs: list[str], out: str, extra: list[str]) -> str:
-    output_dir = os.path.join(out, method)
+def _train(method: str, configs: list[str], out: str, extra: list[str], seed: int | None = None) -> str:
+    output_dir = os.path.join(out, method if seed is None else f"{method}_seed{seed}")
     files = [os.path.join(ROOT, "configs", "train.json"), *configs,
              os.path.join(ROOT, "configs", "methods", f"{method}.json")]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files),
            "--bundle_root", ROOT, "--output_dir", output_dir, "--shared_dir", os.path.join(out, "shared"),
            "--logging_file", os.path.join(ROOT, "configs", "logging.conf"), *extra]
+    if seed is not None:
+        cmd += ["--seed", str(seed)]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return output_dir
@@ -43,26 +51,39 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1 :]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="*", default=[], help="finished output dirs (or sweep.csv files) to collect")
+    parser.add_argument("--runs", nargs="*", default=[],
+                        help="finished output dirs (or sweep.csv files) to collect; LABEL=PATH renames the method")
     parser.add_argument("--methods", nargs="*", default=[], help="methods to train and sweep (configs/methods/*.json)")
+    parser.add_argument("--seeds", nargs="*", type=int, default=None,
+                        help="train each method once per seed (runs of one method are averaged)")
     parser.add_argument("--config", nargs="*", default=[], help="overlays after train.json (e.g. a dataset overlay)")
     parser.add_argument("--out", required=True, help="output folder of the table (and of the trained runs)")
     parser.add_argument("--name", default="comparison", help="file name stem of the table")
     args = parser.parse_args(argv)
     from cmml_monai.handlers.report import comparison_table, read_sweep, write_comparison
 
-    runs = list(args.runs)
+    runs: list[tuple[str | None, str]] = []
+    for spec in args.runs:
+        label, sep, path = spec.partition("=")
+        runs.append((label, path) if sep and not os.path.exists(spec) else (None, spec))
+    configs = [os.path.abspath(c) for c in args.config]
     for method in args.methods:
-        runs.append(_train(method, [os.path.abspath(c) for c in args.config], os.path.abspath(args.out), extra))
+        for seed in args.seeds if args.seeds else [None]:
+            runs.append((None, _train(method, configs, os.path.abspath(args.out), extra, seed)))
     if not runs:
         parser.error("give --runs and/or --methods")
-    rows = [row for run in runs for row in read_sweep(run)]
-    csv_path, md_path = write_comparison(rows, args.out, args.name)
-    columns, table = comparison_table(rows)
+    try:
+        rows = [row for label, run in runs for row in read_sweep(run, label)]
+        csv_path, md_path = write_comparison(rows, args.out, args.name)
+        columns, table = comparison_table(rows)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     shown = [c for c in columns if c == "method" or c.startswith("AUC@") or c == "AVG AUC"]
-    print("\n" + " | ".join(shown))
+    print("\n" + " | ".join(shown + ["std", "runs"]))
     for row in table:
-        print(" | ".join([row["method"]] + [f"{row[c]:.4f}" for c in shown[1:]]))
+        cells = [f"{row[c]:.4f}" for c in shown[1:]] + [f"{row['AVG AUC std']:.4f}", str(row["runs"])]
+        print(" | ".join([row["method"]] + cells))
     print(f"\nwritten: {csv_path}, {md_path}")
     return 0
 

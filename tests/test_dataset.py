@@ -17,7 +17,7 @@ from cmml_monai.data.dataset import build_dataloader, build_dataset, collate_cas
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.readers import load_image
 from cmml_monai.data.table import TableSchema
-from cmml_monai.data.transforms import ApplyToPresentd, PackModalitiesd, image_transforms
+from cmml_monai.data.transforms import ApplyToPresentd, PackModalitiesd, image_transforms, resolve_pixdim
 
 NIB_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
 SIZE_2D = (16, 20)
@@ -102,6 +102,19 @@ def test_3d_chain_takes_nifti_to_fixed_roi_with_requested_spacing():
     plain = image_transforms("image3d", (20, 12, 16), pixdim=(3.0, 3.0, 4.0))(img)
     assert type(plain) is torch.Tensor
     torch.testing.assert_close(plain, out.as_tensor())
+
+
+def test_native_spacing_by_word_since_the_cli_drops_none():
+    """``--pixdim native`` undoes an overlay's spacing (MONAI's command line ignores ``--pixdim None``)."""
+    path = os.path.join(NIB_DATA, "anatomical.nii")  # 33 x 41 x 25 at 2 mm
+    img = load_image(path, "image3d")
+    native = image_transforms("image3d", (20, 12, 16), pixdim="native", keep_meta=True)(img)
+    np.testing.assert_allclose(native.pixdim.numpy(), [2.0, 2.0, 2.0], rtol=1e-5)  # not resampled
+    assert not any(type(t).__name__ == "Spacing" for t in image_transforms("image3d", (8, 8, 8), pixdim="None").transforms)
+    assert resolve_pixdim([1, 1, 2]) == (1.0, 1.0, 2.0) and resolve_pixdim(None) is None
+    for bad in ("fast", [1.0, 2.0], [1.0, 0.0, 1.0], [1, "x", 1]):
+        with pytest.raises(ValueError, match="pixdim must be 3 positive spacings in mm or 'native'"):
+            resolve_pixdim(bad)
 
 
 def test_apply_to_present_skips_missing():

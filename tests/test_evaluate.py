@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -99,6 +100,47 @@ def test_comparison_rejects_different_rates():
             {"method": "b", "rate": 0.3, "auc": 0.5, "acc": 0.5, "f1": 0.5, "n": 1}]
     with pytest.raises(ValueError, match="rates"):
         comparison_table(rows)
+
+
+def _sweep_rows(method: str, run: str, aucs: list[float]) -> list[dict]:
+    return [{"method": method, "rate": rate, "auc": auc, "acc": 0.5, "f1": 0.5, "n": 10, "run": run}
+            for rate, auc in zip([0.0, 0.5], aucs)]
+
+
+def test_comparison_averages_runs_of_one_method():
+    rows = (_sweep_rows("cmml", "seed0", [0.9, 0.7]) + _sweep_rows("cmml", "seed1", [0.8, 0.6])
+            + _sweep_rows("zero_fill", "seed0", [0.7, 0.5]))
+    columns, table = comparison_table(rows)
+    assert columns[-2:] == ["runs", "AVG AUC std"]
+    cmml, zero = table
+    assert cmml["runs"] == 2 and zero["runs"] == 1
+    assert cmml["AUC@0"] == pytest.approx(0.85) and cmml["AUC@0.5"] == pytest.approx(0.65)
+    assert cmml["AVG AUC"] == pytest.approx(0.75)
+    assert cmml["AVG AUC std"] == pytest.approx(np.std([0.8, 0.7], ddof=1))
+    assert zero["AVG AUC std"] == 0.0
+    with pytest.raises(ValueError, match="appears twice"):
+        comparison_table(_sweep_rows("cmml", "seed0", [0.9, 0.7]) * 2)
+    ragged = _sweep_rows("cmml", "seed0", [0.9, 0.7]) + _sweep_rows("cmml", "seed1", [0.8, 0.6])[:1]
+    with pytest.raises(ValueError, match="run seed1"):
+        comparison_table(ragged)
+
+
+def test_compare_script_collects_labelled_runs(shared, tmp_path):
+    """scripts/compare.py: LABEL=PATH renames a run; the table lands as CSV and Markdown."""
+    run = str(shared["base"] / "cmml")
+    if not os.path.isfile(os.path.join(run, "eval", "sweep.csv")):
+        _evaluate("cmml", shared)
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import compare
+    finally:
+        sys.path.pop(0)
+    out = str(tmp_path / "cmp")
+    assert compare.main(["--runs", run, f"cmml_again={run}", "--out", out]) == 0
+    table = _read(os.path.join(out, "comparison.csv"))
+    assert [r["method"] for r in table] == ["cmml", "cmml_again"]
+    assert table[0]["AVG AUC"] == table[1]["AVG AUC"] and table[0]["runs"] == "1"
+    assert compare.main(["--runs", str(tmp_path / "nothing_here"), "--out", out]) == 2
 
 
 def test_executed_config_rebuilt_from_command_line(tmp_path):

@@ -31,6 +31,7 @@ from cmml_monai.data.transforms import (
     PackModalitiesd,
     TableEncoder,
     image_transforms,
+    resolve_pixdim,
 )
 
 __all__ = [
@@ -304,7 +305,7 @@ def build_dataset(
         "modalities": [(m.name, m.kind, m.channels) for m in case_list.modalities],
         "multi_label": case_list.multi_label,
         "spatial_size": [int(s) for s in spatial_size],
-        "pixdim": None if pixdim is None else [float(p) for p in pixdim],
+        "pixdim": None if resolve_pixdim(pixdim) is None else list(resolve_pixdim(pixdim)),
         "reader": reader,
         "series": series,
         "mean": None if mean is None else [float(m) for m in mean],

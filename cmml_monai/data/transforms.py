@@ -39,6 +39,7 @@ __all__ = [
     "IMAGENET_STD",
     "TableEncoder",
     "image_transforms",
+    "resolve_pixdim",
     "ApplyToPresentd",
     "PackModalitiesd",
     "table_is_empty",
@@ -64,10 +65,34 @@ def _check_size(spatial_size: Sequence[int], dims: int, name: str = "spatial_siz
     return size
 
 
+def resolve_pixdim(pixdim: Sequence[float] | str | None) -> tuple[float, float, float] | None:
+    """The target 3D spacing as 3 floats, or None for the native spacing.
+
+    ``"native"`` (or ``"none"``, any case) means None: MONAI's command line drops ``None``
+    overrides, so ``--pixdim None`` cannot undo a dataset overlay's spacing but ``--pixdim native`` can.
+
+    Raises:
+        ValueError: anything but 3 positive numbers or those words.
+    """
+    if pixdim is None:
+        return None
+    if isinstance(pixdim, str):
+        if pixdim.strip().lower() in ("native", "none"):
+            return None
+        raise ValueError(f"pixdim must be 3 positive spacings in mm or 'native', got {pixdim!r}")
+    try:
+        pix = tuple(float(p) for p in pixdim)
+    except (TypeError, ValueError):
+        raise ValueError(f"pixdim must be 3 positive spacings in mm or 'native', got {pixdim!r}") from None
+    if len(pix) != 3 or any(p <= 0 for p in pix):
+        raise ValueError(f"pixdim must be 3 positive spacings in mm or 'native', got {list(pix)}")
+    return pix  # type: ignore[return-value]
+
+
 def image_transforms(
     kind: str,
     spatial_size: Sequence[int],
-    pixdim: Sequence[float] | None = None,
+    pixdim: Sequence[float] | str | None = None,
     mean: Sequence[float] | None = IMAGENET_MEAN,
     std: Sequence[float] | None = IMAGENET_STD,
     keep_meta: bool = False,
@@ -77,7 +102,7 @@ def image_transforms(
     Args:
         kind: ``"image2d"`` (RGB ``[3, H, W]`` with 0..255 values) or ``"image3d"`` (``[1, X, Y, Z]``).
         spatial_size: output spatial shape, 2 values for 2D (H, W), 3 for 3D (the fixed ROI).
-        pixdim: 3D only: target voxel spacing in mm (``None`` keeps the native spacing).
+        pixdim: 3D only: target voxel spacing in mm (``None`` or ``"native"`` keeps the native spacing).
         mean: 2D only: per-channel mean subtracted after scaling to [0, 1] (``None``: no normalisation).
         std: 2D only: per-channel std the result is divided by.
         keep_meta: return a ``MetaTensor`` (affine, spacing) instead of a plain tensor; packing needs
@@ -91,6 +116,7 @@ def image_transforms(
         >>> chain(load_image("t1c.nii.gz", "image3d")).shape  # doctest: +SKIP
         torch.Size([1, 96, 96, 96])
     """
+    pixdim = resolve_pixdim(pixdim)
     if kind == "image2d":
         size = _check_size(spatial_size, 2)
         if pixdim is not None:
@@ -115,10 +141,7 @@ def image_transforms(
         size = _check_size(spatial_size, 3)
         chain = [Orientation(axcodes="RAS", labels=None)]  # labels from the image's space (RAS here)
         if pixdim is not None:
-            pix = tuple(float(p) for p in pixdim)
-            if len(pix) != 3 or any(p <= 0 for p in pix):
-                raise ValueError(f"pixdim must be 3 positive spacings in mm, got {list(pixdim)}")
-            chain.append(Spacing(pixdim=pix, mode="bilinear"))
+            chain.append(Spacing(pixdim=pixdim, mode="bilinear"))
         chain += [NormalizeIntensity(nonzero=True, channel_wise=True), ResizeWithPadOrCrop(size)]
     else:
         raise ValueError(f"kind must be 'image2d' or 'image3d', got {kind!r}")

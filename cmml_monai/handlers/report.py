@@ -10,9 +10,15 @@ import numpy as np
 
 __all__ = ["read_sweep", "comparison_table", "write_comparison"]
 
+# columns that are not scores (never bold)
+_PLAIN = ("runs", "AVG AUC std")
 
-def read_sweep(path: str) -> list[dict]:
+
+def read_sweep(path: str, label: str | None = None) -> list[dict]:
     """Rows of a ``sweep.csv`` (``method, rate, auc, acc, f1, n``) with numbers parsed.
+
+    Each row also gets ``run`` (the file it came from). With ``label`` the rows are renamed to that
+    method name (e.g. an ablation trained with an override, whose sweep still says ``cmml``).
 
     Raises:
         FileNotFoundError: no such file.
@@ -32,35 +38,56 @@ def read_sweep(path: str) -> list[dict]:
     if rows and not need <= set(rows[0]):
         raise ValueError(f"{path}: columns {sorted(rows[0])} lack {sorted(need - set(rows[0]))}")
     return [
-        {"method": r["method"], "rate": float(r["rate"]), "auc": float(r["auc"]), "acc": float(r["acc"]),
-         "f1": float(r["f1"]), "n": int(r["n"])}
+        {"method": label or r["method"], "rate": float(r["rate"]), "auc": float(r["auc"]), "acc": float(r["acc"]),
+         "f1": float(r["f1"]), "n": int(r["n"]), "run": path}
         for r in rows
     ]
 
 
 def comparison_table(rows: Sequence[dict]) -> tuple[list[str], list[dict]]:
     """One row per method: ``AUC@rate`` columns, ``AVG AUC`` (mean over rates), then ``ACC@rate``, ``F1@rate``
-    and their averages. Methods keep their first-seen order.
+    and their averages, then ``runs`` and ``AVG AUC std``. Methods keep their first-seen order.
+
+    Several runs of one method (rows with different ``run`` values, e.g. training seeds) are
+    averaged: every column is the mean over the runs, ``AVG AUC std`` is the standard deviation of
+    the runs' AVG AUCs (0 for one run).
 
     Raises:
-        ValueError: methods evaluated at different rates (their AVG AUCs would not be comparable).
+        ValueError: methods (or runs) evaluated at different rates (their AVG AUCs would not be
+            comparable), or one run giving a rate twice.
     """
     methods = list(dict.fromkeys(r["method"] for r in rows))
     rates = sorted({r["rate"] for r in rows})
     table = []
     for m in methods:
-        mine = {r["rate"]: r for r in rows if r["method"] == m}
-        if sorted(mine) != rates:
-            raise ValueError(f"method {m!r} was evaluated at rates {sorted(mine)}, the others at {rates}")
+        runs: dict[str, dict[float, dict]] = {}
+        for r in rows:
+            if r["method"] != m:
+                continue
+            per_rate = runs.setdefault(str(r.get("run", "")), {})
+            if r["rate"] in per_rate:
+                raise ValueError(f"method {m!r}: rate {r['rate']:g} appears twice in run {r.get('run', '')!r}")
+            per_rate[r["rate"]] = r
+        for run, per_rate in runs.items():
+            if sorted(per_rate) != rates:
+                where = f" (run {run})" if run else ""
+                raise ValueError(f"method {m!r}{where} was evaluated at rates {sorted(per_rate)}, the others at {rates}")
         row: dict = {"method": m}
         for key, label in (("auc", "AUC"), ("acc", "ACC"), ("f1", "F1")):
-            for rate in rates:
-                row[f"{label}@{rate:g}"] = mine[rate][key]
-            row[f"AVG {label}"] = float(np.nanmean([mine[rate][key] for rate in rates]))
+            values = np.array([[per_rate[rate][key] for rate in rates] for per_rate in runs.values()], dtype=float)
+            for j, rate in enumerate(rates):
+                row[f"{label}@{rate:g}"] = float(np.nanmean(values[:, j]))
+            averages = np.nanmean(values, axis=1)
+            row[f"AVG {label}"] = float(np.mean(averages))
+            if key == "auc":
+                auc_std = float(np.std(averages, ddof=1)) if len(averages) > 1 else 0.0
+        row["runs"] = len(runs)
+        row["AVG AUC std"] = auc_std
         table.append(row)
     columns = ["method"]
     for label in ("AUC", "ACC", "F1"):
         columns += [f"{label}@{rate:g}" for rate in rates] + [f"AVG {label}"]
+    columns += ["runs", "AVG AUC std"]
     return columns, table
 
 
@@ -74,13 +101,14 @@ def write_comparison(rows: Sequence[dict], out_dir: str, name: str = "comparison
         writer.writeheader()
         for row in table:
             writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
-    best = {c: max(r[c] for r in table) for c in columns[1:]} if table else {}
+    scored = [c for c in columns[1:] if c not in _PLAIN]
+    best = {c: max(r[c] for r in table) for c in scored} if table else {}
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in table:
         cells = [row["method"]]
         for c in columns[1:]:
-            text = f"{row[c]:.4f}"
-            cells.append(f"**{text}**" if len(table) > 1 and row[c] == best[c] else text)
+            text = str(row[c]) if isinstance(row[c], int) else f"{row[c]:.4f}"
+            cells.append(f"**{text}**" if c in best and len(table) > 1 and row[c] == best[c] else text)
         lines.append("| " + " | ".join(cells) + " |")
     md_path = os.path.join(out_dir, f"{name}.md")
     with open(md_path, "w", encoding="utf-8") as f:
