@@ -118,6 +118,20 @@ def test_cmml_loss_stage2_classifies_the_dropped_view():
         CMMLLoss(stage=2, w_cls_dropped=-1.0)
 
 
+def test_cmml_loss_optional_stage2_reconstruction():
+    b, k, d = 3, 2, 4
+    torch.manual_seed(0)
+    out = {"logits": torch.randn(b, 2), "synth": torch.randn(b, k, d), "target": torch.randn(b, k, d),
+           "recon_mask": torch.tensor([[True, False], [False, False], [False, True]])}
+    label = torch.tensor([0, 1, 1])
+    assert "rec" not in CMMLLoss(stage=2)(out, label)  # off by default (the design's stage-2 loss)
+    res = CMMLLoss(stage=2, w_rec_stage2=0.5)(out, label)
+    expected = 0.5 * ReconstructionLoss()(out["synth"], out["target"], out["recon_mask"]).item()
+    assert res["rec"].item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="w_rec_stage2"):
+        CMMLLoss(stage=2, w_rec_stage2=-0.1)
+
+
 def test_cmml_loss_baseline_and_checks():
     res = CMMLLoss(stage=2)({"logits": torch.zeros(2, 4), "present": torch.ones(2, 3, dtype=torch.bool)},
                             torch.tensor([1, 3]))

@@ -227,8 +227,9 @@ def test_no_nan_table_missing_and_one_image():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(), dict(use_context=False, use_memory=False), dict(share_image_encoder=True)],
-    ids=["cmml", "no_context_no_memory", "shared_encoder"],
+    "kwargs",
+    [dict(), dict(use_context=False, use_memory=False), dict(share_image_encoder=True), dict(mark_synthesized=True)],
+    ids=["cmml", "no_context_no_memory", "shared_encoder", "mark_synthesized"],
 )
 def test_every_parameter_gets_gradient_from_its_stage(kwargs):
     net = cmml(**kwargs).train()
@@ -270,10 +271,11 @@ def test_memory_written_only_in_stage1_training():
     [
         # eager runs the gather/scatter encoders, the trace the vectorised ones: same logits in eval
         lambda: cmml(encode_present_only=True),
+        lambda: cmml(mark_synthesized=True),
         lambda: cmml(use_stage2=False, use_memory=False, use_context=False),
         lambda: LateFusionNet(2, 3, 2, 5, CARDS, feature_dim=D, image_encoder="resnet10", mode="mean_impute"),
     ],
-    ids=["cmml_present_only", "stage1_no_memory_no_context", "mean_impute"],
+    ids=["cmml_present_only", "mark_synthesized", "stage1_no_memory_no_context", "mean_impute"],
 )
 def test_trace_matches_eager_for_other_patterns(make):
     net = make().eval()
@@ -289,7 +291,10 @@ def test_trace_matches_eager_for_other_patterns(make):
             assert torch.allclose(traced_no_tab(image7), net(image7), atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(use_stage2=False, use_context=False)], ids=["cmml", "stage1_only"])
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(use_stage2=False, use_context=False), dict(mark_synthesized=True)],
+    ids=["cmml", "stage1_only", "mark_synthesized"],
+)
 def test_script_matches_eager(kwargs):
     net = cmml(**kwargs).eval()
     image, tab = make_batch(all_patterns(3))

@@ -37,6 +37,8 @@ class CMMLLoss(nn.Module):
         stage: 1 or 2.
         multi_label: BCE instead of CE.
         w_rec, w_aux, w_align, w_supcon, w_cls_dropped: term weights.
+        w_rec_stage2: weight of the reconstruction term in stage 2 (on the second view's dropped
+            slots, keeping the CRTA consistent with the encoders as they keep training; 0 = off).
         temperature: SupCon temperature.
         rec_all_blocks: reconstruct from every cascade block (``synth_blocks``), not only the last.
 
@@ -62,18 +64,20 @@ class CMMLLoss(nn.Module):
         temperature: float = 0.07,
         rec_all_blocks: bool = False,
         w_cls_dropped: float = 1.0,
+        w_rec_stage2: float = 0.0,
     ) -> None:
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}.")
         for name, w in (("w_rec", w_rec), ("w_aux", w_aux), ("w_align", w_align), ("w_supcon", w_supcon),
-                        ("w_cls_dropped", w_cls_dropped)):
+                        ("w_cls_dropped", w_cls_dropped), ("w_rec_stage2", w_rec_stage2)):
             if w < 0:
                 raise ValueError(f"{name} must be >= 0, got {w}.")
         self.stage = stage
         self.multi_label = multi_label
         self.w_rec, self.w_aux, self.w_align, self.w_supcon = w_rec, w_aux, w_align, w_supcon
         self.w_cls_dropped = w_cls_dropped
+        self.w_rec_stage2 = w_rec_stage2
         self.rec_all_blocks = rec_all_blocks
         self.reconstruction = ReconstructionLoss()
         self.alignment = AlignmentLoss()
@@ -94,9 +98,10 @@ class CMMLLoss(nn.Module):
         terms["cls"] = w_cls * self.classification(outputs["logits"], label)
         if self.stage == 2 and "logits_dropped" in outputs and self.w_cls_dropped > 0:
             terms["cls_dropped"] = self.w_cls_dropped * self.classification(outputs["logits_dropped"], label)
-        if self.stage == 1 and all(k in outputs for k in ("synth", "target", "recon_mask")):
+        w_rec = self.w_rec if self.stage == 1 else self.w_rec_stage2
+        if w_rec > 0 and all(k in outputs for k in ("synth", "target", "recon_mask")):
             synth = outputs["synth_blocks"] if self.rec_all_blocks and "synth_blocks" in outputs else outputs["synth"]
-            terms["rec"] = self.w_rec * self.reconstruction(synth, outputs["target"], outputs["recon_mask"])
+            terms["rec"] = w_rec * self.reconstruction(synth, outputs["target"], outputs["recon_mask"])
         if self.stage == 2 and all(k in outputs for k in ("aligned", "reference")):
             terms["align"] = self.w_align * self.alignment(
                 outputs["aligned"], outputs["reference"], outputs.get("align_mask")

@@ -41,8 +41,10 @@ class CMMLNet(nn.Module):
       ``present``, ``keep`` (the reduced mask). The memory banks are written when training.
     - stage 2: two views in one batched pass: view 1 keeps the observed presence (what the served
       path sees), view 2 drops further present modalities at random (``stage2_drop_prob``).
-      ``logits`` (view 1), ``logits_dropped`` (view 2: the classifier on CRTA-completed tokens), ``aligned`` ``[B, k, p]`` and ``reference`` ``[B, p]`` (view 1
-      projections), ``align_mask`` ``[B, k]`` (= ``present``: only real modalities are aligned),
+      ``logits`` (view 1), ``logits_dropped`` (view 2: the classifier on CRTA-completed tokens),
+      ``aligned`` ``[B, k, p]`` and ``reference`` ``[B, p]`` (view 1 projections), ``synth``
+      ``[B, k, d]`` (view-2 CRTA output), ``target`` and ``recon_mask`` (view 2's dropped but truly
+      present slots, for an optional stage-2 reconstruction term), ``align_mask`` ``[B, k]`` (= ``present``: only real modalities are aligned),
       ``proj`` ``[2B, p]`` (normalised projections, view 1 rows then view 2 rows),
       ``proj_present`` ``[2B, k]`` and ``present``.
 
@@ -75,6 +77,8 @@ class CMMLNet(nn.Module):
         memory_momentum: EMA momentum of the memory write.
         encode_present_only: run the image encoders only on present cases in eager mode (see
             ``MultiModalEncoder``); exported models are unaffected.
+        mark_synthesized: add a learned per-modality embedding to synthesized slots before the
+            reference, alignment and fusion, so stage 2 knows which tokens are real.
 
     Example::
 
@@ -87,7 +91,7 @@ class CMMLNet(nn.Module):
     """
 
     # constant for TorchScript: the stage-2 branch is not compiled when the modules do not exist
-    __constants__ = ["use_stage2"]
+    __constants__ = ["use_stage2", "mark_synthesized"]
 
     def __init__(
         self,
@@ -117,6 +121,7 @@ class CMMLNet(nn.Module):
         dropout: float = 0.1,
         memory_momentum: float = 0.9,
         encode_present_only: bool = False,
+        mark_synthesized: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -131,6 +136,7 @@ class CMMLNet(nn.Module):
         self.use_memory = use_memory
         self.use_context = use_context
         self.use_stage2 = use_stage2
+        self.mark_synthesized = mark_synthesized
         self.stage1_drop_prob = stage1_drop_prob
         self.stage2_drop_prob = stage2_drop_prob
         self.encoder = MultiModalEncoder(
@@ -153,6 +159,9 @@ class CMMLNet(nn.Module):
             self.align_proj = ProjectionHead(feature_dim, projection_dim)
             self.reference_proj = ProjectionHead(feature_dim, projection_dim)
             self.contrast_proj = ProjectionHead(feature_dim, projection_dim)
+            if mark_synthesized:
+                # learned per-modality offset added to synthesized slots only (starts as a no-op)
+                self.synth_embedding = nn.Parameter(torch.zeros(k, feature_dim))
 
     # ----------------------------------------------------------------------------------------
     # parameter groups (the trainer freezes / lowers the LR of the CRTA in stage 2)
@@ -192,12 +201,17 @@ class CMMLNet(nn.Module):
 
     def _stage2(
         self, tokens: torch.Tensor, present: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """CRTA -> memory -> reference -> alignment -> fusion. Returns logits, u, R, pooled."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CRTA -> memory -> reference -> alignment -> fusion. Returns logits, u, R, pooled, CRTA output."""
         prior = self._context(tokens.shape[0])
-        completed, context, _ = self.crta(tokens, present, prior)
+        synth, context, _ = self.crta(tokens, present, prior)
+        completed = synth
         if self.memory is not None:
             completed = self.memory(completed, present)
+        if self.mark_synthesized:
+            # tells alignment and fusion which slots were synthesized, so the classifier can weigh
+            # them against real evidence (the baselines' presence indicators do the same)
+            completed = completed + self.synth_embedding.to(completed.dtype) * (~present).unsqueeze(-1).to(completed.dtype)
         if self.reference is not None and prior is not None and context is not None:
             # R_i = C + CrossAttn(C, CRTA output of case i): the dataset prior C queries the
             # case's refined context and completed (memory-enriched) modality tokens
@@ -206,7 +220,7 @@ class CMMLNet(nn.Module):
             reference = completed.mean(dim=1, keepdim=True)
         aligned = self.alignment(completed, reference)
         logits, pooled = self.fusion(torch.cat([reference, aligned], dim=1), aligned.shape[1])
-        return logits, aligned, reference, pooled
+        return logits, aligned, reference, pooled, synth
 
     def forward(self, image: torch.Tensor, tabular: torch.Tensor | None = None) -> torch.Tensor:
         """Served path: ``image [B, M*C, *spatial]`` (NaN = missing), ``tabular [B, F]`` -> logits."""
@@ -242,10 +256,13 @@ class CMMLNet(nn.Module):
         b = tokens.shape[0]
         view2 = random_keep_mask(present, self.stage2_drop_prob)
         masks = torch.cat([present, view2], dim=0)
-        logits, aligned, reference, pooled = self._stage2(torch.cat([tokens, tokens], dim=0), masks)
+        logits, aligned, reference, pooled, synth = self._stage2(torch.cat([tokens, tokens], dim=0), masks)
         return {
             "logits": logits[:b],
             "logits_dropped": logits[b:],
+            "synth": synth[b:],
+            "target": tokens.detach(),
+            "recon_mask": present & ~view2,
             "aligned": self.align_proj(aligned[:b]),
             "reference": self.reference_proj(reference[:b].mean(dim=1)),
             "align_mask": present,
