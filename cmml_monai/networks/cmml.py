@@ -19,6 +19,7 @@ from cmml_monai.networks.crta import CascadedResidualTransformerAE
 from cmml_monai.networks.encoders import MultiModalEncoder
 from cmml_monai.networks.memory import ModalityMemoryBank
 from cmml_monai.networks.utils import random_keep_mask
+from cmml_monai.utils import as_bool
 
 __all__ = ["CMMLNet"]
 
@@ -124,6 +125,13 @@ class CMMLNet(nn.Module):
         mark_synthesized: bool = False,
     ) -> None:
         super().__init__()
+        # switches may arrive as command-line strings ("false")
+        multi_label, use_memory, use_context, use_stage2, mark_synthesized, share_image_encoder = (
+            as_bool(v, n) for v, n in ((multi_label, "multi_label"), (use_memory, "use_memory"),
+                                       (use_context, "use_context"), (use_stage2, "use_stage2"),
+                                       (mark_synthesized, "mark_synthesized"),
+                                       (share_image_encoder, "share_image_encoder"))
+        )
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         for name, p in (("stage1_drop_prob", stage1_drop_prob), ("stage2_drop_prob", stage2_drop_prob)):
