@@ -286,6 +286,7 @@ def build_dataset(
         raise ValueError(f"cache_rate must be in [0, 1], got {cache_rate}")
     if int(num_workers) < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    pixdim = resolve_pixdim(pixdim)
     data = data_dicts(case_list, split, with_label=with_label)
     transform = case_transforms(
         case_list, schema, spatial_size, pixdim, reader=reader, series=series, mean=mean, std=std,
@@ -305,7 +306,7 @@ def build_dataset(
         "modalities": [(m.name, m.kind, m.channels) for m in case_list.modalities],
         "multi_label": case_list.multi_label,
         "spatial_size": [int(s) for s in spatial_size],
-        "pixdim": None if resolve_pixdim(pixdim) is None else list(resolve_pixdim(pixdim)),
+        "pixdim": None if pixdim is None else list(pixdim),
         "reader": reader,
         "series": series,
         "mean": None if mean is None else [float(m) for m in mean],

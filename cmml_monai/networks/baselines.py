@@ -9,7 +9,6 @@ import torch.nn as nn
 
 from cmml_monai.networks.encoders import MultiModalEncoder
 from cmml_monai.networks.utils import masked_mean, random_keep_mask
-from cmml_monai.utils import as_bool
 
 __all__ = ["LateFusionNet", "LATE_FUSION_MODES"]
 
@@ -68,8 +67,6 @@ class LateFusionNet(nn.Module):
         encode_present_only: bool = False,
     ) -> None:
         super().__init__()
-        multi_label = as_bool(multi_label, "multi_label")
-        share_image_encoder = as_bool(share_image_encoder, "share_image_encoder")
         if mode not in LATE_FUSION_MODES:
             raise ValueError(f"mode must be one of {LATE_FUSION_MODES}, got {mode!r}.")
         if not 0.0 <= dropout_prob <= 1.0:

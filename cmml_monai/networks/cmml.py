@@ -45,7 +45,8 @@ class CMMLNet(nn.Module):
       ``logits`` (view 1), ``logits_dropped`` (view 2: the classifier on CRTA-completed tokens),
       ``aligned`` ``[B, k, p]`` and ``reference`` ``[B, p]`` (view 1 projections), ``synth``
       ``[B, k, d]`` (view-2 CRTA output), ``target`` and ``recon_mask`` (view 2's dropped but truly
-      present slots, for an optional stage-2 reconstruction term), ``align_mask`` ``[B, k]`` (= ``present``: only real modalities are aligned),
+      present slots, for an optional stage-2 reconstruction term), ``align_mask`` ``[B, k]``
+      (= ``present``: only real modalities are aligned),
       ``proj`` ``[2B, p]`` (normalised projections, view 1 rows then view 2 rows),
       ``proj_present`` ``[2B, k]`` and ``present``.
 
@@ -125,13 +126,11 @@ class CMMLNet(nn.Module):
         mark_synthesized: bool = False,
     ) -> None:
         super().__init__()
-        # switches may arrive as command-line strings ("false")
-        multi_label, use_memory, use_context, use_stage2, mark_synthesized, share_image_encoder = (
-            as_bool(v, n) for v, n in ((multi_label, "multi_label"), (use_memory, "use_memory"),
-                                       (use_context, "use_context"), (use_stage2, "use_stage2"),
-                                       (mark_synthesized, "mark_synthesized"),
-                                       (share_image_encoder, "share_image_encoder"))
-        )
+        # switches may arrive as command-line strings ("false"); the encoder checks its own
+        use_memory = as_bool(use_memory, "use_memory")
+        use_context = as_bool(use_context, "use_context")
+        use_stage2 = as_bool(use_stage2, "use_stage2")
+        mark_synthesized = as_bool(mark_synthesized, "mark_synthesized")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         for name, p in (("stage1_drop_prob", stage1_drop_prob), ("stage2_drop_prob", stage2_drop_prob)):

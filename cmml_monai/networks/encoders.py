@@ -13,6 +13,7 @@ from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
 
 from cmml_monai.networks.tabular import TabularEncoder
 from cmml_monai.networks.utils import presence_from_nan
+from cmml_monai.utils import as_bool
 
 __all__ = ["IMAGE_ENCODERS", "build_image_backbone", "load_pretrained", "ImageEncoder", "MultiModalEncoder"]
 
@@ -190,6 +191,9 @@ class MultiModalEncoder(nn.Module):
         encode_present_only: bool = False,
     ) -> None:
         super().__init__()
+        # switches may arrive as command-line strings ("false")
+        share_image_encoder = as_bool(share_image_encoder, "share_image_encoder")
+        encode_present_only = as_bool(encode_present_only, "encode_present_only")
         if image_modalities < 1:
             raise ValueError(f"image_modalities must be >= 1, got {image_modalities}.")
         if image_channels < 1:
