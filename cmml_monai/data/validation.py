@@ -1,0 +1,137 @@
+"""Validation under simulated missingness: score checkpoints on the conditions the sweep tests.
+
+By default a checkpoint is chosen (and early stopping decides) by the AUC on the validation split as
+observed, where almost every modality is present. The missing-rate sweep then tests the chosen
+checkpoint at rates up to 0.7. With ``val_missing_rates`` set, every validation case is scored once
+per rate, with that rate's seeded mask (saved as ``masks_valid.json`` next to the test masks, so
+every method is validated on the same masks), and the validation AUC is taken over all those views.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cmml_monai.data.cases import CaseList
+from cmml_monai.data.missingness import apply_presence_mask, ensure_masks, natural_presence
+
+__all__ = ["MissingRateViews", "validation_views"]
+
+
+class MissingRateViews(Dataset):
+    """Every case of a split once per missing rate, with that rate's presence mask applied (NaN = missing).
+
+    Item ``r * N + i`` is case ``i`` under rate ``rates[r]``; it carries ``missing_rate``.
+
+    Args:
+        dataset: batch-contract items (``image``, optional ``tabular``, ``label``, ``case_id``) in
+            ``case_ids`` order.
+        case_ids: the split's case ids, in dataset order.
+        masks: rate -> ``[N, k]`` bool presence (image modalities, then the table if any).
+        channels_per_modality: channels of each image modality (one int for all, or one per modality).
+
+    Example::
+
+        >>> views = MissingRateViews(val_dataset, ids, {0.0: full, 0.5: half}, 3)  # doctest: +SKIP
+        >>> len(views) == 2 * len(val_dataset)  # doctest: +SKIP
+        True
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        case_ids: Sequence[str],
+        masks: Mapping[float, np.ndarray],
+        channels_per_modality: int | Sequence[int],
+    ) -> None:
+        if not masks:
+            raise ValueError("masks must hold at least one rate")
+        n = len(dataset)  # type: ignore[arg-type]
+        if n != len(case_ids):
+            raise ValueError(f"the dataset has {n} items but {len(case_ids)} case ids were given")
+        self.dataset = dataset
+        self.case_ids = [str(c) for c in case_ids]
+        self.rates = sorted(float(r) for r in masks)
+        self.masks = {float(r): np.asarray(m, dtype=bool) for r, m in masks.items()}
+        for rate, mask in self.masks.items():
+            if mask.ndim != 2 or mask.shape[0] != n:
+                raise ValueError(f"the mask of rate {rate:g} has shape {mask.shape}, expected ({n}, k)")
+        self.channels_per_modality = channels_per_modality
+
+    def __len__(self) -> int:
+        return len(self.rates) * len(self.case_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} views")
+        r, i = divmod(index % len(self), len(self.case_ids))
+        item = dict(self.dataset[i])
+        if str(item.get("case_id")) != self.case_ids[i]:
+            raise ValueError(
+                f"validation item {i} is case {item.get('case_id')!r}, expected {self.case_ids[i]!r}: "
+                "the dataset is not in case-list order"
+            )
+        rate = self.rates[r]
+        present = torch.as_tensor(self.masks[rate][i][None])
+        image = torch.as_tensor(item["image"])
+        tabular = item.get("tabular")
+        if tabular is None:  # no table in this dataset: only the image columns of the mask apply
+            cpm = self.channels_per_modality
+            present = present[:, : (image.shape[0] // cpm if isinstance(cpm, int) else len(cpm))]
+        masked_image, masked_tabular = apply_presence_mask(
+            image[None], None if tabular is None else torch.as_tensor(tabular)[None], present, self.channels_per_modality
+        )
+        item["image"] = masked_image[0]
+        if masked_tabular is not None:
+            item["tabular"] = masked_tabular[0]
+        item["missing_rate"] = rate
+        return item
+
+
+def validation_views(
+    dataset: Dataset,
+    case_list: CaseList,
+    rates: Sequence[float] | None,
+    masks_dir: str,
+    seed: int = 0,
+    split: str = "valid",
+) -> Dataset:
+    """The dataset that validation scores checkpoints on.
+
+    Args:
+        dataset: the split's batch-contract dataset, in ``case_list.split(split)`` order.
+        case_list: the dataset's cases.
+        rates: missing rates to validate under; ``None`` or empty returns ``dataset`` unchanged
+            (the observed presence only).
+        masks_dir: where ``masks_<split>.json`` is saved / reused (share it between methods).
+        seed: mask seed.
+        split: the split ``dataset`` holds.
+
+    Raises:
+        ValueError: a rate outside ``[0, 1)`` or a dataset that does not match the split.
+    """
+    if rates is None or len(rates) == 0:
+        return dataset
+    rates = [float(r) for r in rates]
+    bad = [r for r in rates if not 0.0 <= r < 1.0]
+    if bad:
+        raise ValueError(f"val_missing_rates must be in [0, 1), got {bad}")
+    cases = case_list.split(split)
+    if len(dataset) != len(cases):  # type: ignore[arg-type]
+        raise ValueError(f"the {split} dataset has {len(dataset)} items but the case list {len(cases)}")  # type: ignore[arg-type]
+    case_ids = [c.case_id for c in cases]
+    masks = ensure_masks(
+        os.path.join(masks_dir, f"masks_{split}.json"),
+        case_ids,
+        case_list.modality_names,
+        natural_presence(case_list, cases),
+        rates,
+        seed,
+    )
+    channels = [m.channels for m in case_list.image_modalities]
+    return MissingRateViews(dataset, case_ids, {r: masks[r] for r in rates}, channels)
