@@ -279,6 +279,8 @@ def test_memory_written_only_in_stage1_training():
 )
 def test_trace_matches_eager_for_other_patterns(make):
     net = make().eval()
+    if isinstance(net, CMMLNet):
+        net.stage2_trained.fill_(True)  # serve the stage-2 path (a fresh net serves the stage-1 head)
     image, tab = make_batch(torch.ones(2, 3, dtype=torch.bool))  # traced with everything present
     present = all_patterns(3)
     image7, tab7 = make_batch(present)
@@ -300,8 +302,42 @@ def test_script_matches_eager(kwargs):
     image, tab = make_batch(all_patterns(3))
     with torch.jit.optimized_execution(False):
         scripted = torch.jit.script(net)
-        assert torch.allclose(scripted(image, tab), net(image, tab), atol=1e-5)
-        assert torch.allclose(scripted(image), net(image), atol=1e-5)
+        for trained in (False, True):  # the stage-1 head, then the stage-2 path, in one scripted model
+            net.stage2_trained.fill_(trained)
+            scripted.stage2_trained.fill_(trained)
+            assert torch.allclose(scripted(image, tab), net(image, tab), atol=1e-5)
+            assert torch.allclose(scripted(image), net(image), atol=1e-5)
+
+
+def test_served_head_follows_the_trained_stage():
+    """A fresh (or stage-1-only) CMMLNet serves the stage-1 head; after a stage-2 training step it
+    serves the fusion head. The flag travels with the weights; weights saved without it are stage 2."""
+    torch.manual_seed(0)
+    net = cmml()
+    image, tab = make_batch(all_patterns(3))
+    net.eval()
+    tokens, present = net.encoder(image, tab)
+    synth, context, _ = net.crta(tokens, present, net._context(tokens.shape[0]))
+    stage1_logits = net._stage1_head(synth, context)
+    stage2_logits = net._stage2(tokens, present)[0]
+    assert not bool(net.stage2_trained)
+    assert torch.allclose(net(image, tab), stage1_logits, atol=1e-6)
+    assert not torch.allclose(stage1_logits, stage2_logits, atol=1e-3)
+    net.train().forward_train(image, tab, stage=1)
+    assert not bool(net.stage2_trained)  # stage 1 does not flip it
+    net.eval().forward_train(image, tab, stage=2)
+    assert not bool(net.stage2_trained)  # nor does a stage-2 pass outside training
+    net.train().forward_train(image, tab, stage=2)
+    assert bool(net.stage2_trained)
+    net.eval()
+    assert torch.allclose(net(image, tab), net._stage2(*net.encoder(image, tab))[0], atol=1e-6)
+    state = net.state_dict()
+    assert bool(state["stage2_trained"])
+    fresh = cmml()
+    fresh.load_state_dict({k: v for k, v in state.items() if k != "stage2_trained"})
+    assert bool(fresh.stage2_trained)
+    fresh.load_state_dict({**state, "stage2_trained": torch.tensor(False)})
+    assert not bool(fresh.stage2_trained)
 
 
 def test_determinism():

@@ -75,6 +75,13 @@ def test_two_stage_run_end_to_end(synthetic_dir, tmp_path):
     loader = [h for h in w.parser.get_parsed_content("train#handlers") if type(h).__name__ == "LoadNetworkHandler"][0]
     assert loader.loaded_from.endswith(os.path.join("stage1", "checkpoint_epoch=1.pt"))
     assert os.path.isfile(os.path.join(out, "models", "model.pt"))
+    # stage-1 checkpoints serve the stage-1 head (validated on it), the published model the fusion head
+    def served_flag(path: str) -> bool:
+        state = torch.load(path, weights_only=True)
+        return bool(state.get("network", state)["stage2_trained"])
+
+    assert not served_flag(os.path.join(out, "stage1", "model_best.pt"))
+    assert served_flag(os.path.join(out, "models", "model.pt"))
     assert os.path.isfile(os.path.join(out, "table_schema.json"))
     with open(os.path.join(out, "sweep", "sweep.csv"), newline="") as f:
         rows = list(csv.DictReader(f))

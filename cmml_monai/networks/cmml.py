@@ -30,8 +30,12 @@ class CMMLNet(nn.Module):
     ``forward(image, tabular=None) -> logits`` is the served / exported path: presence from NaN,
     encoders, CRTA completion of the missing tokens, memory enrichment, instance-adaptive
     reference, alignment, fusion, classifier (with ``use_stage2=False``: CRTA + the stage-1
-    auxiliary head). It has no data-dependent Python branch, so a trace made with one missing
-    pattern handles every pattern; it is also scriptable (`torch.jit.script`).
+    auxiliary head). Until stage 2 has trained (the ``stage2_trained`` buffer, set by the first
+    stage-2 training step and saved with the weights) it serves the stage-1 head instead, so
+    stage-1 validation and a model trained by stage 1 alone are scored on the head that was
+    trained, not on an untrained fusion head. It has no data-dependent Python branch (the heads are
+    selected with ``torch.where``), so a trace made with one missing pattern handles every pattern;
+    it is also scriptable (`torch.jit.script`).
 
     ``forward_train(image, tabular=None, stage) -> dict`` is the training path. Every present
     modality is encoded once; the extra missingness is made by masking tokens afterwards.
@@ -159,6 +163,8 @@ class CMMLNet(nn.Module):
         self.memory: ModalityMemoryBank | None = (
             ModalityMemoryBank(k, feature_dim, memory_slots, memory_tau, memory_momentum) if use_memory else None
         )
+        # False until the first stage-2 training step: the served path uses the stage-1 head until then
+        self.register_buffer("stage2_trained", torch.zeros((), dtype=torch.bool))
         if use_stage2:
             self.reference = InstanceAdaptiveReference(feature_dim, num_heads, dropout) if use_context else None
             self.alignment = CrossModalAlignment(feature_dim, num_heads, dropout)
@@ -233,9 +239,18 @@ class CMMLNet(nn.Module):
         """Served path: ``image [B, M*C, *spatial]`` (NaN = missing), ``tabular [B, F]`` -> logits."""
         tokens, present = self.encoder(image, tabular)
         if self.use_stage2:
-            return self._stage2(tokens, present)[0]
+            logits, _, _, _, synth = self._stage2(tokens, present)
+            # the stage-1 head reads the same CRTA output, so serving it until stage 2 has trained is cheap
+            return torch.where(self.stage2_trained, logits, self._stage1_head(synth, None))
         completed, context, _ = self.crta(tokens, present, self._context(tokens.shape[0]))
         return self._stage1_head(completed, context)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # weights saved before the flag existed came from full (stage-2) training
+        key = prefix + "stage2_trained"
+        if key not in state_dict:
+            state_dict[key] = torch.ones((), dtype=torch.bool)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def forward_train(
         self, image: torch.Tensor, tabular: torch.Tensor | None = None, stage: int = 2
@@ -260,6 +275,8 @@ class CMMLNet(nn.Module):
             }
         if not self.use_stage2:
             raise ValueError("forward_train(stage=2) needs a network built with use_stage2=True.")
+        if self.training:
+            self.stage2_trained.fill_(True)
         b = tokens.shape[0]
         view2 = random_keep_mask(present, self.stage2_drop_prob)
         masks = torch.cat([present, view2], dim=0)
