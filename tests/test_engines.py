@@ -90,8 +90,17 @@ def test_stage2_groups_lower_lr_or_freeze_crta():
     assert by_name["crta"]["lr"] == pytest.approx(1e-4)
     assert {id(p) for p in by_name["crta"]["params"]} == crta
     assert not crta & {id(p) for p in by_name["main"]["params"]}
-    frozen = stage_parameter_groups(net, 2, lr=1e-3, freeze_crta=True)
+    encoder = {id(p) for p in net.encoder.parameters()}
+    assert by_name["encoder"]["lr"] == pytest.approx(1e-3)  # default: the encoders keep the full LR
+    assert {id(p) for p in by_name["encoder"]["params"]} == encoder
+    assert not encoder & {id(p) for p in by_name["main"]["params"]}
+    slow = {g["name"]: g["lr"] for g in stage_parameter_groups(net, 2, lr=1e-3, encoder_lr_scale=0.1)}
+    assert slow == pytest.approx({"main": 1e-3, "encoder": 1e-4, "crta": 1e-4})
+    assert [g["name"] for g in stage_parameter_groups(net, 1, lr=1e-3, encoder_lr_scale=0.1)] == ["all"]
+    frozen = stage_parameter_groups(net, 2, lr=1e-3, freeze_crta=True, encoder_lr_scale=0.0)
     assert [g["name"] for g in frozen] == ["main"]
+    with pytest.raises(ValueError, match="encoder_lr_scale must be >= 0, got -1"):
+        stage_parameter_groups(net, 2, lr=1e-3, encoder_lr_scale=-1)
     # baselines have one group
     assert len(stage_parameter_groups(_net("zero_fill"), 2, lr=1e-3)) == 1
     with pytest.raises(ValueError, match="stage"):

@@ -1,8 +1,9 @@
 """Optimizers per training stage, from ``network.stage_parameters(stage)``.
 
 Stage 2 fine-tunes the CRTA (``network.crta_parameters()``: CRTA + context tokens) at
-``lr * crta_lr_scale`` or freezes it (``freeze_crta``). Networks without ``crta_parameters`` are split by
-name prefix, so baselines without a CRTA get one group.
+``lr * crta_lr_scale`` or freezes it (``freeze_crta``), and the encoders (parameters under
+``encoder.``) at ``lr * encoder_lr_scale``. Networks without ``crta_parameters`` are split by name
+prefix, so baselines without a CRTA get one group.
 """
 
 from __future__ import annotations
@@ -48,31 +49,43 @@ def stage_parameter_groups(
     crta_lr_scale: float = 0.1,
     freeze_crta: bool = False,
     crta_prefixes: Sequence[str] = CRTA_PREFIXES,
+    encoder_lr_scale: float = 1.0,
 ) -> list[dict]:
-    """Param groups of ``stage``: stage 1 one group; stage 2 the rest at ``lr`` and the CRTA at
-    ``lr * crta_lr_scale`` (left out when ``freeze_crta``).
+    """Param groups of ``stage``: stage 1 one group; stage 2 the new stage-2 modules at ``lr``, the
+    encoders at ``lr * encoder_lr_scale`` and the CRTA at ``lr * crta_lr_scale`` (left out when
+    ``freeze_crta``).
 
     Raises:
         ValueError: bad stage, negative scale, or a stage with no trainable parameters.
     """
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-    if crta_lr_scale < 0:
-        raise ValueError(f"crta_lr_scale must be >= 0, got {crta_lr_scale!r}")
+    for name, scale in (("crta_lr_scale", crta_lr_scale), ("encoder_lr_scale", encoder_lr_scale)):
+        if scale < 0:
+            raise ValueError(f"{name} must be >= 0, got {scale!r}")
     freeze_crta = as_bool(freeze_crta, "freeze_crta")
     chosen = {id(p) for p in _stage_params(network, stage)}
     crta_fn = getattr(network, "crta_parameters", None)
     crta_ids = {id(p) for p in crta_fn()} if callable(crta_fn) else None
-    crta, rest = [], []
+    crta, encoder, rest = [], [], []
     for name, p in network.named_parameters():
         if id(p) not in chosen:
             continue
         is_crta = id(p) in crta_ids if crta_ids is not None else name.split(".")[0] in crta_prefixes
-        (crta if is_crta else rest).append(p)
+        if is_crta:
+            crta.append(p)
+        elif crta_ids is not None and name.startswith("encoder."):
+            encoder.append(p)
+        else:
+            rest.append(p)
     if stage == 1:
-        groups = [{"params": crta + rest, "lr": lr, "name": "all"}]
+        groups = [{"params": crta + encoder + rest, "lr": lr, "name": "all"}]
     else:
         groups = [{"params": rest, "lr": lr, "name": "main"}]
+        if encoder and encoder_lr_scale > 0:
+            groups.append({"params": encoder, "lr": lr * encoder_lr_scale, "name": "encoder"})
+        elif encoder:
+            logger.info("stage 2: %d encoder parameter tensors frozen", len(encoder))
         if crta and not freeze_crta and crta_lr_scale > 0:
             groups.append({"params": crta, "lr": lr * crta_lr_scale, "name": "crta"})
         elif crta:
@@ -90,11 +103,13 @@ def stage_optimizer(
     weight_decay: float = 1e-4,
     crta_lr_scale: float = 0.1,
     freeze_crta: bool = False,
+    encoder_lr_scale: float = 1.0,
 ) -> torch.optim.Optimizer:
     """AdamW over ``stage_parameter_groups``."""
-    return torch.optim.AdamW(
-        stage_parameter_groups(network, stage, lr, crta_lr_scale, freeze_crta), lr=lr, weight_decay=weight_decay
+    groups = stage_parameter_groups(
+        network, stage, lr, crta_lr_scale, freeze_crta, encoder_lr_scale=encoder_lr_scale
     )
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
 def cosine_scheduler(optimizer: torch.optim.Optimizer, max_epochs: int, eta_min_ratio: float = 0.01):
