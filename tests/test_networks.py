@@ -228,8 +228,11 @@ def test_no_nan_table_missing_and_one_image():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(), dict(use_context=False, use_memory=False), dict(share_image_encoder=True), dict(mark_synthesized=True)],
-    ids=["cmml", "no_context_no_memory", "shared_encoder", "mark_synthesized"],
+    [
+        dict(), dict(use_context=False, use_memory=False), dict(share_image_encoder=True), dict(mark_synthesized=True),
+        dict(residual_head=False),
+    ],
+    ids=["cmml", "no_context_no_memory", "shared_encoder", "mark_synthesized", "no_residual_head"],
 )
 def test_every_parameter_gets_gradient_from_its_stage(kwargs):
     net = cmml(**kwargs).train()
@@ -272,10 +275,11 @@ def test_memory_written_only_in_stage1_training():
         # eager runs the gather/scatter encoders, the trace the vectorised ones: same logits in eval
         lambda: cmml(encode_present_only=True),
         lambda: cmml(mark_synthesized=True),
+        lambda: cmml(residual_head=False),
         lambda: cmml(use_stage2=False, use_memory=False, use_context=False),
         lambda: LateFusionNet(2, 3, 2, 5, CARDS, feature_dim=D, image_encoder="resnet10", mode="mean_impute"),
     ],
-    ids=["cmml_present_only", "mark_synthesized", "stage1_no_memory_no_context", "mean_impute"],
+    ids=["cmml_present_only", "mark_synthesized", "no_residual_head", "stage1_no_memory_no_context", "mean_impute"],
 )
 def test_trace_matches_eager_for_other_patterns(make):
     net = make().eval()
@@ -294,8 +298,9 @@ def test_trace_matches_eager_for_other_patterns(make):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(), dict(use_stage2=False, use_context=False), dict(mark_synthesized=True)],
-    ids=["cmml", "stage1_only", "mark_synthesized"],
+    "kwargs",
+    [dict(), dict(use_stage2=False, use_context=False), dict(mark_synthesized=True), dict(residual_head=False)],
+    ids=["cmml", "stage1_only", "mark_synthesized", "no_residual_head"],
 )
 def test_script_matches_eager(kwargs):
     net = cmml(**kwargs).eval()
@@ -313,7 +318,7 @@ def test_served_head_follows_the_trained_stage():
     """A fresh (or stage-1-only) CMMLNet serves the stage-1 head; after a stage-2 training step it
     serves the fusion head. The flag travels with the weights; weights saved without it are stage 2."""
     torch.manual_seed(0)
-    net = cmml()
+    net = cmml(residual_head=False)
     image, tab = make_batch(all_patterns(3))
     net.eval()
     tokens, present = net.encoder(image, tab)
@@ -333,7 +338,7 @@ def test_served_head_follows_the_trained_stage():
     assert torch.allclose(net(image, tab), net._stage2(*net.encoder(image, tab))[0], atol=1e-6)
     state = net.state_dict()
     assert bool(state["stage2_trained"])
-    fresh = cmml()
+    fresh = cmml(residual_head=False)
     fresh.load_state_dict({k: v for k, v in state.items() if k != "stage2_trained"})
     assert bool(fresh.stage2_trained)
     fresh.load_state_dict({**state, "stage2_trained": torch.tensor(False)})
@@ -497,3 +502,29 @@ def test_fusion_head_pools_only_the_modality_tokens():
     assert torch.allclose(pooled, head.norm(modality.mean(dim=1)), atol=1e-6)
     _, pooled_all = head(torch.cat([reference, modality], dim=1))
     assert not torch.allclose(pooled, pooled_all, atol=1e-3)
+
+
+def test_residual_head_starts_stage2_from_the_stage1_prediction():
+    """``residual_head``: stage-2 logits = fusion head + the stage-1 head (trained on in stage 2), and
+    the fusion classifier starts near zero, so the first stage-2 step serves what stage 1 learned."""
+    torch.manual_seed(0)
+    net = cmml(residual_head=True).eval()
+    assert net.fusion.classifier.weight.abs().max() < 0.1 and not net.fusion.classifier.bias.any()
+    aux = {id(p) for p in list(net.aux_head.parameters()) + list(net.aux_norm.parameters())}
+    assert aux <= {id(p) for p in net.stage_parameters(2)}
+    image, tab = make_batch(all_patterns(3))
+    net.stage2_trained.fill_(True)
+    tokens, present = net.encoder(image, tab)
+    synth, _, _ = net.crta(tokens, present, net._context(tokens.shape[0]))
+    with torch.no_grad():
+        net.fusion.classifier.weight.zero_()
+    assert torch.allclose(net(image, tab), net._stage1_head(synth, None), atol=1e-6)
+    plain = cmml(residual_head=False)
+    plain_aux = {id(p) for p in list(plain.aux_head.parameters()) + list(plain.aux_norm.parameters())}
+    assert not plain_aux & {id(p) for p in plain.stage_parameters(2)}  # without it stage 2 leaves that head
+    # the head layout travels with the weights: loading into the other layout is refused, by name
+    with pytest.raises(RuntimeError, match="trained with residual_head=True .* network_def#residual_head true"):
+        plain.load_state_dict(net.state_dict())
+    with pytest.raises(RuntimeError, match="residual_head=False"):  # weights from before the option existed
+        cmml().load_state_dict({k: v for k, v in plain.state_dict().items() if k != "residual_head_flag"})
+    plain.load_state_dict({k: v for k, v in plain.state_dict().items() if k != "residual_head_flag"})

@@ -85,6 +85,10 @@ class CMMLNet(nn.Module):
             ``MultiModalEncoder``); exported models are unaffected.
         mark_synthesized: add a learned per-modality embedding to synthesized slots before the
             reference, alignment and fusion, so stage 2 knows which tokens are real.
+        residual_head: the stage-2 logits are the fusion head's plus the stage-1 head's (on the same
+            CRTA output, trained on in stage 2 too), and the fusion classifier starts near zero, so
+            stage 2 refines the trained stage-1 prediction instead of restarting from an untrained
+            head. Saved with the weights; weights trained with the other setting are refused on load.
 
     Example::
 
@@ -97,7 +101,7 @@ class CMMLNet(nn.Module):
     """
 
     # constant for TorchScript: the stage-2 branch is not compiled when the modules do not exist
-    __constants__ = ["use_stage2", "mark_synthesized"]
+    __constants__ = ["use_stage2", "mark_synthesized", "residual_head"]
 
     def __init__(
         self,
@@ -128,6 +132,7 @@ class CMMLNet(nn.Module):
         memory_momentum: float = 0.9,
         encode_present_only: bool = False,
         mark_synthesized: bool = False,
+        residual_head: bool = True,
     ) -> None:
         super().__init__()
         # switches may arrive as command-line strings ("false"); the encoder checks its own
@@ -135,6 +140,7 @@ class CMMLNet(nn.Module):
         use_context = as_bool(use_context, "use_context")
         use_stage2 = as_bool(use_stage2, "use_stage2")
         mark_synthesized = as_bool(mark_synthesized, "mark_synthesized")
+        residual_head = as_bool(residual_head, "residual_head")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         for name, p in (("stage1_drop_prob", stage1_drop_prob), ("stage2_drop_prob", stage2_drop_prob)):
@@ -148,6 +154,7 @@ class CMMLNet(nn.Module):
         self.use_context = use_context
         self.use_stage2 = use_stage2
         self.mark_synthesized = mark_synthesized
+        self.residual_head = residual_head and use_stage2
         self.stage1_drop_prob = stage1_drop_prob
         self.stage2_drop_prob = stage2_drop_prob
         self.encoder = MultiModalEncoder(
@@ -165,6 +172,8 @@ class CMMLNet(nn.Module):
         )
         # False until the first stage-2 training step: the served path uses the stage-1 head until then
         self.register_buffer("stage2_trained", torch.zeros((), dtype=torch.bool))
+        # saved with the weights, so weights trained with the other head layout are refused on load
+        self.register_buffer("residual_head_flag", torch.tensor(self.residual_head))
         if use_stage2:
             self.reference = InstanceAdaptiveReference(feature_dim, num_heads, dropout) if use_context else None
             self.alignment = CrossModalAlignment(feature_dim, num_heads, dropout)
@@ -172,6 +181,10 @@ class CMMLNet(nn.Module):
             self.align_proj = ProjectionHead(feature_dim, projection_dim)
             self.reference_proj = ProjectionHead(feature_dim, projection_dim)
             self.contrast_proj = ProjectionHead(feature_dim, projection_dim)
+            if self.residual_head:
+                # the fusion head starts as a near-zero correction of the trained stage-1 head
+                nn.init.normal_(self.fusion.classifier.weight, std=0.01)
+                nn.init.zeros_(self.fusion.classifier.bias)
             if mark_synthesized:
                 # learned per-modality offset added to synthesized slots only (starts as a no-op)
                 self.synth_embedding = nn.Parameter(torch.zeros(k, feature_dim))
@@ -199,7 +212,9 @@ class CMMLNet(nn.Module):
             if not self.use_stage2:
                 raise ValueError("stage 2 parameters requested but the network was built with use_stage2=False.")
             seen = {id(p) for p in self.stage_parameters(1)}
-            aux = {id(p) for p in list(self.aux_norm.parameters()) + list(self.aux_head.parameters())}
+            aux = set() if self.residual_head else {
+                id(p) for p in list(self.aux_norm.parameters()) + list(self.aux_head.parameters())
+            }
             params = [p for p in self.stage_parameters(1) if id(p) not in aux]
             return params + [p for p in self.parameters() if id(p) not in seen]
         raise ValueError(f"stage must be 1 or 2, got {stage}.")
@@ -233,6 +248,8 @@ class CMMLNet(nn.Module):
             reference = completed.mean(dim=1, keepdim=True)
         aligned = self.alignment(completed, reference)
         logits, pooled = self.fusion(torch.cat([reference, aligned], dim=1), aligned.shape[1])
+        if self.residual_head:
+            logits = logits + self._stage1_head(synth, None)
         return logits, aligned, reference, pooled, synth
 
     def forward(self, image: torch.Tensor, tabular: torch.Tensor | None = None) -> torch.Tensor:
@@ -246,10 +263,19 @@ class CMMLNet(nn.Module):
         return self._stage1_head(completed, context)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # weights saved before the flag existed came from full (stage-2) training
+        # weights saved before the flags existed came from full (stage-2) training without residual head
         key = prefix + "stage2_trained"
         if key not in state_dict:
             state_dict[key] = torch.ones((), dtype=torch.bool)
+        key = prefix + "residual_head_flag"
+        saved = bool(state_dict[key]) if key in state_dict else False
+        if self.use_stage2 and saved != self.residual_head:
+            error_msgs.append(
+                f"the weights were trained with residual_head={saved} but the network was built with "
+                f"residual_head={self.residual_head}: build it with network_def#residual_head {str(saved).lower()}"
+            )
+            return
+        state_dict[key] = torch.tensor(self.residual_head)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def forward_train(
