@@ -32,6 +32,6 @@ def test_lowercase_false_reaches_the_consumers(tmp_path):
     assert ResumeHandler(str(tmp_path), {}, enabled="false").enabled is False
     net = CMMLNet(1, 3, 2, 2, feature_dim=16, image_encoder="resnet10")
     groups = stage_parameter_groups(net, 2, 1e-3, freeze_crta="true")
-    assert [g["name"] for g in groups] == ["main"]  # the CRTA group is left out, not trained
+    assert [g["name"] for g in groups] == ["main", "encoder"]  # the CRTA group is left out, not trained
     off = CMMLNet(1, 3, 2, 2, feature_dim=16, image_encoder="resnet10", use_memory="false", mark_synthesized="False")
     assert off.memory is None and not hasattr(off, "synth_embedding")
