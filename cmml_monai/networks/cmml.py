@@ -72,7 +72,8 @@ class CMMLNet(nn.Module):
             only and the reference is the pooled CRTA output).
         use_stage2: ablation flag: build stage 2; without it the served path is the stage-1 head.
         stage1_drop_prob: probability of dropping each present modality in stage 1.
-        stage2_drop_prob: probability of dropping each present modality in the second stage-2 view.
+        stage2_drop_prob: probability of dropping each present modality in the second stage-2 view
+            (0.5: the sweep tests rates up to 0.7, so the classifier must see heavily completed cases).
         share_image_encoder: one image backbone for all image modalities.
         pretrained_path: local state dict for the image backbones.
         projection_dim: width ``p`` of the alignment / contrastive projections.
@@ -121,7 +122,7 @@ class CMMLNet(nn.Module):
         use_context: bool = True,
         use_stage2: bool = True,
         stage1_drop_prob: float = 0.5,
-        stage2_drop_prob: float = 0.3,
+        stage2_drop_prob: float = 0.5,
         share_image_encoder: bool = False,
         pretrained_path: str | None = None,
         projection_dim: int = 128,
