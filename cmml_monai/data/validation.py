@@ -83,9 +83,8 @@ class MissingRateViews(Dataset):
         if tabular is None:  # no table in this dataset: only the image columns of the mask apply
             cpm = self.channels_per_modality
             present = present[:, : (image.shape[0] // cpm if isinstance(cpm, int) else len(cpm))]
-        masked_image, masked_tabular = apply_presence_mask(
-            image[None], None if tabular is None else torch.as_tensor(tabular)[None], present, self.channels_per_modality
-        )
+        table = None if tabular is None else torch.as_tensor(tabular)[None]
+        masked_image, masked_tabular = apply_presence_mask(image[None], table, present, self.channels_per_modality)
         item["image"] = masked_image[0]
         if masked_tabular is not None:
             item["tabular"] = masked_tabular[0]
@@ -122,8 +121,9 @@ def validation_views(
     if bad:
         raise ValueError(f"val_missing_rates must be in [0, 1), got {bad}")
     cases = case_list.split(split)
-    if len(dataset) != len(cases):  # type: ignore[arg-type]
-        raise ValueError(f"the {split} dataset has {len(dataset)} items but the case list {len(cases)}")  # type: ignore[arg-type]
+    n_items = len(dataset)  # type: ignore[arg-type]
+    if n_items != len(cases):
+        raise ValueError(f"the {split} dataset has {n_items} items but the case list {len(cases)}")
     case_ids = [c.case_id for c in cases]
     masks = ensure_masks(
         os.path.join(masks_dir, f"masks_{split}.json"),

@@ -240,7 +240,8 @@ class CMMLNet(nn.Module):
         if self.mark_synthesized:
             # tells alignment and fusion which slots were synthesized, so the classifier can weigh
             # them against real evidence (the baselines' presence indicators do the same)
-            completed = completed + self.synth_embedding.to(completed.dtype) * (~present).unsqueeze(-1).to(completed.dtype)
+            synthesized = (~present).unsqueeze(-1).to(completed.dtype)
+            completed = completed + self.synth_embedding.to(completed.dtype) * synthesized
         if self.reference is not None and prior is not None and context is not None:
             # R_i = C + CrossAttn(C, CRTA output of case i): the dataset prior C queries the
             # case's refined context and completed (memory-enriched) modality tokens
@@ -263,7 +264,9 @@ class CMMLNet(nn.Module):
         completed, context, _ = self.crta(tokens, present, self._context(tokens.shape[0]))
         return self._stage1_head(completed, context)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         # weights saved before the flags existed came from full (stage-2) training without residual head
         key = prefix + "stage2_trained"
         if key not in state_dict:
@@ -277,7 +280,9 @@ class CMMLNet(nn.Module):
             )
             return
         state_dict[key] = torch.tensor(self.residual_head)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def forward_train(
         self, image: torch.Tensor, tabular: torch.Tensor | None = None, stage: int = 2
