@@ -32,6 +32,7 @@ __all__ = [
     "save_masks",
     "load_masks",
     "ensure_masks",
+    "ensure_split_masks",
 ]
 
 DEFAULT_RATES: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7)
@@ -131,7 +132,8 @@ def apply_presence_mask(
     Args:
         image: ``[B, sum(C_i), *spatial]``; image modality i owns its consecutive channel block.
         tabular: ``[B, F]`` or None.
-        present: ``[B, k]`` bool; k = image modalities (+1 for the table, which is last).
+        present: ``[B, k]`` bool; k = image modalities (+1 for the table, which is last). With
+            ``tabular=None`` a table column, if given, is ignored.
         channels_per_modality: channels of each image modality (one int for all, or one per modality).
 
     Returns:
@@ -304,3 +306,36 @@ def ensure_masks(
     masks = {float(r): simulate_presence(natural, float(r), seed) for r in rates}
     save_masks(path, case_ids, modality_names, masks, seed=seed)
     return masks
+
+
+def ensure_split_masks(
+    case_list: CaseList,
+    split: str,
+    n_items: int,
+    masks_dir: str | os.PathLike,
+    rates: Sequence[float] = DEFAULT_RATES,
+    seed: int = 0,
+) -> tuple[list[str], np.ndarray, dict[float, np.ndarray]]:
+    """``ensure_masks`` for one split of a case list, saved as ``<masks_dir>/masks_<split>.json``.
+
+    Args:
+        case_list: the dataset's cases.
+        split: the split whose masks are made or reused.
+        n_items: items in the split's dataset, which must be in ``case_list.split(split)`` order.
+        masks_dir: the shared folder (one per dataset, so every method uses the same masks).
+        rates: missing rates.
+        seed: mask seed.
+
+    Returns:
+        ``(case ids in split order, natural presence [N, k], rate -> presence [N, k])``.
+
+    Raises:
+        ValueError: the dataset and the split differ in length.
+    """
+    cases = case_list.split(split)
+    if n_items != len(cases):
+        raise ValueError(f"the {split} dataset has {n_items} items but the case list {len(cases)}")
+    case_ids = [c.case_id for c in cases]
+    natural = natural_presence(case_list, cases)
+    path = os.path.join(os.fspath(masks_dir), f"masks_{split}.json")
+    return case_ids, natural, ensure_masks(path, case_ids, case_list.modality_names, natural, rates, seed)

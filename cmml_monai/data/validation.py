@@ -9,7 +9,6 @@ every method is validated on the same masks), and the validation AUC is taken ov
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cmml_monai.data.cases import CaseList
-from cmml_monai.data.missingness import apply_presence_mask, ensure_masks, natural_presence
+from cmml_monai.data.missingness import apply_presence_mask, ensure_split_masks
 
 __all__ = ["MissingRateViews", "validation_views"]
 
@@ -78,13 +77,10 @@ class MissingRateViews(Dataset):
             )
         rate = self.rates[r]
         present = torch.as_tensor(self.masks[rate][i][None])
-        image = torch.as_tensor(item["image"])
         tabular = item.get("tabular")
-        if tabular is None:  # no table in this dataset: only the image columns of the mask apply
-            cpm = self.channels_per_modality
-            present = present[:, : (image.shape[0] // cpm if isinstance(cpm, int) else len(cpm))]
         table = None if tabular is None else torch.as_tensor(tabular)[None]
-        masked_image, masked_tabular = apply_presence_mask(image[None], table, present, self.channels_per_modality)
+        image = torch.as_tensor(item["image"])[None]
+        masked_image, masked_tabular = apply_presence_mask(image, table, present, self.channels_per_modality)
         item["image"] = masked_image[0]
         if masked_tabular is not None:
             item["tabular"] = masked_tabular[0]
@@ -120,18 +116,7 @@ def validation_views(
     bad = [r for r in rates if not 0.0 <= r < 1.0]
     if bad:
         raise ValueError(f"val_missing_rates must be in [0, 1), got {bad}")
-    cases = case_list.split(split)
     n_items = len(dataset)  # type: ignore[arg-type]
-    if n_items != len(cases):
-        raise ValueError(f"the {split} dataset has {n_items} items but the case list {len(cases)}")
-    case_ids = [c.case_id for c in cases]
-    masks = ensure_masks(
-        os.path.join(masks_dir, f"masks_{split}.json"),
-        case_ids,
-        case_list.modality_names,
-        natural_presence(case_list, cases),
-        rates,
-        seed,
-    )
+    case_ids, _, masks = ensure_split_masks(case_list, split, n_items, masks_dir, rates, seed)
     channels = [m.channels for m in case_list.image_modalities]
     return MissingRateViews(dataset, case_ids, {r: masks[r] for r in rates}, channels)

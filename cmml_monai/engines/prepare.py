@@ -63,9 +63,6 @@ class MaskedPrepareBatch(CMMLPrepareBatch):
         if unknown:
             raise ValueError(f"no presence mask for case ids {unknown[:5]}; the masks belong to another split")
         present = torch.as_tensor(np.stack([self.masks[c] for c in ids]), device=image.device)
-        if tabular is None:  # no table in the batch: only the image columns of the mask apply
-            cpm = self.channels_per_modality
-            n_img = image.shape[1] // cpm if isinstance(cpm, int) else len(cpm)
-            present = present[:, :n_img]
+        # no table in the batch: apply_presence_mask ignores the mask's table column
         image, tabular = apply_presence_mask(image, tabular, present, self.channels_per_modality)
         return image, label, (tabular,), kw

@@ -26,7 +26,7 @@ from monai.data import DataLoader
 from torch.utils.data import Dataset, Subset
 
 from cmml_monai.data.cases import CaseList
-from cmml_monai.data.missingness import DEFAULT_RATES, all_subsets, ensure_masks, natural_presence
+from cmml_monai.data.missingness import DEFAULT_RATES, all_subsets, ensure_split_masks
 from cmml_monai.engines.evaluator import CMMLEvaluator
 from cmml_monai.engines.metrics import classification_metrics
 from cmml_monai.engines.prepare import MaskedPrepareBatch
@@ -197,20 +197,10 @@ class MissingRateSweep:
         """Run every condition, write the outputs, log them; returns the per-rate rows."""
         os.makedirs(self.output_dir, exist_ok=True)
         self._load_checkpoint()
-        cases = self.case_list.split(self.split)
-        if not cases:
+        if not self.case_list.split(self.split):
             raise ValueError(f"split {self.split!r} has no cases; cannot run the sweep")
-        if len(self.dataset) != len(cases):
-            raise ValueError(f"the {self.split} dataset has {len(self.dataset)} items but the case list {len(cases)}")
-        case_ids = [c.case_id for c in cases]
-        natural = natural_presence(self.case_list, cases)
-        masks = ensure_masks(
-            os.path.join(self.masks_dir, f"masks_{self.split}.json"),
-            case_ids,
-            self.case_list.modality_names,
-            natural,
-            self.rates,
-            self.seed,
+        case_ids, natural, masks = ensure_split_masks(
+            self.case_list, self.split, len(self.dataset), self.masks_dir, self.rates, self.seed
         )
         self.rows, self.subset_rows = [], []
         for rate in self.rates:

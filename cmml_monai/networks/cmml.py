@@ -230,8 +230,11 @@ class CMMLNet(nn.Module):
 
     def _stage2(
         self, tokens: torch.Tensor, present: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """CRTA -> memory -> reference -> alignment -> fusion. Returns logits, u, R, pooled, CRTA output."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CRTA -> memory -> reference -> alignment -> fusion.
+
+        Returns logits, the stage-1 head's logits (on the same CRTA output), u, R, pooled, CRTA output.
+        """
         prior = self._context(tokens.shape[0])
         synth, context, _ = self.crta(tokens, present, prior)
         completed = synth
@@ -250,17 +253,17 @@ class CMMLNet(nn.Module):
             reference = completed.mean(dim=1, keepdim=True)
         aligned = self.alignment(completed, reference)
         logits, pooled = self.fusion(torch.cat([reference, aligned], dim=1), aligned.shape[1])
+        stage1_logits = self._stage1_head(synth, None)
         if self.residual_head:
-            logits = logits + self._stage1_head(synth, None)
-        return logits, aligned, reference, pooled, synth
+            logits = logits + stage1_logits
+        return logits, stage1_logits, aligned, reference, pooled, synth
 
     def forward(self, image: torch.Tensor, tabular: torch.Tensor | None = None) -> torch.Tensor:
         """Served path: ``image [B, M*C, *spatial]`` (NaN = missing), ``tabular [B, F]`` -> logits."""
         tokens, present = self.encoder(image, tabular)
         if self.use_stage2:
-            logits, _, _, _, synth = self._stage2(tokens, present)
-            # the stage-1 head reads the same CRTA output, so serving it until stage 2 has trained is cheap
-            return torch.where(self.stage2_trained, logits, self._stage1_head(synth, None))
+            logits, stage1_logits, _, _, _, _ = self._stage2(tokens, present)
+            return torch.where(self.stage2_trained, logits, stage1_logits)
         completed, context, _ = self.crta(tokens, present, self._context(tokens.shape[0]))
         return self._stage1_head(completed, context)
 
@@ -312,7 +315,7 @@ class CMMLNet(nn.Module):
         b = tokens.shape[0]
         view2 = random_keep_mask(present, self.stage2_drop_prob)
         masks = torch.cat([present, view2], dim=0)
-        logits, aligned, reference, pooled, synth = self._stage2(torch.cat([tokens, tokens], dim=0), masks)
+        logits, _, aligned, reference, pooled, synth = self._stage2(torch.cat([tokens, tokens], dim=0), masks)
         return {
             "logits": logits[:b],
             "logits_dropped": logits[b:],
