@@ -230,9 +230,9 @@ def test_no_nan_table_missing_and_one_image():
     "kwargs",
     [
         dict(), dict(use_context=False, use_memory=False), dict(share_image_encoder=True), dict(mark_synthesized=True),
-        dict(residual_head=False),
+        dict(residual_head=False), dict(stage1_head="concat_mlp"),
     ],
-    ids=["cmml", "no_context_no_memory", "shared_encoder", "mark_synthesized", "no_residual_head"],
+    ids=["cmml", "no_context_no_memory", "shared_encoder", "mark_synthesized", "no_residual_head", "concat_head"],
 )
 def test_every_parameter_gets_gradient_from_its_stage(kwargs):
     net = cmml(**kwargs).train()
@@ -276,10 +276,12 @@ def test_memory_written_only_in_stage1_training():
         lambda: cmml(encode_present_only=True),
         lambda: cmml(mark_synthesized=True),
         lambda: cmml(residual_head=False),
+        lambda: cmml(stage1_head="concat_mlp"),
         lambda: cmml(use_stage2=False, use_memory=False, use_context=False),
         lambda: LateFusionNet(2, 3, 2, 5, CARDS, feature_dim=D, image_encoder="resnet10", mode="mean_impute"),
     ],
-    ids=["cmml_present_only", "mark_synthesized", "no_residual_head", "stage1_no_memory_no_context", "mean_impute"],
+    ids=["cmml_present_only", "mark_synthesized", "no_residual_head", "concat_head", "stage1_no_memory_no_context",
+         "mean_impute"],
 )
 def test_trace_matches_eager_for_other_patterns(make):
     net = make().eval()
@@ -299,8 +301,11 @@ def test_trace_matches_eager_for_other_patterns(make):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(), dict(use_stage2=False, use_context=False), dict(mark_synthesized=True), dict(residual_head=False)],
-    ids=["cmml", "stage1_only", "mark_synthesized", "no_residual_head"],
+    [
+        dict(), dict(use_stage2=False, use_context=False), dict(mark_synthesized=True), dict(residual_head=False),
+        dict(stage1_head="concat_mlp"), dict(stage1_head="concat_mlp", use_stage2=False),
+    ],
+    ids=["cmml", "stage1_only", "mark_synthesized", "no_residual_head", "concat_head", "concat_head_stage1_only"],
 )
 def test_script_matches_eager(kwargs):
     net = cmml(**kwargs).eval()
@@ -528,3 +533,24 @@ def test_residual_head_starts_stage2_from_the_stage1_prediction():
     with pytest.raises(RuntimeError, match="residual_head=False"):  # weights from before the option existed
         cmml().load_state_dict({k: v for k, v in plain.state_dict().items() if k != "residual_head_flag"})
     plain.load_state_dict({k: v for k, v in plain.state_dict().items() if k != "residual_head_flag"})
+
+
+def test_concat_stage1_head_gives_each_modality_slot_its_own_weights():
+    """``stage1_head="concat_mlp"``: the head sees the slots in order (swapping two tokens changes the
+    logits, which the mean head cannot see), and the layout is checked on load, by name."""
+    torch.manual_seed(0)
+    net = cmml(stage1_head="concat_mlp").eval()
+    k, d = net.num_modalities, SMALL["feature_dim"]
+    assert net.aux_head[0].in_features == k * d
+    tokens = torch.randn(2, k, d)
+    swapped = tokens[:, [1, 0, 2]]
+    assert not torch.allclose(net._stage1_head(tokens, None), net._stage1_head(swapped, None), atol=1e-4)
+    mean = cmml().eval()
+    assert torch.allclose(mean._stage1_head(tokens, None), mean._stage1_head(swapped, None), atol=1e-5)
+    with pytest.raises(RuntimeError, match="with stage1_head='concat_mlp' .* network_def#stage1_head concat_mlp"):
+        mean.load_state_dict(net.state_dict())
+    with pytest.raises(RuntimeError, match="trained with stage1_head='mean' .* network_def#stage1_head mean"):
+        net.load_state_dict(mean.state_dict())
+    cmml(stage1_head="concat_mlp").load_state_dict(net.state_dict())
+    with pytest.raises(ValueError, match="stage1_head must be one of .* got 'concat'"):
+        cmml(stage1_head="concat")

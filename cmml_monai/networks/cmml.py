@@ -21,7 +21,11 @@ from cmml_monai.networks.memory import ModalityMemoryBank
 from cmml_monai.networks.utils import random_keep_mask
 from cmml_monai.utils import as_bool
 
-__all__ = ["CMMLNet"]
+__all__ = ["CMMLNet", "STAGE1_HEADS"]
+
+#: stage-1 (auxiliary) head layouts: a linear classifier on the mean of the completed modality tokens,
+#: or an MLP on their concatenation (each token layer-normed first)
+STAGE1_HEADS = ("mean", "concat_mlp")
 
 
 class CMMLNet(nn.Module):
@@ -90,6 +94,11 @@ class CMMLNet(nn.Module):
             CRTA output, trained on in stage 2 too), and the fusion classifier starts near zero, so
             stage 2 refines the trained stage-1 prediction instead of restarting from an untrained
             head. Saved with the weights; weights trained with the other setting are refused on load.
+        stage1_head: layout of the stage-1 (auxiliary) head, one of ``STAGE1_HEADS``: ``"mean"``, a
+            linear classifier on the mean of the completed modality tokens, or ``"concat_mlp"``, an
+            MLP (hidden width ``feature_dim``) on the concatenated, layer-normed tokens, which gives
+            each modality slot its own weights. With ``residual_head`` it is also part of the
+            stage-2 logits. Weights trained with the other layout are refused on load.
 
     Example::
 
@@ -102,7 +111,7 @@ class CMMLNet(nn.Module):
     """
 
     # constant for TorchScript: the stage-2 branch is not compiled when the modules do not exist
-    __constants__ = ["use_stage2", "mark_synthesized", "residual_head"]
+    __constants__ = ["use_stage2", "mark_synthesized", "residual_head", "stage1_concat"]
 
     def __init__(
         self,
@@ -134,6 +143,7 @@ class CMMLNet(nn.Module):
         encode_present_only: bool = False,
         mark_synthesized: bool = False,
         residual_head: bool = True,
+        stage1_head: str = "mean",
     ) -> None:
         super().__init__()
         # switches may arrive as command-line strings ("false"); the encoder checks its own
@@ -149,6 +159,8 @@ class CMMLNet(nn.Module):
                 raise ValueError(f"{name} must be in [0, 1], got {p}.")
         if feature_dim % num_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must divide feature_dim ({feature_dim}).")
+        if stage1_head not in STAGE1_HEADS:
+            raise ValueError(f"stage1_head must be one of {STAGE1_HEADS}, got {stage1_head!r}.")
         self.num_classes = num_classes
         self.multi_label = multi_label
         self.use_memory = use_memory
@@ -166,8 +178,17 @@ class CMMLNet(nn.Module):
         self.num_modalities = k
         self.context = ContextTokens(num_context_tokens, feature_dim) if use_context else None
         self.crta = CascadedResidualTransformerAE(k, feature_dim, num_blocks, num_heads, 2.0, dropout)
+        self.stage1_head = stage1_head
+        self.stage1_concat = stage1_head == "concat_mlp"
         self.aux_norm = nn.LayerNorm(feature_dim)
-        self.aux_head = nn.Linear(feature_dim, num_classes)
+        self.aux_head = (
+            nn.Sequential(
+                nn.Linear(k * feature_dim, feature_dim), nn.GELU(), nn.Dropout(dropout),
+                nn.Linear(feature_dim, num_classes),
+            )
+            if self.stage1_concat
+            else nn.Linear(feature_dim, num_classes)
+        )
         self.memory: ModalityMemoryBank | None = (
             ModalityMemoryBank(k, feature_dim, memory_slots, memory_tau, memory_momentum) if use_memory else None
         )
@@ -226,6 +247,9 @@ class CMMLNet(nn.Module):
 
     def _stage1_head(self, tokens: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         # the completed modality tokens carry the case; the context tokens are a shared prior
+        if self.stage1_concat:
+            # one weight block per modality slot, as the late-fusion baselines' MLP has
+            return self.aux_head(self.aux_norm(tokens).flatten(1))
         return self.aux_head(self.aux_norm(tokens.mean(dim=1)))
 
     def _stage2(
@@ -274,6 +298,15 @@ class CMMLNet(nn.Module):
         key = prefix + "stage2_trained"
         if key not in state_dict:
             state_dict[key] = torch.ones((), dtype=torch.bool)
+        head_key = prefix + "aux_head.0.weight"
+        if head_key in state_dict or prefix + "aux_head.weight" in state_dict:
+            saved_head = "concat_mlp" if head_key in state_dict else "mean"
+            if saved_head != self.stage1_head:
+                error_msgs.append(
+                    f"the weights were trained with stage1_head={saved_head!r} but the network was built with "
+                    f"stage1_head={self.stage1_head!r}: build it with network_def#stage1_head {saved_head}"
+                )
+                return
         key = prefix + "residual_head_flag"
         saved = bool(state_dict[key]) if key in state_dict else False
         if self.use_stage2 and saved != self.residual_head:
