@@ -111,7 +111,7 @@ class CMMLNet(nn.Module):
     """
 
     # constant for TorchScript: the stage-2 branch is not compiled when the modules do not exist
-    __constants__ = ["use_stage2", "mark_synthesized", "residual_head", "stage1_concat"]
+    __constants__ = ["use_stage2", "mark_synthesized", "residual_head", "stage1_head"]
 
     def __init__(
         self,
@@ -179,14 +179,13 @@ class CMMLNet(nn.Module):
         self.context = ContextTokens(num_context_tokens, feature_dim) if use_context else None
         self.crta = CascadedResidualTransformerAE(k, feature_dim, num_blocks, num_heads, 2.0, dropout)
         self.stage1_head = stage1_head
-        self.stage1_concat = stage1_head == "concat_mlp"
         self.aux_norm = nn.LayerNorm(feature_dim)
         self.aux_head = (
             nn.Sequential(
                 nn.Linear(k * feature_dim, feature_dim), nn.GELU(), nn.Dropout(dropout),
                 nn.Linear(feature_dim, num_classes),
             )
-            if self.stage1_concat
+            if stage1_head == "concat_mlp"
             else nn.Linear(feature_dim, num_classes)
         )
         self.memory: ModalityMemoryBank | None = (
@@ -247,7 +246,7 @@ class CMMLNet(nn.Module):
 
     def _stage1_head(self, tokens: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         # the completed modality tokens carry the case; the context tokens are a shared prior
-        if self.stage1_concat:
+        if self.stage1_head == "concat_mlp":
             # one weight block per modality slot, as the late-fusion baselines' MLP has
             return self.aux_head(self.aux_norm(tokens).flatten(1))
         return self.aux_head(self.aux_norm(tokens.mean(dim=1)))
@@ -298,27 +297,38 @@ class CMMLNet(nn.Module):
         key = prefix + "stage2_trained"
         if key not in state_dict:
             state_dict[key] = torch.ones((), dtype=torch.bool)
-        head_key = prefix + "aux_head.0.weight"
-        if head_key in state_dict or prefix + "aux_head.weight" in state_dict:
-            saved_head = "concat_mlp" if head_key in state_dict else "mean"
-            if saved_head != self.stage1_head:
-                error_msgs.append(
-                    f"the weights were trained with stage1_head={saved_head!r} but the network was built with "
-                    f"stage1_head={self.stage1_head!r}: build it with network_def#stage1_head {saved_head}"
-                )
-                return
-        key = prefix + "residual_head_flag"
-        saved = bool(state_dict[key]) if key in state_dict else False
-        if self.use_stage2 and saved != self.residual_head:
-            error_msgs.append(
-                f"the weights were trained with residual_head={saved} but the network was built with "
-                f"residual_head={self.residual_head}: build it with network_def#residual_head {str(saved).lower()}"
-            )
+        mismatch = self._head_layout_mismatch(state_dict, prefix)
+        if mismatch:
+            error_msgs.append(mismatch)
             return
-        state_dict[key] = torch.tensor(self.residual_head)
+        state_dict[prefix + "residual_head_flag"] = torch.tensor(self.residual_head)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _head_layout_mismatch(self, state_dict: dict, prefix: str) -> str:
+        """Why weights of another head layout cannot load here ("" when they can).
+
+        The stage-1 head layout shows in the state-dict keys; the residual setting is the saved
+        ``residual_head_flag`` (absent in weights from before the option: those had none).
+        """
+        saved: dict[str, object] = {}
+        if prefix + "aux_head.0.weight" in state_dict:
+            saved["stage1_head"] = "concat_mlp"
+        elif prefix + "aux_head.weight" in state_dict:
+            saved["stage1_head"] = "mean"
+        if self.use_stage2:
+            flag = state_dict.get(prefix + "residual_head_flag")
+            saved["residual_head"] = bool(flag) if flag is not None else False
+        for name, value in saved.items():
+            built = getattr(self, name)
+            if value != built:
+                word = str(value).lower() if isinstance(value, bool) else value
+                return (
+                    f"the weights were trained with {name}={value!r} but the network was built with "
+                    f"{name}={built!r}: build it with network_def#{name} {word}"
+                )
+        return ""
 
     def forward_train(
         self, image: torch.Tensor, tabular: torch.Tensor | None = None, stage: int = 2
