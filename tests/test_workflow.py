@@ -185,6 +185,20 @@ def test_default_config_runs(tmp_path):
         assert len(list(csv.DictReader(f))) == 5
 
 
+def test_validation_follows_the_sweep_rates_by_default(synthetic_dir, tmp_path):
+    """By default validation scores each case once per sweep rate (the kept checkpoint is chosen
+    under the missingness the sweep tests); ``val_missing_rates []`` validates the observed cases."""
+    default = workflow(TRAIN, **tiny(synthetic_dir, str(tmp_path / "default"), missing_rates=[0.0, 0.3, 0.7]))
+    observed = default.parser.get_parsed_content("val_dataset")
+    views = default.parser.get_parsed_content("val_dataloader").dataset
+    assert default.parser.get_parsed_content("val_missing_rates") == [0.0, 0.3, 0.7]
+    assert len(views) == 3 * len(observed)
+    assert sorted({views[i]["missing_rate"] for i in range(len(views))}) == [0.0, 0.3, 0.7]
+    off = workflow(TRAIN, **tiny(synthetic_dir, str(tmp_path / "off"), val_missing_rates=[]))
+    assert off.parser.get_parsed_content("val_dataloader").dataset is off.parser.get_parsed_content("val_dataset")
+    assert not os.path.exists(os.path.join(str(tmp_path / "off"), "shared", "masks_valid.json"))
+
+
 def test_validation_under_missing_rates(synthetic_dir, tmp_path):
     """``val_missing_rates``: every validation case once per rate under the saved seeded masks, and the
     key metric (which picks model_best.pt and drives early stopping) is the AUC over all those views."""
