@@ -327,8 +327,8 @@ def test_served_head_follows_the_trained_stage():
     image, tab = make_batch(all_patterns(3))
     net.eval()
     tokens, present = net.encoder(image, tab)
-    synth, context, _ = net.crta(tokens, present, net._context(tokens.shape[0]))
-    stage1_logits = net._stage1_head(synth, context)
+    synth, _, _ = net.crta(tokens, present, net._context(tokens.shape[0]))
+    stage1_logits = net._stage1_head(synth)
     stage2_logits = net._stage2(tokens, present)[0]
     assert not bool(net.stage2_trained)
     assert torch.allclose(net(image, tab), stage1_logits, atol=1e-6)
@@ -523,7 +523,7 @@ def test_residual_head_starts_stage2_from_the_stage1_prediction():
     synth, _, _ = net.crta(tokens, present, net._context(tokens.shape[0]))
     with torch.no_grad():
         net.fusion.classifier.weight.zero_()
-    assert torch.allclose(net(image, tab), net._stage1_head(synth, None), atol=1e-6)
+    assert torch.allclose(net(image, tab), net._stage1_head(synth), atol=1e-6)
     plain = cmml(residual_head=False)
     plain_aux = {id(p) for p in list(plain.aux_head.parameters()) + list(plain.aux_norm.parameters())}
     assert not plain_aux & {id(p) for p in plain.stage_parameters(2)}  # without it stage 2 leaves that head
@@ -544,9 +544,9 @@ def test_concat_stage1_head_gives_each_modality_slot_its_own_weights():
     assert net.aux_head[0].in_features == k * d
     tokens = torch.randn(2, k, d)
     swapped = tokens[:, [1, 0, 2]]
-    assert not torch.allclose(net._stage1_head(tokens, None), net._stage1_head(swapped, None), atol=1e-4)
+    assert not torch.allclose(net._stage1_head(tokens), net._stage1_head(swapped), atol=1e-4)
     mean = cmml().eval()
-    assert torch.allclose(mean._stage1_head(tokens, None), mean._stage1_head(swapped, None), atol=1e-5)
+    assert torch.allclose(mean._stage1_head(tokens), mean._stage1_head(swapped), atol=1e-5)
     with pytest.raises(RuntimeError, match="with stage1_head='concat_mlp' .* network_def#stage1_head concat_mlp"):
         mean.load_state_dict(net.state_dict())
     with pytest.raises(RuntimeError, match="trained with stage1_head='mean' .* network_def#stage1_head mean"):

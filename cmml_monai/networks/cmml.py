@@ -244,8 +244,8 @@ class CMMLNet(nn.Module):
     def _context(self, batch_size: int) -> torch.Tensor | None:
         return self.context(batch_size) if self.context is not None else None
 
-    def _stage1_head(self, tokens: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        # the completed modality tokens carry the case; the context tokens are a shared prior
+    def _stage1_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        # the completed modality tokens carry the case; the context tokens (a shared prior) are not read
         if self.stage1_head == "concat_mlp":
             # one weight block per modality slot, as the late-fusion baselines' MLP has
             return self.aux_head(self.aux_norm(tokens).flatten(1))
@@ -276,7 +276,7 @@ class CMMLNet(nn.Module):
             reference = completed.mean(dim=1, keepdim=True)
         aligned = self.alignment(completed, reference)
         logits, pooled = self.fusion(torch.cat([reference, aligned], dim=1), aligned.shape[1])
-        stage1_logits = self._stage1_head(synth, None)
+        stage1_logits = self._stage1_head(synth)
         if self.residual_head:
             logits = logits + stage1_logits
         return logits, stage1_logits, aligned, reference, pooled, synth
@@ -287,8 +287,8 @@ class CMMLNet(nn.Module):
         if self.use_stage2:
             logits, stage1_logits, _, _, _, _ = self._stage2(tokens, present)
             return torch.where(self.stage2_trained, logits, stage1_logits)
-        completed, context, _ = self.crta(tokens, present, self._context(tokens.shape[0]))
-        return self._stage1_head(completed, context)
+        completed, _, _ = self.crta(tokens, present, self._context(tokens.shape[0]))
+        return self._stage1_head(completed)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -339,11 +339,11 @@ class CMMLNet(nn.Module):
         tokens, present = self.encoder(image, tabular)  # the only encoder pass of the step
         if stage == 1:
             keep = random_keep_mask(present, self.stage1_drop_prob)
-            synth, context, cascade = self.crta(tokens, keep, self._context(tokens.shape[0]))
+            synth, _, cascade = self.crta(tokens, keep, self._context(tokens.shape[0]))
             if self.training and self.memory is not None:
                 self.memory.update(tokens, present)
             return {
-                "logits": self._stage1_head(synth, context),
+                "logits": self._stage1_head(synth),
                 "synth": synth,
                 "synth_blocks": cascade,
                 "target": tokens.detach(),
