@@ -203,7 +203,7 @@ def test_validation_under_missing_rates(synthetic_dir, tmp_path):
     """``val_missing_rates``: every validation case once per rate under the saved seeded masks, and the
     key metric (which picks model_best.pt and drives early stopping) is the AUC over all those views."""
     from cmml_monai.data.missingness import load_masks
-    from cmml_monai.engines import macro_auc
+    from cmml_monai.engines import autocast_context, macro_auc
 
     out = str(tmp_path / "valrates")
     w = workflow(TRAIN, **tiny(synthetic_dir, out, val_missing_rates=[0.0, 0.7], run_sweep=False))
@@ -217,12 +217,14 @@ def test_validation_under_missing_rates(synthetic_dir, tmp_path):
     evaluator = w.parser.get_parsed_content("validate#evaluator")
     # recompute the last validation by hand from the masked views (stage 2 trained one epoch)
     network = w.parser.get_parsed_content("network").eval()
+    device = next(network.parameters()).device  # the bundle's device: CUDA where present, with its autocast
     probs, labels = [], []
-    with torch.no_grad():
+    with torch.no_grad(), autocast_context(w.parser.get_parsed_content("amp"), device):
         for item in views:
             tab = item.get("tabular")
-            logits = network(item["image"][None].float(), None if tab is None else tab[None].float())
-            probs.append(torch.softmax(logits, dim=1)[0])
+            image = item["image"][None].float().to(device)
+            logits = network(image, None if tab is None else tab[None].float().to(device))
+            probs.append(torch.softmax(logits.float(), dim=1)[0].cpu())
             labels.append(int(item["label"]))
     expected, _ = macro_auc(torch.stack(probs).numpy(), labels)
     assert evaluator.state.metrics["val_auc"] == pytest.approx(expected, abs=1e-5)
