@@ -17,7 +17,8 @@ if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     exit 2
 fi
 nvidia-smi -L 2>/dev/null
-"$py" -c "import torch, monai; print('torch', torch.__version__, '| monai', monai.__version__, '|', torch.cuda.get_device_name(0))"
+"$py" -c "import torch, monai; print('torch', torch.__version__, '| monai', monai.__version__, '|',
+    torch.cuda.get_device_name(0))"
 
 failed=0
 step() {  # step NAME TIMEOUT_S CMD...: run CMD with a time limit, log it, print rc, seconds and the log's end
