@@ -50,15 +50,18 @@ def _batches(n_batches: int = 2, seed: int = 0) -> list[dict]:
         image = torch.randn(b, 6, 16, 16, generator=g)
         tab = torch.stack([torch.randn(b, generator=g), torch.randint(0, 3, (b,), generator=g).float()], 1)
         for row, (first, second, table) in enumerate(patterns):
-            image[row, :3] = image[row, :3] if first else float("nan")
-            image[row, 3:] = image[row, 3:] if second else float("nan")
-            tab[row] = tab[row] if table else float("nan")
+            if not first:
+                image[row, :3] = float("nan")
+            if not second:
+                image[row, 3:] = float("nan")
+            if not table:
+                tab[row] = float("nan")
         label = torch.arange(b) % CLASSES
         out.append({"image": image, "tabular": tab, "label": label, "case_id": [f"c{i}_{j}" for j in range(b)]})
     return out
 
 
-def _record_dtype(module: torch.nn.Module, seen: list[torch.dtype]):
+def _record_dtype(module: torch.nn.Module, seen: list[torch.dtype]) -> torch.utils.hooks.RemovableHandle:
     return module.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
 
 
