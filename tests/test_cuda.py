@@ -6,15 +6,16 @@ The rest of the suite also takes the CUDA path there, since the bundle's ``devic
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
+from ignite.engine import Engine
 from monai.utils import set_determinism
 
+from cmml_monai.data.missingness import all_subsets, apply_presence_mask
 from cmml_monai.engines import CMMLEvaluator, CMMLTrainer, build_network, stage_optimizer
-from cmml_monai.handlers import MacroAUC
+from cmml_monai.handlers import LoadNetworkHandler, MacroAUC
 from cmml_monai.losses import CMMLLoss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -41,28 +42,18 @@ def _net(method: str = "cmml") -> torch.nn.Module:
 
 
 def _batches(n_batches: int = 2, seed: int = 0) -> list[dict]:
-    """Batches holding every presence pattern of (image 1, image 2, table), NaN where missing."""
-    patterns = [p for p in itertools.product([True, False], repeat=3) if any(p)]
+    """Batches holding every presence pattern of (image 1, image 2, table) plus a complete case, NaN where missing."""
+    present = torch.tensor(all_subsets(3) + [(True, True, True)])
+    b = present.shape[0]
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n_batches):
-        b = len(patterns) + 1  # the 7 patterns plus one complete case
         image = torch.randn(b, 6, 16, 16, generator=g)
         tab = torch.stack([torch.randn(b, generator=g), torch.randint(0, 3, (b,), generator=g).float()], 1)
-        for row, (first, second, table) in enumerate(patterns):
-            if not first:
-                image[row, :3] = float("nan")
-            if not second:
-                image[row, 3:] = float("nan")
-            if not table:
-                tab[row] = float("nan")
+        image, tab = apply_presence_mask(image, tab, present, 3)
         label = torch.arange(b) % CLASSES
         out.append({"image": image, "tabular": tab, "label": label, "case_id": [f"c{i}_{j}" for j in range(b)]})
     return out
-
-
-def _record_dtype(module: torch.nn.Module, seen: list[torch.dtype]) -> torch.utils.hooks.RemovableHandle:
-    return module.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -71,7 +62,8 @@ def test_trainer_runs_the_head_in_bf16_under_amp_and_keeps_float32_weights(stage
     net = _net().to(CUDA)
     head = net.aux_head if stage == 1 else net.fusion
     seen: list[torch.dtype] = []
-    hook = _record_dtype(next(m for m in head.modules() if isinstance(m, torch.nn.Linear)), seen)
+    linear = next(m for m in head.modules() if isinstance(m, torch.nn.Linear))
+    hook = linear.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
     before = [p.detach().clone() for p in net.parameters()]
     trainer = CMMLTrainer(device=CUDA, max_epochs=1, train_data_loader=_batches(), network=net,
                           optimizer=stage_optimizer(net, stage, lr=1e-3, freeze_crta=(stage == 2)),
@@ -129,10 +121,11 @@ def test_weights_trained_on_cuda_load_on_cpu(tmp_path):
     CMMLTrainer(device=CUDA, max_epochs=1, train_data_loader=_batches(), network=net,
                 optimizer=stage_optimizer(net, 1, lr=1e-3), loss_function=CMMLLoss(stage=1), stage=1, amp=True,
                 decollate=False).run()
-    path = tmp_path / "model.pt"
-    torch.save(net.state_dict(), path)
+    torch.save({"network": net.state_dict()}, tmp_path / "checkpoint_epoch=1.pt")
     cpu_net = _net()
-    cpu_net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    loader = LoadNetworkHandler(str(tmp_path), cpu_net, required=True)  # how stage 2 starts from stage 1
+    loader(Engine(lambda engine, batch: None))
+    assert loader.loaded_from is not None
     batch = _batches(1, seed=1)[0]
     with torch.no_grad():
         on_cpu = cpu_net.eval()(batch["image"], batch["tabular"])
