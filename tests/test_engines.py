@@ -16,6 +16,7 @@ from cmml_monai.engines import (
     autocast_context,
     build_network,
     classification_metrics,
+    expected_calibration_error,
     macro_auc,
     stage_epochs,
     stage_optimizer,
@@ -65,6 +66,28 @@ def test_macro_auc_multilabel_per_label_mean():
     assert auc == pytest.approx((1.0 + 0.75) / 2)
     m = classification_metrics(probs, labels, multi_label=True)
     assert m["acc"] == pytest.approx(7 / 8)
+
+
+def test_expected_calibration_error_values():
+    # 80% sure of every case and right on 4 of 5: calibrated
+    calibrated = np.tile([[0.8, 0.2]], (5, 1))
+    assert expected_calibration_error(calibrated, np.array([0, 0, 0, 0, 1])) == pytest.approx(0.0)
+    # sure (0.95) but right on 2 of 4 in one bin, and 0.55 sure and always right in another
+    probs = np.array([[0.95, 0.05], [0.95, 0.05], [0.05, 0.95], [0.05, 0.95], [0.55, 0.45], [0.45, 0.55]])
+    labels = np.array([0, 1, 1, 0, 0, 1])
+    expected = (4 * abs(0.5 - 0.95) + 2 * abs(1.0 - 0.55)) / 6
+    assert expected_calibration_error(probs, labels) == pytest.approx(expected)
+    assert classification_metrics(probs, labels)["ece"] == pytest.approx(expected)
+    # one bin: the mean confidence against the accuracy over all cases
+    assert expected_calibration_error(probs, labels, bins=1) == pytest.approx(abs(4 / 6 - np.mean(probs.max(1))))
+    # multi-label: each label's probability against its outcome, averaged over labels
+    ml = np.array([[0.3, 0.9], [0.3, 0.9], [0.3, 0.9]])
+    ml_labels = np.array([[1, 1], [0, 1], [0, 1]])
+    assert expected_calibration_error(ml, ml_labels, multi_label=True) == pytest.approx((abs(1 / 3 - 0.3) + 0.1) / 2)
+    assert math.isnan(expected_calibration_error(np.zeros((0, 2)), np.zeros((0,))))
+    assert math.isnan(classification_metrics(np.zeros((0, 2)), np.zeros((0,)))["ece"])
+    with pytest.raises(ValueError, match="bins must be >= 1, got 0"):
+        expected_calibration_error(probs, labels, bins=0)
 
 
 def test_macro_auc_all_skipped_is_nan():

@@ -53,16 +53,16 @@ def _read(path: str) -> list[dict]:
 def test_sweep_csv_rows_columns_and_ranges(shared):
     _, out = _evaluate("cmml", shared)
     rows = _read(os.path.join(out, "eval", "sweep.csv"))
-    assert list(rows[0]) == ["method", "rate", "auc", "acc", "f1", "n"]
+    assert list(rows[0]) == ["method", "rate", "auc", "acc", "f1", "ece", "n"]
     assert [float(r["rate"]) for r in rows] == RATES
     assert {r["method"] for r in rows} == {"cmml"}
     for r in rows:
-        for k in ("auc", "acc", "f1"):
+        for k in ("auc", "acc", "f1", "ece"):
             assert 0.0 <= float(r[k]) <= 1.0, (k, r)
     n_test = int(rows[0]["n"])
     assert n_test > 0 and all(int(r["n"]) == n_test for r in rows)  # rates never drop a case
     subsets = _read(os.path.join(out, "eval", "subsets.csv"))
-    assert list(subsets[0]) == ["method", "subset", "auc", "acc", "f1", "n"]
+    assert list(subsets[0]) == ["method", "subset", "auc", "acc", "f1", "ece", "n"]
     assert len(subsets) == 7 and subsets[0]["subset"] == "clinic+derm+table"
     assert all(int(r["n"]) <= n_test for r in subsets)
     for name in ["sweep.png", *(f"roc_rate{r:g}.png" for r in RATES)]:
@@ -102,9 +102,28 @@ def test_comparison_rejects_different_rates():
         comparison_table(rows)
 
 
-def _sweep_rows(method: str, run: str, aucs: list[float]) -> list[dict]:
-    return [{"method": method, "rate": rate, "auc": auc, "acc": 0.5, "f1": 0.5, "n": 10, "run": run}
+def _sweep_rows(method: str, run: str, aucs: list[float], ece: float = 0.1) -> list[dict]:
+    return [{"method": method, "rate": rate, "auc": auc, "acc": 0.5, "f1": 0.5, "ece": ece, "n": 10, "run": run}
             for rate, auc in zip([0.0, 0.5], aucs)]
+
+
+def test_comparison_ece_columns_bold_the_lowest_and_tolerate_old_sweeps(tmp_path):
+    rows = _sweep_rows("cmml", "a", [0.9, 0.7], ece=0.05) + _sweep_rows("zero_fill", "b", [0.8, 0.6], ece=0.2)
+    columns, table = comparison_table(rows)
+    assert columns[columns.index("AVG F1") + 1 :][:3] == ["ECE@0", "ECE@0.5", "AVG ECE"]
+    assert table[0]["AVG ECE"] == pytest.approx(0.05) and table[1]["AVG ECE"] == pytest.approx(0.2)
+    _, md_path = write_comparison(rows, str(tmp_path))
+    cmml, zero = open(md_path).read().splitlines()[2:]
+    assert "**0.0500**" in cmml and "0.2000" in zero and "**0.2000**" not in zero  # lower ECE is better
+    # a sweep.csv written before the ECE column existed still compares; its ECE is NaN, never bold
+    old = tmp_path / "old.csv"
+    old.write_text("method,rate,auc,acc,f1,n\nold,0.0,0.8,0.5,0.5,10\nold,0.5,0.6,0.5,0.5,10\n")
+    old_rows = read_sweep(str(old))
+    assert np.isnan(old_rows[0]["ece"])
+    columns, table = comparison_table(old_rows + _sweep_rows("cmml", "a", [0.9, 0.7], ece=0.05))
+    assert np.isnan(table[0]["AVG ECE"]) and table[1]["AVG ECE"] == pytest.approx(0.05)
+    _, md_path = write_comparison(old_rows + _sweep_rows("cmml", "a", [0.9, 0.7], ece=0.05), str(tmp_path), "mixed")
+    assert "**0.0500**" in open(md_path).read().splitlines()[3]
 
 
 def test_comparison_averages_runs_of_one_method():

@@ -2,7 +2,7 @@
 
 from cmml_monai.engines.evaluator import CMMLEvaluator
 from cmml_monai.engines.methods import METHODS, build_network, stage_epochs
-from cmml_monai.engines.metrics import classification_metrics, macro_auc
+from cmml_monai.engines.metrics import classification_metrics, expected_calibration_error, macro_auc
 from cmml_monai.engines.optim import cosine_scheduler, stage_optimizer, stage_parameter_groups
 from cmml_monai.engines.prepare import CMMLPrepareBatch, MaskedPrepareBatch
 from cmml_monai.engines.setup import DatasetInfo, dataset_summary, fit_schema, load_cases
@@ -24,6 +24,7 @@ __all__ = [
     "stage_epochs",
     "macro_auc",
     "classification_metrics",
+    "expected_calibration_error",
     "load_cases",
     "fit_schema",
     "DatasetInfo",

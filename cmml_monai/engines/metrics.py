@@ -1,4 +1,5 @@
-"""Classification metrics of DESIGN section 5: macro AUC, accuracy, macro F1 (plain NumPy / scikit-learn).
+"""Classification metrics of DESIGN section 5: macro AUC, accuracy, macro F1 (plain NumPy / scikit-learn),
+plus the expected calibration error, which shows whether a method's confidence holds when inputs are missing.
 
 Single-label: ``probs`` is ``[N, C]`` (softmax), ``labels`` ``[N]`` class indices; AUC is the macro mean
 of one-vs-rest AUCs. Multi-label: ``probs`` is ``[N, L]`` (sigmoid), ``labels`` ``[N, L]`` 0/1; AUC is the
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import f1_score, roc_auc_score
 
-__all__ = ["macro_auc", "classification_metrics", "to_numpy_probs_labels"]
+__all__ = ["macro_auc", "classification_metrics", "expected_calibration_error", "to_numpy_probs_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +65,56 @@ def macro_auc(probs: Any, labels: Any, multi_label: bool = False) -> tuple[float
     return (float(np.mean(aucs)) if aucs else float("nan")), skipped
 
 
+def _binned_calibration_gap(confidence: np.ndarray, outcome: np.ndarray, bins: int) -> float:
+    # sum over bins of n_b * |mean outcome - mean confidence| = |sum outcome - sum confidence| per bin
+    index = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+    gap = np.bincount(index, weights=outcome, minlength=bins) - np.bincount(index, weights=confidence, minlength=bins)
+    return float(np.abs(gap).sum() / len(confidence))
+
+
+def expected_calibration_error(probs: Any, labels: Any, multi_label: bool = False, bins: int = 10) -> float:
+    """Expected calibration error over ``bins`` equal-width confidence bins (0 = calibrated).
+
+    Single-label: top-label ECE (confidence = the largest probability, outcome = the arg-max is right).
+    Multi-label: each label's probability against its 0/1 outcome, averaged over labels. A model
+    that is as sure of a case with a missing modality as of a complete one, but less often right,
+    gets a larger ECE at higher missing rates.
+
+    Returns:
+        the ECE, NaN when there are no cases.
+
+    Raises:
+        ValueError: ``bins < 1``.
+
+    Example::
+
+        >>> expected_calibration_error(np.array([[0.9, 0.1], [0.9, 0.1]]), np.array([0, 1]))  # 90% sure, 50% right
+        0.4
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    p, y = to_numpy_probs_labels(probs, labels, multi_label)
+    if p.shape[0] == 0:
+        return float("nan")
+    if multi_label:
+        return float(np.mean([_binned_calibration_gap(p[:, c], y[:, c].astype(np.float64), bins)
+                              for c in range(p.shape[1])]))
+    return _binned_calibration_gap(p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64), bins)
+
+
 def classification_metrics(probs: Any, labels: Any, multi_label: bool = False) -> dict[str, Any]:
-    """``auc`` (macro), ``acc``, ``f1`` (macro), ``n`` and ``skipped`` classes for one evaluation.
+    """``auc`` (macro), ``acc``, ``f1`` (macro), ``ece`` (expected calibration error), ``n`` and
+    ``skipped`` classes for one evaluation.
 
     Multi-label accuracy is the mean per-label accuracy at threshold 0.5, F1 the macro F1 over labels.
     """
     p, y = to_numpy_probs_labels(probs, labels, multi_label)
     auc, skipped = macro_auc(p, y, multi_label)
     if p.shape[0] == 0:
-        return {"auc": float("nan"), "acc": float("nan"), "f1": float("nan"), "n": 0, "skipped": skipped}
+        nan = float("nan")
+        return {"auc": nan, "acc": nan, "f1": nan, "ece": nan, "n": 0, "skipped": skipped}
     pred = (p >= 0.5).astype(np.int64) if multi_label else p.argmax(axis=1)
     acc = float((pred == y).mean())
     f1 = float(f1_score(y, pred, average="macro", zero_division=0))
-    return {"auc": auc, "acc": acc, "f1": f1, "n": int(p.shape[0]), "skipped": skipped}
+    ece = expected_calibration_error(p, y, multi_label)
+    return {"auc": auc, "acc": acc, "f1": f1, "ece": ece, "n": int(p.shape[0]), "skipped": skipped}

@@ -6,8 +6,8 @@ probability (at least one kept); the masks are made once per split by
 modalities. Each condition runs a ``CMMLEvaluator`` whose ``MaskedPrepareBatch`` writes NaN into the
 missing modalities, so the network sees exactly what it would see when served.
 
-Outputs in ``output_dir``: ``sweep.csv`` (method, rate, auc, acc, f1, n), ``sweep.png``,
-``subsets.csv`` (method, subset, auc, acc, f1, n), ``roc_rate<r>.png``, ``summary.json`` (AVG AUC).
+Outputs in ``output_dir``: ``sweep.csv`` (method, rate, auc, acc, f1, ece, n), ``sweep.png``,
+``subsets.csv`` (method, subset, auc, acc, f1, ece, n), ``roc_rate<r>.png``, ``summary.json`` (AVG AUC).
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ __all__ = ["MissingRateSweep", "predict", "SWEEP_COLUMNS", "SUBSET_COLUMNS", "fo
 
 logger = logging.getLogger(__name__)
 
-SWEEP_COLUMNS = ("method", "rate", "auc", "acc", "f1", "n")
-SUBSET_COLUMNS = ("method", "subset", "auc", "acc", "f1", "n")
+METRIC_COLUMNS = ("auc", "acc", "f1", "ece", "n")
+SWEEP_COLUMNS = ("method", "rate", *METRIC_COLUMNS)
+SUBSET_COLUMNS = ("method", "subset", *METRIC_COLUMNS)
 
 
 def predict(
@@ -205,9 +206,10 @@ class MissingRateSweep:
         self.rows, self.subset_rows = [], []
         for rate in self.rates:
             metrics, probs, labels = self._evaluate(masks[rate], case_ids)
-            row = {"method": self.method, "rate": rate, **{k: metrics[k] for k in ("auc", "acc", "f1", "n")}}
+            row = {"method": self.method, "rate": rate, **{k: metrics[k] for k in METRIC_COLUMNS}}
             self.rows.append(row)
-            logger.info("sweep %s rate %.1f: auc %.4f acc %.4f f1 %.4f n %d", self.method, rate, *list(row.values())[2:])
+            logger.info("sweep %s rate %.1f: auc %.4f acc %.4f f1 %.4f ece %.4f n %d", self.method, rate,
+                        *list(row.values())[2:])
             if self.roc and len(labels):
                 plot_roc(
                     probs, labels, self.case_list.class_names, self.case_list.multi_label,
@@ -222,7 +224,7 @@ class MissingRateSweep:
                 metrics, _, _ = self._evaluate(sub_mask, case_ids)
                 label = "+".join(n for n, s in zip(names, subset) if s)
                 self.subset_rows.append(
-                    {"method": self.method, "subset": label, **{k: metrics[k] for k in ("auc", "acc", "f1", "n")}}
+                    {"method": self.method, "subset": label, **{k: metrics[k] for k in METRIC_COLUMNS}}
                 )
         self._write()
         return self.rows
@@ -257,6 +259,7 @@ class MissingRateSweep:
             metrics = {f"test_auc_rate_{r['rate']:g}": r["auc"] for r in self.rows}
             metrics.update({f"test_acc_rate_{r['rate']:g}": r["acc"] for r in self.rows})
             metrics.update({f"test_f1_rate_{r['rate']:g}": r["f1"] for r in self.rows})
+            metrics.update({f"test_ece_rate_{r['rate']:g}": r["ece"] for r in self.rows})
             metrics["test_avg_auc"] = self.avg_auc
             self.tracker.log_metrics(metrics)
             print(f"MLflow: {self.tracker.tracking_uri} (experiment {self.tracker.experiment_name!r}); "

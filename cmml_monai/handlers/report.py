@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
 __all__ = ["read_sweep", "comparison_table", "write_comparison"]
 
+# (sweep.csv column, table label); ECE is the one where lower is better
+_METRICS = (("auc", "AUC"), ("acc", "ACC"), ("f1", "F1"), ("ece", "ECE"))
 # columns that are not scores (never bold)
 _PLAIN = ("runs", "AVG AUC std")
 
 
 def read_sweep(path: str, label: str | None = None) -> list[dict]:
-    """Rows of a ``sweep.csv`` (``method, rate, auc, acc, f1, n``) with numbers parsed.
+    """Rows of a ``sweep.csv`` (``method, rate, auc, acc, f1, ece, n``; ``ece`` may be absent) with numbers parsed.
 
     Each row also gets ``run`` (the file it came from). With ``label`` the rows are renamed to that
     method name (e.g. an ablation trained with an override, whose sweep still says ``cmml``).
@@ -39,14 +43,15 @@ def read_sweep(path: str, label: str | None = None) -> list[dict]:
         raise ValueError(f"{path}: columns {sorted(rows[0])} lack {sorted(need - set(rows[0]))}")
     return [
         {"method": label or r["method"], "rate": float(r["rate"]), "auc": float(r["auc"]), "acc": float(r["acc"]),
-         "f1": float(r["f1"]), "n": int(r["n"]), "run": path}
+         "f1": float(r["f1"]), "ece": float(r.get("ece") or "nan"), "n": int(r["n"]), "run": path}
         for r in rows
     ]
 
 
 def comparison_table(rows: Sequence[dict]) -> tuple[list[str], list[dict]]:
-    """One row per method: ``AUC@rate`` columns, ``AVG AUC`` (mean over rates), then ``ACC@rate``, ``F1@rate``
-    and their averages, then ``runs`` and ``AVG AUC std``. Methods keep their first-seen order.
+    """One row per method: ``AUC@rate`` columns, ``AVG AUC`` (mean over rates), then ``ACC@rate``, ``F1@rate``,
+    ``ECE@rate`` (expected calibration error; NaN for sweeps written before it existed) and their
+    averages, then ``runs`` and ``AVG AUC std``. Methods keep their first-seen order.
 
     Several runs of one method (rows with different ``run`` values, e.g. training seeds) are
     averaged: every column is the mean over the runs, ``AVG AUC std`` is the standard deviation of
@@ -73,11 +78,13 @@ def comparison_table(rows: Sequence[dict]) -> tuple[list[str], list[dict]]:
                 where = f" (run {run})" if run else ""
                 raise ValueError(f"method {m!r}{where} was evaluated at rates {sorted(per_rate)}, the others at {rates}")
         row: dict = {"method": m}
-        for key, label in (("auc", "AUC"), ("acc", "ACC"), ("f1", "F1")):
-            values = np.array([[per_rate[rate][key] for rate in rates] for per_rate in runs.values()], dtype=float)
-            for j, rate in enumerate(rates):
-                row[f"{label}@{rate:g}"] = float(np.nanmean(values[:, j]))
-            averages = np.nanmean(values, axis=1)
+        for key, label in _METRICS:
+            values = np.array([[per_rate[rate].get(key, np.nan) for rate in rates] for per_rate in runs.values()], dtype=float)
+            with warnings.catch_warnings():  # an all-NaN column (old sweeps without ECE) stays NaN, quietly
+                warnings.simplefilter("ignore", RuntimeWarning)
+                for j, rate in enumerate(rates):
+                    row[f"{label}@{rate:g}"] = float(np.nanmean(values[:, j]))
+                averages = np.nanmean(values, axis=1)
             row[f"AVG {label}"] = float(np.mean(averages))
             if key == "auc":
                 auc_std = float(np.std(averages, ddof=1)) if len(averages) > 1 else 0.0
@@ -85,14 +92,14 @@ def comparison_table(rows: Sequence[dict]) -> tuple[list[str], list[dict]]:
         row["AVG AUC std"] = auc_std
         table.append(row)
     columns = ["method"]
-    for label in ("AUC", "ACC", "F1"):
+    for _, label in _METRICS:
         columns += [f"{label}@{rate:g}" for rate in rates] + [f"AVG {label}"]
     columns += ["runs", "AVG AUC std"]
     return columns, table
 
 
 def write_comparison(rows: Sequence[dict], out_dir: str, name: str = "comparison") -> tuple[str, str]:
-    """Write ``<name>.csv`` and ``<name>.md`` (best value per column in bold); returns both paths."""
+    """Write ``<name>.csv`` and ``<name>.md`` (best value per column in bold: lowest for ECE); returns both paths."""
     columns, table = comparison_table(rows)
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, f"{name}.csv")
@@ -102,7 +109,11 @@ def write_comparison(rows: Sequence[dict], out_dir: str, name: str = "comparison
         for row in table:
             writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
     scored = [c for c in columns[1:] if c not in _PLAIN]
-    best = {c: max(r[c] for r in table) for c in scored} if table else {}
+    best = {}
+    for c in scored:
+        values = [r[c] for r in table if not math.isnan(r[c])]
+        if values:
+            best[c] = min(values) if "ECE" in c else max(values)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in table:
         cells = [row["method"]]
