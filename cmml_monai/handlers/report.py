@@ -76,10 +76,14 @@ def comparison_table(rows: Sequence[dict]) -> tuple[list[str], list[dict]]:
         for run, per_rate in runs.items():
             if sorted(per_rate) != rates:
                 where = f" (run {run})" if run else ""
-                raise ValueError(f"method {m!r}{where} was evaluated at rates {sorted(per_rate)}, the others at {rates}")
+                raise ValueError(
+                    f"method {m!r}{where} was evaluated at rates {sorted(per_rate)}, the others at {rates}"
+                )
         row: dict = {"method": m}
         for key, label in _METRICS:
-            values = np.array([[per_rate[rate].get(key, np.nan) for rate in rates] for per_rate in runs.values()], dtype=float)
+            values = np.array(
+                [[per_rate[rate].get(key, np.nan) for rate in rates] for per_rate in runs.values()], dtype=float
+            )
             with warnings.catch_warnings():  # an all-NaN column (old sweeps without ECE) stays NaN, quietly
                 warnings.simplefilter("ignore", RuntimeWarning)
                 for j, rate in enumerate(rates):
