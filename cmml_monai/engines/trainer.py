@@ -116,7 +116,9 @@ class CMMLTrainer(SupervisedTrainer):
         # one device-to-host copy per step for the finiteness check and every logged term
         values = dict(zip(terms, torch.stack([v.detach().float().reshape(()) for v in terms.values()]).tolist()))
         if not math.isfinite(values["loss"]):
-            raise FloatingPointError(f"stage {engine.stage}: the loss is {values['loss']} at iteration {engine.state.iteration}")
+            raise FloatingPointError(
+                f"stage {engine.stage}: the loss is {values['loss']} at iteration {engine.state.iteration}"
+            )
         engine.state.output[Keys.PRED] = outputs["logits"].detach().float()
         engine.state.output[Keys.LOSS] = loss.detach()
         for key, value in values.items():

@@ -151,7 +151,9 @@ class LoadNetworkHandler:
         path = latest_checkpoint(self.checkpoint_dir)
         if path is None:
             if self.required:
-                raise FileNotFoundError(f"no checkpoint_epoch=N.pt in {self.checkpoint_dir}: run the earlier stage first")
+                raise FileNotFoundError(
+                    f"no checkpoint_epoch=N.pt in {self.checkpoint_dir}: run the earlier stage first"
+                )
             return
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.network.load_state_dict(state[self.key] if self.key in state else state)

@@ -29,7 +29,9 @@ class MacroAUCMetric(CumulativeIterationMetric):
         self.activation = activation
         self.skipped: list[int] = []
 
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def _compute_tensor(  # type: ignore[override]
+        self, y_pred: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         y_pred = y_pred.float().reshape(y_pred.shape[0], -1)
         if self.activation == "softmax":
             y_pred = torch.softmax(y_pred, dim=1)
