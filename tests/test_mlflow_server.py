@@ -92,6 +92,7 @@ def test_training_logs_parent_and_stage_runs_to_server(mlflow_server, tmp_path, 
     history = client.get_metric_history(children["stage2"].info.run_id, "val_auc")
     assert [m.step for m in history] == [1] and 0.0 <= history[0].value <= 1.0
     assert 0.0 <= parent.data.metrics["test_avg_auc"] <= 1.0
+    assert all(0.0 <= parent.data.metrics[f"test_ece_rate_{r:g}"] <= 1.0 for r in (0.0, 0.5))
     # artifacts: schema, best checkpoint, sweep table and plot, ROC plots
     top = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"config", "models", "sweep"} <= top
@@ -100,4 +101,4 @@ def test_training_logs_parent_and_stage_runs_to_server(mlflow_server, tmp_path, 
     assert {"sweep/sweep.csv", "sweep/sweep.png", "sweep/roc"} <= sweep
     assert {a.path for a in client.list_artifacts(children["stage2"].info.run_id)} == {"model_best.pt"}
     local = client.download_artifacts(parent.info.run_id, "sweep/sweep.csv", str(tmp_path / "dl"))
-    assert open(local).readline().strip() == "method,rate,auc,acc,f1,n"
+    assert open(local).readline().strip() == "method,rate,auc,acc,f1,ece,n"
