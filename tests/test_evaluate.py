@@ -122,6 +122,10 @@ def test_comparison_ece_columns_bold_the_lowest_and_tolerate_old_sweeps(tmp_path
     assert np.isnan(old_rows[0]["ece"])
     columns, table = comparison_table(old_rows + _sweep_rows("cmml", "a", [0.9, 0.7], ece=0.05))
     assert np.isnan(table[0]["AVG ECE"]) and table[1]["AVG ECE"] == pytest.approx(0.05)
+    # one method with an old and a new run: the ECE columns average the run that has them
+    mixed = [dict(r, method="cmml") for r in old_rows] + _sweep_rows("cmml", "a", [0.9, 0.7], ece=0.05)
+    (row,) = comparison_table(mixed)[1]
+    assert row["AVG ECE"] == pytest.approx(0.05) and row["AVG AUC"] == pytest.approx((0.7 + 0.8) / 2)
     _, md_path = write_comparison(old_rows + _sweep_rows("cmml", "a", [0.9, 0.7], ece=0.05), str(tmp_path), "mixed")
     assert "**0.0500**" in open(md_path).read().splitlines()[3]
 

@@ -89,7 +89,8 @@ def comparison_table(rows: Sequence[dict]) -> tuple[list[str], list[dict]]:
                 for j, rate in enumerate(rates):
                     row[f"{label}@{rate:g}"] = float(np.nanmean(values[:, j]))
                 averages = np.nanmean(values, axis=1)
-            row[f"AVG {label}"] = float(np.mean(averages))
+                # runs without the column (ECE of an old sweep) do not turn the method's average into NaN
+                row[f"AVG {label}"] = float(np.nanmean(averages))
             if key == "auc":
                 auc_std = float(np.std(averages, ddof=1)) if len(averages) > 1 else 0.0
         row["runs"] = len(runs)
