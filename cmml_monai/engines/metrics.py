@@ -94,6 +94,11 @@ def expected_calibration_error(probs: Any, labels: Any, multi_label: bool = Fals
     if bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins}")
     p, y = to_numpy_probs_labels(probs, labels, multi_label)
+    return _calibration_error(p, y, multi_label, bins)
+
+
+def _calibration_error(p: np.ndarray, y: np.ndarray, multi_label: bool, bins: int) -> float:
+    # on arrays already checked by to_numpy_probs_labels
     if p.shape[0] == 0:
         return float("nan")
     if multi_label:
@@ -116,5 +121,5 @@ def classification_metrics(probs: Any, labels: Any, multi_label: bool = False) -
     pred = (p >= 0.5).astype(np.int64) if multi_label else p.argmax(axis=1)
     acc = float((pred == y).mean())
     f1 = float(f1_score(y, pred, average="macro", zero_division=0))
-    ece = expected_calibration_error(p, y, multi_label)
+    ece = _calibration_error(p, y, multi_label, bins=10)
     return {"auc": auc, "acc": acc, "f1": f1, "ece": ece, "n": int(p.shape[0]), "skipped": skipped}

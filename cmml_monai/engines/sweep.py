@@ -208,8 +208,8 @@ class MissingRateSweep:
             metrics, probs, labels = self._evaluate(masks[rate], case_ids)
             row = {"method": self.method, "rate": rate, **{k: metrics[k] for k in METRIC_COLUMNS}}
             self.rows.append(row)
-            logger.info("sweep %s rate %.1f: auc %.4f acc %.4f f1 %.4f ece %.4f n %d", self.method, rate,
-                        *list(row.values())[2:])
+            logger.info("sweep %s rate %.1f: %s", self.method, rate,
+                        " ".join(f"{k} {row[k]}" if k == "n" else f"{k} {row[k]:.4f}" for k in METRIC_COLUMNS))
             if self.roc and len(labels):
                 plot_roc(
                     probs, labels, self.case_list.class_names, self.case_list.multi_label,
@@ -256,10 +256,7 @@ class MissingRateSweep:
                 self.tracker.log_artifact(path, "sweep")
             for rate in self.rates:
                 self.tracker.log_artifact(os.path.join(out, f"roc_rate{rate:g}.png"), "sweep/roc")
-            metrics = {f"test_auc_rate_{r['rate']:g}": r["auc"] for r in self.rows}
-            metrics.update({f"test_acc_rate_{r['rate']:g}": r["acc"] for r in self.rows})
-            metrics.update({f"test_f1_rate_{r['rate']:g}": r["f1"] for r in self.rows})
-            metrics.update({f"test_ece_rate_{r['rate']:g}": r["ece"] for r in self.rows})
+            metrics = {f"test_{k}_rate_{r['rate']:g}": r[k] for k in METRIC_COLUMNS if k != "n" for r in self.rows}
             metrics["test_avg_auc"] = self.avg_auc
             self.tracker.log_metrics(metrics)
             print(f"MLflow: {self.tracker.tracking_uri} (experiment {self.tracker.experiment_name!r}); "

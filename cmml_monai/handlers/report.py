@@ -12,8 +12,12 @@ import numpy as np
 
 __all__ = ["read_sweep", "comparison_table", "write_comparison"]
 
-# (sweep.csv column, table label); ECE is the one where lower is better
+# (sweep.csv column, table label); ECE may be absent from sweeps written before it existed
 _METRICS = (("auc", "AUC"), ("acc", "ACC"), ("f1", "F1"), ("ece", "ECE"))
+# table labels whose best value is the lowest
+_LOWER_IS_BETTER = ("ECE",)
+# columns a sweep.csv must have (ECE is optional: NaN when absent)
+_REQUIRED = ("method", "rate", "auc", "acc", "f1", "n")
 # columns that are not scores (never bold)
 _PLAIN = ("runs", "AVG AUC std")
 
@@ -38,12 +42,13 @@ def read_sweep(path: str, label: str | None = None) -> list[dict]:
         raise FileNotFoundError(f"no sweep.csv at {path}: run train.json (or evaluate.json) for this output dir first")
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    need = {"method", "rate", "auc", "acc", "f1", "n"}
+    need = set(_REQUIRED)
     if rows and not need <= set(rows[0]):
         raise ValueError(f"{path}: columns {sorted(rows[0])} lack {sorted(need - set(rows[0]))}")
     return [
-        {"method": label or r["method"], "rate": float(r["rate"]), "auc": float(r["auc"]), "acc": float(r["acc"]),
-         "f1": float(r["f1"]), "ece": float(r.get("ece") or "nan"), "n": int(r["n"]), "run": path}
+        {"method": label or r["method"], "rate": float(r["rate"]),
+         **{key: float(r[key] if key in need else r.get(key) or "nan") for key, _ in _METRICS},
+         "n": int(r["n"]), "run": path}
         for r in rows
     ]
 
@@ -118,7 +123,8 @@ def write_comparison(rows: Sequence[dict], out_dir: str, name: str = "comparison
     for c in scored:
         values = [r[c] for r in table if not math.isnan(r[c])]
         if values:
-            best[c] = min(values) if "ECE" in c else max(values)
+            lower = c.removeprefix("AVG ").split("@")[0] in _LOWER_IS_BETTER
+            best[c] = min(values) if lower else max(values)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in table:
         cells = [row["method"]]
