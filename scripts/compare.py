@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", nargs="*", default=[], help="overlays after train.json (e.g. a dataset overlay)")
     parser.add_argument("--out", required=True, help="output folder of the table (and of the trained runs)")
     parser.add_argument("--name", default="comparison", help="file name stem of the table")
+    parser.add_argument("--reference", default=None,
+                        help="method the seed-paired table measures the others against (default: the first)")
     args = parser.parse_args(argv)
-    from cmml_monai.handlers.report import comparison_table, read_sweep, write_comparison
+    from cmml_monai.handlers.report import comparison_table, paired_table, read_sweep, write_comparison, write_paired
 
     runs: list[tuple[str | None, str]] = []
     for spec in args.runs:
@@ -76,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = [row for label, run in runs for row in read_sweep(run, label)]
         csv_path, md_path = write_comparison(rows, args.out, args.name)
         columns, table = comparison_table(rows)
+        paired = paired_table(rows, args.reference)[1] if len(table) > 1 else []
+        paired_paths = write_paired(rows, args.out, args.reference, args.name) if any(
+            row["pairs"] for row in paired) else ()
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -84,7 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     for row in table:
         cells = [f"{row[c]:.4f}" for c in shown[1:]] + [f"{row['AVG AUC std']:.4f}", str(row["runs"])]
         print(" | ".join([row["method"]] + cells))
-    print(f"\nwritten: {csv_path}, {md_path}")
+    if any(row["pairs"] for row in paired):
+        print(f"\nseed-paired AVG AUC difference against {paired[0]['reference']} (95% CI; pairs where ahead):")
+        for row in paired:
+            if row["pairs"]:
+                print(f"{row['method']}: {row['AVG AUC diff']:+.4f} [{row['CI low']:+.4f}, {row['CI high']:+.4f}]"
+                      f" ahead in {row['ahead']} of {row['pairs']}")
+    elif len(table) > 1:
+        print("\nno seed-paired table: no two methods have runs with a recorded training seed in common")
+    print(f"\nwritten: {', '.join([csv_path, md_path, *paired_paths])}")
     return 0
 
 

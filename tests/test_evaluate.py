@@ -12,7 +12,14 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from cmml_monai.handlers import comparison_table, read_sweep, save_executed_config, write_comparison
+from cmml_monai.handlers import (
+    comparison_table,
+    paired_table,
+    read_sweep,
+    save_executed_config,
+    write_comparison,
+    write_paired,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
@@ -148,6 +155,52 @@ def test_comparison_averages_runs_of_one_method():
         comparison_table(ragged)
 
 
+def _finished_run(out, method: str, aucs: list[float], seed: int | None, n: int = 10) -> str:
+    """An output dir as train.json leaves it: sweep/sweep.csv, and config_executed.json with the seed."""
+    os.makedirs(out / "sweep")
+    rows = "".join(f"{method},{rate},{auc},0.5,0.5,0.1,{n}\n" for rate, auc in zip([0.0, 0.5], aucs))
+    (out / "sweep" / "sweep.csv").write_text("method,rate,auc,acc,f1,ece,n\n" + rows)
+    if seed is not None:
+        (out / "config_executed.json").write_text(json.dumps({"method": method, "seed": seed}))
+    return str(out)
+
+
+def test_paired_table_differences_interval_and_errors(tmp_path):
+    # per seed, AVG AUC cmml 0.80 / 0.70 / 0.90, zero_fill 0.75 / 0.70 / 0.80: differences -0.05, 0, -0.10
+    runs = {("cmml", 0): [0.9, 0.7], ("cmml", 1): [0.8, 0.6], ("cmml", 2): [1.0, 0.8],
+            ("zero_fill", 0): [0.8, 0.7], ("zero_fill", 1): [0.8, 0.6], ("zero_fill", 2): [0.9, 0.7]}
+    rows = [r for (m, s), a in runs.items() for r in read_sweep(_finished_run(tmp_path / f"{m}{s}", m, a, s))]
+    assert {r["seed"] for r in rows} == {0, 1, 2}
+    columns, (row,) = paired_table(rows)
+    assert columns[:5] == ["method", "reference", "pairs", "seeds", "AVG AUC diff"]
+    assert (row["method"], row["reference"], row["pairs"], row["seeds"]) == ("zero_fill", "cmml", 3, "0 1 2")
+    assert row["AVG AUC diff"] == pytest.approx(-0.05) and row["diff std"] == pytest.approx(0.05)
+    half = 4.302653 * 0.05 / np.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert row["CI low"] == pytest.approx(-0.05 - half) and row["CI high"] == pytest.approx(-0.05 + half)
+    assert row["ahead"] == 0
+    assert row["p"] == pytest.approx(0.2254, abs=1e-3)  # t = -sqrt(3), 2 degrees of freedom
+    # the other way round: the same difference with the sign flipped
+    (back,) = paired_table(rows, reference="zero_fill")[1]
+    assert back["AVG AUC diff"] == pytest.approx(0.05) and back["ahead"] == 2 and back["p"] == pytest.approx(row["p"])
+    csv_path, md_path = write_paired(rows, str(tmp_path / "cmp"), confidence=0.9)
+    assert _read(csv_path)[0]["pairs"] == "3"
+    assert "90% CI low" in open(md_path).read().splitlines()[0]
+    # a run without a recorded seed pairs nothing; one pair gives no interval
+    lone = read_sweep(_finished_run(tmp_path / "noseed", "mean_impute", [0.9, 0.9], None))
+    one = read_sweep(_finished_run(tmp_path / "md0", "modality_dropout", [0.9, 0.9], 0))
+    table = {r["method"]: r for r in paired_table(rows + lone + one)[1]}
+    assert table["mean_impute"]["pairs"] == 0 and np.isnan(table["mean_impute"]["AVG AUC diff"])
+    assert table["modality_dropout"]["pairs"] == 1 and np.isnan(table["modality_dropout"]["CI low"])
+    with pytest.raises(ValueError, match="reference method 'nope'"):
+        paired_table(rows, reference="nope")
+    with pytest.raises(ValueError, match="two runs with seed 0"):
+        paired_table(rows + read_sweep(_finished_run(tmp_path / "again", "cmml", [0.5, 0.5], 0)))
+    with pytest.raises(ValueError, match="same rates and cases"):
+        paired_table(rows[:2] + read_sweep(_finished_run(tmp_path / "n20", "zero_fill", [0.5, 0.5], 0, n=20)))
+    with pytest.raises(ValueError, match="confidence"):
+        paired_table(rows, confidence=1.0)
+
+
 def test_compare_script_collects_labelled_runs(shared, tmp_path):
     """scripts/compare.py: LABEL=PATH renames a run; the table lands as CSV and Markdown."""
     run = str(shared["base"] / "cmml")
@@ -163,6 +216,15 @@ def test_compare_script_collects_labelled_runs(shared, tmp_path):
     table = _read(os.path.join(out, "comparison.csv"))
     assert [r["method"] for r in table] == ["cmml", "cmml_again"]
     assert table[0]["AVG AUC"] == table[1]["AVG AUC"] and table[0]["runs"] == "1"
+    # no executed config (the run was made in-process), so no seed and no paired table
+    assert not os.path.exists(os.path.join(out, "comparison_paired.csv"))
+    # with the training run's config (train.json writes it), the relabelled copy pairs with it: difference 0
+    with open(os.path.join(run, "config_executed.json"), "w") as f:
+        json.dump({"method": "cmml", "seed": 3}, f)
+    assert compare.main(["--runs", run, f"cmml_again={run}", "--out", out]) == 0
+    (paired,) = _read(os.path.join(out, "comparison_paired.csv"))
+    assert (paired["method"], paired["reference"], paired["pairs"]) == ("cmml_again", "cmml", "1")
+    assert float(paired["AVG AUC diff"]) == 0.0 and paired["ahead"] == "0"
     assert compare.main(["--runs", str(tmp_path / "nothing_here"), "--out", out]) == 2
 
 

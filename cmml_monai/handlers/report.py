@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import warnings
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["read_sweep", "comparison_table", "write_comparison"]
+__all__ = ["read_sweep", "comparison_table", "write_comparison", "paired_table", "write_paired"]
 
 # (sweep.csv column, table label); ECE may be absent from sweeps written before it existed
 _METRICS = (("auc", "AUC"), ("acc", "ACC"), ("f1", "F1"), ("ece", "ECE"))
@@ -25,8 +26,10 @@ _PLAIN = ("runs", "AVG AUC std")
 def read_sweep(path: str, label: str | None = None) -> list[dict]:
     """Rows of a ``sweep.csv`` (``method, rate, auc, acc, f1, ece, n``; ``ece`` may be absent) with numbers parsed.
 
-    Each row also gets ``run`` (the file it came from). With ``label`` the rows are renamed to that
-    method name (e.g. an ablation trained with an override, whose sweep still says ``cmml``).
+    Each row also gets ``run`` (the file it came from) and ``seed``: the training seed from the run's
+    executed config (``config_executed.json`` in the output dir above ``sweep/`` or ``eval/``, or
+    next to the CSV), None when there is none. With ``label`` the rows are renamed to that method
+    name (e.g. an ablation trained with an override, whose sweep still says ``cmml``).
 
     Raises:
         FileNotFoundError: no such file.
@@ -45,12 +48,29 @@ def read_sweep(path: str, label: str | None = None) -> list[dict]:
     need = set(_REQUIRED)
     if rows and not need <= set(rows[0]):
         raise ValueError(f"{path}: columns {sorted(rows[0])} lack {sorted(need - set(rows[0]))}")
+    seed = _training_seed(path)
     return [
         {"method": label or r["method"], "rate": float(r["rate"]),
          **{key: float(r[key] if key in need else r.get(key) or "nan") for key, _ in _METRICS},
-         "n": int(r["n"]), "run": path}
+         "n": int(r["n"]), "run": path, "seed": seed}
         for r in rows
     ]
+
+
+def _training_seed(sweep_csv: str) -> int | None:
+    """The ``seed`` of the run that wrote ``sweep_csv`` (from its executed config), None if unknown."""
+    folder = os.path.dirname(os.path.abspath(sweep_csv))
+    for config in (os.path.join(os.path.dirname(folder), "config_executed.json"),
+                   os.path.join(folder, "config_executed.json")):
+        if not os.path.isfile(config):
+            continue
+        try:
+            with open(config, encoding="utf-8") as f:
+                seed = json.load(f).get("seed")
+        except (OSError, ValueError, AttributeError):
+            return None  # an unreadable config pairs nothing rather than pairing wrongly
+        return int(seed) if isinstance(seed, int) or (isinstance(seed, str) and seed.isdigit()) else None
+    return None
 
 
 def comparison_table(rows: Sequence[dict]) -> tuple[list[str], list[dict]]:
@@ -133,6 +153,111 @@ def write_comparison(rows: Sequence[dict], out_dir: str, name: str = "comparison
             cells.append(f"**{text}**" if c in best and len(table) > 1 and row[c] == best[c] else text)
         lines.append("| " + " | ".join(cells) + " |")
     md_path = os.path.join(out_dir, f"{name}.md")
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+#: columns of the paired table (``paired_table``)
+PAIRED_COLUMNS = ("method", "reference", "pairs", "seeds", "AVG AUC diff", "diff std", "CI low", "CI high",
+                  "ahead", "p")
+
+
+def paired_table(
+    rows: Sequence[dict], reference: str | None = None, confidence: float = 0.95
+) -> tuple[list[str], list[dict]]:
+    """Seed-paired AVG AUC differences of every method against ``reference``.
+
+    Runs of two methods with the same training seed (``seed`` from ``read_sweep``) and the same
+    masks share the data split, the missing modalities and the seed, so their difference is free of
+    the split-to-split part of the spread; averaging such differences ranks methods with fewer seeds
+    than comparing the two means. For each other method: ``pairs`` (seeds run by both), ``AVG AUC
+    diff`` (method minus reference, mean over the pairs), ``diff std``, the ``confidence`` interval
+    of the mean difference (Student t; NaN with one pair), ``ahead`` (pairs where the method's AVG
+    AUC is higher) and ``p`` (two-sided paired t-test; NaN with one pair or identical differences).
+    Runs without a recorded seed, and methods with no seed in common with the reference, are left
+    out (``pairs`` 0).
+
+    Args:
+        rows: rows of ``read_sweep`` (several methods, one run per method and seed).
+        reference: the method the others are measured against (default: the first method).
+        confidence: level of the interval, in (0, 1).
+
+    Raises:
+        ValueError: ``confidence`` outside (0, 1), an unknown ``reference``, a method with two runs of
+            one seed, paired runs evaluated at different rates or on different numbers of cases.
+
+    Example::
+
+        >>> columns, table = paired_table(read_sweep("a/sweep/sweep.csv") + read_sweep("b/sweep/sweep.csv"))
+    """
+    from scipy import stats
+
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}.")
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    reference = methods[0] if reference is None and methods else reference
+    if reference not in methods:
+        raise ValueError(f"reference method {reference!r} is not among the runs' methods {methods}")
+    # method -> seed -> (run, {rate: row})
+    runs: dict[str, dict[int, tuple[str, dict[float, dict]]]] = {m: {} for m in methods}
+    for r in rows:
+        if r.get("seed") is None:
+            continue
+        run = str(r.get("run", ""))
+        seen_run, per_rate = runs[r["method"]].setdefault(r["seed"], (run, {}))
+        if seen_run != run:
+            raise ValueError(
+                f"method {r['method']!r} has two runs with seed {r['seed']}: {seen_run} and {run}; "
+                "give one of them another label (LABEL=PATH)"
+            )
+        per_rate[r["rate"]] = r
+    table = []
+    for m in methods:
+        if m == reference:
+            continue
+        seeds = sorted(set(runs[m]) & set(runs[reference]))
+        diffs = []
+        for seed in seeds:
+            (ref_run, ref), (run, other) = runs[reference][seed], runs[m][seed]
+            if sorted(ref) != sorted(other) or any(ref[q]["n"] != other[q]["n"] for q in ref):
+                raise ValueError(
+                    f"seed {seed}: {run} and {ref_run} were not evaluated on the same rates and cases; "
+                    "pair runs that share the masks (one --shared_dir)"
+                )
+            diffs.append(np.mean([other[q]["auc"] for q in other]) - np.mean([ref[q]["auc"] for q in ref]))
+        d = np.asarray(diffs, dtype=float)
+        row = {"method": m, "reference": reference, "pairs": len(d), "seeds": " ".join(map(str, seeds)),
+               "AVG AUC diff": float(d.mean()) if len(d) else math.nan,
+               "diff std": float(d.std(ddof=1)) if len(d) > 1 else math.nan,
+               "CI low": math.nan, "CI high": math.nan, "ahead": int((d > 0).sum()), "p": math.nan}
+        if len(d) > 1:
+            half = stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * row["diff std"] / math.sqrt(len(d))
+            row["CI low"], row["CI high"] = float(row["AVG AUC diff"] - half), float(row["AVG AUC diff"] + half)
+            if row["diff std"] > 0:
+                row["p"] = float(stats.ttest_1samp(d, 0.0).pvalue)
+        table.append(row)
+    return list(PAIRED_COLUMNS), table
+
+
+def write_paired(
+    rows: Sequence[dict], out_dir: str, reference: str | None = None, name: str = "comparison",
+    confidence: float = 0.95,
+) -> tuple[str, str]:
+    """Write ``<name>_paired.csv`` and ``<name>_paired.md`` (``paired_table``); returns both paths."""
+    columns, table = paired_table(rows, reference, confidence)
+    os.makedirs(out_dir, exist_ok=True)
+    cells = [{c: (f"{v:.4f}" if isinstance(v, float) else str(v)) for c, v in row.items()} for row in table]
+    csv_path = os.path.join(out_dir, f"{name}_paired.csv")
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(cells)
+    level = f"{confidence:.0%}"
+    header = [c.replace("CI", f"{level} CI") for c in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row[c] for c in columns) + " |" for row in cells]
+    md_path = os.path.join(out_dir, f"{name}_paired.md")
     with open(md_path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return csv_path, md_path

@@ -65,6 +65,7 @@ class CMMLLoss(nn.Module):
         rec_all_blocks: bool = False,
         w_cls_dropped: float = 1.0,
         w_rec_stage2: float = 0.0,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if stage not in (1, 2):
@@ -73,6 +74,9 @@ class CMMLLoss(nn.Module):
                         ("w_cls_dropped", w_cls_dropped), ("w_rec_stage2", w_rec_stage2)):
             if w < 0:
                 raise ValueError(f"{name} must be >= 0, got {w}.")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+        self.label_smoothing = float(label_smoothing)
         self.stage = stage
         self.multi_label = multi_label
         self.w_rec, self.w_aux, self.w_align, self.w_supcon = w_rec, w_aux, w_align, w_supcon
@@ -85,10 +89,14 @@ class CMMLLoss(nn.Module):
 
     def classification(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         if self.multi_label:
-            return F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype))
+            target = label.to(logits.dtype)
+            if self.label_smoothing > 0:
+                # each label's binary target moves toward 1/2, as CE's smoothing moves toward uniform
+                target = target * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
+            return F.binary_cross_entropy_with_logits(logits, target)
         if label.dim() == 2 and label.shape[1] == 1:
             label = label[:, 0]
-        return F.cross_entropy(logits, label.long())
+        return F.cross_entropy(logits, label.long(), label_smoothing=self.label_smoothing)
 
     def forward(self, outputs: dict[str, torch.Tensor], label: torch.Tensor) -> dict[str, torch.Tensor]:
         if "logits" not in outputs:
