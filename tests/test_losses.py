@@ -156,3 +156,21 @@ def test_reconstruction_over_the_cascade():
     last = CMMLLoss(stage=1)(out, label)["rec"].item()
     deep = CMMLLoss(stage=1, rec_all_blocks=True)(out, label)["rec"].item()
     assert last == pytest.approx(per_block[-1].item()) and deep == pytest.approx(sum(per_block).item() / 3, rel=1e-5)
+
+
+def test_cmml_loss_label_smoothing_values():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    log_p = F.log_softmax(logits, dim=1)[0]
+    eps = 0.3
+    smoothed = CMMLLoss(stage=2, label_smoothing=eps)({"logits": logits}, torch.tensor([0]))["cls"]
+    # CE against (1 - eps) one-hot + eps / classes
+    assert smoothed.item() == pytest.approx(-((1 - eps) * log_p[0] + eps * log_p.mean()).item())
+    plain = CMMLLoss(stage=2)({"logits": logits}, torch.tensor([0]))["cls"]
+    assert plain.item() == pytest.approx(-log_p[0].item())
+    # multi-label: each binary target moves toward 1/2
+    multi = CMMLLoss(stage=2, multi_label=True, label_smoothing=eps)(
+        {"logits": torch.tensor([[1.0, -1.0]])}, torch.tensor([[1, 0]]))["cls"]
+    expected = F.binary_cross_entropy_with_logits(torch.tensor([1.0, -1.0]), torch.tensor([1 - eps / 2, eps / 2]))
+    assert multi.item() == pytest.approx(expected.item())
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        CMMLLoss(stage=2, label_smoothing=1.0)
