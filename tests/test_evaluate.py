@@ -191,6 +191,15 @@ def test_paired_table_differences_interval_and_errors(tmp_path):
     table = {r["method"]: r for r in paired_table(rows + lone + one)[1]}
     assert table["mean_impute"]["pairs"] == 0 and np.isnan(table["mean_impute"]["AVG AUC diff"])
     assert table["modality_dropout"]["pairs"] == 1 and np.isnan(table["modality_dropout"]["CI low"])
+    # a sweep.csv next to its config is read too; a config two folders up of another kind of folder is not
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "sweep.csv").write_text((tmp_path / "cmml0" / "sweep" / "sweep.csv").read_text())
+    (flat / "config_executed.json").write_text(json.dumps({"seed": 7}))
+    assert read_sweep(str(flat / "sweep.csv"))[0]["seed"] == 7
+    (flat / "other").mkdir()
+    (flat / "other" / "sweep.csv").write_text((flat / "sweep.csv").read_text())
+    assert read_sweep(str(flat / "other"))[0]["seed"] is None
     with pytest.raises(ValueError, match="reference method 'nope'"):
         paired_table(rows, reference="nope")
     with pytest.raises(ValueError, match="two runs with seed 0"):

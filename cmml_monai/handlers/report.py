@@ -27,8 +27,8 @@ def read_sweep(path: str, label: str | None = None) -> list[dict]:
     """Rows of a ``sweep.csv`` (``method, rate, auc, acc, f1, ece, n``; ``ece`` may be absent) with numbers parsed.
 
     Each row also gets ``run`` (the file it came from) and ``seed``: the training seed from the run's
-    executed config (``config_executed.json`` in the output dir above ``sweep/`` or ``eval/``, or
-    next to the CSV), None when there is none. With ``label`` the rows are renamed to that method
+    executed config (``config_executed.json`` next to the CSV, else in the output dir above
+    ``sweep/`` or ``eval/``), None when there is none. With ``label`` the rows are renamed to that method
     name (e.g. an ablation trained with an override, whose sweep still says ``cmml``).
 
     Raises:
@@ -60,8 +60,11 @@ def read_sweep(path: str, label: str | None = None) -> list[dict]:
 def _training_seed(sweep_csv: str) -> int | None:
     """The ``seed`` of the run that wrote ``sweep_csv`` (from its executed config), None if unknown."""
     folder = os.path.dirname(os.path.abspath(sweep_csv))
-    for config in (os.path.join(os.path.dirname(folder), "config_executed.json"),
-                   os.path.join(folder, "config_executed.json")):
+    # the nearest config: next to the CSV, else in the output dir above sweep/ or eval/
+    candidates = [os.path.join(folder, "config_executed.json")]
+    if os.path.basename(folder) in ("sweep", "eval"):
+        candidates.append(os.path.join(os.path.dirname(folder), "config_executed.json"))
+    for config in candidates:
         if not os.path.isfile(config):
             continue
         try:
