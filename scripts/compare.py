@@ -13,6 +13,11 @@ Examples::
     python scripts/compare.py --methods cmml zero_fill modality_dropout mean_impute --seeds 0 1 2 \\
         --config configs/datasets/odir.json --out outputs/compare_odir -- --dataset_dir /data/ODIR-5K
 
+Besides ``comparison.csv`` / ``.md`` (every method's mean over its runs) it writes
+``comparison_paired.csv`` / ``.md`` when runs of two methods share a training seed: each method's
+AVG AUC minus the reference's (``--reference``, default the first method), seed by seed, with the
+95% interval of the mean difference, the seeds in which it was ahead and the paired t-test's p.
+
 Arguments after ``--`` are passed to every ``python -m monai.bundle run`` call unchanged. The masks,
 the data split and the table schema come from one ``shared`` folder under ``--out``, so every method
 and seed is evaluated on the same cases with the same missing modalities.
