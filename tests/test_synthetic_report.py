@@ -116,3 +116,22 @@ def test_label_signal_in_every_modality(synthetic_dataset):
     assert all(a > chance + 0.1 for a in acc.values()), (acc, chance)
     # the two images share part of the evidence and add their own: together no worse than on average alone
     assert both > chance + 0.2 and both >= (acc["clinic"] + acc["derm"]) / 2, (both, acc)
+
+
+def test_training_seed_does_not_redraw_the_synthetic_data(tmp_path):
+    """train.json: --seed is the training seed; the synthetic data follow synthetic_seed, so several
+    training seeds share one dataset folder (scripts/compare.py --seeds on the default data)."""
+    from monai.bundle import ConfigParser
+
+    manifests = []
+    for seed in (0, 3):
+        parser = ConfigParser()
+        parser.read_config(os.path.join(REPO, "configs", "train.json"))
+        parser.update({"bundle_root": REPO, "dataset_dir": str(tmp_path / "syn"), "synthetic_cases": 14, "seed": seed})
+        parser.get_parsed_content("case_list")  # generates on the first call, reuses on the second
+        manifests.append(json.loads((tmp_path / "syn" / MANIFEST_NAME).read_text()))
+    assert manifests[0] == manifests[1] and manifests[0]["params"]["seed"] == 0
+    parser.update({"synthetic_seed": 1})
+    with pytest.raises(RuntimeError) as failure:  # another draw needs its own folder
+        parser.get_parsed_content("case_list", lazy=False)
+    assert isinstance(failure.value.__cause__, DataError) and "'seed': 1" in str(failure.value.__cause__)
