@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nseed-paired AVG AUC difference against {paired[0]['reference']} (95% CI; pairs where ahead):")
         for row in paired:
             if row["pairs"]:
-                print(f"{row['method']}: {row['AVG AUC diff']:+.4f} [{row['CI low']:+.4f}, {row['CI high']:+.4f}]"
+                interval = f" [{row['CI low']:+.4f}, {row['CI high']:+.4f}]" if row["pairs"] > 1 else " (one pair)"
+                print(f"{row['method']}: {row['AVG AUC diff']:+.4f}{interval}"
                       f" ahead in {row['ahead']} of {row['pairs']}")
     elif len(table) > 1:
         print("\nno seed-paired table: no two methods have runs with a recorded training seed in common")
