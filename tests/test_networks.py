@@ -230,9 +230,10 @@ def test_no_nan_table_missing_and_one_image():
     "kwargs",
     [
         dict(), dict(use_context=False, use_memory=False), dict(share_image_encoder=True), dict(mark_synthesized=True),
-        dict(residual_head=False), dict(stage1_head="concat_mlp"),
+        dict(residual_head=False), dict(stage1_head="concat_mlp"), dict(stage1_head="norm_mean"),
     ],
-    ids=["cmml", "no_context_no_memory", "shared_encoder", "mark_synthesized", "no_residual_head", "concat_head"],
+    ids=["cmml", "no_context_no_memory", "shared_encoder", "mark_synthesized", "no_residual_head", "concat_head",
+         "norm_mean_head"],
 )
 def test_every_parameter_gets_gradient_from_its_stage(kwargs):
     net = cmml(**kwargs).train()
@@ -277,11 +278,12 @@ def test_memory_written_only_in_stage1_training():
         lambda: cmml(mark_synthesized=True),
         lambda: cmml(residual_head=False),
         lambda: cmml(stage1_head="concat_mlp"),
+        lambda: cmml(stage1_head="norm_mean"),
         lambda: cmml(use_stage2=False, use_memory=False, use_context=False),
         lambda: LateFusionNet(2, 3, 2, 5, CARDS, feature_dim=D, image_encoder="resnet10", mode="mean_impute"),
     ],
-    ids=["cmml_present_only", "mark_synthesized", "no_residual_head", "concat_head", "stage1_no_memory_no_context",
-         "mean_impute"],
+    ids=["cmml_present_only", "mark_synthesized", "no_residual_head", "concat_head", "norm_mean_head",
+         "stage1_no_memory_no_context", "mean_impute"],
 )
 def test_trace_matches_eager_for_other_patterns(make):
     net = make().eval()
@@ -303,9 +305,10 @@ def test_trace_matches_eager_for_other_patterns(make):
     "kwargs",
     [
         dict(), dict(use_stage2=False, use_context=False), dict(mark_synthesized=True), dict(residual_head=False),
-        dict(stage1_head="concat_mlp"), dict(stage1_head="concat_mlp", use_stage2=False),
+        dict(stage1_head="concat_mlp"), dict(stage1_head="concat_mlp", use_stage2=False), dict(stage1_head="norm_mean"),
     ],
-    ids=["cmml", "stage1_only", "mark_synthesized", "no_residual_head", "concat_head", "concat_head_stage1_only"],
+    ids=["cmml", "stage1_only", "mark_synthesized", "no_residual_head", "concat_head", "concat_head_stage1_only",
+         "norm_mean_head"],
 )
 def test_script_matches_eager(kwargs):
     net = cmml(**kwargs).eval()
@@ -554,3 +557,24 @@ def test_concat_stage1_head_gives_each_modality_slot_its_own_weights():
     cmml(stage1_head="concat_mlp").load_state_dict(net.state_dict())
     with pytest.raises(ValueError, match="stage1_head must be one of .* got 'concat'"):
         cmml(stage1_head="concat")
+
+
+def test_mean_stage1_head_keeps_the_length_of_the_pooled_token():
+    """``stage1_head="mean"`` (default) is a linear layer on the plain mean of the tokens: modalities
+    that agree give a longer mean and larger logits; ``"norm_mean"`` (the earlier default) layer-norms
+    the mean, so scaling every token leaves its logits unchanged. Weights of one are refused by the other."""
+    torch.manual_seed(0)
+    mean, norm = cmml().eval(), cmml(stage1_head="norm_mean").eval()
+    assert isinstance(mean.aux_norm, torch.nn.Identity) and isinstance(norm.aux_norm, torch.nn.LayerNorm)
+    k, d = mean.num_modalities, SMALL["feature_dim"]
+    tokens = torch.randn(2, k, d)
+    bias = mean.aux_head.bias
+    assert torch.allclose(mean._stage1_head(3 * tokens) - bias, 3 * (mean._stage1_head(tokens) - bias), atol=1e-5)
+    assert torch.allclose(mean._stage1_head(tokens), mean.aux_head(tokens.mean(dim=1)), atol=1e-6)
+    assert torch.allclose(norm._stage1_head(3 * tokens), norm._stage1_head(tokens), atol=1e-4)
+    with pytest.raises(RuntimeError, match="trained with stage1_head='norm_mean' .* network_def#stage1_head norm_mean"):
+        mean.load_state_dict(norm.state_dict())
+    with pytest.raises(RuntimeError, match="trained with stage1_head='mean' .* network_def#stage1_head mean"):
+        norm.load_state_dict(mean.state_dict())
+    cmml(stage1_head="norm_mean").load_state_dict(norm.state_dict())
+    cmml().load_state_dict(mean.state_dict())

@@ -24,8 +24,9 @@ from cmml_monai.utils import as_bool
 __all__ = ["CMMLNet", "STAGE1_HEADS"]
 
 #: stage-1 (auxiliary) head layouts: a linear classifier on the mean of the completed modality tokens,
-#: or an MLP on their concatenation (each token layer-normed first)
-STAGE1_HEADS = ("mean", "concat_mlp")
+#: the same on the layer-normed mean (the default before 2026-11-28), or an MLP on their concatenation
+#: (each token layer-normed first)
+STAGE1_HEADS = ("mean", "norm_mean", "concat_mlp")
 
 
 class CMMLNet(nn.Module):
@@ -95,10 +96,12 @@ class CMMLNet(nn.Module):
             stage 2 refines the trained stage-1 prediction instead of restarting from an untrained
             head. Saved with the weights; weights trained with the other setting are refused on load.
         stage1_head: layout of the stage-1 (auxiliary) head, one of ``STAGE1_HEADS``: ``"mean"``, a
-            linear classifier on the mean of the completed modality tokens, or ``"concat_mlp"``, an
-            MLP (hidden width ``feature_dim``) on the concatenated, layer-normed tokens, which gives
-            each modality slot its own weights. With ``residual_head`` it is also part of the
-            stage-2 logits. Weights trained with the other layout are refused on load.
+            linear classifier on the mean of the completed modality tokens (its length grows when the
+            modalities agree, so it is not normalised away); ``"norm_mean"``, the same on the
+            layer-normed mean (the earlier default); or ``"concat_mlp"``, an MLP (hidden width
+            ``feature_dim``) on the concatenated, layer-normed tokens, which gives each modality slot
+            its own weights. With ``residual_head`` it is also part of the stage-2 logits. Weights
+            trained with another layout are refused on load.
 
     Example::
 
@@ -179,7 +182,9 @@ class CMMLNet(nn.Module):
         self.context = ContextTokens(num_context_tokens, feature_dim) if use_context else None
         self.crta = CascadedResidualTransformerAE(k, feature_dim, num_blocks, num_heads, 2.0, dropout)
         self.stage1_head = stage1_head
-        self.aux_norm = nn.LayerNorm(feature_dim)
+        # "mean" reads the pooled token as it is: a LayerNorm would remove its length, which carries
+        # how strongly the modalities agree
+        self.aux_norm = nn.Identity() if stage1_head == "mean" else nn.LayerNorm(feature_dim)
         self.aux_head = (
             nn.Sequential(
                 nn.Linear(k * feature_dim, feature_dim), nn.GELU(), nn.Dropout(dropout),
@@ -249,7 +254,7 @@ class CMMLNet(nn.Module):
         if self.stage1_head == "concat_mlp":
             # one weight block per modality slot, as the late-fusion baselines' MLP has
             return self.aux_head(self.aux_norm(tokens).flatten(1))
-        return self.aux_head(self.aux_norm(tokens.mean(dim=1)))
+        return self.aux_head(self.aux_norm(tokens.mean(dim=1)))  # aux_norm is the identity for "mean"
 
     def _stage2(
         self, tokens: torch.Tensor, present: torch.Tensor
@@ -316,7 +321,8 @@ class CMMLNet(nn.Module):
         if prefix + "aux_head.0.weight" in state_dict:
             saved["stage1_head"] = "concat_mlp"
         elif prefix + "aux_head.weight" in state_dict:
-            saved["stage1_head"] = "mean"
+            # weights from before "norm_mean" had its name carry the LayerNorm: they are "norm_mean"
+            saved["stage1_head"] = "norm_mean" if prefix + "aux_norm.weight" in state_dict else "mean"
         if self.use_stage2:
             flag = state_dict.get(prefix + "residual_head_flag")
             saved["residual_head"] = bool(flag) if flag is not None else False
