@@ -321,7 +321,8 @@ class CMMLNet(nn.Module):
         if prefix + "aux_head.0.weight" in state_dict:
             saved["stage1_head"] = "concat_mlp"
         elif prefix + "aux_head.weight" in state_dict:
-            # weights from before "norm_mean" had its name carry the LayerNorm: they are "norm_mean"
+            # a LayerNorm before the linear head means the layer-normed mean (weights trained before
+            # 2026-11-28, when it was the only mean head, included)
             saved["stage1_head"] = "norm_mean" if prefix + "aux_norm.weight" in state_dict else "mean"
         if self.use_stage2:
             flag = state_dict.get(prefix + "residual_head_flag")
