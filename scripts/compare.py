@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         csv_path, md_path = write_comparison(rows, args.out, args.name)
         columns, table = comparison_table(rows)
         paired = paired_table(rows, args.reference)[1] if len(table) > 1 else []
-        paired_paths = write_paired(rows, args.out, args.reference, args.name) if any(
-            row["pairs"] for row in paired) else ()
+        has_pairs = any(row["pairs"] for row in paired)
+        paired_paths = write_paired(rows, args.out, args.reference, args.name) if has_pairs else ()
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in table:
         cells = [f"{row[c]:.4f}" for c in shown[1:]] + [f"{row['AVG AUC std']:.4f}", str(row["runs"])]
         print(" | ".join([row["method"]] + cells))
-    if any(row["pairs"] for row in paired):
+    if has_pairs:
         print(f"\nseed-paired AVG AUC difference against {paired[0]['reference']} (95% CI; pairs where ahead):")
         for row in paired:
             if row["pairs"]:

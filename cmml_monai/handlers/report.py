@@ -76,6 +76,22 @@ def _training_seed(sweep_csv: str) -> int | None:
     return None
 
 
+def _runs_by_method(rows: Sequence[dict]) -> dict[str, dict[str, dict[float, dict]]]:
+    """``{method: {run: {rate: row}}}``, methods and runs in first-seen order.
+
+    Raises:
+        ValueError: one run giving a rate twice.
+    """
+    grouped: dict[str, dict[str, dict[float, dict]]] = {}
+    for r in rows:
+        run = str(r.get("run", ""))
+        per_rate = grouped.setdefault(r["method"], {}).setdefault(run, {})
+        if r["rate"] in per_rate:
+            raise ValueError(f"method {r['method']!r}: rate {r['rate']:g} appears twice in run {run!r}")
+        per_rate[r["rate"]] = r
+    return grouped
+
+
 def comparison_table(rows: Sequence[dict]) -> tuple[list[str], list[dict]]:
     """One row per method: ``AUC@rate`` columns, ``AVG AUC`` (mean over rates), then ``ACC@rate``, ``F1@rate``,
     ``ECE@rate`` (expected calibration error; NaN for sweeps written before it existed) and their
@@ -89,18 +105,9 @@ def comparison_table(rows: Sequence[dict]) -> tuple[list[str], list[dict]]:
         ValueError: methods (or runs) evaluated at different rates (their AVG AUCs would not be
             comparable), or one run giving a rate twice.
     """
-    methods = list(dict.fromkeys(r["method"] for r in rows))
     rates = sorted({r["rate"] for r in rows})
     table = []
-    for m in methods:
-        runs: dict[str, dict[float, dict]] = {}
-        for r in rows:
-            if r["method"] != m:
-                continue
-            per_rate = runs.setdefault(str(r.get("run", "")), {})
-            if r["rate"] in per_rate:
-                raise ValueError(f"method {m!r}: rate {r['rate']:g} appears twice in run {r.get('run', '')!r}")
-            per_rate[r["rate"]] = r
+    for m, runs in _runs_by_method(rows).items():
         for run, per_rate in runs.items():
             if sorted(per_rate) != rates:
                 where = f" (run {run})" if run else ""
@@ -198,23 +205,24 @@ def paired_table(
 
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}.")
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    grouped = _runs_by_method(rows)
+    methods = list(grouped)
     reference = methods[0] if reference is None and methods else reference
     if reference not in methods:
         raise ValueError(f"reference method {reference!r} is not among the runs' methods {methods}")
-    # method -> seed -> (run, {rate: row})
+    # method -> seed -> (run, {rate: row}); runs without a recorded seed are not paired
     runs: dict[str, dict[int, tuple[str, dict[float, dict]]]] = {m: {} for m in methods}
-    for r in rows:
-        if r.get("seed") is None:
-            continue
-        run = str(r.get("run", ""))
-        seen_run, per_rate = runs[r["method"]].setdefault(r["seed"], (run, {}))
-        if seen_run != run:
-            raise ValueError(
-                f"method {r['method']!r} has two runs with seed {r['seed']}: {seen_run} and {run}; "
-                "give one of them another label (LABEL=PATH)"
-            )
-        per_rate[r["rate"]] = r
+    for m, method_runs in grouped.items():
+        for run, per_rate in method_runs.items():
+            seed = next(iter(per_rate.values())).get("seed")
+            if seed is None:
+                continue
+            if seed in runs[m]:
+                raise ValueError(
+                    f"method {m!r} has two runs with seed {seed}: {runs[m][seed][0]} and {run}; "
+                    "give one of them another label (LABEL=PATH)"
+                )
+            runs[m][seed] = (run, per_rate)
     table = []
     for m in methods:
         if m == reference:

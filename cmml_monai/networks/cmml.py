@@ -254,7 +254,7 @@ class CMMLNet(nn.Module):
         if self.stage1_head == "concat_mlp":
             # one weight block per modality slot, as the late-fusion baselines' MLP has
             return self.aux_head(self.aux_norm(tokens).flatten(1))
-        return self.aux_head(self.aux_norm(tokens.mean(dim=1)))  # aux_norm is the identity for "mean"
+        return self.aux_head(self.aux_norm(tokens.mean(dim=1)))
 
     def _stage2(
         self, tokens: torch.Tensor, present: torch.Tensor
