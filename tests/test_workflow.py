@@ -7,8 +7,10 @@ import os
 
 import pytest
 import torch
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
+
+from cmml_monai.handlers import BestCheckpointSaver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
@@ -75,6 +77,8 @@ def test_two_stage_run_end_to_end(synthetic_dir, tmp_path):
     loader = [h for h in w.parser.get_parsed_content("train#handlers") if type(h).__name__ == "LoadNetworkHandler"][0]
     assert loader.loaded_from.endswith(os.path.join("stage1", "checkpoint_epoch=1.pt"))
     assert os.path.isfile(os.path.join(out, "models", "model.pt"))
+    # one-epoch stages: best_min_epoch 2 falls back to their only epoch, so both best files exist
+    assert w.parser.get_parsed_content("train#best_saver").first_eligible_epoch == 1
     # stage-1 checkpoints serve the stage-1 head (validated on it), the published model the fusion head
     def served_flag(path: str) -> bool:
         state = torch.load(path, weights_only=True)
@@ -125,6 +129,40 @@ def test_resume_continues_from_next_epoch(synthetic_dir, tmp_path):
     assert loader[0].loaded_from.endswith("checkpoint_epoch=2.pt")
     assert w3.parser.get_parsed_content("stage1#trainer").state.epoch == 0  # stage 1 did not run
     assert os.path.isfile(os.path.join(out, "stage2", "checkpoint_epoch=1.pt"))
+
+
+@pytest.mark.parametrize(
+    "min_epoch, max_epochs, saved_epoch",
+    [(1, 4, 1), (2, 4, 3), (4, 4, 4), (2, None, 3), (3, 1, 1)],
+)
+def test_best_checkpoint_ignores_epochs_before_min_epoch(min_epoch, max_epochs, saved_epoch, tmp_path, caplog):
+    """A real Ignite engine validates four epochs; epoch 1 has the highest score but is a warm-up."""
+    scores = [0.9, 0.6, 0.8, 0.7]
+    network = torch.nn.Linear(1, 1, bias=False)
+    engine = Engine(lambda e, batch: None)
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def validate(e):  # runs before the saver (attached first): marks the weights with the epoch number
+        network.weight.data.fill_(float(e.state.epoch))
+        e.state.metrics = {"val_auc": scores[e.state.epoch - 1]}
+        e.state.key_metric_name = "val_auc"
+
+    saver = BestCheckpointSaver(str(tmp_path), {"network": network}, min_epoch=min_epoch, max_epochs=max_epochs)
+    saver.attach(engine)
+    with caplog.at_level("INFO", logger="cmml_monai.handlers.checkpoint"):
+        engine.run([0], max_epochs=len(scores) if max_epochs is None else max(max_epochs, 1))
+    best = torch.load(os.path.join(str(tmp_path), "model_best.pt"), weights_only=True)
+    assert best.get("network", best)["weight"].item() == saved_epoch  # one object: saved unwrapped
+    assert saver.state_dict()["_saved"][0][0] == scores[saved_epoch - 1]  # (score, file)
+    assert f"model_best.pt saved: epoch {saved_epoch}" in caplog.text
+    if saver.first_eligible_epoch > 1:
+        assert "epoch 1 is before best_min_epoch" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
+def test_best_checkpoint_min_epoch_errors(bad, tmp_path):
+    with pytest.raises(ValueError, match="best_min_epoch must be an integer >= 1"):
+        BestCheckpointSaver(str(tmp_path), {"network": torch.nn.Linear(1, 1)}, min_epoch=bad)
 
 
 def test_early_stop_state_survives_resume(synthetic_dir, tmp_path):
