@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default=None,
                         help="method the seed-paired table measures the others against (default: the first)")
     args = parser.parse_args(argv)
-    from cmml_monai.handlers.report import comparison_table, paired_table, read_sweep, write_comparison, write_paired
+    from cmml_monai.handlers.report import (
+        comparison_table, paired_table, read_sweep, write_comparison_table, write_paired_table,
+    )
 
     runs: list[tuple[str | None, str]] = []
     for spec in args.runs:
@@ -81,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --runs and/or --methods")
     try:
         rows = [row for label, run in runs for row in read_sweep(run, label)]
-        csv_path, md_path = write_comparison(rows, args.out, args.name)
         columns, table = comparison_table(rows)
-        paired = paired_table(rows, args.reference)[1] if len(table) > 1 else []
+        csv_path, md_path = write_comparison_table(columns, table, args.out, args.name)
+        paired_columns, paired = paired_table(rows, args.reference) if len(table) > 1 else ([], [])
         has_pairs = any(row["pairs"] for row in paired)
-        paired_paths = write_paired(rows, args.out, args.reference, args.name) if has_pairs else ()
+        paired_paths = write_paired_table(paired_columns, paired, args.out, args.name) if has_pairs else ()
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

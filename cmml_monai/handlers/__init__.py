@@ -11,7 +11,15 @@ from cmml_monai.handlers.early_stop import ResumableEarlyStopHandler
 from cmml_monai.handlers.metrics import MacroAUC, MacroAUCMetric
 from cmml_monai.handlers.mlflow import MLflowTracker, StageMLFlowHandler, resolve_tracking_uri, save_executed_config
 from cmml_monai.handlers.plots import plot_roc, plot_sweep
-from cmml_monai.handlers.report import comparison_table, paired_table, read_sweep, write_comparison, write_paired
+from cmml_monai.handlers.report import (
+    comparison_table,
+    paired_table,
+    read_sweep,
+    write_comparison,
+    write_comparison_table,
+    write_paired,
+    write_paired_table,
+)
 from cmml_monai.handlers.stats import BindTrainer, EpochLossAverager
 
 __all__ = [
@@ -34,6 +42,8 @@ __all__ = [
     "read_sweep",
     "comparison_table",
     "write_comparison",
+    "write_comparison_table",
     "paired_table",
     "write_paired",
+    "write_paired_table",
 ]

@@ -112,8 +112,8 @@ class BestCheckpointSaver(CheckpointSaver):
             save_dir=save_dir, save_dict=save_dict, save_key_metric=True, key_metric_filename=filename, **kwargs
         )
         self.filename = filename
-        self.min_epoch = int(min_epoch)
-        self.first_eligible_epoch = self.min_epoch if not max_epochs else min(self.min_epoch, int(max_epochs))
+        self.min_epoch = min_epoch
+        self.first_eligible_epoch = min(min_epoch, max_epochs) if max_epochs else min_epoch
 
     def metrics_completed(self, engine: Engine) -> None:
         """Compare and save as MONAI does, from ``first_eligible_epoch`` on."""

@@ -11,7 +11,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["read_sweep", "comparison_table", "write_comparison", "paired_table", "write_paired"]
+__all__ = [
+    "read_sweep", "comparison_table", "write_comparison", "write_comparison_table", "paired_table", "write_paired",
+    "write_paired_table",
+]
 
 # (sweep.csv column, table label); ECE may be absent from sweeps written before it existed
 _METRICS = (("auc", "AUC"), ("acc", "ACC"), ("f1", "F1"), ("ece", "ECE"))
@@ -140,7 +143,13 @@ def comparison_table(rows: Sequence[dict]) -> tuple[list[str], list[dict]]:
 
 def write_comparison(rows: Sequence[dict], out_dir: str, name: str = "comparison") -> tuple[str, str]:
     """Write ``<name>.csv`` and ``<name>.md`` (best value per column in bold: lowest for ECE); returns both paths."""
-    columns, table = comparison_table(rows)
+    return write_comparison_table(*comparison_table(rows), out_dir, name)
+
+
+def write_comparison_table(
+    columns: Sequence[str], table: Sequence[dict], out_dir: str, name: str = "comparison"
+) -> tuple[str, str]:
+    """``write_comparison`` for a table ``comparison_table`` already made (callers that also print it)."""
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, f"{name}.csv")
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
@@ -256,7 +265,14 @@ def write_paired(
     confidence: float = 0.95,
 ) -> tuple[str, str]:
     """Write ``<name>_paired.csv`` and ``<name>_paired.md`` (``paired_table``); returns both paths."""
-    columns, table = paired_table(rows, reference, confidence)
+    return write_paired_table(*paired_table(rows, reference, confidence), out_dir, name, confidence)
+
+
+def write_paired_table(
+    columns: Sequence[str], table: Sequence[dict], out_dir: str, name: str = "comparison",
+    confidence: float = 0.95,
+) -> tuple[str, str]:
+    """``write_paired`` for a table ``paired_table`` already made with ``confidence``."""
     os.makedirs(out_dir, exist_ok=True)
     cells = [{c: (f"{v:.4f}" if isinstance(v, float) else str(v)) for c, v in row.items()} for row in table]
     csv_path = os.path.join(out_dir, f"{name}_paired.csv")
