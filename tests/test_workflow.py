@@ -10,6 +10,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 
+from cmml_monai.engines import publish_model
 from cmml_monai.handlers import BestCheckpointSaver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,6 +164,44 @@ def test_best_checkpoint_ignores_epochs_before_min_epoch(min_epoch, max_epochs, 
 def test_best_checkpoint_min_epoch_errors(bad, tmp_path):
     with pytest.raises(ValueError, match="best_min_epoch must be an integer >= 1"):
         BestCheckpointSaver(str(tmp_path), {"network": torch.nn.Linear(1, 1)}, min_epoch=bad)
+
+
+def _marked_net(value: float) -> dict:
+    return {"weight": torch.full((1, 1), value), "bias": torch.zeros(1)}
+
+
+def test_publish_model_serves_best_or_last_epoch(tmp_path, caplog):
+    """``serve best`` copies the last stage's ``model_best.pt``; ``serve last`` takes the network of its
+    last epoch checkpoint; a stage without checkpoints falls back to the stage before it."""
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    stage1.mkdir()
+    stage2.mkdir()
+    torch.save({"network": _marked_net(1.0), "optimizer": {}}, stage1 / "checkpoint_epoch=3.pt")
+    torch.save(_marked_net(2.0), stage2 / "model_best.pt")
+    for epoch in (4, 5, 10):  # epoch 10 is the last: the order is numeric, not by name
+        torch.save({"network": _marked_net(float(epoch)), "optimizer": {}}, stage2 / f"checkpoint_epoch={epoch}.pt")
+    out = str(tmp_path / "out")
+
+    def served(serve: str, stages: list) -> float:
+        path = publish_model(out, [str(s) for s in stages], serve=serve)
+        assert path == os.path.join(out, "models", "model.pt")
+        state = torch.load(path, weights_only=True)
+        assert set(state) == {"weight", "bias"}  # the bare network state, loadable by the sweep and export
+        return float(state["weight"])
+
+    with caplog.at_level("INFO", logger="cmml_monai.engines.workflow"):
+        assert served("best", [stage1, stage2]) == 2.0
+        assert served("last", [stage1, stage2]) == 10.0
+    assert "serve last" in caplog.text and "checkpoint_epoch=10.pt" in caplog.text
+    (stage2 / "model_best.pt").unlink()
+    assert served("best", [stage1, stage2]) == 10.0  # never validated: its last epoch
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert served("last", [stage1, empty]) == 1.0  # a stage that did not train (0 epochs) is skipped
+    with pytest.raises(FileNotFoundError, match="nothing was trained"):
+        publish_model(out, [str(empty)], serve="last")
+    with pytest.raises(ValueError, match="serve must be one of .* got 'final'"):
+        publish_model(out, [str(stage1)], serve="final")
 
 
 def test_early_stop_state_survives_resume(synthetic_dir, tmp_path):

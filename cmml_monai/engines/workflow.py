@@ -11,7 +11,7 @@ from monai.engines import Workflow
 
 from cmml_monai.handlers.checkpoint import latest_checkpoint
 
-__all__ = ["run_stage", "publish_model", "final_model_path", "log_run_inputs"]
+__all__ = ["run_stage", "publish_model", "SERVE_CHOICES", "final_model_path", "log_run_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,29 +31,48 @@ def final_model_path(output_dir: str) -> str:
     return os.path.join(output_dir, "models", "model.pt")
 
 
-def publish_model(output_dir: str, stage_dirs: list[str], tracker=None) -> str:
-    """Copy the best-by-validation-AUC weights of the last stage that trained to ``models/model.pt``.
+SERVE_CHOICES = ("best", "last")
 
-    Falls back to that stage's last full checkpoint (its network part) when no best file exists.
+
+def publish_model(output_dir: str, stage_dirs: list[str], tracker=None, serve: str = "best") -> str:
+    """Write the served weights of the last stage that trained to ``models/model.pt``.
+
+    Args:
+        output_dir: the run's output folder.
+        stage_dirs: the stages' checkpoint folders, in training order.
+        tracker: an ``MLflowTracker``; the served file is logged as an artifact when it is enabled.
+        serve: ``"best"``: the stage's ``model_best.pt`` (best validation AUC from ``best_min_epoch``),
+            or its last epoch when it never validated; ``"last"``: the network of the stage's last
+            epoch checkpoint, whatever the validation said.
 
     Raises:
+        ValueError: ``serve`` is not one of ``SERVE_CHOICES``.
         FileNotFoundError: no stage has a checkpoint.
+
+    Example::
+
+        >>> publish_model("runs/derm", ["runs/derm/stage1", "runs/derm/stage2"], serve="last")  # doctest: +SKIP
+        'runs/derm/models/model.pt'
     """
+    if serve not in SERVE_CHOICES:
+        raise ValueError(f"serve must be one of {SERVE_CHOICES}, got {serve!r}")
     dest = final_model_path(output_dir)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     for folder in reversed(stage_dirs):
         best = os.path.join(folder, "model_best.pt")
-        if os.path.isfile(best):
-            shutil.copyfile(best, dest)
-            break
         last = latest_checkpoint(folder)
+        if serve == "best" and os.path.isfile(best):
+            shutil.copyfile(best, dest)
+            source = best
+            break
         if last is not None:
             state = torch.load(last, map_location="cpu", weights_only=True)
             torch.save(state["network"], dest)
+            source = last
             break
     else:
         raise FileNotFoundError(f"no checkpoint in {stage_dirs}: nothing was trained")
-    logger.info("served weights: %s (from %s)", dest, folder)
+    logger.info("served weights (serve %s): %s from %s", serve, dest, source)
     if tracker is not None and getattr(tracker, "enabled", False):
         tracker.log_artifact(dest, "models")
     return dest
