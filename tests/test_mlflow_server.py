@@ -85,6 +85,7 @@ def test_training_logs_parent_and_stage_runs_to_server(mlflow_server, tmp_path, 
     p = parent.data.params
     assert p["method"] == "cmml" and p["missing_rates"] == "[0.0, 0.5]"
     assert (p["synthetic"], p["synthetic_seed"], p["seed"]) == ("True", "0", "0")  # which draw, which training seed
+    assert (p["serve"], p["best_min_epoch"]) == ("best", "2")  # which weights were served
     assert int(p["data.cases_train"]) > 0 and "data.missing_test_clinic" in p
     assert not any("case_id" in k for k in p)
     # per-epoch metrics of each stage
