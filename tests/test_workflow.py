@@ -10,6 +10,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 
+from cmml_monai.data.errors import find_data_error
 from cmml_monai.engines import publish_model
 from cmml_monai.handlers import BestCheckpointSaver
 
@@ -202,6 +203,14 @@ def test_publish_model_serves_best_or_last_epoch(tmp_path, caplog):
         publish_model(out, [str(empty)], serve="last")
     with pytest.raises(ValueError, match="serve must be one of .* got 'final'"):
         publish_model(out, [str(stage1)], serve="final")
+
+
+def test_bad_serve_stops_the_run_before_training(synthetic_dir, tmp_path):
+    out = tmp_path / "typo"
+    with pytest.raises(Exception) as raised:  # MONAI wraps it; the bundle's hook prints the DataError's line
+        workflow(TRAIN, **tiny(synthetic_dir, str(out), serve="Last"))
+    assert "serve must be one of ('best', 'last'), got 'Last'" in str(find_data_error(raised.value))
+    assert not (out / "stage1").exists()  # nothing trained
 
 
 def test_early_stop_state_survives_resume(synthetic_dir, tmp_path):

@@ -9,9 +9,10 @@ import shutil
 import torch
 from monai.engines import Workflow
 
+from cmml_monai.data.errors import DataError
 from cmml_monai.handlers.checkpoint import latest_checkpoint
 
-__all__ = ["run_stage", "publish_model", "SERVE_CHOICES", "final_model_path", "log_run_inputs"]
+__all__ = ["run_stage", "publish_model", "check_serve", "SERVE_CHOICES", "final_model_path", "log_run_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,18 @@ def final_model_path(output_dir: str) -> str:
 SERVE_CHOICES = ("best", "last")
 
 
+def check_serve(serve: str) -> str:
+    """``serve`` when it is one of ``SERVE_CHOICES``; train.json checks it at ``initialize``, so a typo
+    stops the run before training rather than after it.
+
+    Raises:
+        DataError: any other value, named in the message (a ``ValueError``; bundle runs print it as one line).
+    """
+    if serve not in SERVE_CHOICES:
+        raise DataError(f"serve must be one of {SERVE_CHOICES}, got {serve!r}: use --serve best or --serve last")
+    return serve
+
+
 def publish_model(output_dir: str, stage_dirs: list[str], tracker=None, serve: str = "best") -> str:
     """Write the served weights of the last stage that trained to ``models/model.pt``.
 
@@ -46,7 +59,7 @@ def publish_model(output_dir: str, stage_dirs: list[str], tracker=None, serve: s
             epoch checkpoint, whatever the validation said.
 
     Raises:
-        ValueError: ``serve`` is not one of ``SERVE_CHOICES``.
+        DataError: ``serve`` is not one of ``SERVE_CHOICES`` (a ``ValueError``).
         FileNotFoundError: no stage has a checkpoint.
 
     Example::
@@ -54,8 +67,7 @@ def publish_model(output_dir: str, stage_dirs: list[str], tracker=None, serve: s
         >>> publish_model("runs/derm", ["runs/derm/stage1", "runs/derm/stage2"], serve="last")  # doctest: +SKIP
         'runs/derm/models/model.pt'
     """
-    if serve not in SERVE_CHOICES:
-        raise ValueError(f"serve must be one of {SERVE_CHOICES}, got {serve!r}")
+    check_serve(serve)
     dest = final_model_path(output_dir)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     for folder in reversed(stage_dirs):
