@@ -8,7 +8,14 @@ from cmml_monai.engines.prepare import CMMLPrepareBatch, MaskedPrepareBatch
 from cmml_monai.engines.setup import DatasetInfo, dataset_summary, fit_schema, load_cases
 from cmml_monai.engines.sweep import MissingRateSweep
 from cmml_monai.engines.trainer import CMMLTrainer, autocast_context
-from cmml_monai.engines.workflow import SERVE_CHOICES, check_serve, final_model_path, log_run_inputs, publish_model, run_stage
+from cmml_monai.engines.workflow import (
+    SERVE_CHOICES,
+    check_serve,
+    final_model_path,
+    log_run_inputs,
+    publish_model,
+    run_stage,
+)
 
 __all__ = [
     "CMMLTrainer",
