@@ -72,11 +72,11 @@ def publish_model(output_dir: str, stage_dirs: list[str], tracker=None, serve: s
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     for folder in reversed(stage_dirs):
         best = os.path.join(folder, "model_best.pt")
-        last = latest_checkpoint(folder)
         if serve == "best" and os.path.isfile(best):
             shutil.copyfile(best, dest)
             source = best
             break
+        last = latest_checkpoint(folder)
         if last is not None:
             state = torch.load(last, map_location="cpu", weights_only=True)
             torch.save(state["network"], dest)
