@@ -13,10 +13,19 @@ Examples::
     python scripts/compare.py --methods cmml zero_fill modality_dropout mean_impute --seeds 0 1 2 \\
         --config configs/datasets/odir.json --out outputs/compare_odir -- --dataset_dir /data/ODIR-5K
 
+    # pool several such folders (dataset draws, sites, folds): is a method ahead on data of this kind?
+    python scripts/compare.py --pool drawA=outputs/compare_a drawB=outputs/compare_b --out outputs/pooled
+
 Besides ``comparison.csv`` / ``.md`` (every method's mean over its runs) it writes
 ``comparison_paired.csv`` / ``.md`` when runs of two methods share a training seed: each method's
 AVG AUC minus the reference's (``--reference``, default the first method), seed by seed, with the
 95% interval of the mean difference, the seeds in which it was ahead and the paired t-test's p.
+
+``--pool`` reads each folder's ``comparison.csv`` and ``comparison_paired.csv`` and writes
+``comparison_pooled.csv`` / ``.md`` (each method's AVG AUC per stratum, the mean over strata, in how
+many it was the best) and ``comparison_pooled_paired.csv`` / ``.md``: the seed-paired difference
+against the reference averaged over strata (each stratum weighs the same), with a Welch-Satterthwaite
+t interval built from every stratum's seed-to-seed spread (at least two seeds per stratum).
 
 Arguments after ``--`` are passed to every ``python -m monai.bundle run`` call unchanged. The masks,
 the data split and the table schema come from one ``shared`` folder under ``--out``, so every method
@@ -49,6 +58,40 @@ def _train(method: str, configs: list[str], out: str, extra: list[str], seed: in
     return output_dir
 
 
+def _pool(specs: list[str], out: str, name: str) -> int:
+    """``--pool``: one stratum per compare.py output folder; writes ``<name>_pooled`` and ``<name>_pooled_paired``."""
+    from cmml_monai.handlers.pooled import pooled_comparison_table, pooled_paired_table, read_comparison_folder
+    from cmml_monai.handlers.report import write_comparison_table, write_paired_table
+
+    try:
+        comparisons, paired = {}, {}
+        for spec in specs:
+            label, sep, folder = spec.partition("=")
+            label, folder = (label, folder) if sep and not os.path.exists(spec) else (os.path.basename(
+                os.path.normpath(spec)), spec)
+            if label in comparisons:
+                raise ValueError(f"two strata named {label!r}: name them with LABEL=FOLDER")
+            comparisons[label], paired[label] = read_comparison_folder(folder, name)
+        columns, table = pooled_comparison_table(comparisons)
+        paired_columns, pooled = pooled_paired_table(paired)
+        paths = [*write_comparison_table(columns, table, out, f"{name}_pooled"),
+                 *write_paired_table(paired_columns, pooled, out, f"{name}_pooled")]
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"\nAVG AUC over {len(comparisons)} strata ({', '.join(comparisons)}):")
+    for row in table:
+        print(f"{row['method']}: mean {row['mean over strata']:.4f}, best in {row['strata best']} of {len(comparisons)}")
+    if pooled:
+        print(f"\npooled seed-paired AVG AUC difference against {pooled[0]['reference']} "
+              "(95% CI; strata where ahead):")
+    for row in pooled:
+        print(f"{row['method']}: {row['AVG AUC diff']:+.4f} [{row['CI low']:+.4f}, {row['CI high']:+.4f}]"
+              f" ahead in {row['strata ahead']} of {row['strata']} strata ({row['pairs']} pairs)")
+    print(f"\nwritten: {', '.join(paths)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -66,7 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="comparison", help="file name stem of the table")
     parser.add_argument("--reference", default=None,
                         help="method the seed-paired table measures the others against (default: the first)")
+    parser.add_argument("--pool", nargs="*", default=[],
+                        help="pool finished compare.py output folders (one per dataset draw, site or fold; "
+                             "LABEL=FOLDER names it) into <name>_pooled tables; trains nothing")
     args = parser.parse_args(argv)
+    if args.pool:
+        if args.runs or args.methods:
+            parser.error("--pool collects finished compare.py folders: give it without --runs / --methods")
+        return _pool(args.pool, args.out, args.name)
     from cmml_monai.handlers.report import (
         comparison_table, paired_table, read_sweep, write_comparison_table, write_paired_table,
     )

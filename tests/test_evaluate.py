@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
 
@@ -11,15 +12,19 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
+from scipy import stats
 
 from cmml_monai.handlers import (
     comparison_table,
     paired_table,
+    pooled_comparison_table,
+    pooled_paired_table,
     read_sweep,
     save_executed_config,
     write_comparison,
     write_paired,
 )
+from cmml_monai.handlers.pooled import POOLED_PAIRED_COLUMNS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
@@ -210,16 +215,21 @@ def test_paired_table_differences_interval_and_errors(tmp_path):
         paired_table(rows, confidence=1.0)
 
 
-def test_compare_script_collects_labelled_runs(shared, tmp_path):
-    """scripts/compare.py: LABEL=PATH renames a run; the table lands as CSV and Markdown."""
-    run = str(shared["base"] / "cmml")
-    if not os.path.isfile(os.path.join(run, "eval", "sweep.csv")):
-        _evaluate("cmml", shared)
+def _compare_script():
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     try:
         import compare
     finally:
         sys.path.pop(0)
+    return compare
+
+
+def test_compare_script_collects_labelled_runs(shared, tmp_path):
+    """scripts/compare.py: LABEL=PATH renames a run; the table lands as CSV and Markdown."""
+    run = str(shared["base"] / "cmml")
+    if not os.path.isfile(os.path.join(run, "eval", "sweep.csv")):
+        _evaluate("cmml", shared)
+    compare = _compare_script()
     out = str(tmp_path / "cmp")
     assert compare.main(["--runs", run, f"cmml_again={run}", "--out", out]) == 0
     table = _read(os.path.join(out, "comparison.csv"))
@@ -235,6 +245,69 @@ def test_compare_script_collects_labelled_runs(shared, tmp_path):
     assert (paired["method"], paired["reference"], paired["pairs"]) == ("cmml_again", "cmml", "1")
     assert float(paired["AVG AUC diff"]) == 0.0 and paired["ahead"] == "0"
     assert compare.main(["--runs", str(tmp_path / "nothing_here"), "--out", out]) == 2
+
+
+def test_compare_pools_strata_stratified_mean_and_welch_interval(tmp_path):
+    """compare.py --pool: two draws, each compared on its own masks, pooled with equal weight per draw."""
+    compare = _compare_script()
+    # AVG AUC per seed; draw a: cmml - zero_fill = -0.05, 0, -0.10 (mean -0.05, std 0.05)
+    # draw b: +0.02, +0.04, +0.03 (mean +0.03, std 0.01)
+    draws = {"a": {"cmml": [0.80, 0.70, 0.90], "zero_fill": [0.75, 0.70, 0.80]},
+             "b": {"cmml": [0.60, 0.70, 0.80], "zero_fill": [0.62, 0.74, 0.83]}}
+    folders = []
+    for draw, methods in draws.items():
+        runs = [_finished_run(tmp_path / draw / f"{m}{s}", m, [avg + 0.05, avg - 0.05], s)
+                for m, avgs in methods.items() for s, avg in enumerate(avgs)]
+        folder = str(tmp_path / f"compare_{draw}")
+        assert compare.main(["--runs", *runs, "--out", folder]) == 0
+        folders.append(f"draw_{draw}={folder}")
+    out = str(tmp_path / "pooled")
+    assert compare.main(["--pool", *folders, "--out", out]) == 0
+    cmml, zero = _read(os.path.join(out, "comparison_pooled.csv"))
+    assert (cmml["AVG AUC draw_a"], cmml["AVG AUC draw_b"], cmml["mean over strata"]) == ("0.8000", "0.7000", "0.7500")
+    assert (zero["mean over strata"], cmml["strata best"], zero["strata best"]) == ("0.7400", "1", "1")
+    (row,) = _read(os.path.join(out, "comparison_pooled_paired.csv"))
+    assert (row["method"], row["reference"], row["strata"], row["pairs"], row["strata ahead"]) == (
+        "zero_fill", "cmml", "2", "6", "1")
+    assert float(row["AVG AUC diff"]) == pytest.approx(-0.01)
+    # variance (0.05^2/3 + 0.01^2/3) / 2^2; Welch-Satterthwaite df = 0.0026^2 / ((0.0025^2 + 0.0001^2) / 2)
+    se, df = math.sqrt(0.0026 / 3) / 2, 0.0026 ** 2 / ((0.0025 ** 2 + 0.0001 ** 2) / 2)
+    assert float(row["df"]) == pytest.approx(df, abs=1e-4) and df == pytest.approx(2.1597, abs=1e-4)
+    half = stats.t.ppf(0.975, df) * se
+    assert float(row["CI low"]) == pytest.approx(-0.01 - half, abs=1e-4)
+    assert float(row["CI high"]) == pytest.approx(-0.01 + half, abs=1e-4)
+    assert "95% CI low" in open(os.path.join(out, "comparison_pooled_paired.md")).read()
+    # a folder without a paired table (runs without seeds), and pooling next to training, are refused
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "comparison.csv").write_text((tmp_path / "compare_a" / "comparison.csv").read_text())
+    assert compare.main(["--pool", folders[0], str(bare), "--out", out]) == 2
+    with pytest.raises(SystemExit):
+        compare.main(["--pool", folders[0], "--runs", folders[1], "--out", out])
+
+
+def test_pooled_tables_refuse_strata_that_do_not_pool():
+    def rows(method="zero_fill", pairs=3, std=0.01, reference="cmml"):
+        return [{"method": method, "reference": reference, "pairs": pairs, "AVG AUC diff": 0.01, "diff std": std}]
+
+    columns, (row,) = pooled_paired_table({"a": rows(), "b": rows(std=0.0)})
+    assert columns == list(POOLED_PAIRED_COLUMNS) and row["AVG AUC diff"] == pytest.approx(0.01)
+    # no spread anywhere: the difference, a zero-width interval and no p
+    (flat,) = pooled_paired_table({"a": rows(std=0.0), "b": rows(std=0.0)})[1]
+    assert flat["CI low"] == flat["CI high"] == pytest.approx(0.01) and math.isnan(flat["p"])
+    with pytest.raises(ValueError, match="stratum 'b', method 'zero_fill': 1 seed pair"):
+        pooled_paired_table({"a": rows(), "b": rows(pairs=1, std=math.nan)})
+    with pytest.raises(ValueError, match="stratum 'b' has no seed-paired 'zero_fill'"):
+        pooled_paired_table({"a": rows(), "b": rows(method="mean_impute")})
+    with pytest.raises(ValueError, match="different references"):
+        pooled_paired_table({"a": rows(), "b": rows(reference="zero_fill", method="cmml")})
+    with pytest.raises(ValueError, match="no strata"):
+        pooled_paired_table({})
+    with pytest.raises(ValueError, match="confidence"):
+        pooled_paired_table({"a": rows()}, confidence=95)
+    with pytest.raises(ValueError, match=r"stratum 'b' has no runs of \['mean_impute'\]"):
+        pooled_comparison_table({"a": [{"method": "cmml", "AVG AUC": 0.8}, {"method": "mean_impute", "AVG AUC": 0.7}],
+                                 "b": [{"method": "cmml", "AVG AUC": 0.8}]})
 
 
 def test_executed_config_rebuilt_from_command_line(tmp_path):

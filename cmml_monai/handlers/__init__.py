@@ -11,6 +11,7 @@ from cmml_monai.handlers.early_stop import ResumableEarlyStopHandler
 from cmml_monai.handlers.metrics import MacroAUC, MacroAUCMetric
 from cmml_monai.handlers.mlflow import MLflowTracker, StageMLFlowHandler, resolve_tracking_uri, save_executed_config
 from cmml_monai.handlers.plots import plot_roc, plot_sweep
+from cmml_monai.handlers.pooled import pooled_comparison_table, pooled_paired_table, read_comparison_folder
 from cmml_monai.handlers.report import (
     comparison_table,
     paired_table,
@@ -46,4 +47,7 @@ __all__ = [
     "paired_table",
     "write_paired",
     "write_paired_table",
+    "read_comparison_folder",
+    "pooled_comparison_table",
+    "pooled_paired_table",
 ]

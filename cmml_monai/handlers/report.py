@@ -23,7 +23,7 @@ _LOWER_IS_BETTER = ("ECE",)
 # columns a sweep.csv must have (ECE is optional: NaN when absent)
 _REQUIRED = ("method", "rate", "auc", "acc", "f1", "n")
 # columns that are not scores (never bold)
-_PLAIN = ("runs", "AVG AUC std")
+_PLAIN = ("runs", "AVG AUC std", "strata best")
 
 
 def read_sweep(path: str, label: str | None = None) -> list[dict]:
