@@ -81,7 +81,8 @@ def _pool(specs: list[str], out: str, name: str) -> int:
         return 2
     print(f"\nAVG AUC over {len(comparisons)} strata ({', '.join(comparisons)}):")
     for row in table:
-        print(f"{row['method']}: mean {row['mean over strata']:.4f}, best in {row['strata best']} of {len(comparisons)}")
+        print(f"{row['method']}: mean {row['mean over strata']:.4f}, "
+              f"best in {row['strata best']} of {len(comparisons)}")
     if pooled:
         print(f"\npooled seed-paired AVG AUC difference against {pooled[0]['reference']} "
               "(95% CI; strata where ahead):")
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="method the seed-paired table measures the others against (default: the first)")
     parser.add_argument("--pool", nargs="*", default=[],
                         help="pool finished compare.py output folders (one per dataset draw, site or fold; "
-                             "LABEL=FOLDER names it) into <name>_pooled tables; trains nothing")
+                             "LABEL=FOLDER names it) into <name>_pooled tables, against the reference the "
+                             "folders were compared with; trains nothing")
     args = parser.parse_args(argv)
     if args.pool:
         if args.runs or args.methods:

@@ -8,7 +8,9 @@ strata answers "is it ahead on data of this kind" with every seed of every strat
 
 The pooled difference is the stratified mean: every stratum weighs the same, whatever its number
 of seeds, and its variance is the sum of the strata's ``std^2 / pairs`` over ``k^2`` (strata are
-independent draws). The interval is Student t with Welch-Satterthwaite degrees of freedom.
+independent draws). The interval is Student t with Welch-Satterthwaite degrees of freedom. The
+inputs are the folders' CSVs, whose numbers carry four decimals; the reference is the one the
+folders were compared against (``compare.py --reference`` when they were made), the same in all.
 """
 
 from __future__ import annotations
