@@ -241,13 +241,22 @@ def test_every_parameter_gets_gradient_from_its_stage(kwargs):
     image, tab = make_batch(present)
     label = torch.tensor([0, 1, 2, 3, 4, 0, 1])
     names = {id(p): n for n, p in net.named_parameters()}
+    # Without context tokens the reference is one token (the mean of the completed tokens), and
+    # attention over a single key weighs it 1 whatever the query: the alignment's query path has no
+    # effect. Its gradient is exactly 0 or rounding noise, depending on the CPU's attention kernel.
+    query_path = ("alignment.attn.norm_q.weight", "alignment.attn.norm_q.bias", "alignment.attn.q.weight",
+                  "alignment.attn.q.bias")
+    dead = set() if kwargs.get("use_context", True) else set(query_path)
     for stage in (1, 2):
         net.zero_grad(set_to_none=True)
         loss = CMMLLoss(stage=stage)(net.forward_train(image, tab, stage=stage), label)["loss"]
         loss.backward()
         own = {id(p) for p in net.stage_parameters(stage)}
-        no_grad = [names[id(p)] for p in net.stage_parameters(stage) if p.grad is None or p.grad.abs().sum() == 0]
+        no_grad = [names[id(p)] for p in net.stage_parameters(stage)
+                   if names[id(p)] not in dead and (p.grad is None or p.grad.abs().sum() == 0)]
         assert no_grad == [], f"stage {stage}: no gradient for {no_grad}"
+        alive = [n for n, p in net.named_parameters() if n in dead and p.grad is not None and p.grad.abs().max() > 1e-6]
+        assert alive == [], f"stage {stage}: {alive} were expected to have no effect with a one-token reference"
         leaked = [
             n for n, p in net.named_parameters()
             if id(p) not in own and p.grad is not None and p.grad.abs().sum() > 0
