@@ -206,3 +206,44 @@ def test_latest_checkpoint_picks_highest_epoch(tmp_path):
         (tmp_path / f"checkpoint_epoch={e}.pt").write_bytes(b"x")
     assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_epoch=3.pt")
     assert latest_checkpoint(str(tmp_path / "none")) is None
+
+
+def test_final_checkpoint_is_the_last_epoch_file_not_a_second_copy(tmp_path):
+    """StageCheckpointSaver: checkpoint_final.pt shares the last epoch checkpoint's bytes (a hard link here),
+    stays readable when that epoch file is deleted, and a run with nothing left to train writes a fresh one."""
+    import os
+
+    from ignite.engine import Engine
+
+    from cmml_monai.handlers import StageCheckpointSaver
+
+    net = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def step(engine, batch):
+        optimizer.zero_grad()
+        net(batch).sum().backward()
+        optimizer.step()
+
+    def trainer_with_saver():
+        engine = Engine(step)
+        saver = StageCheckpointSaver(str(tmp_path), {"network": net, "optimizer": optimizer})
+        saver.attach(engine)
+        return engine, saver
+
+    data = [torch.randn(4, 3)] * 2
+    trainer_with_saver()[0].run(data, max_epochs=3)
+    final, last = tmp_path / "checkpoint_final.pt", tmp_path / "checkpoint_epoch=3.pt"
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_epoch=3.pt", "checkpoint_final.pt"]
+    assert os.path.samefile(final, last)
+    state = torch.load(final, weights_only=True)
+    assert state["trainer"]["iteration"] == 6 and torch.equal(state["network"]["weight"], net.weight.detach())
+    # the link outlives the epoch file (n_saved=1 deletes it when a longer run saves epoch 4)
+    os.remove(last)
+    assert torch.load(final, weights_only=True)["trainer"]["iteration"] == 6
+    # nothing saved by this run (a finished stage run again): a fresh save, not a link to a stale file
+    engine, saver = trainer_with_saver()
+    engine.state.epoch, engine.state.iteration = 3, 7
+    saver.completed(engine)
+    assert os.path.isfile(final) and not os.path.exists(last) and not os.path.exists(f"{final}.tmp")
+    assert torch.load(final, weights_only=True)["trainer"]["iteration"] == 7

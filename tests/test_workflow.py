@@ -72,6 +72,9 @@ def test_two_stage_run_end_to_end(synthetic_dir, tmp_path):
     for stage in ("stage1", "stage2"):
         for name in ("checkpoint_epoch=1.pt", "checkpoint_final.pt", "model_best.pt"):
             assert os.path.isfile(os.path.join(out, stage, name)), (stage, name)
+        # the final state is the last epoch's file, not a second copy of it
+        assert os.path.samefile(os.path.join(out, stage, "checkpoint_final.pt"),
+                                os.path.join(out, stage, "checkpoint_epoch=1.pt"))
     full = torch.load(os.path.join(out, "stage1", "checkpoint_epoch=1.pt"), weights_only=True)
     assert {"network", "optimizer", "lr_scheduler", "trainer"} <= set(full)
     assert full["trainer"]["iteration"] == full["trainer"]["epoch_length"]  # saved after epoch 1
