@@ -238,12 +238,21 @@ def test_final_checkpoint_is_the_last_epoch_file_not_a_second_copy(tmp_path):
     assert os.path.samefile(final, last)
     state = torch.load(final, weights_only=True)
     assert state["trainer"]["iteration"] == 6 and torch.equal(state["network"]["weight"], net.weight.detach())
+    # a later process that saved nothing (a finished stage run again) or failed writes a new final file:
+    # the epoch checkpoint it was linked to keeps its own state
+    for event in ("completed", "exception_raised"):
+        engine, saver = trainer_with_saver()
+        engine.state.epoch, engine.state.iteration = 3, 7
+        if event == "completed":
+            saver.completed(engine)
+        else:
+            with pytest.raises(RuntimeError, match="stop"):  # MONAI saves, then re-raises
+                saver.exception_raised(engine, RuntimeError("stop"))
+        assert not os.path.samefile(final, last) and not os.path.exists(f"{final}.tmp"), event
+        assert torch.load(final, weights_only=True)["trainer"]["iteration"] == 7, event
+        assert torch.load(last, weights_only=True)["trainer"]["iteration"] == 6, event
+        os.remove(final)
+        os.link(last, final)
     # the link outlives the epoch file (n_saved=1 deletes it when a longer run saves epoch 4)
     os.remove(last)
     assert torch.load(final, weights_only=True)["trainer"]["iteration"] == 6
-    # nothing saved by this run (a finished stage run again): a fresh save, not a link to a stale file
-    engine, saver = trainer_with_saver()
-    engine.state.epoch, engine.state.iteration = 3, 7
-    saver.completed(engine)
-    assert os.path.isfile(final) and not os.path.exists(last) and not os.path.exists(f"{final}.tmp")
-    assert torch.load(final, weights_only=True)["trainer"]["iteration"] == 7

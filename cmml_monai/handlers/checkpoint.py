@@ -72,10 +72,11 @@ class StageCheckpointSaver(CheckpointSaver):
         """
         last = getattr(self._interval_checkpoint, "last_checkpoint", None)
         match = _EPOCH_RE.search(os.path.basename(str(last))) if last else None
+        final = self._final_path()
         if not (self.epoch_level and match and int(match.group(1)) == engine.state.epoch and os.path.isfile(last)):
-            super().completed(engine)  # e.g. a resumed stage that had nothing left to train
+            self._unlink_final()  # e.g. a resumed stage that had nothing left to train: a fresh save
+            super().completed(engine)
             return
-        final = os.path.join(self.save_dir, self._final_filename or "checkpoint_final.pt")
         tmp = final + ".tmp"
         if os.path.lexists(tmp):
             os.remove(tmp)
@@ -85,6 +86,19 @@ class StageCheckpointSaver(CheckpointSaver):
             shutil.copyfile(last, tmp)
         os.replace(tmp, final)  # never writes into an existing file, which may be linked to an epoch file
         logger.info("train completed: final checkpoint %s is the epoch-%d checkpoint", final, engine.state.epoch)
+
+    def exception_raised(self, engine: Engine, e: Exception) -> None:
+        """Save the state at the failure as a new ``checkpoint_final.pt`` file (MONAI writes in place, which
+        would also change an epoch checkpoint the old final file was linked to)."""
+        self._unlink_final()
+        super().exception_raised(engine, e)
+
+    def _final_path(self) -> str:
+        return os.path.join(self.save_dir, self._final_filename or "checkpoint_final.pt")
+
+    def _unlink_final(self) -> None:
+        if os.path.lexists(self._final_path()):
+            os.remove(self._final_path())
 
 
 class BestCheckpointSaver(CheckpointSaver):
