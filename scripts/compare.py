@@ -58,6 +58,12 @@ def _train(method: str, configs: list[str], out: str, extra: list[str], seed: in
     return output_dir
 
 
+def _label_and_path(spec: str) -> tuple[str | None, str]:
+    """``LABEL=PATH`` -> (LABEL, PATH); a plain path (even one containing "=") -> (None, PATH)."""
+    label, sep, path = spec.partition("=")
+    return (label, path) if sep and not os.path.exists(spec) else (None, spec)
+
+
 def _pool(specs: list[str], out: str, name: str) -> int:
     """``--pool``: one stratum per compare.py output folder; writes ``<name>_pooled`` and ``<name>_pooled_paired``."""
     from cmml_monai.handlers.pooled import pooled_comparison_table, pooled_paired_table, read_comparison_folder
@@ -66,9 +72,8 @@ def _pool(specs: list[str], out: str, name: str) -> int:
     try:
         comparisons, paired = {}, {}
         for spec in specs:
-            label, sep, folder = spec.partition("=")
-            label, folder = (label, folder) if sep and not os.path.exists(spec) else (os.path.basename(
-                os.path.normpath(spec)), spec)
+            label, folder = _label_and_path(spec)
+            label = label or os.path.basename(os.path.normpath(folder))
             if label in comparisons:
                 raise ValueError(f"two strata named {label!r}: name them with LABEL=FOLDER")
             comparisons[label], paired[label] = read_comparison_folder(folder, name)
@@ -123,10 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         comparison_table, paired_table, read_sweep, write_comparison_table, write_paired_table,
     )
 
-    runs: list[tuple[str | None, str]] = []
-    for spec in args.runs:
-        label, sep, path = spec.partition("=")
-        runs.append((label, path) if sep and not os.path.exists(spec) else (None, spec))
+    runs: list[tuple[str | None, str]] = [_label_and_path(spec) for spec in args.runs]
     configs = [os.path.abspath(c) for c in args.config]
     for method in args.methods:
         for seed in args.seeds if args.seeds else [None]:

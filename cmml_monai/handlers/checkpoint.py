@@ -72,11 +72,11 @@ class StageCheckpointSaver(CheckpointSaver):
         """
         last = getattr(self._interval_checkpoint, "last_checkpoint", None)
         match = _EPOCH_RE.search(os.path.basename(str(last))) if last else None
-        final = self._final_path()
         if not (self.epoch_level and match and int(match.group(1)) == engine.state.epoch and os.path.isfile(last)):
             self._unlink_final()  # e.g. a resumed stage that had nothing left to train: a fresh save
             super().completed(engine)
             return
+        final = self._final_path()
         tmp = final + ".tmp"
         if os.path.lexists(tmp):
             os.remove(tmp)
@@ -97,8 +97,9 @@ class StageCheckpointSaver(CheckpointSaver):
         return os.path.join(self.save_dir, self._final_filename or "checkpoint_final.pt")
 
     def _unlink_final(self) -> None:
-        if os.path.lexists(self._final_path()):
-            os.remove(self._final_path())
+        final = self._final_path()
+        if os.path.lexists(final):
+            os.remove(final)
 
 
 class BestCheckpointSaver(CheckpointSaver):

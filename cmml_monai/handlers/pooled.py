@@ -47,8 +47,8 @@ def _number(row: dict, column: str, path: str) -> float:
 def read_comparison_folder(folder: str, name: str = "comparison") -> tuple[list[dict], list[dict]]:
     """The tables one ``compare.py --out FOLDER`` run wrote: ``(<name>.csv rows, <name>_paired.csv rows)``.
 
-    Rows keep ``method`` and get the numeric columns the pooled tables use: ``AVG AUC`` and ``runs``
-    for the comparison; ``reference``, ``pairs``, ``AVG AUC diff``, ``diff std`` for the paired one.
+    Rows keep ``method`` and get the numeric columns the pooled tables use: ``AVG AUC`` for the
+    comparison; ``reference``, ``pairs``, ``AVG AUC diff``, ``diff std`` for the paired one.
 
     Raises:
         FileNotFoundError: the folder or one of its two tables is missing (the paired table is only
@@ -63,11 +63,10 @@ def read_comparison_folder(folder: str, name: str = "comparison") -> tuple[list[
             raise FileNotFoundError(f"no {stem}.csv in {folder}: {hint}")
         tables.append((path, _read_csv(path)))
     (cmp_path, cmp_rows), (pair_path, pair_rows) = tables
-    comparison = [{"method": r["method"], "AVG AUC": _number(r, "AVG AUC", cmp_path),
-                   "runs": int(_number(r, "runs", cmp_path))} for r in cmp_rows]
+    comparison = [{"method": r["method"], "AVG AUC": _number(r, "AVG AUC", cmp_path)} for r in cmp_rows]
     paired = [{"method": r["method"], "reference": r.get("reference", ""),
                "pairs": int(_number(r, "pairs", pair_path)), "AVG AUC diff": _number(r, "AVG AUC diff", pair_path),
-               "diff std": _number(r, "diff std", pair_path), "source": pair_path} for r in pair_rows]
+               "diff std": _number(r, "diff std", pair_path)} for r in pair_rows]
     return comparison, paired
 
 
@@ -142,7 +141,7 @@ def pooled_paired_table(
     reference = next(iter(references), "")
     table = []
     for m in methods:
-        diffs, variances, dofs = [], [], []
+        diffs, variances, dofs, pairs = [], [], [], 0
         for label, rows in per.items():
             if m not in rows:
                 raise ValueError(f"stratum {label!r} has no seed-paired {m!r} - {reference!r}: "
@@ -154,10 +153,11 @@ def pooled_paired_table(
             diffs.append(row["AVG AUC diff"])
             variances.append(row["diff std"] ** 2 / row["pairs"])
             dofs.append(row["pairs"] - 1)
+            pairs += row["pairs"]
         d, v, nu = np.asarray(diffs), np.asarray(variances), np.asarray(dofs, dtype=float)
         k = len(d)
         out = {"method": m, "reference": reference, "strata": k,
-               "pairs": sum(per[label][m]["pairs"] for label in per), "AVG AUC diff": float(d.mean()),
+               "pairs": pairs, "AVG AUC diff": float(d.mean()),
                "CI low": float(d.mean()), "CI high": float(d.mean()), "df": math.nan,
                "strata ahead": int((d > 0).sum()), "p": math.nan}
         if v.sum() > 0:
