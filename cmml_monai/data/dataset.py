@@ -3,7 +3,8 @@
 ``build_dataset`` chains ``LoadModalityd`` -> ``ApplyToPresentd(image_transforms(...))`` ->
 ``PackModalitiesd``. Every step is deterministic, so a MONAI ``CacheDataset`` (memory) or
 ``PersistentDataset`` (disk) keeps the packed tensors and images are decoded once (DESIGN section 7);
-simulated missingness and augmentation happen on the batch afterwards. The same path serves
+the training augmentation (a random transform appended to the chain) runs on the cached item per
+access, and simulated missingness on the batch afterwards. The same path serves
 inference: ``with_label=False`` accepts cases without labels.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, DistributedSampler, PersistentDataset
 from monai.data.utils import pickle_hashing
-from monai.transforms import Compose
+from monai.transforms import Compose, Transform
 
 from cmml_monai.data.cases import Case, CaseList
 from cmml_monai.data.errors import DataError
@@ -250,6 +251,7 @@ def build_dataset(
     std: Sequence[float] | None = IMAGENET_STD,
     with_label: bool = True,
     progress: bool = False,
+    augment: Transform | None = None,
 ) -> Dataset:
     """A MONAI dataset of batch-contract items (``image``, ``tabular``, ``label``, ``case_id``).
 
@@ -271,6 +273,8 @@ def build_dataset(
         mean, std: 2D normalisation (per RGB channel).
         with_label: False for inference cases without labels.
         progress: show the caching progress bar.
+        augment: a random transform run on each packed item after the cache (training only; e.g.
+            :func:`cmml_monai.data.augmentation.build_augmentation`); ``None`` for none.
 
     Returns:
         a ``monai.data.Dataset``, ``CacheDataset`` or ``PersistentDataset`` (subclasses that raise a
@@ -292,6 +296,9 @@ def build_dataset(
         case_list, schema, spatial_size, pixdim, reader=reader, series=series, mean=mean, std=std,
         with_label=with_label,
     )
+    if augment is not None:
+        # the caches keep everything before the first random transform: decoding stays cached
+        transform = Compose([*transform.transforms, augment])
     if cache == "none":
         return CaseDataset(data, transform)
     if cache == "cache":

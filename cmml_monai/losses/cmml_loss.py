@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,6 +43,10 @@ class CMMLLoss(nn.Module):
             slots, keeping the CRTA consistent with the encoders as they keep training; 0 = off).
         temperature: SupCon temperature.
         rec_all_blocks: reconstruct from every cascade block (``synth_blocks``), not only the last.
+        label_smoothing: smoothing of the classification targets.
+        class_weight: per-class weights of the cross-entropy (single-label) or positive weights of
+            the binary cross-entropy (multi-label), e.g. from ``cmml_monai.data.balance.class_weights``;
+            ``None``: unweighted.
 
     Returns (``forward``):
         dict with ``loss`` and the weighted terms that were computed (``cls``, ``rec``, ``align``,
@@ -66,6 +72,7 @@ class CMMLLoss(nn.Module):
         w_cls_dropped: float = 1.0,
         w_rec_stage2: float = 0.0,
         label_smoothing: float = 0.0,
+        class_weight: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if stage not in (1, 2):
@@ -77,6 +84,12 @@ class CMMLLoss(nn.Module):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
         self.label_smoothing = float(label_smoothing)
+        if class_weight is not None and (len(class_weight) == 0 or any(float(w) <= 0 for w in class_weight)):
+            raise ValueError(f"class_weight must be positive weights, one per class, got {class_weight}.")
+        # a buffer follows the module to the device; None keeps the unweighted loss
+        self.register_buffer(
+            "class_weight", None if class_weight is None else torch.tensor([float(w) for w in class_weight])
+        )
         self.stage = stage
         self.multi_label = multi_label
         self.w_rec, self.w_aux, self.w_align, self.w_supcon = w_rec, w_aux, w_align, w_supcon
@@ -93,10 +106,20 @@ class CMMLLoss(nn.Module):
             if self.label_smoothing > 0:
                 # each label's binary target moves toward 1/2, as CE's smoothing moves toward uniform
                 target = target * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
-            return F.binary_cross_entropy_with_logits(logits, target)
+            pos_weight = self._weight(logits)
+            return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
         if label.dim() == 2 and label.shape[1] == 1:
             label = label[:, 0]
-        return F.cross_entropy(logits, label.long(), label_smoothing=self.label_smoothing)
+        return F.cross_entropy(logits, label.long(), weight=self._weight(logits), label_smoothing=self.label_smoothing)
+
+    def _weight(self, logits: torch.Tensor) -> torch.Tensor | None:
+        if self.class_weight is None:
+            return None
+        if self.class_weight.numel() != logits.shape[-1]:
+            raise ValueError(
+                f"class_weight has {self.class_weight.numel()} weights but the logits have {logits.shape[-1]} classes."
+            )
+        return self.class_weight.to(device=logits.device, dtype=logits.dtype)
 
     def forward(self, outputs: dict[str, torch.Tensor], label: torch.Tensor) -> dict[str, torch.Tensor]:
         if "logits" not in outputs:
