@@ -542,7 +542,7 @@ def test_residual_head_starts_stage2_from_the_stage1_prediction():
     # the head layout travels with the weights: loading into the other layout is refused, by name
     with pytest.raises(RuntimeError, match="trained with residual_head=True .* network_def#residual_head true"):
         plain.load_state_dict(net.state_dict())
-    with pytest.raises(RuntimeError, match="residual_head=False"):  # weights without the flag
+    with pytest.raises(RuntimeError, match="residual_head=False"):  # weights from before the option existed
         cmml().load_state_dict({k: v for k, v in plain.state_dict().items() if k != "residual_head_flag"})
     plain.load_state_dict({k: v for k, v in plain.state_dict().items() if k != "residual_head_flag"})
 

@@ -127,7 +127,7 @@ def comparison_table(rows: Sequence[dict]) -> tuple[list[str], list[dict]]:
                 for j, rate in enumerate(rates):
                     row[f"{label}@{rate:g}"] = float(np.nanmean(values[:, j]))
                 averages = np.nanmean(values, axis=1)
-                # runs without the column (ECE of an old sweep) do not turn the method's average into NaN
+                # runs without the column (a sweep.csv without ece) do not turn the method's average into NaN
                 row[f"AVG {label}"] = float(np.nanmean(averages))
             if key == "auc":
                 auc_std = float(np.std(averages, ddof=1)) if len(averages) > 1 else 0.0
