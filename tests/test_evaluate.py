@@ -127,7 +127,7 @@ def test_comparison_ece_columns_bold_the_lowest_and_tolerate_old_sweeps(tmp_path
     _, md_path = write_comparison(rows, str(tmp_path))
     cmml, zero = open(md_path).read().splitlines()[2:]
     assert "**0.0500**" in cmml and "0.2000" in zero and "**0.2000**" not in zero  # lower ECE is better
-    # a sweep.csv written before the ECE column existed still compares; its ECE is NaN, never bold
+    # a sweep.csv without the ece column still compares; its ECE is NaN, never bold
     old = tmp_path / "old.csv"
     old.write_text("method,rate,auc,acc,f1,n\nold,0.0,0.8,0.5,0.5,10\nold,0.5,0.6,0.5,0.5,10\n")
     old_rows = read_sweep(str(old))

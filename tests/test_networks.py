@@ -570,7 +570,7 @@ def test_concat_stage1_head_gives_each_modality_slot_its_own_weights():
 
 def test_mean_stage1_head_keeps_the_length_of_the_pooled_token():
     """``stage1_head="mean"`` (default) is a linear layer on the plain mean of the tokens: modalities
-    that agree give a longer mean and larger logits; ``"norm_mean"`` (the earlier default) layer-norms
+    that agree give a longer mean and larger logits; ``"norm_mean"`` layer-norms
     the mean, so scaling every token leaves its logits unchanged. Weights of one are refused by the other."""
     torch.manual_seed(0)
     mean, norm = cmml().eval(), cmml(stage1_head="norm_mean").eval()

@@ -2,7 +2,7 @@
 
 ``build_dataset`` chains ``LoadModalityd`` -> ``ApplyToPresentd(image_transforms(...))`` ->
 ``PackModalitiesd``. Every step is deterministic, so a MONAI ``CacheDataset`` (memory) or
-``PersistentDataset`` (disk) keeps the packed tensors and images are decoded once (DESIGN section 7);
+``PersistentDataset`` (disk) keeps the packed tensors and images are decoded once (docs/architecture.md);
 the training augmentation (a random transform appended to the chain) runs on the cached item per
 access, and simulated missingness on the batch afterwards. The same path serves
 inference: ``with_label=False`` accepts cases without labels.

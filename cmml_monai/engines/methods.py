@@ -1,4 +1,4 @@
-"""Methods of the comparison (DESIGN section 4): CMML, its ablations and the late-fusion baselines.
+"""Methods of the comparison (docs/method.md §15-§16): CMML, its ablations and the late-fusion baselines.
 
 Every method shares the network constructor's first arguments, so a config selects one by name
 (``--method zero_fill``) or with an overlay (``configs/methods/<name>.json``). Every method gets the

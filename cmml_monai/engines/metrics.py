@@ -1,4 +1,4 @@
-"""Classification metrics of DESIGN section 5: macro AUC, accuracy, macro F1 (plain NumPy / scikit-learn),
+"""Classification metrics of docs/method.md §17: macro AUC, accuracy, macro F1 (plain NumPy / scikit-learn),
 plus the expected calibration error, which shows whether a method's confidence holds when inputs are missing.
 
 Single-label: ``probs`` is ``[N, C]`` (softmax), ``labels`` ``[N]`` class indices; AUC is the macro mean

@@ -2,7 +2,7 @@
 
 MONAI engines call ``inferer(inputs, network, *args)``, so with ``SimpleInferer`` the network receives
 ``network(image, tabular)`` exactly as it is served. ``MaskedPrepareBatch`` also writes NaN into the
-modalities a saved presence mask marks missing (the evaluation sweep of DESIGN section 5).
+modalities a saved presence mask marks missing (the evaluation sweep of docs/method.md §17).
 """
 
 from __future__ import annotations

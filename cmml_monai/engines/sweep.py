@@ -1,4 +1,4 @@
-"""The missing-rate sweep of DESIGN section 5 on one split, with saved seeded masks.
+"""The missing-rate sweep of docs/method.md §17 on one split, with saved seeded masks.
 
 For each rate in ``rates`` every modality of every case is independently missing with that
 probability (at least one kept); the masks are made once per split by

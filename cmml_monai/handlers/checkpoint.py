@@ -111,9 +111,8 @@ class BestCheckpointSaver(CheckpointSaver):
 
     Validations before ``min_epoch`` (the stage's epoch, which the evaluator carries) are not
     candidates. The first epoch after a stage starts is a warm-up: its validation score on a small
-    validation set can be the highest by chance while the model is still changing fast, and in the
-    project's measurements (model card) such checkpoints scored lower on the test split in 14 of the
-    16 runs that kept one. A stage shorter than ``min_epoch`` keeps its last epoch as a candidate, so
+    validation set can be the highest by chance while the model is still changing fast
+    (docs/experiments.md §4). A stage shorter than ``min_epoch`` keeps its last epoch as a candidate, so
     every stage that validates writes a best file.
 
     Args:

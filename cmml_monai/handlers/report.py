@@ -1,4 +1,4 @@
-"""Side-by-side comparison of several runs' missing-rate sweeps (the paper's comparison / ablation tables)."""
+"""Side-by-side comparison of several runs' missing-rate sweeps (comparison and ablation tables)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ __all__ = [
     "write_paired_table",
 ]
 
-# (sweep.csv column, table label); ECE may be absent from sweeps written before it existed
+# (sweep.csv column, table label); a sweep.csv may lack the ece column
 _METRICS = (("auc", "AUC"), ("acc", "ACC"), ("f1", "F1"), ("ece", "ECE"))
 # table labels whose best value is the lowest
 _LOWER_IS_BETTER = ("ECE",)
@@ -97,7 +97,7 @@ def _runs_by_method(rows: Sequence[dict]) -> dict[str, dict[str, dict[float, dic
 
 def comparison_table(rows: Sequence[dict]) -> tuple[list[str], list[dict]]:
     """One row per method: ``AUC@rate`` columns, ``AVG AUC`` (mean over rates), then ``ACC@rate``, ``F1@rate``,
-    ``ECE@rate`` (expected calibration error; NaN for sweeps written before it existed) and their
+    ``ECE@rate`` (expected calibration error; NaN for a sweep.csv without an ece column) and their
     averages, then ``runs`` and ``AVG AUC std``. Methods keep their first-seen order.
 
     Several runs of one method (rows with different ``run`` values, e.g. training seeds) are
@@ -127,7 +127,7 @@ def comparison_table(rows: Sequence[dict]) -> tuple[list[str], list[dict]]:
                 for j, rate in enumerate(rates):
                     row[f"{label}@{rate:g}"] = float(np.nanmean(values[:, j]))
                 averages = np.nanmean(values, axis=1)
-                # runs without the column (ECE of an old sweep) do not turn the method's average into NaN
+                # runs without the column (a sweep.csv without ece) do not turn the method's average into NaN
                 row[f"AVG {label}"] = float(np.nanmean(averages))
             if key == "auc":
                 auc_std = float(np.std(averages, ddof=1)) if len(averages) > 1 else 0.0

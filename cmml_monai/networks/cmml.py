@@ -1,4 +1,4 @@
-"""CMMLNet: context-driven missing-modality learning (DESIGN section 4), one module for both stages."""
+"""CMMLNet: context-driven missing-modality learning (docs/method.md §3-§16), one module for both stages."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from cmml_monai.utils import as_bool
 __all__ = ["CMMLNet", "STAGE1_HEADS"]
 
 #: stage-1 (auxiliary) head layouts: a linear classifier on the mean of the completed modality tokens,
-#: the same on the layer-normed mean (the default before 2026-11-28), or an MLP on their concatenation
+#: the same on the layer-normed mean, or an MLP on their concatenation
 #: (each token layer-normed first)
 STAGE1_HEADS = ("mean", "norm_mean", "concat_mlp")
 
@@ -45,10 +45,11 @@ class CMMLNet(nn.Module):
     ``forward_train(image, tabular=None, stage) -> dict`` is the training path. Every present
     modality is encoded once; the extra missingness is made by masking tokens afterwards.
 
-    - stage 1: ``logits`` (auxiliary head on the pooled CRTA output), ``synth`` ``[B, k, d]``
+    - stage 1: ``logits`` (stage-1 head on the completed modality tokens), ``synth`` ``[B, k, d]``
       (final CRTA tokens), ``synth_blocks`` ``[N, B, k, d]`` (the cascade), ``target`` ``[B, k, d]``
       (real tokens, detached), ``recon_mask`` ``[B, k]`` (dropped but truly present slots),
-      ``present``, ``keep`` (the reduced mask). The memory banks are written when training.
+      ``present``, ``keep`` (the reduced mask). The memory banks are written when training; they are
+      read only in stage 2 (docs/method.md §6).
     - stage 2: two views in one batched pass: view 1 keeps the observed presence (what the served
       path sees), view 2 drops further present modalities at random (``stage2_drop_prob``).
       ``logits`` (view 1), ``logits_dropped`` (view 2: the classifier on CRTA-completed tokens),
@@ -98,7 +99,7 @@ class CMMLNet(nn.Module):
         stage1_head: layout of the stage-1 (auxiliary) head, one of ``STAGE1_HEADS``: ``"mean"``, a
             linear classifier on the mean of the completed modality tokens (its length grows when the
             modalities agree, so it is not normalised away); ``"norm_mean"``, the same on the
-            layer-normed mean (the earlier default); or ``"concat_mlp"``, an MLP (hidden width
+            layer-normed mean; or ``"concat_mlp"``, an MLP (hidden width
             ``feature_dim``) on the concatenated, layer-normed tokens, which gives each modality slot
             its own weights. With ``residual_head`` it is also part of the stage-2 logits. Weights
             trained with another layout are refused on load.
@@ -228,7 +229,8 @@ class CMMLNet(nn.Module):
         """Parameters that the loss of ``stage`` (1 or 2) trains.
 
         Stage 1: encoders, context, CRTA, auxiliary head. Stage 2: encoders, context, CRTA, memory
-        gate, reference, alignment, fusion head and projection heads (not the auxiliary head).
+        gate, reference, alignment, fusion head and projection heads, plus the auxiliary head when
+        ``residual_head`` is on (docs/method.md §13).
         """
         if stage == 1:
             return list(self.encoder.parameters()) + self.crta_parameters() + list(self.aux_norm.parameters()) + list(
@@ -298,7 +300,7 @@ class CMMLNet(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
-        # weights saved before the flags existed came from full (stage-2) training without residual head
+        # weights saved without these buffers come from full (stage-2) training without residual head
         key = prefix + "stage2_trained"
         if key not in state_dict:
             state_dict[key] = torch.ones((), dtype=torch.bool)
@@ -315,14 +317,13 @@ class CMMLNet(nn.Module):
         """Why weights of another head layout cannot load here ("" when they can).
 
         The stage-1 head layout shows in the state-dict keys; the residual setting is the saved
-        ``residual_head_flag`` (absent in weights from before the option: those had none).
+        ``residual_head_flag`` (weights without it were trained without a residual head).
         """
         saved: dict[str, object] = {}
         if prefix + "aux_head.0.weight" in state_dict:
             saved["stage1_head"] = "concat_mlp"
         elif prefix + "aux_head.weight" in state_dict:
-            # a LayerNorm before the linear head means the layer-normed mean (weights trained before
-            # 2026-11-28, when it was the only mean head, included)
+            # a LayerNorm before the linear head means the layer-normed mean layout
             saved["stage1_head"] = "norm_mean" if prefix + "aux_norm.weight" in state_dict else "mean"
         if self.use_stage2:
             flag = state_dict.get(prefix + "residual_head_flag")

@@ -1,4 +1,4 @@
-"""Learnable context tokens: a dataset-level prior shared by every case (DESIGN section 4)."""
+"""Learnable context tokens: a dataset-level prior shared by every case (docs/method.md §4)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ class ContextTokens(nn.Module):
     """``K x d`` learnable tokens, expanded to the batch.
 
     Args:
-        num_tokens: ``K`` (8 in CMML).
+        num_tokens: ``K`` (our default 8; the paper's abstract gives no value).
         feature_dim: ``d``.
 
     Example::

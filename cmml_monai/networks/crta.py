@@ -1,4 +1,4 @@
-"""Cascaded residual transformer autoencoder (CRTA): stage-1 synthesis of missing modality tokens."""
+"""Cascaded residual transformer autoencoder (CRTA): synthesis of missing modality tokens (docs/method.md §5)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class CascadedResidualTransformerAE(nn.Module):
     Args:
         num_modalities: ``k``.
         feature_dim: ``d``.
-        num_blocks: ``N`` (3 in CMML).
+        num_blocks: ``N`` (our default 3; the paper's abstract gives no value).
         num_heads: attention heads.
         mlp_ratio: MLP width of the transformer layers.
         dropout: dropout in the transformer layers.

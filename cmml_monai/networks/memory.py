@@ -25,7 +25,7 @@ class ModalityMemoryBank(nn.Module):
     Args:
         num_modalities: ``k``.
         feature_dim: ``d``.
-        num_slots: ``S`` (64 in CMML).
+        num_slots: ``S`` (our default 64; the paper's abstract gives no value).
         tau: softmax temperature of the read.
         momentum: EMA momentum of the write.
 

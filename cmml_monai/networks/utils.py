@@ -29,7 +29,7 @@ def presence_from_nan(
     image_channels: int,
     num_features: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Derive the presence mask from NaNs and replace the NaNs by 0 (DESIGN section 3).
+    """Derive the presence mask from NaNs and replace the NaNs by 0 (docs/method.md §2).
 
     Image modality ``i`` owns channels ``[i*C, (i+1)*C)``; it is present when any of its values is
     not NaN. The table is present when any cell is not NaN. ``tabular=None`` means no table: when
