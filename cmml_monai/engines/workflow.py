@@ -79,7 +79,8 @@ def publish_model(output_dir: str, stage_dirs: list[str], tracker=None, serve: s
         last = latest_checkpoint(folder)
         if last is not None:
             state = torch.load(last, map_location="cpu", weights_only=True)
-            torch.save(state["network"], dest)
+            # with weight averaging on, the averaged weights are what validation scored and is served
+            torch.save(state.get("averager") or state["network"], dest)
             source = last
             break
     else:

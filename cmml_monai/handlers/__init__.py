@@ -1,5 +1,6 @@
 """cmml_monai.handlers: macro AUC metric, MLflow parent/stage runs, resume, early stopping, loss averages, plots."""
 
+from cmml_monai.handlers.averaging import WeightAverager
 from cmml_monai.handlers.checkpoint import (
     BestCheckpointSaver,
     LoadNetworkHandler,
@@ -24,6 +25,7 @@ from cmml_monai.handlers.report import (
 from cmml_monai.handlers.stats import BindTrainer, EpochLossAverager
 
 __all__ = [
+    "WeightAverager",
     "MacroAUC",
     "MacroAUCMetric",
     "MLflowTracker",
