@@ -14,17 +14,17 @@ import torch
 from monai.bundle import ConfigWorkflow
 from scipy import stats
 
-from cmml_monai.handlers import (
+from cmml_monai.evaluation import (
+    POOLED_PAIRED_COLUMNS,
     comparison_table,
     paired_table,
     pooled_comparison_table,
     pooled_paired_table,
     read_sweep,
-    save_executed_config,
     write_comparison,
     write_paired,
 )
-from cmml_monai.handlers.pooled import POOLED_PAIRED_COLUMNS
+from cmml_monai.handlers import save_executed_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")

@@ -1,4 +1,7 @@
-"""cmml_monai.networks: encoders, CRTA, memory, alignment, the CMML net and the late-fusion baselines."""
+"""cmml_monai.networks: encoders, CRTA, memory, alignment, the CMML net and the late-fusion baselines.
+
+The layer above ``data``: ``torch.nn`` modules that take image tensors and NaN-coded table rows.
+"""
 
 from cmml_monai.networks.alignment import CrossModalAlignment, FusionHead, InstanceAdaptiveReference, ProjectionHead
 from cmml_monai.networks.baselines import LATE_FUSION_MODES, LateFusionNet

@@ -1,4 +1,7 @@
-"""Steps of the two-stage workflow that the ``run`` list of ``configs/train.json`` calls."""
+"""Steps of the two-stage workflow that the ``run`` list of ``configs/train.json`` calls.
+
+It lives in ``evaluation``, above ``handlers``, because its steps use the checkpoint and MLflow handlers.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,9 @@ import torch
 from monai.engines import Workflow
 
 from cmml_monai.data.errors import DataError
+from cmml_monai.data.setup import dataset_summary
 from cmml_monai.handlers.checkpoint import latest_checkpoint
+from cmml_monai.handlers.mlflow import save_executed_config
 
 __all__ = ["run_stage", "publish_model", "check_serve", "SERVE_CHOICES", "final_model_path", "log_run_inputs"]
 
@@ -95,9 +100,6 @@ def log_run_inputs(
 ) -> None:
     """Log what a run was made from to the parent MLflow run: the executed config, the table schema,
     and the dataset summary (counts only) as params."""
-    from cmml_monai.engines.setup import dataset_summary
-    from cmml_monai.handlers.mlflow import save_executed_config
-
     os.makedirs(output_dir, exist_ok=True)
     config = save_executed_config(os.path.join(output_dir, config_name))
     if tracker is None or not getattr(tracker, "enabled", False):
