@@ -17,9 +17,7 @@ from cmml_monai.evaluation.report import (
     comparison_table,
     paired_table,
     read_sweep,
-    write_comparison,
     write_comparison_table,
-    write_paired,
     write_paired_table,
 )
 from cmml_monai.evaluation.sweep import SUBSET_COLUMNS, SWEEP_COLUMNS, MissingRateSweep, format_table, predict
@@ -42,10 +40,8 @@ __all__ = [
     "plot_roc",
     "read_sweep",
     "comparison_table",
-    "write_comparison",
     "write_comparison_table",
     "paired_table",
-    "write_paired",
     "write_paired_table",
     "read_comparison_folder",
     "pooled_comparison_table",

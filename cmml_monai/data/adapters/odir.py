@@ -36,27 +36,14 @@ __all__ = [
     "ODIR_ANNOTATION_FILE",
     "ODIR_IMAGE_DIRS",
     "ODIR_TABLE_COLUMNS",
-    "ODIR_KEYWORD_SEPARATORS",
-    "split_keywords",
 ]
 
 ODIR_LABELS = ["N", "D", "G", "C", "A", "H", "M", "O"]
 ODIR_ANNOTATION_FILE = "ODIR-5K_Training_Annotations(Updated)_V2.xlsx"
 ODIR_IMAGE_DIRS = ("ODIR-5K_Training_Dataset", "Training Images")
 ODIR_TABLE_COLUMNS = ["Patient Age", "Patient Sex"]
-ODIR_KEYWORD_SEPARATORS = ("\uff0c", ",")
 _REQUIRED = ["ID", "Patient Age", "Patient Sex", "Left-Fundus", "Right-Fundus",
              "Left-Diagnostic Keywords", "Right-Diagnostic Keywords", *ODIR_LABELS]
-
-
-def split_keywords(text: str | None) -> list[str]:
-    """Split an ODIR keyword cell on the full-width comma U+FF0C (or ``,``)."""
-    if text is None:
-        return []
-    text = str(text)
-    for sep in ODIR_KEYWORD_SEPARATORS[1:]:
-        text = text.replace(sep, ODIR_KEYWORD_SEPARATORS[0])
-    return [k.strip() for k in text.split(ODIR_KEYWORD_SEPARATORS[0]) if k.strip()]
 
 
 def _label_value(value: object, cid: str, column: str, source: str) -> int:
