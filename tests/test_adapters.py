@@ -24,6 +24,10 @@ def _agrees(case_list, manifest):
     s = summarize(case_list)
     for key in ("n_cases", "splits", "label_counts", "missing", "missing_reasons", "dropped"):
         assert s[key] == manifest[key], key
+    # the per-split counts add up to the totals
+    assert {k: b["cases"] for k, b in s["by_split"].items()} == s["splits"]
+    for key in ("label_counts", "missing"):
+        assert {k: sum(b[key][k] for b in s["by_split"].values()) for k in s[key]} == s[key], key
 
 
 # ------------------------------------------------------------------------------------------ Derm7pt

@@ -9,7 +9,10 @@ imports a higher layer than its own is reported as ``file:line``.
 from __future__ import annotations
 
 import ast
+import importlib
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -99,6 +102,27 @@ def test_every_package_and_module_has_a_layer():
         if (n.endswith(".py") and n != "__init__.py") or os.path.isfile(os.path.join(ROOT, PACKAGE, n, "__init__.py"))
     )
     assert sorted(top) == sorted(LAYERS)
+
+
+@pytest.mark.parametrize("layer", [n for n in LAYERS if n != "utils"])
+def test_every_package_re_exports_its_public_names(layer):
+    package = importlib.import_module(f"{PACKAGE}.{layer}")
+    assert package.__doc__ and package.__doc__.startswith(f"{PACKAGE}.{layer}:"), "the docstring says what it owns"
+    assert len(set(package.__all__)) == len(package.__all__)
+    missing = [name for name in package.__all__ if not hasattr(package, name)]
+    assert not missing, f"{package.__name__}.__all__ names what it does not provide: {missing}"
+
+
+def test_data_layer_reads_cases_and_summaries_without_torch():
+    """``cmml_monai.data`` re-exports lazily: adapters, summaries and mask files do not import torch or MONAI."""
+    code = (
+        "import sys, cmml_monai.data, cmml_monai.data.adapters, cmml_monai.data.report, cmml_monai.data.missingness\n"
+        "from cmml_monai.data import CaseList, summarize\n"
+        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from typing import Sequence
 from cmml_monai.data.adapters.common import (
     FILE_ABSENT,
     NOT_LISTED,
-    check_unique_ids,
+    case_ids,
     clean_cell,
     drop_all_missing,
     resolve_path,
@@ -107,13 +107,7 @@ def load_odir(
             )
         img_root = found[0]
     df = read_table(xlsx, sheet=sheet, required=_REQUIRED)  # type: ignore[arg-type]
-    ids = []
-    for pos, v in enumerate(df["ID"]):
-        v = clean_cell(v)
-        if v is None:
-            raise DataError(f"{xlsx}: empty ID in data row {pos + 1}; every row needs an ID")
-        ids.append(str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
-    check_unique_ids(ids, xlsx, "ID")  # type: ignore[arg-type]
+    ids = case_ids(df["ID"], xlsx, "ID")  # type: ignore[arg-type]
 
     columns = list(ODIR_TABLE_COLUMNS) if use_table else []
     modalities = [ModalitySpec("left", "image2d", 3), ModalitySpec("right", "image2d", 3)]
