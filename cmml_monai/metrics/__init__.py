@@ -12,4 +12,10 @@ from cmml_monai.metrics.classification import (
     to_numpy_probs_labels,
 )
 
-__all__ = ["macro_auc", "classification_metrics", "expected_calibration_error", "to_numpy_probs_labels", "MacroAUCMetric"]
+__all__ = [
+    "macro_auc",
+    "classification_metrics",
+    "expected_calibration_error",
+    "to_numpy_probs_labels",
+    "MacroAUCMetric",
+]

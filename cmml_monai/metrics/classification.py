@@ -4,7 +4,8 @@ plus the expected calibration error, which shows whether a method's confidence h
 Single-label: ``probs`` is ``[N, C]`` (softmax), ``labels`` ``[N]`` class indices; AUC is the macro mean
 of one-vs-rest AUCs. Multi-label: ``probs`` is ``[N, L]`` (sigmoid), ``labels`` ``[N, L]`` 0/1; AUC is the
 macro mean of per-label AUCs. A class (label) with only one outcome in the data has no AUC: it is
-skipped and reported in ``skipped`` instead of crashing.
+skipped and reported in ``skipped`` instead of crashing. ``MacroAUCMetric`` accumulates the same macro
+AUC over an epoch as a MONAI ``CumulativeIterationMetric`` (the ``MacroAUC`` handler wraps it).
 """
 
 from __future__ import annotations

@@ -13,7 +13,13 @@ from cmml_monai.data.errors import DataError
 from cmml_monai.data.table import is_empty_cell
 
 __all__ = [
-    "clean_cell", "whole_number_text", "case_ids", "drop_all_missing", "check_unique_ids", "resolve_path", "FILE_ABSENT",
+    "clean_cell",
+    "whole_number_text",
+    "case_ids",
+    "drop_all_missing",
+    "check_unique_ids",
+    "resolve_path",
+    "FILE_ABSENT",
     "NOT_LISTED",
 ]
 
