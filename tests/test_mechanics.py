@@ -184,6 +184,16 @@ def run_sweep(net: torch.nn.Module, derm: dict, name: str, rates: list[float], c
     return sweep.run()
 
 
+def derm_natural(derm: dict) -> np.ndarray:
+    """Natural presence of the test cases, read from the NaNs of the packed inputs."""
+    c = derm["net_args"]["image_channels"]
+    image, tab = derm["image"], derm["tabular"]
+    m = image.shape[1] // c
+    cols = [~torch.isnan(image[:, j * c:(j + 1) * c]).flatten(1).all(dim=1) for j in range(m)]
+    cols.append(~torch.isnan(tab).all(dim=1))
+    return torch.stack(cols, dim=1).numpy()
+
+
 def test_sweep_scores_each_rate_on_its_own_saved_masks(derm):
     net = derm_net(derm, seed=1)
     rows = run_sweep(net, derm, "per_rate", SWEEP_RATES)
@@ -218,6 +228,7 @@ def test_sweep_scores_each_rate_on_its_own_saved_masks(derm):
 def test_sweep_scores_the_checkpoint_weights_not_the_weights_in_memory(derm, wrapped):
     trained = derm_net(derm, seed=1)
     in_memory = derm_net(derm, seed=2)  # same architecture, other weights
+    untouched = derm_net(derm, seed=2)  # a copy of the in-memory weights, for comparison
     path = str(derm["base"] / f"weights_{wrapped}.pt")
     state = trained.state_dict()
     torch.save({"network": state} if wrapped else state, path)
@@ -226,7 +237,7 @@ def test_sweep_scores_the_checkpoint_weights_not_the_weights_in_memory(derm, wra
     masks = {r: hand_presence(derm_natural(derm), r, MASK_SEED) for r in rates}
     for rate, row in zip(rates, rows):
         want = expected_metrics(trained, derm, masks[rate])
-        before = expected_metrics(derm_net(derm, seed=2), derm, masks[rate])
+        before = expected_metrics(untouched, derm, masks[rate])
         # the two weight sets give distinguishable scores, so the check below means something
         assert want["ece"] != pytest.approx(before["ece"], abs=1e-4)
         why = "is not the checkpoint's weights on that rate's masks"
@@ -234,16 +245,6 @@ def test_sweep_scores_the_checkpoint_weights_not_the_weights_in_memory(derm, wra
         assert row["auc"] == pytest.approx(want["auc"], abs=1e-6), f"AUC at rate {rate} {why}"
     for key, value in trained.state_dict().items():
         assert torch.equal(in_memory.state_dict()[key], value), f"{key} not loaded from the checkpoint"
-
-
-def derm_natural(derm: dict) -> np.ndarray:
-    """Natural presence of the test cases, read from the NaNs of the packed inputs."""
-    c = derm["net_args"]["image_channels"]
-    image, tab = derm["image"], derm["tabular"]
-    m = image.shape[1] // c
-    cols = [~torch.isnan(image[:, j * c:(j + 1) * c]).flatten(1).all(dim=1) for j in range(m)]
-    cols.append(~torch.isnan(tab).all(dim=1))
-    return torch.stack(cols, dim=1).numpy()
 
 
 # ---------------------------------------------------------------------------------------------
