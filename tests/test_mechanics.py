@@ -29,8 +29,10 @@ from monai.utils import set_determinism
 from sklearn.metrics import roc_auc_score
 
 from cmml_monai.data.dataset import build_dataset
-from cmml_monai.engines import DatasetInfo, MissingRateSweep, build_network, fit_schema, load_cases
-from cmml_monai.engines.metrics import expected_calibration_error
+from cmml_monai.data import DatasetInfo, fit_schema, load_cases
+from cmml_monai.engines import build_network
+from cmml_monai.evaluation import MissingRateSweep
+from cmml_monai.metrics import expected_calibration_error
 from cmml_monai.losses import AlignmentLoss, CMMLLoss, SupConLoss
 from cmml_monai.networks import CascadedResidualTransformerAE, CMMLNet, LateFusionNet, ModalityMemoryBank
 
