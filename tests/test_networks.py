@@ -278,6 +278,26 @@ def test_memory_written_only_in_stage1_training():
     assert not torch.equal(before, net.memory.memory)
 
 
+def test_memory_write_stage2_keeps_the_banks_on_the_current_features():
+    net = cmml(memory_write_stage2=True)
+    image, tab = make_batch(all_patterns(3))
+    net.train().forward_train(image, tab, stage=1)
+    after_stage1 = net.memory.memory.clone()
+    torch.manual_seed(7)  # the same dropout draws as the encoder pass inside forward_train
+    tokens, present = net.encoder(image, tab)
+    bank = net.memory
+    expected = ModalityMemoryBank(3, D, num_slots=bank.memory.shape[1], tau=bank.tau, momentum=bank.momentum)
+    expected.load_state_dict(bank.state_dict())
+    expected.update(tokens, present)  # the same EMA write on the real tokens of this batch
+    torch.manual_seed(7)
+    net.forward_train(image, tab, stage=2)
+    assert not torch.equal(after_stage1, net.memory.memory)
+    torch.testing.assert_close(net.memory.memory, expected.memory)
+    before_eval = net.memory.memory.clone()
+    net.eval().forward_train(image, tab, stage=2)  # never written outside training
+    assert torch.equal(before_eval, net.memory.memory)
+
+
 @pytest.mark.parametrize(
     "make",
     [

@@ -103,6 +103,8 @@ class CMMLNet(nn.Module):
             ``feature_dim``) on the concatenated, layer-normed tokens, which gives each modality slot
             its own weights. With ``residual_head`` it is also part of the stage-2 logits. Weights
             trained with another layout are refused on load.
+        memory_write_stage2: also write the memory banks from the real tokens in stage-2 training.
+            Off, the banks keep the stage-1 encoders' features while stage 2 trains the encoders on.
 
     Example::
 
@@ -148,6 +150,7 @@ class CMMLNet(nn.Module):
         mark_synthesized: bool = False,
         residual_head: bool = True,
         stage1_head: str = "mean",
+        memory_write_stage2: bool = False,
     ) -> None:
         super().__init__()
         # switches may arrive as command-line strings ("false"); the encoder checks its own
@@ -156,6 +159,7 @@ class CMMLNet(nn.Module):
         use_stage2 = as_bool(use_stage2, "use_stage2")
         mark_synthesized = as_bool(mark_synthesized, "mark_synthesized")
         residual_head = as_bool(residual_head, "residual_head")
+        memory_write_stage2 = as_bool(memory_write_stage2, "memory_write_stage2")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         for name, p in (("stage1_drop_prob", stage1_drop_prob), ("stage2_drop_prob", stage2_drop_prob)):
@@ -172,6 +176,7 @@ class CMMLNet(nn.Module):
         self.use_stage2 = use_stage2
         self.mark_synthesized = mark_synthesized
         self.residual_head = residual_head and use_stage2
+        self.memory_write_stage2 = memory_write_stage2
         self.stage1_drop_prob = stage1_drop_prob
         self.stage2_drop_prob = stage2_drop_prob
         self.encoder = MultiModalEncoder(
@@ -363,6 +368,9 @@ class CMMLNet(nn.Module):
             raise ValueError("forward_train(stage=2) needs a network built with use_stage2=True.")
         if self.training:
             self.stage2_trained.fill_(True)
+            if self.memory is not None and self.memory_write_stage2:
+                # the encoders keep training in stage 2: keep the slots in their current feature space
+                self.memory.update(tokens, present)
         b = tokens.shape[0]
         view2 = random_keep_mask(present, self.stage2_drop_prob)
         masks = torch.cat([present, view2], dim=0)
