@@ -31,6 +31,8 @@ from monai.data import DistributedSampler
 from monai.engines.utils import IterationEvents
 from torch.nn.parallel import DistributedDataParallel
 
+from cmml_monai.networks.wrappers import TrainingForward
+
 __all__ = [
     "init_distributed",
     "local_device",
@@ -44,7 +46,6 @@ __all__ = [
     "cleanup_distributed",
     "broadcast_buffers",
     "shard_sampler",
-    "TrainForward",
     "DistributedTrainNetwork",
 ]
 
@@ -182,26 +183,10 @@ def shard_sampler(dataset: torch.utils.data.Dataset) -> DistributedSampler | Non
     return DistributedSampler(dataset, even_divisible=False, shuffle=False)
 
 
-class TrainForward(torch.nn.Module):
-    """A module whose ``forward`` is ``network.forward_train``: what DDP wraps, so the training path runs
-    under DDP's forward (which prepares the gradient all-reduce) rather than around it.
-
-    Args:
-        network: a network with ``forward_train(image, tabular, stage)``.
-    """
-
-    def __init__(self, network: torch.nn.Module) -> None:
-        super().__init__()
-        self.network = network
-
-    def forward(self, image: torch.Tensor, tabular: torch.Tensor | None = None, stage: int = 2) -> Any:
-        return self.network.forward_train(image, tabular, stage=stage)
-
-
 class DistributedTrainNetwork(torch.nn.Module):
     """The training view of ``network`` for :class:`~cmml_monai.engines.CMMLTrainer` under several processes.
 
-    ``forward_train`` runs ``DistributedDataParallel(TrainForward(network))``, so the gradients of the
+    ``forward_train`` runs ``DistributedDataParallel(TrainingForward(network))``, so the gradients of the
     parameters trained in this step are averaged over ranks in the backward. DDP is built at the first
     step and again whenever the trained parameter set changes (stage 1 and stage 2 train different
     parts; the trainer sets ``requires_grad`` at its start), after resume and stage-1 loading, and its
@@ -257,7 +242,7 @@ class DistributedTrainNetwork(torch.nn.Module):
         self.ddp = None  # the old reducer (and its gradient hooks) goes before the new one registers its own
         kwargs = {_NO_FORWARD_BUFFER_SYNC: False, "find_unused_parameters": self.find_unused_parameters}
         return DistributedDataParallel(
-            TrainForward(self.network),
+            TrainingForward(self.network),
             device_ids=[device] if device.type == "cuda" else None,
             **{**kwargs, **self.ddp_kwargs},
         )
