@@ -179,6 +179,44 @@ def test_two_processes_match_one(data_dir, tmp_path):
         torch.testing.assert_close(r["bank"], bank.memory, rtol=1e-6, atol=1e-6)
 
 
+def test_one_process_without_group(monkeypatch):
+    """Without a process group the helpers are no-ops; the DDP parts refuse with a message, not a hang."""
+    from cmml_monai.engines import CMMLTrainer
+    from cmml_monai.engines.distributed import (
+        DistributedTrainNetwork,
+        barrier,
+        broadcast_buffers,
+        get_rank,
+        get_world_size,
+        init_distributed,
+        is_main_process,
+        shard_sampler,
+    )
+    from cmml_monai.networks import CMMLNet
+
+    assert (get_rank(), get_world_size(), is_main_process()) == (0, 1, True)
+    barrier()
+    net = CMMLNet(2, 3, 2, 3, feature_dim=16, image_encoder="resnet10", memory_slots=4)
+    broadcast_buffers(net)
+    assert shard_sampler(list(range(5))) is None
+    for key in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        init_distributed()
+    wrapped = DistributedTrainNetwork(net)
+    assert wrapped(torch.randn(2, 6, 32, 32)).shape == (2, 3)  # forward is the served path
+    with pytest.raises(RuntimeError, match="process group"):
+        wrapped.forward_train(torch.randn(2, 6, 32, 32), None, stage=1)
+    with pytest.raises(ValueError, match="forward_train"):
+        DistributedTrainNetwork(torch.nn.Linear(2, 2))
+    # the trainer attaches the buffer sync to the optimizer step
+    trainer = CMMLTrainer(device="cpu", max_epochs=1, train_data_loader=[], network=wrapped,
+                          optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=lambda o, y: {}, stage=1)
+    from monai.engines.utils import IterationEvents
+
+    assert trainer.has_event_handler(wrapped.sync_buffers, IterationEvents.MODEL_COMPLETED)
+
+
 def test_without_ddp_replicas_differ(data_dir, tmp_path):
     """The comparison above can fail: without DDP each rank steps on its own shard and the replicas drift."""
     if os.environ.get("CMML_SLOW_TESTS", "0") != "1":

@@ -13,7 +13,8 @@ same code path runs a 2-process CPU test and an 8-GPU job. What each part does u
   and MONAI's cumulative metrics all-gather the predictions, so every rank gets the one-process metric and
   early stopping / best-model selection agree on all ranks.
 - files: checkpoints are written by rank 0 (ignite's ``DiskSaver`` saves on rank 0 only); the served
-  weights, the executed config, MLflow and the missing-rate sweep run on rank 0 (:func:`is_main_process`).
+  weights, the executed config, MLflow and the missing-rate sweep run on rank 0 (:func:`is_main_process`);
+  the other ranks build the test set without a cache (``test_dataset#cache``), since they never read it.
 """
 
 from __future__ import annotations
