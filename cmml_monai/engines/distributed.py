@@ -15,6 +15,9 @@ same code path runs a 2-process CPU test and an 8-GPU job. What each part does u
 - files: checkpoints are written by rank 0 (ignite's ``DiskSaver`` saves on rank 0 only); the served
   weights, the executed config, MLflow and the missing-rate sweep run on rank 0 (:func:`is_main_process`);
   the other ranks build the test set without a cache (``test_dataset#cache``), since they never read it.
+  Why the two metric choices: every rank needs the validation score (early stopping, best checkpoint), so
+  all score shards and gather; the sweep runs once after training and decides nothing, so rank 0 scores all
+  test cases (one process's numbers by construction) while the others finish.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from monai.engines.utils import IterationEvents
 from torch.nn.parallel import DistributedDataParallel
 
 from cmml_monai.networks.wrappers import TrainingForward
+from cmml_monai.utils import as_bool
 
 __all__ = [
     "init_distributed",
@@ -220,7 +224,7 @@ class DistributedTrainNetwork(torch.nn.Module):
         if isinstance(network, DistributedDataParallel):
             raise ValueError("give the plain network: DistributedTrainNetwork wraps it in DDP itself")
         self.network = network
-        self.find_unused_parameters = bool(find_unused_parameters)
+        self.find_unused_parameters = as_bool(find_unused_parameters, "ddp_find_unused_parameters")
         self.ddp_kwargs = ddp_kwargs
         self.ddp: DistributedDataParallel | None = None
         self._trained: tuple[bool, ...] = ()
