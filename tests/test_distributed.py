@@ -179,6 +179,21 @@ def test_two_processes_match_one(data_dir, tmp_path):
         torch.testing.assert_close(r["bank"], bank.memory, rtol=1e-6, atol=1e-6)
 
 
+def test_overlay_run_list_follows_train_json():
+    """multi_gpu_train.json replaces train.json's ``run`` list (rank-0 guards, barriers): every step of
+    train.json must still be called there, so a step added to (or renamed in) train.json fails here."""
+    import json
+    import re
+
+    with open(TRAIN) as f:
+        single = json.load(f)["run"]
+    with open(MULTI) as f:
+        multi = " ".join(json.load(f)["run"])
+    for step in single:
+        callee = re.match(r"\$([\w.@#]+)\(", step).group(1)  # e.g. cmml_monai.engines.run_stage, @sweep.run
+        assert callee in multi, f"train.json runs {callee}, configs/multi_gpu_train.json does not"
+
+
 def test_one_process_without_group(monkeypatch):
     """Without a process group the helpers are no-ops; the DDP parts refuse with a message, not a hang."""
     from cmml_monai.engines import CMMLTrainer
