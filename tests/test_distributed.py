@@ -106,7 +106,9 @@ def _free_port() -> int:
 
 
 def run_two_processes(out: str, data_dir: str, no_sync: bool = False) -> list[dict]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    # the CPU (gloo) form on every machine: two processes would need two GPUs for NCCL
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            os.path.abspath(__file__), "--worker", out, data_dir] + (["--no-sync"] if no_sync else [])
@@ -130,7 +132,8 @@ def _one_process_auc(data_dir: str, out: str, state: dict) -> tuple[float, int]:
 
     from cmml_monai.engines import macro_auc
 
-    w = ConfigWorkflow(config_file=TRAIN, workflow_type="train", **tiny(data_dir, out))
+    # on the CPU like the two processes (no bf16 autocast where a GPU is present)
+    w = ConfigWorkflow(config_file=TRAIN, workflow_type="train", **tiny(data_dir, out, device="$torch.device('cpu')"))
     w.initialize()
     network = w.parser.get_parsed_content("network")
     network.load_state_dict(state)
