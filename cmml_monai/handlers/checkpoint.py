@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
@@ -69,7 +70,10 @@ class StageCheckpointSaver(CheckpointSaver):
 
         The final state is the last epoch's: writing it again doubled a stage's disk use (660 MB per
         full checkpoint on the MEN layout). The link survives the epoch file's later deletion.
+        Under several processes only rank 0 touches the files (ignite's ``DiskSaver`` saves on rank 0).
         """
+        if idist.get_rank() > 0:
+            return
         last = getattr(self._interval_checkpoint, "last_checkpoint", None)
         match = _EPOCH_RE.search(os.path.basename(str(last))) if last else None
         if not (self.epoch_level and match and int(match.group(1)) == engine.state.epoch and os.path.isfile(last)):
@@ -90,7 +94,8 @@ class StageCheckpointSaver(CheckpointSaver):
     def exception_raised(self, engine: Engine, e: Exception) -> None:
         """Save the state at the failure as a new ``checkpoint_final.pt`` file (MONAI writes in place, which
         would also change an epoch checkpoint the old final file was linked to)."""
-        self._unlink_final()
+        if idist.get_rank() == 0:
+            self._unlink_final()
         super().exception_raised(engine, e)
 
     def _final_path(self) -> str:
