@@ -194,7 +194,8 @@ def e2e_pipeline(dataset: str, spatial_size: list[int], cfg: BenchConfig, cases:
     """One dataset's end-to-end numbers (see the module docstring); ``rounds`` timed epochs after a warm-up."""
     from cmml_monai.data.dataset import build_dataloader, build_dataset
     from cmml_monai.data.synthetic import make_synthetic
-    from cmml_monai.engines import METHODS, CMMLPrepareBatch, DatasetInfo, build_network, fit_schema, load_cases
+    from cmml_monai.data import DatasetInfo, fit_schema, load_cases
+    from cmml_monai.engines import METHODS, CMMLPrepareBatch, build_network
 
     device = torch.device(cfg.device)
     if device.type == "cuda":

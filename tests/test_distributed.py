@@ -130,7 +130,7 @@ def _one_process_auc(data_dir: str, out: str, state: dict) -> tuple[float, int]:
     """The validation AUC of ``state`` over every validation view, computed by one process."""
     from monai.bundle import ConfigWorkflow
 
-    from cmml_monai.engines import macro_auc
+    from cmml_monai.metrics import macro_auc
 
     # on the CPU like the two processes (no bf16 autocast where a GPU is present)
     w = ConfigWorkflow(config_file=TRAIN, workflow_type="train", **tiny(data_dir, out, device="$torch.device('cpu')"))
@@ -193,7 +193,7 @@ def test_overlay_run_list_follows_train_json():
     with open(MULTI) as f:
         multi = " ".join(json.load(f)["run"])
     for step in single:
-        callee = re.match(r"\$([\w.@#]+)\(", step).group(1)  # e.g. cmml_monai.engines.run_stage, @sweep.run
+        callee = re.match(r"\$([\w.@#]+)\(", step).group(1)  # e.g. cmml_monai.evaluation.run_stage, @sweep.run
         assert callee in multi, f"train.json runs {callee}, configs/multi_gpu_train.json does not"
 
 
