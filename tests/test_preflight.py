@@ -129,7 +129,8 @@ def test_mark_missing_still_stops_on_a_case_without_any_usable_modality(tmp_path
     paths = {"clinic": _jpeg(tmp_path / "a.jpg", 0), "derm": _jpeg(tmp_path / "b.jpg", 1)}
     good = {"clinic": _jpeg(tmp_path / "c.jpg", 2), "derm": _jpeg(tmp_path / "d.jpg", 3)}
     mods = [ModalitySpec("clinic", "image2d", 3), ModalitySpec("derm", "image2d", 3)]
-    case_list = CaseList("toy", mods, ["a", "b"], False, [], [Case("x", "train", paths, 0), Case("y", "train", good, 1)])
+    two = [Case("x", "train", paths, 0), Case("y", "train", good, 1)]
+    case_list = CaseList("toy", mods, ["a", "b"], False, [], two)
     _truncate(paths["clinic"])
     open(paths["derm"], "wb").close()
     ds = {"train": build_dataset(case_list, "train", None, spatial_size=SIZE, cache="cache", defer_errors=True)}

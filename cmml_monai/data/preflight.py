@@ -41,7 +41,7 @@ from cmml_monai.utils import as_bool
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
-__all__ = ["PREFLIGHT_MODES", "PreflightProblem", "PreflightReport", "run_preflight", "MAX_LISTED"]
+__all__ = ["PREFLIGHT_MODES", "PreflightProblem", "PreflightReport", "run_preflight", "class_coverage", "MAX_LISTED"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class PreflightReport:
         checked: items this call decoded itself (0 for an in-memory cache: its fill was the check).
         problems: every problem found.
         marked_missing: ``(split, case_id, modality)`` marked missing (``mode="mark_missing"``).
+        warnings: problems that do not stop the run (a class with no case in a split).
         seconds: wall time of the checks this call ran (the in-memory cache fill runs when the datasets
             are built, before this call, and is not included).
     """
@@ -92,6 +93,7 @@ class PreflightReport:
     checked: int = 0
     problems: list[PreflightProblem] = field(default_factory=list)
     marked_missing: list[tuple[str, str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -101,6 +103,7 @@ class PreflightReport:
             "checked": self.checked,
             "problems": [asdict(p) for p in self.problems],
             "marked_missing": [list(m) for m in self.marked_missing],
+            "warnings": list(self.warnings),
             "seconds": round(self.seconds, 3),
         }
 
@@ -187,6 +190,31 @@ def _diagnose(split: str, item: Mapping[str, Any], image_keys: Sequence[str], ru
     return out or [PreflightProblem(split, case, None, None, str(error))]
 
 
+def class_coverage(case_list: CaseList, splits: Sequence[str]) -> list[str]:
+    """One line per split in which some class has no case: its AUC skips the class, training never sees it.
+
+    Example:
+        >>> class_coverage(cases, ["train", "valid"])  # doctest: +SKIP
+        ["valid split: no case of class(es) ['SK']; its AUC averages over the other classes ..."]
+    """
+    out = []
+    for split in splits:
+        cases = case_list.split(split)
+        if not cases:
+            continue
+        counts = [0] * len(case_list.class_names)
+        for c in cases:
+            if case_list.multi_label:
+                counts = [n + int(v) for n, v in zip(counts, c.label)]  # type: ignore[arg-type]
+            else:
+                counts[int(c.label)] += 1  # type: ignore[arg-type]
+        absent = [name for name, n in zip(case_list.class_names, counts) if n == 0]
+        if absent:
+            out.append(f"{split} split: no case of class(es) {absent}; its AUC averages over the other classes "
+                       f"({'the model never learns them' if split == 'train' else 'move some cases into it'})")
+    return out
+
+
 def _reload(ds: Dataset, index: int) -> None:
     if isinstance(ds, CaseCacheDataset):
         ds.reload(index)
@@ -248,6 +276,9 @@ def run_preflight(
         item = datasets[split].data[index]
         report.problems += _diagnose(split, item, image_keys, runners[split], err)
     report.seconds = time.perf_counter() - start
+    report.warnings = class_coverage(case_list, list(datasets))
+    for text in report.warnings:
+        logger.warning("preflight: %s", text)
     if not report.problems:
         logger.info("preflight: %d items checked, no problem (%.1f s)", report.items, report.seconds)
         return report

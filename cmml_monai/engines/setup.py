@@ -12,6 +12,7 @@ import numpy as np
 
 from cmml_monai.data.adapters import load_dataset
 from cmml_monai.data.cases import CaseList
+from cmml_monai.data.errors import DataError
 from cmml_monai.data.missingness import natural_presence
 from cmml_monai.data.synthetic import ensure_synthetic
 from cmml_monai.data.table import TableSchema
@@ -46,7 +47,9 @@ def load_cases(
     case_list = load_dataset(dataset, dataset_dir, **dict(options or {}))
     for split in ("train", "valid", "test"):
         if not case_list.split(split):
-            raise ValueError(f"dataset {dataset!r} in {dataset_dir} has no {split!r} cases; every split is needed")
+            reasons = Counter(reason for _, reason in case_list.dropped)
+            raise DataError(f"dataset {dataset!r} in {dataset_dir} has no {split!r} cases; every split is needed"
+                            f" (dropped: {dict(reasons) or 'none'}; {len(case_list.cases)} usable cases)")
     return case_list
 
 
