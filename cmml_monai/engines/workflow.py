@@ -10,6 +10,7 @@ import torch
 from monai.engines import Workflow
 
 from cmml_monai.data.errors import DataError
+from cmml_monai.data.jsonio import atomic_path
 from cmml_monai.handlers.checkpoint import latest_checkpoint
 
 __all__ = ["run_stage", "publish_model", "check_serve", "SERVE_CHOICES", "final_model_path", "log_run_inputs"]
@@ -73,13 +74,15 @@ def publish_model(output_dir: str, stage_dirs: list[str], tracker=None, serve: s
     for folder in reversed(stage_dirs):
         best = os.path.join(folder, "model_best.pt")
         if serve == "best" and os.path.isfile(best):
-            shutil.copyfile(best, dest)
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(best, tmp)
             source = best
             break
         last = latest_checkpoint(folder)
         if last is not None:
             state = torch.load(last, map_location="cpu", weights_only=True)
-            torch.save(state["network"], dest)
+            with atomic_path(dest) as tmp:
+                torch.save(state["network"], tmp)
             source = last
             break
     else:
