@@ -1,4 +1,4 @@
-"""Small helpers shared by every layer."""
+"""Small helpers shared by every layer (the lowest layer: it imports nothing else of the package)."""
 
 from __future__ import annotations
 

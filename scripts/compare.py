@@ -66,8 +66,8 @@ def _label_and_path(spec: str) -> tuple[str | None, str]:
 
 def _pool(specs: list[str], out: str, name: str) -> int:
     """``--pool``: one stratum per compare.py output folder; writes ``<name>_pooled`` and ``<name>_pooled_paired``."""
-    from cmml_monai.handlers.pooled import pooled_comparison_table, pooled_paired_table, read_comparison_folder
-    from cmml_monai.handlers.report import write_comparison_table, write_paired_table
+    from cmml_monai.evaluation.pooled import pooled_comparison_table, pooled_paired_table, read_comparison_folder
+    from cmml_monai.evaluation.report import write_comparison_table, write_paired_table
 
     try:
         comparisons, paired = {}, {}
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.runs or args.methods:
             parser.error("--pool collects finished compare.py folders: give it without --runs / --methods")
         return _pool(args.pool, args.out, args.name)
-    from cmml_monai.handlers.report import (
+    from cmml_monai.evaluation.report import (
         comparison_table, paired_table, read_sweep, write_comparison_table, write_paired_table,
     )
 

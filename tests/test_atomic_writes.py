@@ -12,10 +12,7 @@ from ignite.engine import Engine, Events
 from cmml_monai.data.jsonio import atomic_open, atomic_path, atomic_write_json, atomic_write_text
 from cmml_monai.handlers.checkpoint import BestCheckpointSaver, StageCheckpointSaver
 
-try:  # the comparison writers move to cmml_monai.evaluation (issue #19's package split)
-    from cmml_monai.evaluation.report import write_comparison_table
-except ImportError:
-    from cmml_monai.handlers.report import write_comparison_table
+from cmml_monai.evaluation.report import write_comparison_table
 
 
 class Interrupted(RuntimeError):

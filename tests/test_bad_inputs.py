@@ -33,8 +33,8 @@ from cmml_monai.data.errors import DataError
 from cmml_monai.data.preflight import run_preflight
 from cmml_monai.data.readers import load_image
 from cmml_monai.data.table import TableSchema
-from cmml_monai.engines import load_cases
-from cmml_monai.engines.metrics import macro_auc
+from cmml_monai.data.setup import load_cases
+from cmml_monai.metrics import macro_auc
 
 SPLITS = ("train", "valid", "test")
 DIAGNOSES = ["basal cell carcinoma", "clark nevus", "melanoma", "lentigo", "seborrheic keratosis"]

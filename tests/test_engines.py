@@ -15,15 +15,13 @@ from cmml_monai.engines import (
     MaskedPrepareBatch,
     autocast_context,
     build_network,
-    classification_metrics,
-    expected_calibration_error,
-    macro_auc,
     stage_epochs,
     stage_optimizer,
     stage_parameter_groups,
 )
 from cmml_monai.handlers import EpochLossAverager, MacroAUC, latest_checkpoint
 from cmml_monai.losses import CMMLLoss
+from cmml_monai.metrics import classification_metrics, expected_calibration_error, macro_auc
 
 
 def _net(method: str = "cmml", **kw) -> torch.nn.Module:

@@ -14,17 +14,17 @@ import torch
 from monai.bundle import ConfigWorkflow
 from scipy import stats
 
-from cmml_monai.handlers import (
+from cmml_monai.evaluation import (
+    POOLED_PAIRED_COLUMNS,
     comparison_table,
     paired_table,
     pooled_comparison_table,
     pooled_paired_table,
     read_sweep,
-    save_executed_config,
-    write_comparison,
-    write_paired,
+    write_comparison_table,
+    write_paired_table,
 )
-from cmml_monai.handlers.pooled import POOLED_PAIRED_COLUMNS
+from cmml_monai.handlers import save_executed_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
@@ -102,7 +102,7 @@ def test_second_method_reuses_the_same_masks_and_compares(shared):
     assert columns[:7] == ["method", "AUC@0", "AUC@0.1", "AUC@0.3", "AUC@0.5", "AUC@0.7", "AVG AUC"]
     for row in table:
         assert row["AVG AUC"] == pytest.approx(np.mean([row[f"AUC@{r:g}"] for r in RATES]))
-    csv_path, md_path = write_comparison(rows, str(shared["base"] / "cmp"))
+    csv_path, md_path = write_comparison_table(*comparison_table(rows), str(shared["base"] / "cmp"))
     assert len(_read(csv_path)) == 2
     assert open(md_path).read().count("\n") == 4
 
@@ -124,7 +124,7 @@ def test_comparison_ece_columns_bold_the_lowest_and_tolerate_old_sweeps(tmp_path
     columns, table = comparison_table(rows)
     assert columns[columns.index("AVG F1") + 1 :][:3] == ["ECE@0", "ECE@0.5", "AVG ECE"]
     assert table[0]["AVG ECE"] == pytest.approx(0.05) and table[1]["AVG ECE"] == pytest.approx(0.2)
-    _, md_path = write_comparison(rows, str(tmp_path))
+    _, md_path = write_comparison_table(*comparison_table(rows), str(tmp_path))
     cmml, zero = open(md_path).read().splitlines()[2:]
     assert "**0.0500**" in cmml and "0.2000" in zero and "**0.2000**" not in zero  # lower ECE is better
     # a sweep.csv without the ece column still compares; its ECE is NaN, never bold
@@ -138,7 +138,8 @@ def test_comparison_ece_columns_bold_the_lowest_and_tolerate_old_sweeps(tmp_path
     mixed = [dict(r, method="cmml") for r in old_rows] + _sweep_rows("cmml", "a", [0.9, 0.7], ece=0.05)
     (row,) = comparison_table(mixed)[1]
     assert row["AVG ECE"] == pytest.approx(0.05) and row["AVG AUC"] == pytest.approx((0.7 + 0.8) / 2)
-    _, md_path = write_comparison(old_rows + _sweep_rows("cmml", "a", [0.9, 0.7], ece=0.05), str(tmp_path), "mixed")
+    _, md_path = write_comparison_table(*comparison_table(old_rows + _sweep_rows("cmml", "a", [0.9, 0.7], ece=0.05)),
+                                        str(tmp_path), "mixed")
     assert "**0.0500**" in open(md_path).read().splitlines()[3]
 
 
@@ -187,7 +188,7 @@ def test_paired_table_differences_interval_and_errors(tmp_path):
     # the other way round: the same difference with the sign flipped
     (back,) = paired_table(rows, reference="zero_fill")[1]
     assert back["AVG AUC diff"] == pytest.approx(0.05) and back["ahead"] == 2 and back["p"] == pytest.approx(row["p"])
-    csv_path, md_path = write_paired(rows, str(tmp_path / "cmp"), confidence=0.9)
+    csv_path, md_path = write_paired_table(*paired_table(rows, confidence=0.9), str(tmp_path / "cmp"), confidence=0.9)
     assert _read(csv_path)[0]["pairs"] == "3"
     assert "90% CI low" in open(md_path).read().splitlines()[0]
     # a run without a recorded seed pairs nothing; one pair gives no interval

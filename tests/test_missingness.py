@@ -15,7 +15,6 @@ from cmml_monai.data.missingness import (
     apply_presence_mask,
     ensure_masks,
     fixed_subset_presence,
-    load_masks,
     natural_presence,
     save_masks,
     simulate_presence,
@@ -107,13 +106,13 @@ def test_save_load_and_ensure(tmp_path):
     save_masks(path, ids, names, masks)
     data = json.loads(path.read_text())
     assert set(data["masks"]) == {"0.0", "0.5"} and data["masks"]["0.0"][1] == "011"
-    loaded = load_masks(path, ids, names)
+    loaded = ensure_masks(path, ids, names, natural, rates=(0.0, 0.5))  # an existing file is read, not remade
     for r in masks:
         np.testing.assert_array_equal(loaded[r], masks[r])
     with pytest.raises(DataError, match="other cases"):
-        load_masks(path, ["a", "b", "c", "e"], names)
+        ensure_masks(path, ["a", "b", "c", "e"], names, natural, rates=(0.0, 0.5))
     with pytest.raises(DataError, match="modalities"):
-        load_masks(path, ids, ["x", "z", "table"])
+        ensure_masks(path, ids, ["x", "z", "table"], natural, rates=(0.0, 0.5))
     ens = tmp_path / "ens" / "masks_valid.json"
     first = ensure_masks(ens, ids, names, natural, rates=(0.0, 0.3), seed=2)
     mtime = ens.stat().st_mtime_ns

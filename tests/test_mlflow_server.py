@@ -86,7 +86,7 @@ def test_training_logs_parent_and_stage_runs_to_server(mlflow_server, tmp_path, 
     assert p["method"] == "cmml" and p["missing_rates"] == "[0.0, 0.5]"
     assert (p["synthetic"], p["synthetic_seed"], p["seed"]) == ("True", "0", "0")  # which draw, which training seed
     assert (p["serve"], p["best_min_epoch"]) == ("best", "2")  # which weights were served
-    assert int(p["data.cases_train"]) > 0 and "data.missing_test_clinic" in p
+    assert int(p["data.by_split.train.cases"]) > 0 and "data.by_split.test.missing.clinic" in p
     assert not any("case_id" in k for k in p)
     # per-epoch metrics of each stage
     assert {"train_loss", "train_loss_rec", "val_auc"} <= set(children["stage1"].data.metrics)

@@ -15,7 +15,6 @@ from cmml_monai.networks import (
     LateFusionNet,
     ModalityMemoryBank,
     MultiModalEncoder,
-    TrainingForward,
     presence_from_nan,
     random_keep_mask,
 )
@@ -460,19 +459,6 @@ def test_argument_checks():
         LateFusionNet(2, 3, 2, 5, mode="bogus")
     with pytest.raises(ValueError, match="stage"):
         cmml().forward_train(torch.randn(1, 6, 16, 16), None, stage=3)
-
-
-def test_training_forward_wrapper_matches_forward_train():
-    net = cmml().train()
-    image, tab = make_batch(all_patterns(3))
-    set_determinism(seed=5)
-    a = TrainingForward(net)(image, tab, 2)
-    set_determinism(seed=5)
-    b = net.forward_train(image, tab, stage=2)
-    assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["proj"], b["proj"])
-    assert len(list(TrainingForward(net).parameters())) == len(list(net.parameters()))
-    with pytest.raises(ValueError, match="forward_train"):
-        TrainingForward(torch.nn.Linear(2, 2))
 
 
 def test_bf16_autocast_training_step_is_finite():

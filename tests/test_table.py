@@ -36,10 +36,10 @@ def test_fit_uses_train_rows_only():
 
 def test_types_declared_or_inferred_and_cardinalities():
     schema = TableSchema.fit(TRAIN, ["age", "sex", "site"], {"sex": "categorical"})
-    assert schema.column_types == {"age": "numeric", "sex": "categorical", "site": "categorical"}
-    assert schema.inferred_columns == ["age", "site"]
+    assert {c.name: c.type for c in schema.columns} == {"age": "numeric", "sex": "categorical", "site": "categorical"}
+    assert [c.name for c in schema.columns if c.inferred] == ["age", "site"]
     assert schema.cardinalities == [0, 2, 2]
-    assert schema.feature_names == ["age", "sex", "site"] and schema.num_features == 3
+    assert [c.name for c in schema.columns] == ["age", "sex", "site"] and schema.num_features == 3
     # a numeric-looking column declared categorical stays categorical, with 1 and 1.0 the same code
     coded = TableSchema.fit([{"g": 1}, {"g": 2.0}, {"g": "1"}], ["g"], {"g": "categorical"})
     assert coded.columns[0].vocabulary == ["1", "2"]
@@ -63,9 +63,6 @@ def test_encode_values_empty_and_unseen():
     assert unseen[0] == pytest.approx(0.0) and math.isnan(unseen[1]) and unseen[2] == 0.0
     with pytest.warns(UserWarning, match="'age'.*not a number"):
         assert np.isnan(schema.encode({"age": "old"})[0])
-    many = schema.encode_many([TRAIN[0], TRAIN[1]])
-    assert many.shape == (2, 3) and many.dtype == np.float32
-    np.testing.assert_array_equal(many[1], schema.encode(TRAIN[1]))
 
 
 def test_save_load_round_trip(tmp_path):
@@ -77,7 +74,8 @@ def test_save_load_round_trip(tmp_path):
     loaded = TableSchema.load(path)
     assert loaded == schema
     rows = TRAIN + [{"age": 70, "sex": "female", "site": "arm"}]
-    np.testing.assert_array_equal(loaded.encode_many(rows), schema.encode_many(rows))
+    for row in rows:
+        np.testing.assert_array_equal(loaded.encode(row), schema.encode(row))
     loaded.save(tmp_path / "again.json")
     assert (tmp_path / "again.json").read_text() == text  # stable
     (tmp_path / "bad.json").write_text('{"version": 1, "columns": [{"name": "a"}]}')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import pytest
@@ -11,7 +12,7 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 
 from cmml_monai.data.errors import find_data_error
-from cmml_monai.engines import publish_model
+from cmml_monai.evaluation import publish_model
 from cmml_monai.handlers import BestCheckpointSaver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,7 +102,7 @@ def test_two_stage_run_end_to_end(synthetic_dir, tmp_path):
 
 def test_resume_continues_from_next_epoch(synthetic_dir, tmp_path):
     out = str(tmp_path / "resume")
-    stage1_only = ["$cmml_monai.engines.run_stage(@stage1#trainer, 'stage 1')"]
+    stage1_only = ["$cmml_monai.evaluation.run_stage(@stage1#trainer, 'stage 1')"]
     w1 = workflow(TRAIN, **tiny(synthetic_dir, out, run=stage1_only, stage1_epochs=1))
     w1.run()
     assert os.path.isfile(os.path.join(out, "stage1", "checkpoint_epoch=1.pt"))
@@ -126,8 +127,8 @@ def test_resume_continues_from_next_epoch(synthetic_dir, tmp_path):
     assert os.path.isfile(os.path.join(out, "stage1", "checkpoint_epoch=2.pt"))
 
     # stage 2 alone (stage 1 given 0 epochs) starts from the stage-1 checkpoint of the earlier run
-    stage2_only = ["$cmml_monai.engines.run_stage(@stage1#trainer, 'stage 1')",
-                   "$cmml_monai.engines.run_stage(@train#trainer, 'stage 2')"]
+    stage2_only = ["$cmml_monai.evaluation.run_stage(@stage1#trainer, 'stage 1')",
+                   "$cmml_monai.evaluation.run_stage(@train#trainer, 'stage 2')"]
     w3 = workflow(TRAIN, **tiny(synthetic_dir, out, run=stage2_only, stage1_epochs=0, stage2_epochs=1))
     w3.run()
     loader = [h for h in w3.parser.get_parsed_content("train#handlers") if type(h).__name__ == "LoadNetworkHandler"]
@@ -193,7 +194,7 @@ def test_publish_model_serves_best_or_last_epoch(tmp_path, caplog):
         assert set(state) == {"weight", "bias"}  # the bare network state, loadable by the sweep and export
         return float(state["weight"])
 
-    with caplog.at_level("INFO", logger="cmml_monai.engines.workflow"):
+    with caplog.at_level("INFO", logger="cmml_monai.evaluation.workflow"):
         assert served("best", [stage1, stage2]) == 2.0
         assert served("last", [stage1, stage2]) == 10.0
     assert "serve last" in caplog.text and "checkpoint_epoch=10.pt" in caplog.text
@@ -219,7 +220,7 @@ def test_bad_serve_stops_the_run_before_training(synthetic_dir, tmp_path):
 def test_early_stop_state_survives_resume(synthetic_dir, tmp_path):
     """Patience keeps counting across a resume, and a stage that stopped early stays stopped."""
     out = str(tmp_path / "early")
-    stage2_only = ["$cmml_monai.engines.run_stage(@train#trainer, 'stage 2')"]
+    stage2_only = ["$cmml_monai.evaluation.run_stage(@train#trainer, 'stage 2')"]
     flat = {"train#early_stop#score_function": "$lambda engine: 0.0", "early_stop_patience": 2}
 
     def run(epochs: int) -> tuple[list[int], object]:
@@ -291,8 +292,8 @@ def test_validation_follows_the_sweep_rates_by_default(synthetic_dir, tmp_path):
 def test_validation_under_missing_rates(synthetic_dir, tmp_path):
     """``val_missing_rates``: every validation case once per rate under the saved seeded masks, and the
     key metric (which picks model_best.pt and drives early stopping) is the AUC over all those views."""
-    from cmml_monai.data.missingness import load_masks
-    from cmml_monai.engines import autocast_context, macro_auc
+    from cmml_monai.engines import autocast_context
+    from cmml_monai.metrics import macro_auc
 
     out = str(tmp_path / "valrates")
     w = workflow(TRAIN, **tiny(synthetic_dir, out, val_missing_rates=[0.0, 0.7], run_sweep=False))
@@ -300,7 +301,8 @@ def test_validation_under_missing_rates(synthetic_dir, tmp_path):
     views = w.parser.get_parsed_content("val_dataloader").dataset
     assert len(views) == 2 * len(observed)
     masks_file = os.path.join(out, "shared", "masks_valid.json")
-    assert sorted(load_masks(masks_file)) == [0.0, 0.7]
+    with open(masks_file, encoding="utf-8") as f:
+        assert sorted(json.load(f)["masks"]) == ["0.0", "0.7"]
     assert w.parser.get_parsed_content("validate#dataset") is views
     w.run()
     evaluator = w.parser.get_parsed_content("validate#evaluator")

@@ -13,9 +13,11 @@ from typing import Any, Literal, Sequence
 
 from cmml_monai.data.errors import DataError
 
-__all__ = ["ModalitySpec", "Case", "CaseList", "TABLE_MODALITY"]
+__all__ = ["ModalitySpec", "Case", "CaseList", "TABLE_MODALITY", "SPLITS"]
 
 TABLE_MODALITY = "table"
+#: the standard splits, in the order adapters assign and reports list them
+SPLITS = ("train", "valid", "test")
 ModalityKind = Literal["image2d", "image3d", "table"]
 
 

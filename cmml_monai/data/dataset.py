@@ -22,7 +22,7 @@ from monai.data import CacheDataset, DataLoader, Dataset, DistributedSampler, Pe
 from monai.data.utils import pickle_hashing
 from monai.transforms import Compose, Transform
 
-from cmml_monai.data.cases import Case, CaseList
+from cmml_monai.data.cases import SPLITS, Case, CaseList
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.readers import LoadModalityd
 from cmml_monai.data.transforms import (
@@ -51,7 +51,6 @@ __all__ = [
 
 RESERVED_KEYS = ("image", "tabular", "label", "case_id", "table")
 CACHE_MODES = ("none", "cache", "persistent")
-STANDARD_SPLITS = ("train", "valid", "test")
 
 
 def _unwrap_data_error(err: BaseException) -> BaseException:
@@ -139,7 +138,7 @@ def _cases(case_list: CaseList, split: str | Sequence[str] | None) -> list[Case]
     if split is None:
         return list(case_list.cases)
     splits = [split] if isinstance(split, str) else list(split)
-    known = sorted({c.split for c in case_list.cases} | set(STANDARD_SPLITS))
+    known = sorted({c.split for c in case_list.cases} | set(SPLITS))
     bad = [s for s in splits if s not in known]
     if bad:  # a typo would otherwise give an empty dataset; a standard split may be empty
         raise ValueError(f"split {bad} is not one of the splits {known}")

@@ -30,7 +30,6 @@ __all__ = [
     "all_subsets",
     "apply_presence_mask",
     "save_masks",
-    "load_masks",
     "ensure_masks",
     "ensure_split_masks",
 ]
@@ -207,25 +206,6 @@ def save_masks(
         "masks": out,
     }
     atomic_write_json(os.fspath(path), data)
-
-
-def load_masks(
-    path: str | os.PathLike,
-    case_ids: Sequence[str] | None = None,
-    modality_names: Sequence[str] | None = None,
-) -> dict[float, np.ndarray]:
-    """Load masks saved by ``save_masks`` as ``{rate: [N, k] bool}``.
-
-    Args:
-        path: the JSON file.
-        case_ids, modality_names: when given, must equal what the file was made for.
-
-    Raises:
-        DataError: missing/invalid file, or case ids / modalities that do not match.
-    """
-    data = _read_mask_file(os.fspath(path))
-    _verify(os.fspath(path), data, case_ids, modality_names)
-    return _decode(os.fspath(path), data)
 
 
 def _read_mask_file(path: str) -> dict[str, Any]:

@@ -1,32 +1,33 @@
 """Dataset summary: counts of cases, splits, labels, missing inputs and table columns.
 
-Used by ``scripts/inspect_data.py``. Only counts and column names are reported, never case ids or
-values, so the summary is safe to share.
+Used by ``scripts/inspect_data.py`` and logged to MLflow by ``log_run_inputs``. Only counts and column
+names are reported, never case ids or values, so the summary is safe to share.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
-from cmml_monai.data.cases import CaseList
+import numpy as np
+
+from cmml_monai.data.cases import SPLITS, Case, CaseList
 from cmml_monai.data.missingness import natural_presence
 from cmml_monai.data.table import TableSchema, is_empty_cell
 
 __all__ = ["summarize", "format_summary"]
-
-_SPLITS = ("train", "valid", "test")
-
 
 def summarize(case_list: CaseList) -> dict[str, Any]:
     """Counts describing ``case_list``.
 
     Returns:
         A JSON-ready dict with ``name``, ``n_cases``, ``splits`` (split -> count), ``label_counts``
-        (label -> cases with it), ``missing`` (modality -> cases without it), ``missing_reasons``
-        (modality -> reason -> count), ``dropped`` (count), ``dropped_reasons`` (reason -> count),
-        ``modalities`` and ``table_columns`` (name, type, whether the type was inferred, missing rate).
+        (label -> cases with it), ``missing`` (modality -> cases without it), ``by_split`` (split ->
+        ``cases``, ``label_counts``, ``missing`` of that split), ``missing_reasons`` (modality -> reason
+        -> count), ``dropped`` (count), ``dropped_reasons`` (reason -> count), ``modalities`` and
+        ``table_columns`` (name, type, whether the type was inferred, missing rate).
 
     Example:
         >>> summarize(load_dataset("men", "/data/MEN"))["missing"]  # doctest: +SKIP
@@ -34,16 +35,15 @@ def summarize(case_list: CaseList) -> dict[str, Any]:
     """
     cases = case_list.cases
     split_counts = Counter(c.split for c in cases)
-    splits = {s: int(split_counts.get(s, 0)) for s in _SPLITS}
-    splits.update({s: int(n) for s, n in split_counts.items() if s not in _SPLITS})
-    if case_list.multi_label:
-        label_counts = {n: int(sum(int(c.label[j]) for c in cases))  # type: ignore[index]
-                        for j, n in enumerate(case_list.class_names)}
-    else:
-        label_counts = {n: int(sum(c.label == j for c in cases)) for j, n in enumerate(case_list.class_names)}
+    splits = {s: int(split_counts.get(s, 0)) for s in SPLITS}
+    splits.update({s: int(n) for s, n in split_counts.items() if s not in SPLITS})
     present = natural_presence(case_list)
     names = case_list.modality_names
-    missing = {m: int((~present[:, j]).sum()) if len(cases) else 0 for j, m in enumerate(names)}
+    by_split = {}
+    for s in splits:
+        rows = [i for i, c in enumerate(cases) if c.split == s]
+        by_split[s] = {"cases": len(rows), "label_counts": _label_counts(case_list, [cases[i] for i in rows]),
+                       "missing": _missing(names, present[rows])}
     reasons: dict[str, dict[str, int]] = {}
     for j, m in enumerate(case_list.modalities):
         counter: Counter[str] = Counter()
@@ -74,15 +74,29 @@ def summarize(case_list: CaseList) -> dict[str, Any]:
         "n_cases": len(cases),
         "multi_label": case_list.multi_label,
         "splits": splits,
-        "label_counts": label_counts,
+        "label_counts": _label_counts(case_list, cases),
         "modalities": [{"name": m.name, "kind": m.kind, "channels": m.channels} for m in case_list.modalities],
-        "missing": missing,
+        "missing": _missing(names, present),
+        "by_split": by_split,
         "missing_reasons": reasons,
         "dropped": len(case_list.dropped),
         "dropped_reasons": dict(sorted(Counter(r for _, r in case_list.dropped).items())),
         "table_columns": columns,
         "all_present": int(present.all(axis=1).sum()) if len(cases) else 0,
     }
+
+
+def _label_counts(case_list: CaseList, cases: Sequence[Case]) -> dict[str, int]:
+    """Class (label) name -> cases with it."""
+    if case_list.multi_label:
+        return {n: int(sum(int(c.label[j]) for c in cases))  # type: ignore[index]
+                for j, n in enumerate(case_list.class_names)}
+    return {n: int(sum(c.label == j for c in cases)) for j, n in enumerate(case_list.class_names)}
+
+
+def _missing(names: Sequence[str], present: np.ndarray) -> dict[str, int]:
+    """Modality name -> rows of ``present`` (``[N, k]``) without it."""
+    return {m: int((~present[:, j]).sum()) for j, m in enumerate(names)}
 
 
 def format_summary(summary: dict[str, Any]) -> str:

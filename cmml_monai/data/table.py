@@ -232,10 +232,6 @@ class TableSchema:
 
     # -- description ----------------------------------------------------------------------------
     @property
-    def feature_names(self) -> list[str]:
-        return [c.name for c in self.columns]
-
-    @property
     def num_features(self) -> int:
         return len(self.columns)
 
@@ -243,15 +239,6 @@ class TableSchema:
     def cardinalities(self) -> list[int]:
         """Per feature: 0 for numeric, the vocabulary size for categorical (at least 1)."""
         return [0 if c.type == "numeric" else max(1, len(c.vocabulary)) for c in self.columns]
-
-    @property
-    def inferred_columns(self) -> list[str]:
-        """Columns whose type was inferred from the values rather than declared."""
-        return [c.name for c in self.columns if c.inferred]
-
-    @property
-    def column_types(self) -> dict[str, ColumnType]:
-        return {c.name: c.type for c in self.columns}
 
     # -- encoding -------------------------------------------------------------------------------
     def encode(self, row: Mapping[str, Any]) -> np.ndarray:
@@ -276,13 +263,6 @@ class TableSchema:
                         f"table column {col.name!r}: category {key!r} was not seen in training; encoded as missing"
                     )
         return out
-
-    def encode_many(self, rows: Iterable[Mapping[str, Any]]) -> np.ndarray:
-        """Encode rows into ``float32[N, num_features]``."""
-        encoded = [self.encode(r) for r in rows]
-        if not encoded:
-            return np.zeros((0, self.num_features), dtype=np.float32)
-        return np.stack(encoded).astype(np.float32)
 
     # -- persistence ----------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:

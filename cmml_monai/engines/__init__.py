@@ -1,21 +1,15 @@
-"""cmml_monai.engines: Ignite trainers / evaluators of the two CMML stages, optimizers, methods, the sweep."""
+"""cmml_monai.engines: the Ignite trainers and evaluators of the two CMML stages and what builds them.
+
+Owns the trainer and evaluator, batch preparation (NaN for missing inputs), stage optimizers and
+schedulers, and the method registry that builds each method's network. Engines use ``data``,
+``networks``, ``losses`` and ``metrics``; handlers attach to them from the layer above.
+"""
 
 from cmml_monai.engines.evaluator import CMMLEvaluator
 from cmml_monai.engines.methods import METHODS, build_network, stage_epochs
-from cmml_monai.engines.metrics import classification_metrics, expected_calibration_error, macro_auc
 from cmml_monai.engines.optim import cosine_scheduler, stage_optimizer, stage_parameter_groups
 from cmml_monai.engines.prepare import CMMLPrepareBatch, MaskedPrepareBatch
-from cmml_monai.engines.setup import DatasetInfo, dataset_summary, fit_schema, load_cases
-from cmml_monai.engines.sweep import MissingRateSweep
 from cmml_monai.engines.trainer import CMMLTrainer, autocast_context
-from cmml_monai.engines.workflow import (
-    SERVE_CHOICES,
-    check_serve,
-    final_model_path,
-    log_run_inputs,
-    publish_model,
-    run_stage,
-)
 
 __all__ = [
     "CMMLTrainer",
@@ -29,18 +23,4 @@ __all__ = [
     "METHODS",
     "build_network",
     "stage_epochs",
-    "macro_auc",
-    "classification_metrics",
-    "expected_calibration_error",
-    "load_cases",
-    "fit_schema",
-    "DatasetInfo",
-    "dataset_summary",
-    "MissingRateSweep",
-    "run_stage",
-    "publish_model",
-    "SERVE_CHOICES",
-    "check_serve",
-    "final_model_path",
-    "log_run_inputs",
 ]

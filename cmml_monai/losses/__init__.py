@@ -1,4 +1,7 @@
-"""cmml_monai.losses: reconstruction, alignment, supervised contrastive and the combined CMML loss."""
+"""cmml_monai.losses: reconstruction, alignment, supervised contrastive and the combined CMML loss.
+
+The layer above ``networks``: losses of the network outputs, one per term of each CMML stage.
+"""
 
 from cmml_monai.losses.alignment import AlignmentLoss
 from cmml_monai.losses.cmml_loss import CMMLLoss

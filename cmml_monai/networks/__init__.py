@@ -1,4 +1,7 @@
-"""cmml_monai.networks: encoders, CRTA, memory, alignment, the CMML net and the late-fusion baselines."""
+"""cmml_monai.networks: encoders, CRTA, memory, alignment, the CMML net and the late-fusion baselines.
+
+The layer above ``data``: ``torch.nn`` modules that take image tensors and NaN-coded table rows.
+"""
 
 from cmml_monai.networks.alignment import CrossModalAlignment, FusionHead, InstanceAdaptiveReference, ProjectionHead
 from cmml_monai.networks.baselines import LATE_FUSION_MODES, LateFusionNet
@@ -9,7 +12,6 @@ from cmml_monai.networks.encoders import IMAGE_ENCODERS, ImageEncoder, MultiModa
 from cmml_monai.networks.memory import ModalityMemoryBank
 from cmml_monai.networks.tabular import TabularEncoder
 from cmml_monai.networks.utils import masked_mean, presence_from_nan, random_keep_mask
-from cmml_monai.networks.wrappers import TrainingForward
 
 __all__ = [
     "CMMLNet",
@@ -30,5 +32,4 @@ __all__ = [
     "presence_from_nan",
     "masked_mean",
     "random_keep_mask",
-    "TrainingForward",
 ]

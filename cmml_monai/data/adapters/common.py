@@ -12,7 +12,16 @@ from cmml_monai.data.cases import Case, ModalitySpec
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.table import is_empty_cell
 
-__all__ = ["clean_cell", "drop_all_missing", "check_unique_ids", "resolve_path", "FILE_ABSENT", "NOT_LISTED"]
+__all__ = [
+    "clean_cell",
+    "whole_number_text",
+    "case_ids",
+    "drop_all_missing",
+    "check_unique_ids",
+    "resolve_path",
+    "FILE_ABSENT",
+    "NOT_LISTED",
+]
 
 FILE_ABSENT = "file absent"
 NOT_LISTED = "no file listed"
@@ -27,6 +36,34 @@ def clean_cell(value: Any) -> Any:
     if isinstance(value, str):
         return value.strip()
     return value
+
+
+def whole_number_text(value: Any) -> str:
+    """``value`` as text with a whole number's ``.0`` dropped: ``12``, ``12.0`` and ``"12.0"`` all give ``"12"``.
+
+    Spreadsheets and CSV readers turn integer ids and codes into floats (a column with one empty cell
+    becomes float), so ``12.0`` and ``12`` must name the same case or grade.
+    """
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    text = str(value)
+    return text[:-2] if text.endswith(".0") and text[:-2].isdigit() else text
+
+
+def case_ids(values: Sequence[Any], source: str, column: str) -> list[str]:
+    """The case ids of a table column (``whole_number_text`` of each cell), checked to be present and unique.
+
+    Raises:
+        DataError: an empty cell (named by its data row, 1-based) or a repeated id.
+    """
+    ids = []
+    for pos, value in enumerate(values):
+        value = clean_cell(value)
+        if value is None:
+            raise DataError(f"{source}: empty {column!r} in data row {pos + 1}; every row needs a case id")
+        ids.append(whole_number_text(value))
+    check_unique_ids(ids, source, column)
+    return ids
 
 
 def check_unique_ids(ids: Sequence[str], source: str, column: str) -> None:

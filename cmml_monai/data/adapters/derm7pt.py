@@ -16,7 +16,7 @@ import os
 import warnings
 from typing import Sequence
 
-from cmml_monai.data.adapters.common import FILE_ABSENT, NOT_LISTED, check_unique_ids, clean_cell, drop_all_missing
+from cmml_monai.data.adapters.common import FILE_ABSENT, NOT_LISTED, case_ids, clean_cell, drop_all_missing
 from cmml_monai.data.cases import TABLE_MODALITY, Case, CaseList, ModalitySpec
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.table import read_table
@@ -122,11 +122,7 @@ def load_derm7pt(
 
     meta_path = os.path.join(root, "meta", "meta.csv")
     meta = read_table(meta_path, required=[id_column, "diagnosis", "clinic", "derm", *columns])
-    ids = [str(clean_cell(v)) if clean_cell(v) is not None else "" for v in meta[id_column]]
-    if "" in ids:
-        raise DataError(f"{meta_path}: empty {id_column!r} in row {ids.index('')}; every row needs a case id")
-    ids = [i[:-2] if i.endswith(".0") and i[:-2].isdigit() else i for i in ids]
-    check_unique_ids(ids, meta_path, id_column)
+    ids = case_ids(meta[id_column], meta_path, id_column)
 
     split_of: dict[int, str] = {}
     for split, fname in _SPLIT_FILES.items():

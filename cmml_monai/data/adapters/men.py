@@ -19,10 +19,11 @@ from typing import Mapping, Sequence
 
 from cmml_monai.data.adapters.common import (
     FILE_ABSENT,
-    check_unique_ids,
+    case_ids,
     clean_cell,
     drop_all_missing,
     resolve_path,
+    whole_number_text,
 )
 from cmml_monai.data.adapters.splits import DEFAULT_FRACTIONS, load_or_make_split, normalise_split_name
 from cmml_monai.data.cases import TABLE_MODALITY, Case, CaseList, ModalitySpec
@@ -53,12 +54,8 @@ def parse_grade(value: object) -> int | None:
     v = clean_cell(value)
     if v is None:
         return None
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer():
-        v = str(int(v))
     key = " ".join(str(v).strip().lower().replace("grade", " ").split()) or str(v).strip().lower()
-    if key.endswith(".0") and key[:-2].isdigit():
-        key = key[:-2]
-    return _GRADES.get(key)
+    return _GRADES.get(whole_number_text(key))
 
 
 def _is_dicom_folder(path: str) -> bool:
@@ -156,13 +153,7 @@ def load_men(
     has_split = split_col is not None and split_col in df.columns
 
     rows = df.to_dict(orient="records")
-    ids = []
-    for pos, row in enumerate(rows):
-        v = clean_cell(row[id_col])
-        if v is None:
-            raise DataError(f"{table_path}: empty {id_col!r} in data row {pos + 1}; every row needs a case id")
-        ids.append(str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
-    check_unique_ids(ids, table_path, id_col)  # type: ignore[arg-type]
+    ids = case_ids([row[id_col] for row in rows], table_path, id_col)  # type: ignore[arg-type]
     case_dirs = {d for d in os.listdir(dataset_dir) if os.path.isdir(os.path.join(dataset_dir, d))}
     if not case_dirs & set(ids):
         raise DataError(

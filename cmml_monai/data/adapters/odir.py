@@ -20,7 +20,7 @@ from typing import Sequence
 from cmml_monai.data.adapters.common import (
     FILE_ABSENT,
     NOT_LISTED,
-    check_unique_ids,
+    case_ids,
     clean_cell,
     drop_all_missing,
     resolve_path,
@@ -36,27 +36,14 @@ __all__ = [
     "ODIR_ANNOTATION_FILE",
     "ODIR_IMAGE_DIRS",
     "ODIR_TABLE_COLUMNS",
-    "ODIR_KEYWORD_SEPARATORS",
-    "split_keywords",
 ]
 
 ODIR_LABELS = ["N", "D", "G", "C", "A", "H", "M", "O"]
 ODIR_ANNOTATION_FILE = "ODIR-5K_Training_Annotations(Updated)_V2.xlsx"
 ODIR_IMAGE_DIRS = ("ODIR-5K_Training_Dataset", "Training Images")
 ODIR_TABLE_COLUMNS = ["Patient Age", "Patient Sex"]
-ODIR_KEYWORD_SEPARATORS = ("\uff0c", ",")
 _REQUIRED = ["ID", "Patient Age", "Patient Sex", "Left-Fundus", "Right-Fundus",
              "Left-Diagnostic Keywords", "Right-Diagnostic Keywords", *ODIR_LABELS]
-
-
-def split_keywords(text: str | None) -> list[str]:
-    """Split an ODIR keyword cell on the full-width comma U+FF0C (or ``,``)."""
-    if text is None:
-        return []
-    text = str(text)
-    for sep in ODIR_KEYWORD_SEPARATORS[1:]:
-        text = text.replace(sep, ODIR_KEYWORD_SEPARATORS[0])
-    return [k.strip() for k in text.split(ODIR_KEYWORD_SEPARATORS[0]) if k.strip()]
 
 
 def _label_value(value: object, cid: str, column: str, source: str) -> int:
@@ -120,13 +107,7 @@ def load_odir(
             )
         img_root = found[0]
     df = read_table(xlsx, sheet=sheet, required=_REQUIRED)  # type: ignore[arg-type]
-    ids = []
-    for pos, v in enumerate(df["ID"]):
-        v = clean_cell(v)
-        if v is None:
-            raise DataError(f"{xlsx}: empty ID in data row {pos + 1}; every row needs an ID")
-        ids.append(str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
-    check_unique_ids(ids, xlsx, "ID")  # type: ignore[arg-type]
+    ids = case_ids(df["ID"], xlsx, "ID")  # type: ignore[arg-type]
 
     columns = list(ODIR_TABLE_COLUMNS) if use_table else []
     modalities = [ModalitySpec("left", "image2d", 3), ModalitySpec("right", "image2d", 3)]

@@ -13,12 +13,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from cmml_monai.data.cases import SPLITS
 from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.data.errors import DataError
 
-__all__ = ["SPLITS", "DEFAULT_FRACTIONS", "stratified_split", "load_or_make_split", "normalise_split_name"]
+__all__ = ["DEFAULT_FRACTIONS", "stratified_split", "load_or_make_split", "normalise_split_name"]
 
-SPLITS = ("train", "valid", "test")
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
 _SPLIT_ALIASES = {
     "train": "train", "training": "train", "tr": "train",

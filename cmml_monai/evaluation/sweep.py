@@ -26,11 +26,11 @@ from torch.utils.data import Dataset, Subset
 
 from cmml_monai.data.cases import CaseList
 from cmml_monai.data.jsonio import atomic_open, atomic_write_json
-from cmml_monai.data.missingness import DEFAULT_RATES, all_subsets, ensure_split_masks
+from cmml_monai.data.missingness import DEFAULT_RATES, all_subsets, ensure_split_masks, fixed_subset_presence
 from cmml_monai.engines.evaluator import CMMLEvaluator
-from cmml_monai.engines.metrics import classification_metrics
+from cmml_monai.metrics import classification_metrics
 from cmml_monai.engines.prepare import MaskedPrepareBatch
-from cmml_monai.handlers.plots import plot_roc, plot_sweep
+from cmml_monai.evaluation.plots import plot_roc, plot_sweep
 from cmml_monai.utils import as_bool
 
 __all__ = ["MissingRateSweep", "predict", "SWEEP_COLUMNS", "SUBSET_COLUMNS", "format_table"]
@@ -218,7 +218,7 @@ class MissingRateSweep:
         if self.subsets:
             names = self.case_list.modality_names
             for subset in all_subsets(len(names)):
-                sub_mask = natural & np.asarray(subset)[None, :]
+                sub_mask = fixed_subset_presence(natural, subset)
                 if not sub_mask.any():
                     continue
                 metrics, _, _ = self._evaluate(sub_mask, case_ids)

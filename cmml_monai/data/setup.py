@@ -1,26 +1,20 @@
-"""Data plumbing for the configs: case list, table schema, dataset facts and a privacy-safe summary."""
+"""Data plumbing for the configs: case list, table schema and the dataset facts the network is built from."""
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from cmml_monai.data.adapters import load_dataset
-from cmml_monai.data.cases import CaseList
+from cmml_monai.data.cases import SPLITS, CaseList
 from cmml_monai.data.errors import DataError
-from cmml_monai.data.missingness import natural_presence
 from cmml_monai.data.synthetic import ensure_synthetic
 from cmml_monai.data.table import TableSchema
 from cmml_monai.utils import as_bool
 
-__all__ = ["load_cases", "fit_schema", "DatasetInfo", "dataset_summary"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["load_cases", "fit_schema", "DatasetInfo"]
 
 
 def load_cases(
@@ -45,7 +39,7 @@ def load_cases(
     if as_bool(synthetic, "synthetic"):
         dataset_dir = ensure_synthetic(dataset, dataset_dir, cases=synthetic_cases, seed=seed)
     case_list = load_dataset(dataset, dataset_dir, **dict(options or {}))
-    for split in ("train", "valid", "test"):
+    for split in SPLITS:
         if not case_list.split(split):
             reasons = Counter(reason for _, reason in case_list.dropped)
             raise DataError(f"dataset {dataset!r} in {dataset_dir} has no {split!r} cases; every split is needed"
@@ -102,23 +96,3 @@ class DatasetInfo:
 
     def __repr__(self) -> str:
         return f"DatasetInfo({vars(self)})"
-
-
-def dataset_summary(case_list: CaseList) -> dict[str, Any]:
-    """Counts only (no case ids): cases per split, label counts per split, naturally missing per modality."""
-    out: dict[str, Any] = {"dataset": case_list.name, "modalities": ",".join(case_list.modality_names),
-                           "classes": ",".join(case_list.class_names), "dropped_cases": len(case_list.dropped)}
-    for split in ("train", "valid", "test"):
-        cases = case_list.split(split)
-        out[f"cases_{split}"] = len(cases)
-        if case_list.multi_label:
-            counts = np.sum([c.label for c in cases], axis=0) if cases else np.zeros(len(case_list.class_names))
-            labels = {name: int(v) for name, v in zip(case_list.class_names, counts)}
-        else:
-            counter = Counter(int(c.label) for c in cases)
-            labels = {name: counter.get(i, 0) for i, name in enumerate(case_list.class_names)}
-        out[f"labels_{split}"] = labels
-        natural = natural_presence(case_list, cases)
-        for j, name in enumerate(case_list.modality_names):
-            out[f"missing_{split}_{name}"] = int((~natural[:, j]).sum()) if len(cases) else 0
-    return out

@@ -4,7 +4,8 @@ plus the expected calibration error, which shows whether a method's confidence h
 Single-label: ``probs`` is ``[N, C]`` (softmax), ``labels`` ``[N]`` class indices; AUC is the macro mean
 of one-vs-rest AUCs. Multi-label: ``probs`` is ``[N, L]`` (sigmoid), ``labels`` ``[N, L]`` 0/1; AUC is the
 macro mean of per-label AUCs. A class (label) with only one outcome in the data has no AUC: it is
-skipped and reported in ``skipped`` instead of crashing.
+skipped and reported in ``skipped`` instead of crashing. ``MacroAUCMetric`` accumulates the same macro
+AUC over an epoch as a MONAI ``CumulativeIterationMetric`` (the ``MacroAUC`` handler wraps it).
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ import logging
 from typing import Any
 
 import numpy as np
+import torch
+from monai.metrics import CumulativeIterationMetric
 from sklearn.metrics import f1_score, roc_auc_score
 
-__all__ = ["macro_auc", "classification_metrics", "expected_calibration_error", "to_numpy_probs_labels"]
+__all__ = [
+    "macro_auc", "classification_metrics", "expected_calibration_error", "to_numpy_probs_labels", "MacroAUCMetric",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -123,3 +128,38 @@ def classification_metrics(probs: Any, labels: Any, multi_label: bool = False) -
     f1 = float(f1_score(y, pred, average="macro", zero_division=0))
     ece = _calibration_error(p, y, multi_label, bins=10)
     return {"auc": auc, "acc": acc, "f1": f1, "ece": ece, "n": int(p.shape[0]), "skipped": skipped}
+
+
+class MacroAUCMetric(CumulativeIterationMetric):
+    """Accumulates probabilities and labels over an epoch; ``aggregate`` gives the macro AUC.
+
+    Args:
+        multi_label: labels are ``[N, L]`` 0/1 (per-label AUC) instead of ``[N]`` indices (one-vs-rest).
+        activation: ``"softmax"``, ``"sigmoid"`` or ``None`` (predictions are already probabilities).
+    """
+
+    def __init__(self, multi_label: bool = False, activation: str | None = None) -> None:
+        super().__init__()
+        if activation not in (None, "softmax", "sigmoid"):
+            raise ValueError(f"activation must be None, 'softmax' or 'sigmoid', got {activation!r}")
+        self.multi_label = multi_label
+        self.activation = activation
+        self.skipped: list[int] = []
+
+    def _compute_tensor(  # type: ignore[override]
+        self, y_pred: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        y_pred = y_pred.float().reshape(y_pred.shape[0], -1)
+        if self.activation == "softmax":
+            y_pred = torch.softmax(y_pred, dim=1)
+        elif self.activation == "sigmoid":
+            y_pred = torch.sigmoid(y_pred)
+        return y_pred, y.reshape(y.shape[0], -1).float()
+
+    def aggregate(self) -> float:  # type: ignore[override]
+        y_pred, y = self.get_buffer()
+        if not isinstance(y_pred, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise ValueError("no predictions were accumulated: the data loader is empty")
+        labels = y if self.multi_label else y.reshape(-1)
+        auc, self.skipped = macro_auc(y_pred, labels, self.multi_label)
+        return auc

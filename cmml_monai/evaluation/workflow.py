@@ -1,4 +1,7 @@
-"""Steps of the two-stage workflow that the ``run`` list of ``configs/train.json`` calls."""
+"""Steps of the two-stage workflow that the ``run`` list of ``configs/train.json`` calls.
+
+It lives in ``evaluation``, above ``handlers``, because its steps use the checkpoint and MLflow handlers.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +14,19 @@ from monai.engines import Workflow
 
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.jsonio import atomic_path
+from cmml_monai.data.report import summarize
 from cmml_monai.handlers.checkpoint import latest_checkpoint
+from cmml_monai.handlers.mlflow import save_executed_config
 
 __all__ = ["run_stage", "publish_model", "check_serve", "SERVE_CHOICES", "final_model_path", "log_run_inputs"]
 
 logger = logging.getLogger(__name__)
+
+#: the ``summarize`` entries logged as ``data.*`` params: counts keyed by split, class and modality names
+#: (missing/dropped reasons are free text, not valid param names; the schema artifact carries the columns)
+_SUMMARY_PARAMS = (
+    "name", "n_cases", "multi_label", "splits", "label_counts", "missing", "by_split", "dropped", "all_present",
+)
 
 
 def run_stage(trainer: Workflow, name: str = "") -> bool:
@@ -81,8 +92,9 @@ def publish_model(output_dir: str, stage_dirs: list[str], tracker=None, serve: s
         last = latest_checkpoint(folder)
         if last is not None:
             state = torch.load(last, map_location="cpu", weights_only=True)
+            # with weight averaging on, the averaged weights are what validation scored and is served
             with atomic_path(dest) as tmp:
-                torch.save(state["network"], tmp)
+                torch.save(state.get("averager") or state["network"], tmp)
             source = last
             break
     else:
@@ -98,14 +110,12 @@ def log_run_inputs(
 ) -> None:
     """Log what a run was made from to the parent MLflow run: the executed config, the table schema,
     and the dataset summary (counts only) as params."""
-    from cmml_monai.engines.setup import dataset_summary
-    from cmml_monai.handlers.mlflow import save_executed_config
-
     os.makedirs(output_dir, exist_ok=True)
     config = save_executed_config(os.path.join(output_dir, config_name))
     if tracker is None or not getattr(tracker, "enabled", False):
         return
-    tracker.log_params({"data": dataset_summary(case_list)})
+    summary = summarize(case_list)
+    tracker.log_params({"data": {key: summary[key] for key in _SUMMARY_PARAMS}})
     tracker.log_artifact(config, "config")
     if schema_path and os.path.isfile(schema_path):
         tracker.log_artifact(schema_path, "config")

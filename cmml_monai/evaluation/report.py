@@ -14,8 +14,7 @@ import numpy as np
 from cmml_monai.data.jsonio import atomic_open
 
 __all__ = [
-    "read_sweep", "comparison_table", "write_comparison", "write_comparison_table", "paired_table", "write_paired",
-    "write_paired_table",
+    "read_sweep", "comparison_table", "write_comparison_table", "paired_table", "write_paired_table",
 ]
 
 # (sweep.csv column, table label); a sweep.csv may lack the ece column
@@ -143,15 +142,11 @@ def comparison_table(rows: Sequence[dict]) -> tuple[list[str], list[dict]]:
     return columns, table
 
 
-def write_comparison(rows: Sequence[dict], out_dir: str, name: str = "comparison") -> tuple[str, str]:
-    """Write ``<name>.csv`` and ``<name>.md`` (best value per column in bold: lowest for ECE); returns both paths."""
-    return write_comparison_table(*comparison_table(rows), out_dir, name)
-
-
 def write_comparison_table(
     columns: Sequence[str], table: Sequence[dict], out_dir: str, name: str = "comparison"
 ) -> tuple[str, str]:
-    """``write_comparison`` for a table ``comparison_table`` already made (callers that also print it)."""
+    """Write a ``comparison_table`` as ``<name>.csv`` and ``<name>.md`` (best value per column in bold: lowest
+    for ECE); returns both paths."""
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, f"{name}.csv")
     with atomic_open(csv_path, "w", newline="", encoding="utf-8") as f:
@@ -262,19 +257,12 @@ def paired_table(
     return list(PAIRED_COLUMNS), table
 
 
-def write_paired(
-    rows: Sequence[dict], out_dir: str, reference: str | None = None, name: str = "comparison",
-    confidence: float = 0.95,
-) -> tuple[str, str]:
-    """Write ``<name>_paired.csv`` and ``<name>_paired.md`` (``paired_table``); returns both paths."""
-    return write_paired_table(*paired_table(rows, reference, confidence), out_dir, name, confidence)
-
-
 def write_paired_table(
     columns: Sequence[str], table: Sequence[dict], out_dir: str, name: str = "comparison",
     confidence: float = 0.95,
 ) -> tuple[str, str]:
-    """``write_paired`` for a table ``paired_table`` already made with ``confidence``."""
+    """Write a ``paired_table`` made with ``confidence`` as ``<name>_paired.csv`` and ``<name>_paired.md``;
+    returns both paths."""
     os.makedirs(out_dir, exist_ok=True)
     cells = [{c: (f"{v:.4f}" if isinstance(v, float) else str(v)) for c, v in row.items()} for row in table]
     csv_path = os.path.join(out_dir, f"{name}_paired.csv")
