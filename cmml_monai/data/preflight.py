@@ -122,9 +122,7 @@ def _checker(ds: Dataset) -> tuple[list[int], Callable[[int], None], dict[int, D
     """Indices still to check, the check of one index, and the errors already known (the cache fill's)."""
     n = len(ds.data)
     if isinstance(ds, CaseCacheDataset):
-        if not ds.defer_errors:
-            # the fill has decoded the cached items; it would have raised on the first bad one
-            logger.debug("preflight: %s built without defer_errors", type(ds).__name__)
+        # the fill decoded the cached items (without defer_errors it would have raised on the first bad one)
         run = _deterministic(ds.transform)
         return list(range(ds.cache_num, n)), lambda i: run(ds.data[i]), dict(ds.load_errors)
     if isinstance(ds, PersistentDataset):
