@@ -80,7 +80,7 @@ def read_table(
         >>> df = read_table("meta/meta.csv", required=["case_num", "diagnosis"])  # doctest: +SKIP
     """
     path = os.fspath(path)
-    sheets: list = []
+    sheets: list[str] = []
     if not os.path.isfile(path):
         raise DataError(f"table file not found: {path}; check the path (or the dataset_dir option)")
     ext = os.path.splitext(path)[1].lower()
@@ -103,11 +103,18 @@ def read_table(
             raise DataError(f"{path}: unsupported table format {ext!r}; use .csv or .xlsx")
     except DataError:
         raise
-    except UnicodeDecodeError as e:
-        line = open(path, "rb").read()[: e.start].count(b"\n") + 1
+    except UnicodeDecodeError:
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:  # the parser's offset is within a chunk: find the first bad byte in the whole file
+            raw.decode("utf-8")
+            pos = 0
+        except UnicodeDecodeError as bad:
+            pos = bad.start
+        line = raw[:pos].count(b"\n") + 1
         raise DataError(
-            f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} on line {line}, e.g. a latin-1 "
-            "export); save the table as UTF-8 (Excel: 'CSV UTF-8')"
+            f"{path}: not UTF-8 text (byte {raw[pos:pos + 1]!r} on line {line}, e.g. a latin-1 export); "
+            "save the table as UTF-8 (Excel: 'CSV UTF-8')"
         ) from None
     except Exception as e:  # a parser's traceback is not actionable; name the file instead
         raise DataError(f"{path}: cannot read the table ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
