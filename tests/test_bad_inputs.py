@@ -108,6 +108,13 @@ def assert_nothing_half_written(*folders) -> None:
         assert not left, left
 
 
+@pytest.fixture(autouse=True)
+def _no_partial_files_left(tmp_path):
+    """After every case: no temporary file of an interrupted atomic write anywhere under the test's folder."""
+    yield
+    assert_nothing_half_written(tmp_path)
+
+
 def preflight(case_list, out, size=(16, 16), mode: str = "fail"):
     """The bundle's preflight over the three splits (in-memory cache: the fill is the check)."""
     schema = None

@@ -108,7 +108,7 @@ def test_persistent_cache_filled_by_preflight(cases, tmp_path):
     assert report.checked == 9 and len(glob.glob(str(tmp_path / "cache" / "*" / "*.pt"))) == 9
 
 
-@pytest.mark.parametrize("cache", ["cache", "none"])
+@pytest.mark.parametrize("cache", ["cache", "none", "persistent"])
 def test_mark_missing_goes_on_without_the_bad_modality(cases, cache, tmp_path):
     case_list, schema = cases
     bad = case_list.split("test")[2]
