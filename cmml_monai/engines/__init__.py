@@ -10,6 +10,7 @@ from cmml_monai.engines.sweep import MissingRateSweep
 from cmml_monai.engines.trainer import CMMLTrainer, autocast_context
 from cmml_monai.engines.workflow import (
     SERVE_CHOICES,
+    bind_output_dir,
     check_serve,
     final_model_path,
     log_run_inputs,
@@ -38,6 +39,7 @@ __all__ = [
     "dataset_summary",
     "MissingRateSweep",
     "run_stage",
+    "bind_output_dir",
     "publish_model",
     "SERVE_CHOICES",
     "check_serve",
