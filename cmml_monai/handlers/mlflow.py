@@ -20,17 +20,7 @@ import mlflow
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.handlers import MLFlowHandler
-
-try:
-    from monai.utils import path_to_sqlite_uri
-except ImportError:  # MONAI < 1.6
-
-    def path_to_sqlite_uri(path: str) -> str:
-        from pathlib import Path
-        from urllib.parse import quote
-
-        return f"sqlite:///{quote(Path(path).absolute().as_posix(), safe='/:')}"
-
+from monai.utils import path_to_sqlite_uri
 
 from cmml_monai.utils import as_bool
 
