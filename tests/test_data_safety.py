@@ -34,8 +34,9 @@ def _torch_loads(folder: str) -> list[tuple[str, int, ast.Call]]:
             if name.endswith(".py"):
                 path = os.path.join(dirpath, name)
                 for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
-                    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
-                            and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                    func = getattr(node, "func", None)
+                    if isinstance(node, ast.Call) and isinstance(func, ast.Attribute) and func.attr == "load" \
+                            and isinstance(func.value, ast.Name) and func.value.id == "torch":
                         calls.append((path, node.lineno, node))
     return calls
 
