@@ -257,7 +257,6 @@ def test_men_bad_inputs(synthetic_dataset, tmp_path):
         load_dataset("men", dst, clinical_table="clinical.csv")
 
 
-@pytest.mark.slow
 def test_men_dicom_reads_with_itk(synthetic_dataset):
     """MONAI's ITKReader and PydicomReader see the synthetic series as one 3D volume with its spacing."""
     root, _ = synthetic_dataset("men", 12, dicom=True)

@@ -265,7 +265,8 @@ def test_method_overlay_builds_and_steps(method, synthetic_dir, tmp_path):
 
 @pytest.mark.slow
 def test_default_config_runs(tmp_path):
-    """The embedded default (synthetic Derm7pt, default sizes and epochs) end to end."""
+    """The embedded default (synthetic Derm7pt, default sizes and epochs) end to end. Not run by default:
+    .ci/run runs this job as its main job (README quick start, line 1); ``pytest -m slow`` runs it here."""
     out = str(tmp_path / "default")
     w = workflow(TRAIN, bundle_root=ROOT, output_dir=out, shared_dir=os.path.join(out, "shared"),
                  dataset_dir=str(tmp_path / "syn"), progress_bar=False)

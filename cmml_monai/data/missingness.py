@@ -17,6 +17,7 @@ import numpy as np
 from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.data.cases import Case, CaseList
 from cmml_monai.data.errors import DataError
+from cmml_monai.data.fingerprint import check_fingerprint, fingerprint_of, resolve_fingerprint_path
 
 if TYPE_CHECKING:  # torch is imported where it is used, so mask files and reports load fast
     import torch
@@ -181,6 +182,8 @@ def save_masks(
     modality_names: Sequence[str],
     masks: Mapping[float | str, np.ndarray],
     seed: int | None = None,
+    fingerprint: str | None = None,
+    dataset: str | None = None,
 ) -> None:
     """Save presence masks of one split as JSON: one ``"0101"``-style string per case and rate.
 
@@ -190,6 +193,8 @@ def save_masks(
         modality_names: modality names in column order.
         masks: rate -> ``[N, k]`` bool mask.
         seed: the seed that made the masks (recorded, checked by ``ensure_masks``).
+        fingerprint, dataset: the case fingerprint and kind of the dataset the masks are for
+            (``cmml_monai.data.fingerprint``; recorded, checked on load).
     """
     n, k = len(case_ids), len(modality_names)
     out: dict[str, list[str]] = {}
@@ -201,6 +206,8 @@ def save_masks(
     data = {
         "version": _MASK_VERSION,
         "seed": seed,
+        "dataset": dataset,
+        "fingerprint": fingerprint,
         "modalities": list(modality_names),
         "case_ids": [str(c) for c in case_ids],
         "masks": out,
@@ -223,7 +230,14 @@ def _read_mask_file(path: str) -> dict[str, Any]:
     return data
 
 
-def _verify(path: str, data: Mapping[str, Any], case_ids: Sequence[str] | None, modality_names: Sequence[str] | None):
+def _verify(
+    path: str,
+    data: Mapping[str, Any],
+    case_ids: Sequence[str] | None,
+    modality_names: Sequence[str] | None,
+    fingerprint: str | None = None,
+):
+    check_fingerprint(path, data, fingerprint, "masks")
     if modality_names is not None and list(modality_names) != data["modalities"]:
         raise DataError(
             f"{path}: masks were made for modalities {data['modalities']}, not {list(modality_names)}; "
@@ -257,14 +271,18 @@ def ensure_masks(
     natural: np.ndarray,
     rates: Sequence[float] = DEFAULT_RATES,
     seed: int = 0,
+    fingerprint: str | None = None,
+    dataset: str | None = None,
 ) -> dict[float, np.ndarray]:
     """Load the masks of a split if the file exists, else simulate and save them.
 
-    Every method calls this with the same path, so all are evaluated on the same masks.
+    Every method calls this with the same path, so all are evaluated on the same masks. With
+    ``fingerprint`` (the dataset's case fingerprint) the file records it and a file made for another
+    dataset stops the run.
 
     Raises:
-        DataError: the existing file was made for other cases, modalities, seed or rates, or it marks
-            present a modality that is naturally missing.
+        DataError: the existing file was made for another dataset, other cases, modalities, seed or
+            rates, or it marks present a modality that is naturally missing.
     """
     path = os.fspath(path)
     natural = _check_natural(natural)
@@ -272,7 +290,7 @@ def ensure_masks(
         raise ValueError(f"natural has shape {natural.shape}, expected ({len(case_ids)}, {len(modality_names)})")
     if os.path.isfile(path):
         data = _read_mask_file(path)
-        _verify(path, data, case_ids, modality_names)
+        _verify(path, data, case_ids, modality_names, fingerprint)
         if data.get("seed") is not None and data["seed"] != seed:
             raise DataError(f"{path}: masks were made with seed {data['seed']}, not {seed}; delete it to regenerate")
         masks = _decode(path, data)
@@ -284,7 +302,7 @@ def ensure_masks(
                 raise DataError(f"{path}: masks for rate {r} mark naturally missing inputs present; delete it")
         return {float(r): masks[float(r)] for r in rates}
     masks = {float(r): simulate_presence(natural, float(r), seed) for r in rates}
-    save_masks(path, case_ids, modality_names, masks, seed=seed)
+    save_masks(path, case_ids, modality_names, masks, seed=seed, fingerprint=fingerprint, dataset=dataset)
     return masks
 
 
@@ -302,7 +320,8 @@ def ensure_split_masks(
         case_list: the dataset's cases.
         split: the split whose masks are made or reused.
         n_items: items in the split's dataset, which must be in ``case_list.split(split)`` order.
-        masks_dir: the shared folder (one per dataset, so every method uses the same masks).
+        masks_dir: the shared folder (one per dataset, so every method uses the same masks);
+            ``{fingerprint}`` in it becomes the case list's fingerprint (``cmml_monai.data.fingerprint``).
         rates: missing rates.
         seed: mask seed.
 
@@ -311,11 +330,14 @@ def ensure_split_masks(
 
     Raises:
         ValueError: the dataset and the split differ in length.
+        DataError: the folder holds masks of another dataset.
     """
     cases = case_list.split(split)
     if n_items != len(cases):
         raise ValueError(f"the {split} dataset has {n_items} items but the case list {len(cases)}")
     case_ids = [c.case_id for c in cases]
     natural = natural_presence(case_list, cases)
-    path = os.path.join(os.fspath(masks_dir), f"masks_{split}.json")
-    return case_ids, natural, ensure_masks(path, case_ids, case_list.modality_names, natural, rates, seed)
+    fingerprint = fingerprint_of(case_list)
+    path = os.path.join(resolve_fingerprint_path(masks_dir, fingerprint), f"masks_{split}.json")
+    masks = ensure_masks(path, case_ids, case_list.modality_names, natural, rates, seed, fingerprint, case_list.name)
+    return case_ids, natural, masks

@@ -23,6 +23,7 @@ from cmml_monai.evaluation.report import (
 from cmml_monai.evaluation.sweep import SUBSET_COLUMNS, SWEEP_COLUMNS, MissingRateSweep, format_table, predict
 from cmml_monai.evaluation.workflow import (
     SERVE_CHOICES,
+    bind_output_dir,
     check_serve,
     final_model_path,
     log_run_inputs,
@@ -50,6 +51,7 @@ __all__ = [
     "run_stage",
     "publish_model",
     "SERVE_CHOICES",
+    "bind_output_dir",
     "check_serve",
     "final_model_path",
     "log_run_inputs",

@@ -5,6 +5,7 @@ It lives in ``evaluation``, above ``handlers``, because its steps use the checkp
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -18,7 +19,15 @@ from cmml_monai.data.report import summarize
 from cmml_monai.handlers.checkpoint import latest_checkpoint
 from cmml_monai.handlers.mlflow import save_executed_config
 
-__all__ = ["run_stage", "publish_model", "check_serve", "SERVE_CHOICES", "final_model_path", "log_run_inputs"]
+__all__ = [
+    "run_stage",
+    "publish_model",
+    "check_serve",
+    "SERVE_CHOICES",
+    "final_model_path",
+    "log_run_inputs",
+    "bind_output_dir",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +54,46 @@ def final_model_path(output_dir: str) -> str:
 
 
 SERVE_CHOICES = ("best", "last")
+DATASET_FILE = "dataset_fingerprint.json"
+
+
+def bind_output_dir(output_dir: str, case_list) -> str:
+    """Record which dataset ``output_dir`` trains on (``dataset_fingerprint.json``); refuse another one.
+
+    A training run resumes from the checkpoints in its ``output_dir`` and rewrites its table schema
+    there, so a second dataset trained into the same folder would continue the first one's model (or
+    fail on a shape mismatch). train.json calls this at ``initialize``, before anything is written.
+    Folders made before the file existed are adopted.
+
+    Returns:
+        The case fingerprint of ``case_list``.
+
+    Raises:
+        DataError: ``output_dir`` holds a run of another dataset (one line naming the folder and what to do).
+    """
+    from cmml_monai.data.fingerprint import SHORT, fingerprint_of
+    from cmml_monai.data.jsonio import atomic_write_json
+
+    fingerprint = fingerprint_of(case_list)
+    path = os.path.join(output_dir, DATASET_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                recorded = json.load(f)
+            if not isinstance(recorded, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: unreadable ({e}); delete it if {output_dir} holds a run of this dataset") from e
+        if recorded.get("fingerprint") not in (None, fingerprint):
+            raise DataError(
+                f"{output_dir}: holds a run trained on another dataset ({recorded.get('dataset')}, cases fingerprint "
+                f"{str(recorded.get('fingerprint'))[:SHORT]}, now {fingerprint[:SHORT]}); its checkpoints would be "
+                "resumed: pass --output_dir DIR for this dataset, or delete the folder to train it there"
+            )
+        return fingerprint
+    n_cases = len(case_list.cases)
+    atomic_write_json(path, {"dataset": case_list.name, "fingerprint": fingerprint, "cases": n_cases})
+    return fingerprint
 
 
 def check_serve(serve: str) -> str:

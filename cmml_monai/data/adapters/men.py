@@ -28,6 +28,7 @@ from cmml_monai.data.adapters.common import (
 from cmml_monai.data.adapters.splits import DEFAULT_FRACTIONS, load_or_make_split, normalise_split_name
 from cmml_monai.data.cases import TABLE_MODALITY, Case, CaseList, ModalitySpec
 from cmml_monai.data.errors import DataError
+from cmml_monai.data.fingerprint import case_fingerprint
 from cmml_monai.data.table import read_table
 
 __all__ = [
@@ -199,8 +200,10 @@ def load_men(
     if has_split:
         split = explicit_split
     else:
-        split = load_or_make_split([c.case_id for c in kept], [str(c.label) for c in kept], split_file,
-                                   split_fractions, split_seed)
+        ids = [c.case_id for c in kept]
+        fingerprint = case_fingerprint("men", [m.name for m in modalities], ids)
+        split = load_or_make_split(ids, [str(c.label) for c in kept], split_file, split_fractions, split_seed,
+                                   fingerprint, "men")
     for c in kept:
         c.split = split[c.case_id]
     return CaseList(

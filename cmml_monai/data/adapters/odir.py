@@ -28,6 +28,7 @@ from cmml_monai.data.adapters.common import (
 from cmml_monai.data.adapters.splits import DEFAULT_FRACTIONS, load_or_make_split
 from cmml_monai.data.cases import TABLE_MODALITY, Case, CaseList, ModalitySpec
 from cmml_monai.data.errors import DataError
+from cmml_monai.data.fingerprint import case_fingerprint
 from cmml_monai.data.table import read_table
 
 __all__ = [
@@ -133,7 +134,9 @@ def load_odir(
 
     kept, dropped = drop_all_missing(cases, modalities, columns)
     keys = ["".join(map(str, c.label)) for c in kept]  # type: ignore[arg-type]
-    split = load_or_make_split([c.case_id for c in kept], keys, split_file, split_fractions, split_seed)
+    ids = [c.case_id for c in kept]
+    fingerprint = case_fingerprint("odir", [m.name for m in modalities], ids)
+    split = load_or_make_split(ids, keys, split_file, split_fractions, split_seed, fingerprint, "odir")
     for c in kept:
         c.split = split[c.case_id]
     return CaseList(

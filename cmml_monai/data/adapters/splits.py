@@ -16,6 +16,7 @@ import numpy as np
 from cmml_monai.data.cases import SPLITS
 from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.data.errors import DataError
+from cmml_monai.data.fingerprint import check_fingerprint, resolve_fingerprint_path
 
 __all__ = ["DEFAULT_FRACTIONS", "stratified_split", "load_or_make_split", "normalise_split_name"]
 
@@ -88,12 +89,21 @@ def load_or_make_split(
     split_file: str | os.PathLike | None = None,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seed: int = 0,
+    fingerprint: str | None = None,
+    dataset: str | None = None,
 ) -> dict[str, str]:
     """Reuse ``split_file`` when it exists, else make a stratified split (and save it when a path is given).
 
+    ``fingerprint`` (``cmml_monai.data.fingerprint.case_fingerprint`` of the dataset) replaces
+    ``{fingerprint}`` in ``split_file``, is recorded in a new split file and must match the one an
+    existing file records.
+
     Raises:
-        DataError: the existing split file is unreadable or does not cover every case.
+        DataError: the existing split file is unreadable, made for another dataset or does not cover
+            every case.
     """
+    if split_file is not None:
+        split_file = resolve_fingerprint_path(split_file, fingerprint)
     if split_file is not None and os.path.isfile(split_file):
         path = os.fspath(split_file)
         try:
@@ -102,6 +112,7 @@ def load_or_make_split(
             mapping: Mapping[str, str] = data["splits"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path}: not a valid split file ({e}); delete it to make a new split") from e
+        check_fingerprint(path, data, fingerprint, "splits")
         absent = [c for c in case_ids if str(c) not in mapping]
         if absent:
             raise DataError(
@@ -117,6 +128,7 @@ def load_or_make_split(
         return out
     out = stratified_split(case_ids, keys, fractions, seed)
     if split_file is not None:
-        data = {"seed": seed, "fractions": list(fractions), "splits": dict(sorted(out.items()))}
+        data = {"seed": seed, "fractions": list(fractions), "dataset": dataset, "fingerprint": fingerprint,
+                "splits": dict(sorted(out.items()))}
         atomic_write_json(split_file, data)
     return out
