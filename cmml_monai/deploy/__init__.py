@@ -19,6 +19,14 @@ from cmml_monai.deploy.description import (
     resolve_model_dir,
     save_description,
 )
+from cmml_monai.deploy.inference import (
+    PREDICTIONS_NAME,
+    Predictor,
+    check_cases,
+    inference_cases,
+    inference_dataset,
+    probabilities,
+)
 
 __all__ = [
     "DESCRIPTION_NAME",
@@ -32,4 +40,10 @@ __all__ = [
     "load_network",
     "resolve_model_dir",
     "save_description",
+    "PREDICTIONS_NAME",
+    "Predictor",
+    "check_cases",
+    "inference_cases",
+    "inference_dataset",
+    "probabilities",
 ]

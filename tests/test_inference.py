@@ -1,0 +1,214 @@
+"""Serving a trained run (issue #17): the network description, configs/inference.json and the TorchScript export.
+
+One tiny run of configs/train.json (synthetic Derm7pt, 32 px, resnet10, d=16, 1 + 1 epochs, with a
+``network_def`` override) is trained once per module; every test serves that run's ``models/`` folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from cmml_monai.data.errors import DataError
+from cmml_monai.data.synthetic import make_synthetic
+from cmml_monai.deploy import (
+    DESCRIPTION_NAME,
+    build_from_description,
+    check_cases,
+    load_description,
+    load_network,
+    probabilities,
+)
+from cmml_monai.deploy.inference import inference_cases
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "configs", "train.json")
+DESCRIBE = os.path.join(ROOT, "configs", "describe.json")
+INFERENCE = os.path.join(ROOT, "configs", "inference.json")
+NUM_BLOCKS = 2  # not the default (3): a description that lost the override would not fit the weights
+
+
+def train_args(dataset_dir: str, out: str, **extra) -> dict:
+    args = {
+        "bundle_root": ROOT,
+        "dataset_dir": dataset_dir,
+        "synthetic": False,
+        "output_dir": out,
+        "shared_dir": os.path.join(out, "shared"),
+        "spatial_size": [32, 32],
+        "feature_dim": 16,
+        "image_encoder": "resnet10",
+        "network_def#num_blocks": NUM_BLOCKS,
+        "batch_size": 8,
+        "stage1_epochs": 1,
+        "stage2_epochs": 1,
+        "progress_bar": False,
+        "run_sweep": False,
+        "missing_rates": [0.0],
+        "mlflow_enabled": False,
+    }
+    args.update(extra)
+    return args
+
+
+def workflow(config_file, **override) -> ConfigWorkflow:
+    w = ConfigWorkflow(config_file=config_file, workflow_type="train", **override)
+    w.initialize()
+    return w
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """The default job, tiny: ``{"out", "models", "data"}``."""
+    root = tmp_path_factory.mktemp("served")
+    data = str(root / "derm7pt")
+    make_synthetic("derm7pt", data, cases=30, seed=0)
+    out = str(root / "run")
+    w = workflow(TRAIN, **train_args(data, out))
+    w.run()
+    w.finalize()
+    return {"out": out, "models": os.path.join(out, "models"), "data": data}
+
+
+def reference_probabilities(trained: dict, dataset_dir: str) -> dict[str, list[float]]:
+    """softmax(net(image, tabular)) per test case, with the network and items of the training config
+    (built from the training data and loaded from model.pt), not through cmml_monai.deploy."""
+    w = workflow(TRAIN, **train_args(dataset_dir, trained["out"], **{"schema#reuse": True}))
+    net = w.parser.get_parsed_content("network_def")
+    state = torch.load(os.path.join(trained["models"], "model.pt"), map_location="cpu", weights_only=True)
+    net.load_state_dict(state.get("network", state))
+    net.eval()
+    dataset = w.parser.get_parsed_content("test_dataset")
+    out = {}
+    with torch.no_grad():
+        for item in dataset:
+            logits = net(item["image"][None], item["tabular"][None])
+            out[item["case_id"]] = torch.softmax(logits, dim=1)[0].tolist()
+    return out
+
+
+# -- 1. the description ------------------------------------------------------------------------------
+
+
+def test_description_rebuilds_the_served_network_alone(trained, tmp_path):
+    # only network.json and model.pt travel: no training data, no table_schema.json, no config
+    served = str(tmp_path / "served")
+    os.makedirs(served)
+    for name in (DESCRIPTION_NAME, "model.pt"):
+        shutil.copy(os.path.join(trained["models"], name), served)
+    desc = load_description(served)
+    args = desc["network"]["args"]
+    assert args["method"] == "cmml" and args["num_blocks"] == NUM_BLOCKS and args["feature_dim"] == 16
+    assert desc["data"]["class_names"] == ["BCC", "NEV", "MEL", "MISC", "SK"]
+    assert [m["name"] for m in desc["data"]["modalities"]] == ["clinic", "derm", "table"]
+    assert desc["preprocessing"]["spatial_size"] == [32, 32] and desc["inputs"]["image"] == [6, 32, 32]
+    assert desc["data"]["table_schema"]["columns"][0]["name"] == "elevation"
+    net = load_network(served)
+    assert not net.training
+    w = workflow(TRAIN, **train_args(trained["data"], trained["out"], **{"schema#reuse": True}))
+    reference = w.parser.get_parsed_content("network_def")
+    state = torch.load(os.path.join(served, "model.pt"), map_location="cpu", weights_only=True)
+    reference.load_state_dict(state.get("network", state))
+    reference.eval()
+    item = w.parser.get_parsed_content("test_dataset")[0]
+    with torch.no_grad():
+        expected = reference(item["image"][None], item["tabular"][None])
+        got = net.to("cpu")(item["image"][None], item["tabular"][None])
+    assert torch.equal(got, expected)
+
+
+def test_description_errors(trained, tmp_path):
+    empty = tmp_path / "old_run"
+    (empty / "models").mkdir(parents=True)
+    shutil.copy(os.path.join(trained["models"], "model.pt"), empty / "models")
+    with pytest.raises(DataError, match="configs/describe.json"):
+        load_network(str(empty))
+    # a checkpoint of another architecture: the message names the tensors that differ
+    desc = load_description(trained["models"])
+    other = dict(desc, network={"args": {**desc["network"]["args"], "num_blocks": NUM_BLOCKS + 1}})
+    bad = str(tmp_path / "other.pt")
+    torch.save(build_from_description(other).state_dict(), bad)
+    with pytest.raises(DataError, match=r"does not fit .*tensors missing|unexpected.*crta"):
+        load_network(trained["models"], checkpoint=bad)
+    wide = dict(desc, network={"args": {**desc["network"]["args"], "feature_dim": 32}})
+    torch.save(build_from_description(wide).state_dict(), bad)
+    with pytest.raises(DataError, match=r"shapes differ, checkpoint vs description \(e\.g\. .*\[.*32"):
+        load_network(trained["models"], checkpoint=bad)
+
+
+def test_describe_overlay_writes_the_description_of_an_older_run(trained, tmp_path):
+    old = str(tmp_path / "old")
+    os.makedirs(os.path.join(old, "models"))
+    shutil.copy(os.path.join(trained["out"], "table_schema.json"), old)
+    shutil.copy(os.path.join(trained["models"], "model.pt"), os.path.join(old, "models"))
+    w = workflow([TRAIN, DESCRIBE], **train_args(trained["data"], old))
+    w.run()
+    assert load_description(os.path.join(old, "models")) == {
+        **load_description(trained["models"]), "model_dir": os.path.join(old, "models")
+    }
+
+
+# -- 2. configs/inference.json -----------------------------------------------------------------------
+
+
+def _incomplete_copy(trained: dict, dest: str) -> tuple[str, str, str]:
+    """A copy of the dataset in which one test case has images only and another the table only."""
+    shutil.copytree(trained["data"], dest)
+    meta_path = os.path.join(dest, "release_v0", "meta", "meta.csv")
+    meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
+    test_rows = pd.read_csv(os.path.join(dest, "release_v0", "meta", "test_indexes.csv"))["indexes"].tolist()
+    has_table = [r for r in test_rows if (meta.loc[r, ["elevation", "location", "sex"]] != "").any()]
+    table_only = has_table[0]
+    image_only = next(r for r in test_rows if r != table_only)
+    meta.loc[image_only, ["elevation", "location", "sex"]] = ""
+    meta.loc[image_only, "derm"] = meta.loc[image_only, "clinic"]  # one real image file, listed once
+    meta.loc[image_only, "clinic"] = "no/such_file.jpg"
+    meta.loc[table_only, ["clinic", "derm"]] = "no/such_file.jpg"
+    meta.to_csv(meta_path, index=False)
+    return dest, str(meta.loc[image_only, "case_num"]), str(meta.loc[table_only, "case_num"])
+
+
+def test_inference_bundle_predicts_image_only_and_table_only_cases(trained, tmp_path):
+    data, image_only, table_only = _incomplete_copy(trained, str(tmp_path / "new_cases"))
+    pred = str(tmp_path / "pred")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFERENCE, "--bundle_root", ROOT,
+           "--model_dir", trained["models"], "--dataset_dir", data, "--dataset", "derm7pt", "--output_dir", pred,
+           "--split", "test", "--progress_bar", "false"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(pred, "predictions.csv"), newline="") as f:
+        rows = {r["case_id"]: r for r in csv.DictReader(f)}
+    classes = ["BCC", "NEV", "MEL", "MISC", "SK"]
+    header = list(next(iter(rows.values())))
+    assert header == ["case_id", *[f"prob_{c}" for c in classes], "prediction", "present", "completed"]
+    reference = reference_probabilities(trained, data)
+    assert sorted(rows) == sorted(reference)
+    for case_id, row in rows.items():
+        probs = [float(row[f"prob_{c}"]) for c in classes]
+        assert probs == pytest.approx(reference[case_id], abs=1e-5), case_id
+        assert row["prediction"] == classes[max(range(5), key=probs.__getitem__)]
+    assert (rows[image_only]["present"], rows[image_only]["completed"]) == ("derm", "clinic;table")
+    assert (rows[table_only]["present"], rows[table_only]["completed"]) == ("table", "clinic;derm")
+    with open(os.path.join(pred, "cases", f"{table_only}.json")) as f:
+        record = json.load(f)
+    assert "label" not in record and record["present"] == ["table"]
+    logits = torch.tensor([record["logits"]])
+    assert list(record["probabilities"].values()) == pytest.approx(probabilities(logits, False)[0].tolist())
+
+
+def test_inference_refuses_a_dataset_with_other_inputs(trained):
+    desc = load_description(trained["models"])
+    cases = inference_cases(desc, "derm7pt", trained["data"])
+    check_cases(desc, cases)  # the training layout fits
+    with pytest.raises(DataError, match="table columns"):
+        inference_cases(desc, "derm7pt", trained["data"], {"extra_table_columns": ["seven_point_score"]})
