@@ -28,6 +28,7 @@ from cmml_monai.deploy import (
     load_network,
     probabilities,
 )
+from cmml_monai.deploy.export import check_export, example_inputs, main
 from cmml_monai.deploy.inference import inference_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -212,3 +213,38 @@ def test_inference_refuses_a_dataset_with_other_inputs(trained):
     check_cases(desc, cases)  # the training layout fits
     with pytest.raises(DataError, match="table columns"):
         inference_cases(desc, "derm7pt", trained["data"], {"extra_table_columns": ["seven_point_score"]})
+
+
+# -- 3. TorchScript export with both inputs ------------------------------------------------------------
+
+
+def test_torchscript_export_takes_image_and_table_and_matches_eager(trained, tmp_path, capsys):
+    out = str(tmp_path / "model.ts")
+    assert main([trained["models"], "--out", out]) == 0
+    printed = capsys.readouterr().out
+    extra = {DESCRIPTION_NAME: ""}
+    exported = torch.jit.load(out, map_location="cpu", _extra_files=extra)
+    desc = load_description(trained["models"])
+    assert json.loads(extra[DESCRIPTION_NAME])["network"] == desc["network"]
+    net = load_network(trained["models"]).to("cpu")
+    diffs = check_export(exported, net, desc, batch_size=5, seed=3)
+    # 2^3 - 1 patterns of clinic, derm, table, each named in the printed report too
+    assert len(diffs) == 7 and set(diffs) == {
+        "clinic+derm+table", "clinic+derm", "clinic+table", "derm+table", "clinic", "derm", "table"
+    }
+    assert max(diffs.values()) <= 1e-4, diffs
+    assert all(f"  {p}: " in printed for p in diffs)
+    # the table reaches the exported graph: dropping it changes the logits
+    image, tabular = example_inputs(desc, batch_size=4, seed=5)
+    with torch.no_grad():
+        with_table = exported(image, tabular)
+        without = exported(image, torch.full_like(tabular, float("nan")))
+        assert torch.allclose(without, net(image, None), atol=1e-4)
+    assert (with_table - without).abs().max() > 1e-4
+
+
+def test_export_without_description_is_one_line(tmp_path, capsys):
+    (tmp_path / "models").mkdir()
+    assert main([str(tmp_path / "models")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "describe.json" in err

@@ -19,6 +19,7 @@ from cmml_monai.deploy.description import (
     resolve_model_dir,
     save_description,
 )
+from cmml_monai.deploy.export import TORCHSCRIPT_NAME, check_export, example_inputs, export_torchscript
 from cmml_monai.deploy.inference import (
     PREDICTIONS_NAME,
     Predictor,
@@ -46,4 +47,8 @@ __all__ = [
     "inference_cases",
     "inference_dataset",
     "probabilities",
+    "TORCHSCRIPT_NAME",
+    "check_export",
+    "example_inputs",
+    "export_torchscript",
 ]
