@@ -18,12 +18,16 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
+from cmml_monai.data.adapters import load_dataset
+from cmml_monai.data.adapters.odir import ODIR_LABELS
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.synthetic import make_synthetic
 from cmml_monai.deploy import (
     DESCRIPTION_NAME,
+    Predictor,
     build_from_description,
     check_cases,
+    inference_dataset,
     load_description,
     load_network,
     probabilities,
@@ -248,3 +252,46 @@ def test_export_without_description_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "models")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "describe.json" in err
+
+
+# -- new cases need no label -------------------------------------------------------------------------
+
+
+def test_inference_needs_no_label_and_no_split(trained, tmp_path):
+    """Derm7pt without the diagnosis column and the index files predicts every case as the labelled layout."""
+    data = str(tmp_path / "unlabelled")
+    shutil.copytree(trained["data"], data)
+    meta_dir = os.path.join(data, "release_v0", "meta")
+    meta = pd.read_csv(os.path.join(meta_dir, "meta.csv"), dtype=str, keep_default_na=False)
+    meta.drop(columns=["diagnosis"]).to_csv(os.path.join(meta_dir, "meta.csv"), index=False)
+    for name in ("train_indexes.csv", "valid_indexes.csv", "test_indexes.csv"):
+        os.remove(os.path.join(meta_dir, name))
+    desc = load_description(trained["models"])
+    net = load_network(trained["models"], device="cpu")
+    results = {}
+    for name, folder in (("labelled", trained["data"]), ("unlabelled", data)):
+        cases = inference_cases(desc, "derm7pt", folder)
+        path = Predictor(net, inference_dataset(desc, cases), desc, str(tmp_path / name), progress=False).run()
+        with open(path, newline="") as f:
+            results[name] = {r["case_id"]: r for r in csv.DictReader(f)}
+    assert len(results["unlabelled"]) == len(results["labelled"]) >= 25
+    assert results["unlabelled"] == results["labelled"]
+    with pytest.raises(DataError, match="diagnosis"):  # training still needs the labels
+        load_dataset("derm7pt", data)
+
+
+@pytest.mark.parametrize("dataset, label_columns", [("odir", ODIR_LABELS), ("men", ["grade"])])
+def test_adapters_read_new_cases_without_labels(dataset, label_columns, tmp_path):
+    folder = str(tmp_path / dataset)
+    make_synthetic(dataset, folder, cases=12, seed=0, **({"shape": (8, 8, 8)} if dataset == "men" else {}))
+    labelled = load_dataset(dataset, folder)
+    table = next(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith((".csv", ".xlsx")))
+    df = pd.read_excel(table) if table.endswith(".xlsx") else pd.read_csv(table)
+    df = df.drop(columns=label_columns + [c for c in df.columns if "Keywords" in c or c == "split"])
+    df.to_excel(table, index=False) if table.endswith(".xlsx") else df.to_csv(table, index=False)
+    with pytest.raises(DataError):
+        load_dataset(dataset, folder)
+    new = load_dataset(dataset, folder, labels=False)
+    assert [c.case_id for c in new.cases] == [c.case_id for c in labelled.cases]
+    assert all(c.label is None and c.split == "" for c in new.cases)
+    assert [c.paths for c in new.cases] == [c.paths for c in labelled.cases]

@@ -63,14 +63,17 @@ def inference_cases(
 ) -> CaseList:
     """The cases of ``dataset_dir`` (native layout of ``dataset``), checked against the description.
 
-    Unlike training (``cmml_monai.data.load_cases``) no split has to be present. Cases whose every
-    modality is missing cannot be predicted; the adapter drops them and their number is logged.
+    Unlike training (``cmml_monai.data.load_cases``) no label and no split is needed: the adapter reads the
+    cases with ``labels=False`` (label columns and split files may be absent; Derm7pt index files and a MEN
+    split column that are there still name each case's split, for ``split``). Cases whose every modality is missing cannot be predicted; the
+    adapter drops them and their number is logged.
 
     Example:
         >>> desc = load_description("outputs/derm7pt_cmml/models")  # doctest: +SKIP
         >>> cases = inference_cases(desc, "derm7pt", "/data/new/release_v0")
     """
-    case_list = load_dataset(dataset, dataset_dir, **dict(options or {}))
+    # labels are not needed: the label columns and split files may be absent (dataset_options may say otherwise)
+    case_list = load_dataset(dataset, dataset_dir, **{"labels": False, **dict(options or {})})
     check_cases(description, case_list)
     empty = sum(1 for _, reason in case_list.dropped if reason == "every modality missing")
     if empty:

@@ -111,6 +111,7 @@ def load_men(
     split_file: str | os.PathLike | None = None,
     split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
     split_seed: int = 0,
+    labels: bool = True,
 ) -> CaseList:
     """Read a MEN-style dataset (case folders of NIfTI files or DICOM series + clinical table).
 
@@ -127,6 +128,8 @@ def load_men(
         split_file: JSON split used when the table has no split column (reused, or written when given).
         split_fractions: train, valid, test fractions for the made split.
         split_seed: seed of the made split.
+        labels: read the grade. False (inference of new cases): the grade column may be absent, every case's
+            label is None and, without a split column, no split is made (split ``""``).
 
     Raises:
         DataError: missing folder/table/column, unknown grade or split value, duplicated case ids.
@@ -147,7 +150,7 @@ def load_men(
         table_path = resolve_path(dataset_dir, clinical_table)
     else:
         table_path = _default_table(dataset_dir)
-    required = [cmap["case_id"], cmap["grade"], *(cmap.get(f, f) for f in feats)]
+    required = [cmap["case_id"], *([cmap["grade"]] if labels else []), *(cmap.get(f, f) for f in feats)]
     df = read_table(table_path, sheet=sheet, required=required)  # type: ignore[arg-type]
     id_col, grade_col, split_col = cmap["case_id"], cmap["grade"], cmap.get("split")
     has_split = split_col is not None and split_col in df.columns
@@ -166,12 +169,12 @@ def load_men(
         modalities.append(ModalitySpec(TABLE_MODALITY, "table", 0))
     cases, dropped, explicit_split = [], [], {}
     for cid, row in zip(ids, rows):
-        grade_raw = clean_cell(row[grade_col])
-        if grade_raw is None:
+        grade_raw = clean_cell(row[grade_col]) if labels else None
+        if grade_raw is None and labels:
             dropped.append((cid, "grade empty"))
             continue
-        label = parse_grade(grade_raw)
-        if label is None:
+        label = parse_grade(grade_raw) if labels else None
+        if label is None and labels:
             raise DataError(
                 f"{table_path}: case {cid}: grade {grade_raw!r} in column {grade_col!r} is not 1, 2, 3, low or high"
             )
@@ -198,6 +201,8 @@ def load_men(
     kept, empty = drop_all_missing(cases, modalities, feats)
     if has_split:
         split = explicit_split
+    elif not labels:
+        split = {c.case_id: "" for c in kept}
     else:
         split = load_or_make_split([c.case_id for c in kept], [str(c.label) for c in kept], split_file,
                                    split_fractions, split_seed)
