@@ -32,7 +32,7 @@ from cmml_monai.deploy import (
     load_network,
     probabilities,
 )
-from cmml_monai.deploy.export import check_export, example_inputs, main
+from cmml_monai.deploy.export import check_export, example_inputs, export_onnx, main
 from cmml_monai.deploy.inference import inference_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -295,3 +295,22 @@ def test_adapters_read_new_cases_without_labels(dataset, label_columns, tmp_path
     assert [c.case_id for c in new.cases] == [c.case_id for c in labelled.cases]
     assert all(c.label is None and c.split == "" for c in new.cases)
     assert [c.paths for c in new.cases] == [c.paths for c in labelled.cases]
+
+
+def test_onnx_export_takes_image_and_table_with_a_dynamic_batch(trained, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    out = str(tmp_path / "model.onnx")
+    path, diffs = export_onnx(trained["models"], out=out)
+    assert len(diffs) == 7 and max(diffs.values()) <= 1e-4, diffs
+    model = onnx.load(path)
+    assert [i.name for i in model.graph.input] == ["image", "tabular"]
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta[DESCRIPTION_NAME])["network"] == load_description(trained["models"])["network"]
+    desc = load_description(trained["models"])
+    net = load_network(trained["models"]).to("cpu")
+    image, tabular = example_inputs(desc, batch_size=6, seed=7)  # another batch size than the export's
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": image.numpy(), "tabular": tabular.numpy()})[0]
+    with torch.no_grad():
+        assert got.shape == (6, 5) and torch.allclose(torch.from_numpy(got), net(image, tabular), atol=1e-4)

@@ -19,7 +19,14 @@ from cmml_monai.deploy.description import (
     resolve_model_dir,
     save_description,
 )
-from cmml_monai.deploy.export import TORCHSCRIPT_NAME, check_export, example_inputs, export_torchscript
+from cmml_monai.deploy.export import (
+    ONNX_NAME,
+    TORCHSCRIPT_NAME,
+    check_export,
+    example_inputs,
+    export_onnx,
+    export_torchscript,
+)
 from cmml_monai.deploy.inference import (
     PREDICTIONS_NAME,
     Predictor,
@@ -51,4 +58,6 @@ __all__ = [
     "check_export",
     "example_inputs",
     "export_torchscript",
+    "ONNX_NAME",
+    "export_onnx",
 ]

@@ -65,8 +65,8 @@ def inference_cases(
 
     Unlike training (``cmml_monai.data.load_cases``) no label and no split is needed: the adapter reads the
     cases with ``labels=False`` (label columns and split files may be absent; Derm7pt index files and a MEN
-    split column that are there still name each case's split, for ``split``). Cases whose every modality is missing cannot be predicted; the
-    adapter drops them and their number is logged.
+    split column that are there still name each case's split, for ``split``). Cases whose every modality is
+    missing cannot be predicted; the adapter drops them and their number is logged.
 
     Example:
         >>> desc = load_description("outputs/derm7pt_cmml/models")  # doctest: +SKIP
