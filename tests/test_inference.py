@@ -39,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
 DESCRIBE = os.path.join(ROOT, "configs", "describe.json")
 INFERENCE = os.path.join(ROOT, "configs", "inference.json")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the configs' default device
 NUM_BLOCKS = 2  # not the default (3): a description that lost the override would not fit the weights
 
 
@@ -91,12 +92,13 @@ def reference_probabilities(trained: dict, dataset_dir: str) -> dict[str, list[f
     net = w.parser.get_parsed_content("network_def")
     state = torch.load(os.path.join(trained["models"], "model.pt"), map_location="cpu", weights_only=True)
     net.load_state_dict(state.get("network", state))
-    net.eval()
+    device = w.parser.get_parsed_content("device")  # inference.json's default device too
+    net.to(device).eval()
     dataset = w.parser.get_parsed_content("test_dataset")
     out = {}
     with torch.no_grad():
         for item in dataset:
-            logits = net(item["image"][None], item["tabular"][None])
+            logits = net(item["image"][None].to(device), item["tabular"][None].to(device))
             out[item["case_id"]] = torch.softmax(logits, dim=1)[0].tolist()
     return out
 
@@ -200,7 +202,7 @@ def test_inference_bundle_predicts_image_only_and_table_only_cases(trained, tmp_
     assert sorted(rows) == sorted(reference)
     for case_id, row in rows.items():
         probs = [float(row[f"prob_{c}"]) for c in classes]
-        assert probs == pytest.approx(reference[case_id], abs=1e-5), case_id
+        assert probs == pytest.approx(reference[case_id], abs=1e-5 if DEVICE == "cpu" else 1e-4), case_id
         assert row["prediction"] == classes[max(range(5), key=probs.__getitem__)]
     assert (rows[image_only]["present"], rows[image_only]["completed"]) == ("derm", "clinic;table")
     assert (rows[table_only]["present"], rows[table_only]["completed"]) == ("table", "clinic;derm")
@@ -209,6 +211,21 @@ def test_inference_bundle_predicts_image_only_and_table_only_cases(trained, tmp_
     assert "label" not in record and record["present"] == ["table"]
     logits = torch.tensor([record["logits"]])
     assert list(record["probabilities"].values()) == pytest.approx(probabilities(logits, False)[0].tolist())
+
+
+def test_inference_bundle_without_description_prints_one_line(trained, tmp_path):
+    old_run = tmp_path / "models"
+    old_run.mkdir()
+    shutil.copy(os.path.join(trained["models"], "model.pt"), old_run)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFERENCE, "--bundle_root", ROOT,
+           "--model_dir", str(old_run), "--dataset_dir", trained["data"], "--dataset", "derm7pt",
+           "--output_dir", str(tmp_path / "pred")]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "configs/describe.json" in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
 
 
 def test_inference_refuses_a_dataset_with_other_inputs(trained):
