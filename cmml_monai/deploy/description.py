@@ -81,7 +81,12 @@ def _sha256(path: str) -> str:
 def completes_missing(network: torch.nn.Module) -> bool:
     """Whether ``network`` fills in a missing modality's representation (CMML's CRTA, mean imputation)
     rather than leaving it out (zero fill, modality dropout): the predictions list such modalities as
-    completed."""
+    completed.
+
+    Example:
+        >>> completes_missing(build_network("zero_fill", **shared_args))  # doctest: +SKIP
+        False
+    """
     return isinstance(network, CMMLNet) or getattr(network, "mode", None) == "mean_impute"
 
 
@@ -205,6 +210,10 @@ def resolve_model_dir(model_dir: str) -> str:
 
     Raises:
         DataError: neither holds a description; the message says how to write one.
+
+    Example:
+        >>> resolve_model_dir("outputs/derm7pt_cmml")  # doctest: +SKIP
+        'outputs/derm7pt_cmml/models'
     """
     model_dir = os.fspath(model_dir)
     for folder in (model_dir, os.path.join(model_dir, "models")):
@@ -251,7 +260,12 @@ def load_description(model_dir: str) -> dict[str, Any]:
 
 
 def description_schema(desc: Mapping[str, Any]) -> TableSchema | None:
-    """The table schema stored in a description (``None`` when the network has no table)."""
+    """The table schema stored in a description (``None`` when the network has no table).
+
+    Example:
+        >>> description_schema(load_description("outputs/derm7pt_cmml/models")).num_features  # doctest: +SKIP
+        3
+    """
     data = desc["data"].get("table_schema")
     return None if data is None else TableSchema.from_json(data, source=DESCRIPTION_NAME)
 
@@ -261,6 +275,10 @@ def build_from_description(desc: Mapping[str, Any]) -> torch.nn.Module:
 
     Raises:
         DataError: the arguments do not build a network (e.g. written by another version of the package).
+
+    Example:
+        >>> build_from_description(load_description("outputs/derm7pt_cmml/models"))  # doctest: +SKIP
+        CMMLNet(...)
     """
     args = dict(desc["network"]["args"])
     try:

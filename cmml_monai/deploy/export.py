@@ -50,6 +50,11 @@ def example_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A complete random batch of the described inputs: ``image`` ``[B, M*C, *spatial]`` and ``tabular``
     ``[B, F]`` (numeric columns standard normal, categorical columns valid codes), or ``None`` without a table.
+
+    Example:
+        >>> image, tabular = example_inputs(load_description("outputs/derm7pt_cmml/models"))  # doctest: +SKIP
+        >>> image.shape, tabular.shape
+        (torch.Size([2, 6, 64, 64]), torch.Size([2, 3]))
     """
     gen = torch.Generator().manual_seed(int(seed))
     image = torch.randn(int(batch_size), *description["inputs"]["image"], generator=gen)

@@ -39,6 +39,9 @@ def check_cases(description: Mapping[str, Any], case_list: CaseList) -> None:
 
     Raises:
         DataError: other modalities (names, kinds, channels, order) or table columns, both named.
+
+    Example:
+        >>> check_cases(load_description("outputs/derm7pt_cmml/models"), case_list)  # doctest: +SKIP
     """
     want = [(m["name"], m["kind"], int(m["channels"])) for m in description["data"]["modalities"]]
     got = [(m.name, m.kind, int(m.channels)) for m in case_list.modalities]
@@ -92,6 +95,10 @@ def inference_dataset(
         description: from :func:`cmml_monai.deploy.load_description`.
         case_list: from :func:`inference_cases`.
         split: only the cases of these splits (``None``: every case).
+
+    Example:
+        >>> inference_dataset(desc, cases)[0]["image"].shape  # doctest: +SKIP
+        torch.Size([6, 224, 224])
     """
     prep = description["preprocessing"]
     return build_dataset(
@@ -109,7 +116,12 @@ def inference_dataset(
 
 
 def probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """Softmax over classes (single-label) or a sigmoid per label (multi-label) of ``[B, K]`` logits."""
+    """Softmax over classes (single-label) or a sigmoid per label (multi-label) of ``[B, K]`` logits.
+
+    Example:
+        >>> probabilities(torch.zeros(1, 4), multi_label=False)
+        tensor([[0.2500, 0.2500, 0.2500, 0.2500]])
+    """
     return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
 
 
