@@ -331,3 +331,38 @@ def test_onnx_export_takes_image_and_table_with_a_dynamic_batch(trained, tmp_pat
     got = session.run(None, {"image": image.numpy(), "tabular": tabular.numpy()})[0]
     with torch.no_grad():
         assert got.shape == (6, 5) and torch.allclose(torch.from_numpy(got), net(image, tabular), atol=1e-4)
+
+
+def test_multi_label_inference_uses_a_sigmoid_per_label(tmp_path):
+    """ODIR layout (multi-label), trained tiny, predicted from an annotation file without label columns."""
+    data = str(tmp_path / "odir")
+    make_synthetic("odir", data, cases=30, seed=0)
+    out = str(tmp_path / "run")
+    w = workflow(TRAIN, **train_args(data, out, dataset="odir"))
+    w.run()
+    w.finalize()
+    models = os.path.join(out, "models")
+    desc = load_description(models)
+    assert desc["data"]["multi_label"] and desc["data"]["activation"] == "sigmoid"
+    reference = {}
+    w = workflow(TRAIN, **train_args(data, out, dataset="odir", **{"schema#reuse": True}))
+    net = w.parser.get_parsed_content("network_def")
+    state = torch.load(os.path.join(models, "model.pt"), map_location="cpu", weights_only=True)
+    net.load_state_dict(state.get("network", state))
+    net.eval()
+    with torch.no_grad():
+        for item in w.parser.get_parsed_content("test_dataset"):
+            reference[item["case_id"]] = torch.sigmoid(net(item["image"][None], item["tabular"][None]))[0].tolist()
+    xlsx = os.path.join(data, "ODIR-5K_Training_Annotations(Updated)_V2.xlsx")
+    df = pd.read_excel(xlsx)
+    df.drop(columns=ODIR_LABELS + [c for c in df.columns if "Keywords" in c]).to_excel(xlsx, index=False)
+    cases = inference_cases(desc, "odir", data)
+    path = Predictor(load_network(models), inference_dataset(desc, cases), desc, str(tmp_path / "pred"),
+                     progress=False).run()
+    with open(path, newline="") as f:
+        rows = {r["case_id"]: r for r in csv.DictReader(f)}
+    assert set(reference) <= set(rows)
+    for case_id, expected in reference.items():
+        probs = [float(rows[case_id][f"prob_{c}"]) for c in ODIR_LABELS]
+        assert probs == pytest.approx(expected, abs=1e-4), case_id
+        assert rows[case_id]["prediction"] == ";".join(c for c, p in zip(ODIR_LABELS, probs) if p >= 0.5)
