@@ -27,6 +27,7 @@ from cmml_monai.deploy import (
     Predictor,
     build_from_description,
     check_cases,
+    completes_missing,
     inference_dataset,
     load_description,
     load_network,
@@ -366,3 +367,22 @@ def test_multi_label_inference_uses_a_sigmoid_per_label(tmp_path):
         probs = [float(rows[case_id][f"prob_{c}"]) for c in ODIR_LABELS]
         assert probs == pytest.approx(expected, abs=1e-4), case_id
         assert rows[case_id]["prediction"] == ";".join(c for c, p in zip(ODIR_LABELS, probs) if p >= 0.5)
+
+
+def test_a_baseline_is_served_and_completes_nothing(trained, tmp_path):
+    """zero_fill: the CMML-only network_def override is recorded but not passed; missing inputs are not completed."""
+    out = str(tmp_path / "zero_fill")
+    w = workflow(TRAIN, **train_args(trained["data"], out, method="zero_fill"))
+    w.run()
+    w.finalize()
+    models = os.path.join(out, "models")
+    desc = load_description(models)
+    assert desc["network"]["args"]["method"] == "zero_fill"
+    net = load_network(models)
+    assert type(net).__name__ == "LateFusionNet" and not completes_missing(net)
+    cases = inference_cases(desc, "derm7pt", trained["data"])
+    path = Predictor(net, inference_dataset(desc, cases, "test"), desc, str(tmp_path / "pred"), progress=False).run()
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r["present"] != "clinic;derm;table" for r in rows)  # some case misses a modality
+    assert all(r["completed"] == "" for r in rows)
