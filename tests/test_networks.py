@@ -278,6 +278,26 @@ def test_memory_written_only_in_stage1_training():
     assert not torch.equal(before, net.memory.memory)
 
 
+def test_memory_write_stage2_keeps_the_banks_on_the_current_features():
+    net = cmml(memory_write_stage2=True)
+    image, tab = make_batch(all_patterns(3))
+    net.train().forward_train(image, tab, stage=1)
+    after_stage1 = net.memory.memory.clone()
+    torch.manual_seed(7)  # the same dropout draws as the encoder pass inside forward_train
+    tokens, present = net.encoder(image, tab)
+    bank = net.memory
+    expected = ModalityMemoryBank(3, D, num_slots=bank.memory.shape[1], tau=bank.tau, momentum=bank.momentum)
+    expected.load_state_dict(bank.state_dict())
+    expected.update(tokens, present)  # the same EMA write on the real tokens of this batch
+    torch.manual_seed(7)
+    net.forward_train(image, tab, stage=2)
+    assert not torch.equal(after_stage1, net.memory.memory)
+    torch.testing.assert_close(net.memory.memory, expected.memory)
+    before_eval = net.memory.memory.clone()
+    net.eval().forward_train(image, tab, stage=2)  # never written outside training
+    assert torch.equal(before_eval, net.memory.memory)
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -573,3 +593,22 @@ def test_mean_stage1_head_keeps_the_length_of_the_pooled_token():
         norm.load_state_dict(mean.state_dict())
     cmml(stage1_head="norm_mean").load_state_dict(norm.state_dict())
     cmml().load_state_dict(mean.state_dict())
+
+
+@pytest.mark.parametrize("reads_context", [True, False])
+def test_reference_keys_follow_reference_reads_context(reads_context):
+    net = cmml(reference_reads_context=reads_context).eval()
+    image, tab = make_batch(all_patterns(3))
+    with torch.no_grad():
+        out = net.forward_train(image, tab, stage=2)
+        b = image.shape[0]
+        tokens, present = net.encoder(image, tab)
+        prior = net.context(b)
+        synth, context, _ = net.crta(tokens, present, prior)
+        completed = net.memory(synth, present)
+        keys = torch.cat([context, completed], dim=1) if reads_context else completed
+        expected = net.reference_proj(net.reference(prior, keys).mean(dim=1))
+        other = torch.cat([context, completed], dim=1) if not reads_context else completed
+        not_expected = net.reference_proj(net.reference(prior, other).mean(dim=1))
+    torch.testing.assert_close(out["reference"], expected)
+    assert not torch.allclose(out["reference"], not_expected)

@@ -34,6 +34,7 @@ from cmml_monai.data.transforms import (
     image_transforms,
     resolve_pixdim,
 )
+from cmml_monai.utils import as_bool
 
 __all__ = [
     "RESERVED_KEYS",
@@ -82,9 +83,15 @@ class CaseDataset(_PlainErrors, Dataset):
 
 class CaseCacheDataset(_PlainErrors, CacheDataset):
     """``monai.data.CacheDataset`` whose data errors surface as ``DataError``, also while the cache is
-    filled (in the constructor). Same arguments as ``CacheDataset``."""
+    filled (in the constructor). Same arguments as ``CacheDataset``, plus ``defer_errors``: a bad item's
+    ``DataError`` is recorded in ``load_errors`` (index -> error) while the cache fills instead of stopping
+    the fill, so the preflight (:mod:`cmml_monai.data.preflight`) lists every bad file at once; such an
+    item stays uncached and raises its error when read."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, defer_errors: bool = False, **kwargs: Any) -> None:
+        self.defer_errors = bool(defer_errors)
+        self.load_errors: dict[int, DataError] = {}
+        self._filling = False
         try:
             super().__init__(*args, **kwargs)
         except RuntimeError as err:
@@ -92,6 +99,29 @@ class CaseCacheDataset(_PlainErrors, CacheDataset):
             if found is err:
                 raise
             raise found from None
+
+    def set_data(self, data: Sequence) -> None:
+        self.load_errors, self._filling = {}, self.defer_errors
+        try:
+            super().set_data(data)
+        finally:
+            self._filling = False
+
+    def _load_cache_item(self, idx: int) -> Any:
+        try:
+            return super()._load_cache_item(idx)
+        except Exception as err:
+            found = _unwrap_data_error(err)
+            if not (self._filling and isinstance(found, DataError)):
+                raise
+            self.load_errors[idx] = found  # None in the cache: a read recomputes it and raises
+            return None
+
+    def reload(self, index: int) -> None:
+        """Recompute the cached item ``index`` after its data dict changed (e.g. a modality marked missing)."""
+        self.load_errors.pop(index, None)
+        if index < self.cache_num:
+            self._cache[index] = self._load_cache_item(index)
 
     def _transform(self, index: int) -> Any:
         # with no random transform MONAI returns the cached dict itself: hand out a shallow copy so a
@@ -251,6 +281,7 @@ def build_dataset(
     with_label: bool = True,
     progress: bool = False,
     augment: Transform | None = None,
+    defer_errors: bool = False,
 ) -> Dataset:
     """A MONAI dataset of batch-contract items (``image``, ``tabular``, ``label``, ``case_id``).
 
@@ -274,6 +305,8 @@ def build_dataset(
         progress: show the caching progress bar.
         augment: a random transform run on each packed item after the cache (training only; e.g.
             :func:`cmml_monai.data.augmentation.build_augmentation`); ``None`` for none.
+        defer_errors: ``"cache"`` only: record bad items in ``dataset.load_errors`` while the cache fills
+            instead of raising the first, for :func:`cmml_monai.data.preflight.run_preflight` to list them all.
 
     Returns:
         a ``monai.data.Dataset``, ``CacheDataset`` or ``PersistentDataset`` (subclasses that raise a
@@ -303,7 +336,8 @@ def build_dataset(
     if cache == "cache":
         # the cache is filled here: decoding errors surface now
         return CaseCacheDataset(
-            data, transform, cache_rate=float(cache_rate), num_workers=int(num_workers) or 1, progress=progress
+            data, transform, cache_rate=float(cache_rate), num_workers=int(num_workers) or 1,
+            progress=as_bool(progress, "progress"), defer_errors=as_bool(defer_errors, "defer_errors"),
         )
     if cache_dir is None:
         raise ValueError("cache='persistent' needs cache_dir (a folder for the preprocessed items)")

@@ -1,13 +1,73 @@
-"""Atomic JSON writes: a reader never sees a half-written split, schema or mask file."""
+"""Atomic writes: a reader never sees a half-written split, schema, mask, table, plot or checkpoint file.
+
+Every writer goes through a temporary file in the destination's folder (same filesystem, so the final
+``os.replace`` is atomic) that is removed when the writer fails: an interrupted run leaves either the
+old file or the new one, never a truncated one.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from typing import Any
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
 
-__all__ = ["atomic_write_json"]
+__all__ = ["atomic_path", "atomic_open", "atomic_write_text", "atomic_write_json"]
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary path beside ``path`` for a writer that takes a file name (``savefig``, ``torch.save``,
+    ``shutil.copyfile``); it replaces ``path`` when the block ends without an exception, else it is removed.
+
+    The temporary name keeps ``path``'s extension (``savefig`` picks the format from it) and is not
+    created in advance, so the writer creates it with the usual permissions (umask), unlike ``mkstemp``'s 0600.
+
+    Example::
+
+        >>> with atomic_path("outputs/sweep.png") as tmp:  # doctest: +SKIP
+        ...     fig.savefig(tmp)
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(path)}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """``open(path, mode, **kwargs)`` for writing, through a temporary file renamed over ``path`` on success.
+
+    Example::
+
+        >>> with atomic_open("outputs/sweep.csv", newline="", encoding="utf-8") as f:  # doctest: +SKIP
+        ...     csv.writer(f).writerows(rows)
+    """
+    if not any(m in mode for m in "wx"):
+        raise ValueError(f"atomic_open writes a new file: mode must contain 'w' or 'x', got {mode!r}")
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` atomically.
+
+    Example::
+
+        >>> atomic_write_text("outputs/comparison.md", "| method |\\n")  # doctest: +SKIP
+    """
+    with atomic_open(path, "w", encoding=encoding) as f:
+        f.write(text)
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any, indent: int = 1) -> None:
@@ -17,16 +77,6 @@ def atomic_write_json(path: str | os.PathLike, data: Any, indent: int = 1) -> No
 
         >>> atomic_write_json("outputs/example.json", {"a": 1})  # doctest: +SKIP
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=indent, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=indent, ensure_ascii=False)
+        f.write("\n")

@@ -35,6 +35,7 @@ __all__ = [
     "SAFE_META_KEYS",
     "DicomSeriesInfo",
     "list_dicom_series",
+    "check_slice_spacing",
     "select_dicom_series",
     "strip_phi",
     "load_image",
@@ -45,6 +46,8 @@ IMAGE_2D_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_ONLY_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")  # other volume formats: ITK whatever the DICOM reader
 READERS_3D = ("itk", "pydicom")
+MAX_DECODE_SIDE = 2048  # larger JPEGs are decoded at a reduced scale whose long side is at least this
+SPACING_TOLERANCE = 0.01  # relative deviation of a DICOM slice gap from the median gap that is refused
 
 # Geometry and provenance only: everything else (DICOM tags, NIfTI header text) may hold PHI.
 SAFE_META_KEYS = frozenset(
@@ -73,9 +76,17 @@ def strip_phi(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _rgb(image: Any) -> Any:
-    """PIL converter: upright (EXIF orientation applied) 3-channel RGB from any mode (L, LA, P, RGBA, CMYK ...)."""
+    """PIL converter: upright (EXIF orientation applied) 3-channel RGB from any mode (L, LA, P, RGBA, CMYK ...).
+
+    A JPEG longer than ``2 * MAX_DECODE_SIDE`` is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling,
+    long side still >= ``MAX_DECODE_SIDE``): a 6000x4000 photo would otherwise take ~450 MB per loading
+    thread as float32 before being resized to a few hundred pixels.
+    """
     from PIL import ImageOps
 
+    if getattr(image, "format", None) == "JPEG" and max(image.size) > 2 * MAX_DECODE_SIDE:
+        k = MAX_DECODE_SIDE / max(image.size)
+        image.draft(None, (int(np.ceil(image.size[0] * k)), int(np.ceil(image.size[1] * k))))
     image = ImageOps.exif_transpose(image)  # phone photos are often stored rotated with an EXIF flag
     return image if image.mode == "RGB" else image.convert("RGB")
 
@@ -104,6 +115,7 @@ class DicomSeriesInfo:
         modality: Modality tag ("" when absent).
         files: the files of the series (sorted paths).
         frames: total number of frames (``NumberOfFrames`` summed, 1 per single-frame file).
+        positions: per file, its position along the slice normal in mm (None without geometry tags).
     """
 
     uid: str
@@ -111,6 +123,7 @@ class DicomSeriesInfo:
     modality: str = ""
     files: list[str] = field(default_factory=list)
     frames: int = 0
+    positions: list[float | None] = field(default_factory=list)
 
     def summary(self) -> str:
         """``...<uid suffix> 'description' MR, 12 files`` for error messages."""
@@ -134,7 +147,8 @@ def list_dicom_series(folder: str) -> list[DicomSeriesInfo]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    tags = ["SeriesInstanceUID", "SeriesDescription", "Modality", "NumberOfFrames", "Rows"]
+    tags = ["SeriesInstanceUID", "SeriesDescription", "Modality", "NumberOfFrames", "Rows",
+            "ImagePositionPatient", "ImageOrientationPatient"]
     series: dict[str, DicomSeriesInfo] = {}
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
@@ -151,6 +165,7 @@ def list_dicom_series(folder: str) -> list[DicomSeriesInfo]:
             uid, DicomSeriesInfo(uid, str(ds.get("SeriesDescription", "") or ""), str(ds.get("Modality", "") or ""))
         )
         info.files.append(path)
+        info.positions.append(_slice_position(ds))
         try:
             info.frames += max(1, int(ds.get("NumberOfFrames", 1) or 1))
         except (TypeError, ValueError):
@@ -158,6 +173,41 @@ def list_dicom_series(folder: str) -> list[DicomSeriesInfo]:
     if not series:
         raise DataError(f"{folder}: no DICOM image files found; point the path at a DICOM series folder")
     return sorted(series.values(), key=lambda s: (-len(s.files), s.uid))
+
+
+def _slice_position(ds: Any) -> float | None:
+    """Position of a slice along its normal (ImagePositionPatient . normal of ImageOrientationPatient)."""
+    try:
+        ipp = np.asarray([float(v) for v in ds.ImagePositionPatient])
+        iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if ipp.shape != (3,) or iop.shape != (6,):
+        return None
+    return float(ipp @ np.cross(iop[:3], iop[3:]))
+
+
+def check_slice_spacing(folder: str, info: DicomSeriesInfo) -> None:
+    """Refuse a DICOM series whose slices are not evenly spaced (a missing slice, mixed acquisitions).
+
+    Both readers would silently give the volume one mean spacing, so every later resampling (``pixdim``)
+    would put anatomy at the wrong place. Series without geometry tags or of fewer than 3 slices pass.
+
+    Raises:
+        DataError: the gaps between consecutive slice positions differ by more than ``SPACING_TOLERANCE``
+            (relative to the median gap), or two slices share a position.
+    """
+    if len(info.positions) < 3 or any(p is None for p in info.positions) or info.frames != len(info.files):
+        return
+    gaps = np.diff(np.sort(np.asarray(info.positions, dtype=np.float64)))
+    median = float(np.median(gaps))
+    if median > 0 and float(np.max(np.abs(gaps - median))) <= SPACING_TOLERANCE * median:
+        return
+    raise DataError(
+        f"{folder}: the {len(info.files)} slices of the DICOM series are not evenly spaced (gaps "
+        f"{gaps.min():.3g} to {gaps.max():.3g} mm): a slice is missing or the folder mixes acquisitions; "
+        "export the complete series again or mark the modality missing"
+    )
 
 
 def select_dicom_series(folder: str, series: str | None = None) -> DicomSeriesInfo:
@@ -255,6 +305,23 @@ def _dicom_num_frames(path: str) -> int:
         return 1
 
 
+def _check_dicom_pixels(path: str) -> None:
+    """DataError for a DICOM file without pixel data (report, RT structure set, presentation state ...)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:  # defer_size: element values over 1 KB (the pixels) are not read, only their presence is seen
+        ds = pydicom.dcmread(path, defer_size="1 KB")
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError):
+        return  # not readable as DICOM here: the image reader reports it
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        kind = str(ds.get("Modality", "") or ds.get("SOPClassUID", "") or "?")
+        raise DataError(
+            f"{path}: DICOM file without pixel data (modality {kind}); point the path at the image series "
+            "(e.g. the MR series folder), not at a report or structure set"
+        )
+
+
 def _read_3d(path: str, reader: str, series: str | None) -> MetaTensor:
     if reader not in READERS_3D:
         raise ValueError(f"reader must be one of {READERS_3D}, got {reader!r}")
@@ -262,6 +329,7 @@ def _read_3d(path: str, reader: str, series: str | None) -> MetaTensor:
         info = select_dicom_series(path, series)
         if len(info.files) == 1:
             return _read_3d(info.files[0], reader, None)
+        check_slice_spacing(path, info)
         if reader == "itk":
             rdr: ImageReader = ITKReader(series_name=_itk_series_name(path, info.files))
         else:
@@ -279,9 +347,16 @@ def _read_3d(path: str, reader: str, series: str | None) -> MetaTensor:
             )
         return img
     if _suffix(path) in NIFTI_SUFFIXES:
-        return _LOADER(path, reader=NibabelReader())
+        img = _LOADER(path, reader=NibabelReader())
+        if img.ndim == 2:  # a lone slice, unlike a single DICOM file (a documented depth-1 volume)
+            raise DataError(
+                f"{path}: expected a 3D volume but the NIfTI file is 2D with shape {tuple(img.shape)}; "
+                "provide the whole volume or mark the modality missing"
+            )
+        return img
     if _suffix(path) in ITK_ONLY_SUFFIXES:
         return _LOADER(path, reader=ITKReader())
+    _check_dicom_pixels(path)
     # a single DICOM file; GDCM (ITK) handles enhanced multi-frame geometry (per-frame functional
     # groups) which monai's PydicomReader does not, so multi-frame files always go through ITK
     if reader == "itk" or _dicom_num_frames(path) > 1:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 from cmml_monai.data.adapters import load_dataset
 from cmml_monai.data.cases import SPLITS, CaseList
+from cmml_monai.data.errors import DataError
 from cmml_monai.data.synthetic import ensure_synthetic
 from cmml_monai.data.table import TableSchema
 from cmml_monai.utils import as_bool
@@ -39,7 +41,9 @@ def load_cases(
     case_list = load_dataset(dataset, dataset_dir, **dict(options or {}))
     for split in SPLITS:
         if not case_list.split(split):
-            raise ValueError(f"dataset {dataset!r} in {dataset_dir} has no {split!r} cases; every split is needed")
+            reasons = Counter(reason for _, reason in case_list.dropped)
+            raise DataError(f"dataset {dataset!r} in {dataset_dir} has no {split!r} cases; every split is needed"
+                            f" (dropped: {dict(reasons) or 'none'}; {len(case_list.cases)} usable cases)")
     return case_list
 
 

@@ -29,7 +29,8 @@ METHODS: dict[str, tuple[type, dict[str, Any], tuple[int, ...]]] = {
 
 _CMML_ONLY = ("num_context_tokens", "num_blocks", "memory_slots", "memory_tau", "stage1_drop_prob",
               "stage2_drop_prob", "projection_dim", "fusion_layers", "memory_momentum", "mark_synthesized",
-              "residual_head", "stage1_head")
+              "residual_head", "stage1_head", "memory_write_stage2",
+              "reference_reads_context")
 
 
 def _check(method: str) -> None:

@@ -16,6 +16,7 @@ from monai.utils import CommonKeys as Keys
 from torch.optim.optimizer import Optimizer
 from torch.utils.data import DataLoader
 
+from cmml_monai.engines.distributed import DistributedTrainNetwork
 from cmml_monai.engines.prepare import CMMLPrepareBatch
 from cmml_monai.utils import as_bool
 
@@ -41,7 +42,8 @@ class CMMLTrainer(SupervisedTrainer):
         device: device of the network.
         max_epochs: epochs of this stage.
         train_data_loader: loader of batch-contract dicts.
-        network: a network with ``forward_train``.
+        network: a network with ``forward_train``; under several processes its
+            ``DistributedTrainNetwork`` (a bare ``DistributedDataParallel`` would not sync ``forward_train``).
         optimizer: optimizer over ``network.stage_parameters(stage)``.
         loss_function: ``CMMLLoss(stage, multi_label)``.
         stage: 1 (CRTA synthesis) or 2 (alignment + classification).
@@ -70,6 +72,12 @@ class CMMLTrainer(SupervisedTrainer):
     ) -> None:
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+        if isinstance(network, torch.nn.parallel.DistributedDataParallel):
+            # DDP's hooks run in its forward (the served path); forward_train must go through it
+            raise ValueError(
+                "network is a DistributedDataParallel: pass cmml_monai.engines.distributed.DistributedTrainNetwork"
+                "(network) instead, which runs forward_train under DDP"
+            )
         if not hasattr(network, "forward_train"):
             raise ValueError(f"network {type(network).__name__} has no forward_train(image, tabular, stage)")
         super().__init__(
@@ -91,6 +99,8 @@ class CMMLTrainer(SupervisedTrainer):
         self.use_amp = as_bool(amp, "amp")
         self.grad_clip = float(grad_clip)
         self.add_event_handler(Events.STARTED, self._restrict_grads)
+        if isinstance(network, DistributedTrainNetwork):
+            network.attach(self)  # rank 0's buffers to every rank after each optimizer step
 
     def _restrict_grads(self, engine: CMMLTrainer) -> None:
         """Only the parameters this stage's optimizer steps get gradients (frozen CRTA stays frozen)."""

@@ -12,6 +12,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
+from cmml_monai.data.jsonio import atomic_path
+
 __all__ = ["plot_sweep", "plot_roc"]
 
 
@@ -29,7 +31,8 @@ def plot_sweep(rows: Sequence[dict], path: str, title: str = "AUC under missing 
     ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     return path
 
 
@@ -55,5 +58,6 @@ def plot_roc(
     ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     return path

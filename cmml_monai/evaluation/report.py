@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cmml_monai.data.jsonio import atomic_open
+
 __all__ = [
     "read_sweep", "comparison_table", "write_comparison_table", "paired_table", "write_paired_table",
 ]
@@ -147,7 +149,7 @@ def write_comparison_table(
     for ECE); returns both paths."""
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, f"{name}.csv")
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+    with atomic_open(csv_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in table:
@@ -167,7 +169,7 @@ def write_comparison_table(
             cells.append(f"**{text}**" if c in best and len(table) > 1 and row[c] == best[c] else text)
         lines.append("| " + " | ".join(cells) + " |")
     md_path = os.path.join(out_dir, f"{name}.md")
-    with open(md_path, "w", encoding="utf-8") as f:
+    with atomic_open(md_path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -264,7 +266,7 @@ def write_paired_table(
     os.makedirs(out_dir, exist_ok=True)
     cells = [{c: (f"{v:.4f}" if isinstance(v, float) else str(v)) for c, v in row.items()} for row in table]
     csv_path = os.path.join(out_dir, f"{name}_paired.csv")
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+    with atomic_open(csv_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(cells)
@@ -273,6 +275,6 @@ def write_paired_table(
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row[c] for c in columns) + " |" for row in cells]
     md_path = os.path.join(out_dir, f"{name}_paired.md")
-    with open(md_path, "w", encoding="utf-8") as f:
+    with atomic_open(md_path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return csv_path, md_path

@@ -13,7 +13,6 @@ Outputs in ``output_dir``: ``sweep.csv`` (method, rate, auc, acc, f1, ece, n), `
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from monai.data import DataLoader
 from torch.utils.data import Dataset, Subset
 
 from cmml_monai.data.cases import CaseList
+from cmml_monai.data.jsonio import atomic_open, atomic_write_json
 from cmml_monai.data.missingness import DEFAULT_RATES, all_subsets, ensure_split_masks, fixed_subset_presence
 from cmml_monai.engines.evaluator import CMMLEvaluator
 from cmml_monai.metrics import classification_metrics
@@ -94,7 +94,7 @@ def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 
 
 def _write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> str:
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -242,8 +242,7 @@ class MissingRateSweep:
         png = plot_sweep(self.rows, os.path.join(out, "sweep.png"), f"{self.case_list.name}: AUC vs missing rate")
         summary = {"method": self.method, "dataset": self.case_list.name, "split": self.split,
                    "avg_auc": self.avg_auc, "rates": self.rates}
-        with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
+        atomic_write_json(os.path.join(out, "summary.json"), summary)
         print(f"\nMissing-rate sweep ({self.case_list.name}, {self.split} split, method {self.method}):")
         print(format_table(self.rows, SWEEP_COLUMNS))
         print(f"AVG AUC = {self.avg_auc:.4f}")

@@ -13,6 +13,7 @@ import torch
 from monai.engines import Workflow
 
 from cmml_monai.data.errors import DataError
+from cmml_monai.data.jsonio import atomic_path
 from cmml_monai.data.report import summarize
 from cmml_monai.handlers.checkpoint import latest_checkpoint
 from cmml_monai.handlers.mlflow import save_executed_config
@@ -84,14 +85,16 @@ def publish_model(output_dir: str, stage_dirs: list[str], tracker=None, serve: s
     for folder in reversed(stage_dirs):
         best = os.path.join(folder, "model_best.pt")
         if serve == "best" and os.path.isfile(best):
-            shutil.copyfile(best, dest)
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(best, tmp)
             source = best
             break
         last = latest_checkpoint(folder)
         if last is not None:
             state = torch.load(last, map_location="cpu", weights_only=True)
             # with weight averaging on, the averaged weights are what validation scored and is served
-            torch.save(state.get("averager") or state["network"], dest)
+            with atomic_path(dest) as tmp:
+                torch.save(state.get("averager") or state["network"], tmp)
             source = last
             break
     else:

@@ -16,7 +16,7 @@ from cmml_monai.handlers.checkpoint import (
 from cmml_monai.handlers.early_stop import ResumableEarlyStopHandler
 from cmml_monai.handlers.metrics import MacroAUC
 from cmml_monai.handlers.mlflow import MLflowTracker, StageMLFlowHandler, resolve_tracking_uri, save_executed_config
-from cmml_monai.handlers.stats import BindTrainer, EpochLossAverager
+from cmml_monai.handlers.stats import AttachHandler, BindTrainer, EpochLossAverager
 
 __all__ = [
     "WeightAverager",
@@ -29,6 +29,7 @@ __all__ = [
     "StageCheckpointSaver",
     "BestCheckpointSaver",
     "BindTrainer",
+    "AttachHandler",
     "ResumableEarlyStopHandler",
     "LoadNetworkHandler",
     "latest_checkpoint",

@@ -8,13 +8,15 @@ import os
 import re
 import shutil
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from cmml_monai.utils import as_bool
 
-__all__ = ["latest_checkpoint", "StageCheckpointSaver", "BestCheckpointSaver", "ResumeHandler", "LoadNetworkHandler"]
+__all__ = ["latest_checkpoint", "atomic_checkpoints", "StageCheckpointSaver",
+           "BestCheckpointSaver", "ResumeHandler", "LoadNetworkHandler"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,20 @@ def latest_checkpoint(folder: str) -> str | None:
         if m and int(m.group(1)) > best_epoch:
             best, best_epoch = path, int(m.group(1))
     return best
+
+
+def atomic_checkpoints(saver: CheckpointSaver) -> CheckpointSaver:
+    """Make ``saver`` write each checkpoint to a temporary file in its folder and rename it into place.
+
+    MONAI's ``CheckpointSaver`` writes in place (ignite ``DiskSaver(atomic=False)``, for group-read
+    permissions, which ignite's atomic mode now restores too): a run killed mid-write would leave a
+    truncated ``checkpoint_epoch=N.pt`` that the next resume loads.
+    """
+    for name in ("_final_checkpoint", "_key_metric_checkpoint", "_interval_checkpoint"):
+        handler = getattr(getattr(saver, name, None), "save_handler", None)
+        if handler is not None and hasattr(handler, "_atomic"):
+            handler._atomic = True
+    return saver
 
 
 def _is_count(value: object, minimum: int) -> bool:
@@ -58,6 +74,7 @@ class StageCheckpointSaver(CheckpointSaver):
         kwargs.setdefault("n_saved", 1)
         kwargs.setdefault("epoch_level", True)
         super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
+        atomic_checkpoints(self)
 
     def attach(self, engine: Engine) -> None:
         self.save_dict.setdefault("trainer", engine)
@@ -69,7 +86,10 @@ class StageCheckpointSaver(CheckpointSaver):
 
         The final state is the last epoch's: writing it again doubled a stage's disk use (660 MB per
         full checkpoint on the MEN layout). The link survives the epoch file's later deletion.
+        Under several processes only rank 0 touches the files (ignite's ``DiskSaver`` saves on rank 0).
         """
+        if idist.get_rank() > 0:
+            return
         last = getattr(self._interval_checkpoint, "last_checkpoint", None)
         match = _EPOCH_RE.search(os.path.basename(str(last))) if last else None
         if not (self.epoch_level and match and int(match.group(1)) == engine.state.epoch and os.path.isfile(last)):
@@ -90,7 +110,8 @@ class StageCheckpointSaver(CheckpointSaver):
     def exception_raised(self, engine: Engine, e: Exception) -> None:
         """Save the state at the failure as a new ``checkpoint_final.pt`` file (MONAI writes in place, which
         would also change an epoch checkpoint the old final file was linked to)."""
-        self._unlink_final()
+        if idist.get_rank() == 0:
+            self._unlink_final()
         super().exception_raised(engine, e)
 
     def _final_path(self) -> str:
@@ -150,6 +171,7 @@ class BestCheckpointSaver(CheckpointSaver):
         super().__init__(
             save_dir=save_dir, save_dict=save_dict, save_key_metric=True, key_metric_filename=filename, **kwargs
         )
+        atomic_checkpoints(self)
         self.filename = filename
         self.min_epoch = min_epoch
         self.first_eligible_epoch = min(min_epoch, max_epochs) if max_epochs else min_epoch

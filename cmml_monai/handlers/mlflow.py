@@ -11,9 +11,11 @@ from __future__ import annotations
 import ast
 import logging
 import os
+import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import mlflow
@@ -22,9 +24,12 @@ from monai.bundle import ConfigParser
 from monai.handlers import MLFlowHandler
 from monai.utils import path_to_sqlite_uri
 
+from cmml_monai.data.errors import DataError
+from cmml_monai.data.jsonio import atomic_path
 from cmml_monai.utils import as_bool
 
-__all__ = ["resolve_tracking_uri", "MLflowTracker", "StageMLFlowHandler", "save_executed_config"]
+__all__ = ["resolve_tracking_uri", "check_tracking_server", "MLflowTracker", "StageMLFlowHandler",
+           "save_executed_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,56 @@ def resolve_tracking_uri(output_dir: str, tracking_uri: str | None = None) -> st
     return uri
 
 
+CONNECT_TIMEOUT_S = 5  # the reachability check's HTTP timeout; MLflow's own default retries for minutes
+
+
+@contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the block only (MLflow reads its HTTP settings from them per request)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_tracking_server(uri: str, output_dir: str = "<output_dir>", timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail fast when an HTTP tracking server cannot be used, before any training.
+
+    MLflow retries a failing request with backoff for minutes; a run would then train for hours without
+    a record, or die at its first log call. This makes one request with no retry and a ``timeout`` of a
+    few seconds. Local stores (``sqlite:``) are not checked.
+
+    Raises:
+        DataError: the server does not answer (one line: the URI and the three ways out).
+
+    Example::
+
+        >>> check_tracking_server("http://127.0.0.1:5000")  # doctest: +SKIP
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(timeout)))}
+    with _environ(**settings):
+        try:
+            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as err:
+            # the socket error (refused, timed out, name unknown) is buried in MLflow's retry message
+            found = re.search(r"\[Errno -?\d+\] [^'\")\]]+|timed out|Connection refused", str(err))
+            detail = found.group(0).strip() if found else (str(err).strip().splitlines() or [""])[0][:160]
+            raise DataError(
+                f"MLflow tracking server {uri} cannot be reached ({type(err).__name__}: {detail}); start it or fix "
+                f"the address, unset tracking_uri / MLFLOW_TRACKING_URI to log into {output_dir}/mlruns.db, "
+                "or turn tracking off with --mlflow_enabled false"
+            ) from None
+
+
 def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in params.items():
@@ -72,6 +127,10 @@ class MLflowTracker:
         enabled: False turns every call into a no-op.
         params: parent-run parameters (config essentials, dataset summary, rates), nested dicts allowed.
         tags: parent-run tags.
+
+    Raises:
+        DataError: an ``http(s)`` tracking server that does not answer within a few seconds
+            (:func:`check_tracking_server`): the run stops before training rather than train unrecorded.
     """
 
     def __init__(
@@ -91,6 +150,8 @@ class MLflowTracker:
         self.params = dict(params or {})
         self.tags = dict(tags or {})
         self.tracking_uri = resolve_tracking_uri(output_dir, tracking_uri) if self.enabled else ""
+        if self.enabled:
+            check_tracking_server(self.tracking_uri, output_dir)  # before training, not at the first log call
         self.artifact_location = None
         if self.tracking_uri.startswith("sqlite:///"):
             self.artifact_location = "file://" + os.path.abspath(os.path.join(output_dir, "mlruns"))
@@ -285,5 +346,6 @@ def save_executed_config(path: str, argv: Sequence[str] | None = None) -> str | 
     parser.read_config(files)
     parser.update({k: v for k, v in pairs.items() if k not in _NOT_CONFIG_ARGS})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    ConfigParser.export_config_file(parser.get(), path)
+    with atomic_path(path) as tmp:
+        ConfigParser.export_config_file(parser.get(), tmp)
     return path

@@ -7,7 +7,7 @@ from collections import defaultdict
 import torch
 from ignite.engine import Engine, Events
 
-__all__ = ["EpochLossAverager", "BindTrainer"]
+__all__ = ["EpochLossAverager", "BindTrainer", "AttachHandler"]
 
 
 class EpochLossAverager:
@@ -73,3 +73,22 @@ class BindTrainer:
 
     def attach(self, engine: Engine) -> None:
         self.handler.set_trainer(engine)
+
+
+class AttachHandler:
+    """Attach a handler that the config defines elsewhere (because other components reference it).
+
+    MONAI's bundle property checks read every entry of a trainer's handler list as a dict with a
+    ``_target_``, so a bare ``"@id"`` reference cannot stand in the list; this wrapper can.
+
+    Args:
+        handler: an object with ``attach(engine)`` (e.g. :class:`cmml_monai.handlers.WeightAverager`).
+    """
+
+    def __init__(self, handler) -> None:
+        if not callable(getattr(handler, "attach", None)):
+            raise ValueError(f"handler {type(handler).__name__} has no attach(engine)")
+        self.handler = handler
+
+    def attach(self, engine: Engine) -> None:
+        self.handler.attach(engine)

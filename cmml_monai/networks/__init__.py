@@ -12,6 +12,7 @@ from cmml_monai.networks.encoders import IMAGE_ENCODERS, ImageEncoder, MultiModa
 from cmml_monai.networks.memory import ModalityMemoryBank
 from cmml_monai.networks.tabular import TabularEncoder
 from cmml_monai.networks.utils import masked_mean, presence_from_nan, random_keep_mask
+from cmml_monai.networks.wrappers import TrainingForward
 
 __all__ = [
     "CMMLNet",
@@ -32,4 +33,5 @@ __all__ = [
     "presence_from_nan",
     "masked_mean",
     "random_keep_mask",
+    "TrainingForward",
 ]

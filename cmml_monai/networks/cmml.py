@@ -103,6 +103,12 @@ class CMMLNet(nn.Module):
             ``feature_dim``) on the concatenated, layer-normed tokens, which gives each modality slot
             its own weights. With ``residual_head`` it is also part of the stage-2 logits. Weights
             trained with another layout are refused on load.
+        memory_write_stage2: also write the memory banks from the real tokens in stage-2 training.
+            Off, the banks keep the stage-1 encoders' features while stage 2 trains the encoders on.
+        reference_reads_context: the reference's cross-attention reads the CRTA-refined context tokens
+            as well as the completed modality tokens; False reads the modality tokens only, so every
+            key carries the case (the refined context tokens start from the shared prior and can make
+            the reference nearly the same for every case).
 
     Example::
 
@@ -115,7 +121,7 @@ class CMMLNet(nn.Module):
     """
 
     # constant for TorchScript: the stage-2 branch is not compiled when the modules do not exist
-    __constants__ = ["use_stage2", "mark_synthesized", "residual_head", "stage1_head"]
+    __constants__ = ["use_stage2", "mark_synthesized", "residual_head", "stage1_head", "reference_reads_context"]
 
     def __init__(
         self,
@@ -148,6 +154,8 @@ class CMMLNet(nn.Module):
         mark_synthesized: bool = False,
         residual_head: bool = True,
         stage1_head: str = "mean",
+        memory_write_stage2: bool = False,
+        reference_reads_context: bool = True,
     ) -> None:
         super().__init__()
         # switches may arrive as command-line strings ("false"); the encoder checks its own
@@ -156,6 +164,8 @@ class CMMLNet(nn.Module):
         use_stage2 = as_bool(use_stage2, "use_stage2")
         mark_synthesized = as_bool(mark_synthesized, "mark_synthesized")
         residual_head = as_bool(residual_head, "residual_head")
+        memory_write_stage2 = as_bool(memory_write_stage2, "memory_write_stage2")
+        self.reference_reads_context = as_bool(reference_reads_context, "reference_reads_context")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         for name, p in (("stage1_drop_prob", stage1_drop_prob), ("stage2_drop_prob", stage2_drop_prob)):
@@ -172,6 +182,7 @@ class CMMLNet(nn.Module):
         self.use_stage2 = use_stage2
         self.mark_synthesized = mark_synthesized
         self.residual_head = residual_head and use_stage2
+        self.memory_write_stage2 = memory_write_stage2
         self.stage1_drop_prob = stage1_drop_prob
         self.stage2_drop_prob = stage2_drop_prob
         self.encoder = MultiModalEncoder(
@@ -278,7 +289,8 @@ class CMMLNet(nn.Module):
         if self.reference is not None and prior is not None and context is not None:
             # R_i = C + CrossAttn(C, CRTA output of case i): the dataset prior C queries the
             # case's refined context and completed (memory-enriched) modality tokens
-            reference = self.reference(prior, torch.cat([context, completed], dim=1))
+            keys = torch.cat([context, completed], dim=1) if self.reference_reads_context else completed
+            reference = self.reference(prior, keys)
         else:
             reference = completed.mean(dim=1, keepdim=True)
         aligned = self.alignment(completed, reference)
@@ -363,6 +375,9 @@ class CMMLNet(nn.Module):
             raise ValueError("forward_train(stage=2) needs a network built with use_stage2=True.")
         if self.training:
             self.stage2_trained.fill_(True)
+            if self.memory is not None and self.memory_write_stage2:
+                # the encoders keep training in stage 2: keep the slots in their current feature space
+                self.memory.update(tokens, present)
         b = tokens.shape[0]
         view2 = random_keep_mask(present, self.stage2_drop_prob)
         masks = torch.cat([present, view2], dim=0)

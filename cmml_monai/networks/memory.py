@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -20,7 +21,12 @@ class ModalityMemoryBank(nn.Module):
     real feature of a present sample is assigned to its nearest slot (cosine) and each assigned
     slot moves to ``momentum * slot + (1 - momentum) * mean(assigned)``. Slots start as random unit
     vectors; the first write fills the slots with (jittered) real features instead, so no slot starts far
-    from the data. The banks are buffers: saved with the model, broadcast by DDP from rank 0.
+    from the data. The banks are buffers: saved with the model.
+
+    Under several processes (an initialised ``torch.distributed`` group, e.g. DDP) every rank writes the
+    same update: the per-slot counts and feature sums are all-reduced before the EMA move, so the write
+    equals what one process makes from the global batch (all ranks' features) and the replicas never
+    diverge. The first write seeds the slots from rank 0's features (broadcast to all ranks).
 
     Args:
         num_modalities: ``k``.
@@ -74,13 +80,17 @@ class ModalityMemoryBank(nn.Module):
         features = features.detach().to(self.memory.dtype)
         if not self._ready:  # host sync only until every bank has been seeded
             self._seed(features, present)
+            # every rank starts from rank 0's seeds, so all ranks assign features against the same slots
+            _broadcast(self.memory, self.initialized)
             self._ready = bool(self.initialized.all())
         # all modalities at once: nearest slot per real feature, then masked per-slot means
         sim = torch.einsum("bkd,ksd->bks", F.normalize(features, dim=-1), F.normalize(self.memory, dim=-1))
         onehot = F.one_hot(sim.argmax(dim=-1), self.memory.shape[1]).to(features.dtype)
         onehot = onehot * present.unsqueeze(-1).to(features.dtype)  # [B, k, S]
         counts = onehot.sum(dim=0)  # [k, S]
-        mean = torch.einsum("bks,bkd->ksd", onehot, features) / counts.clamp_min(1.0).unsqueeze(-1)
+        sums = torch.einsum("bks,bkd->ksd", onehot, features)
+        counts, sums = _all_reduce_sum(counts, sums)  # the global batch's per-slot statistics
+        mean = sums / counts.clamp_min(1.0).unsqueeze(-1)
         moved = self.momentum * self.memory + (1.0 - self.momentum) * mean
         self.memory.copy_(torch.where((counts > 0).unsqueeze(-1), moved, self.memory))
 
@@ -95,3 +105,26 @@ class ModalityMemoryBank(nn.Module):
             # jitter so duplicated features land in distinct slots
             self.memory[m] = seed + 0.01 * seed.std() * torch.randn_like(seed)
             self.initialized[m] = True
+
+
+def _several_processes() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_sum(counts: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``counts [k, S]`` and ``sums [k, S, d]`` summed over ranks in one collective (as they are alone)."""
+    if not _several_processes():
+        return counts, sums
+    flat = torch.cat([counts.reshape(-1), sums.reshape(-1)])
+    dist.all_reduce(flat)
+    return flat[: counts.numel()].view_as(counts), flat[counts.numel():].view_as(sums)
+
+
+def _broadcast(memory: torch.Tensor, initialized: torch.Tensor) -> None:
+    """Rank 0's ``memory`` and ``initialized`` to every rank (bool as uint8: gloo has no bool)."""
+    if not _several_processes():
+        return
+    flags = initialized.to(torch.uint8)
+    dist.broadcast(memory, 0)
+    dist.broadcast(flags, 0)
+    initialized.copy_(flags.bool())

@@ -192,6 +192,8 @@ def load_derm7pt(
             continue
         diagnosis = clean_cell(row["diagnosis"])
         group = derm7pt_group(diagnosis) if diagnosis is not None else None
+        if diagnosis is None:
+            raise DataError(f"{meta_path}: case {cid}: the diagnosis (label) column is empty; fill it or drop the row")
         if group is None:
             raise DataError(
                 f"{meta_path}: case {cid}: diagnosis {diagnosis!r} is not a known Derm7pt diagnosis "
