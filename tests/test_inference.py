@@ -386,3 +386,22 @@ def test_a_baseline_is_served_and_completes_nothing(trained, tmp_path):
         rows = list(csv.DictReader(f))
     assert any(r["present"] != "clinic;derm;table" for r in rows)  # some case misses a modality
     assert all(r["completed"] == "" for r in rows)
+
+
+def test_preflight_lists_a_corrupt_file_or_predicts_without_it(trained, tmp_path):
+    data = str(tmp_path / "corrupt")
+    shutil.copytree(trained["data"], data)
+    desc = load_description(trained["models"])
+    cases = inference_cases(desc, "derm7pt", data)
+    victim = next(c for c in cases.cases if c.paths["derm"] and c.paths["clinic"] and c.split == "test")
+    with open(victim.paths["derm"], "wb") as f:
+        f.write(b"not a jpeg")
+    with pytest.raises(DataError, match=r"preflight: 1 problem"):
+        inference_dataset(desc, cases, "test", preflight="fail")
+    dataset = inference_dataset(desc, cases, "test", preflight="mark_missing")
+    path = Predictor(load_network(trained["models"]), dataset, desc, str(tmp_path / "pred"), progress=False).run()
+    with open(path, newline="") as f:
+        rows = {r["case_id"]: r for r in csv.DictReader(f)}
+    assert rows[victim.case_id]["present"] == "clinic;table" and rows[victim.case_id]["completed"] == "derm"
+    with pytest.raises(DataError, match="no case in split"):
+        inference_dataset(desc, cases, "no_such_split")

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from monai.data import Dataset
+from torch.utils.data import ConcatDataset
 from tqdm import tqdm
 
 from cmml_monai.data.adapters import load_dataset
@@ -23,6 +24,7 @@ from cmml_monai.data.cases import CaseList
 from cmml_monai.data.dataset import build_dataloader, build_dataset
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.jsonio import atomic_write_json
+from cmml_monai.data.preflight import run_preflight
 from cmml_monai.deploy.description import completes_missing, description_schema
 
 __all__ = ["inference_cases", "check_cases", "inference_dataset", "probabilities", "Predictor", "PREDICTIONS_NAME"]
@@ -87,7 +89,13 @@ def inference_cases(
 
 
 def inference_dataset(
-    description: Mapping[str, Any], case_list: CaseList, split: str | Sequence[str] | None = None
+    description: Mapping[str, Any],
+    case_list: CaseList,
+    split: str | Sequence[str] | None = None,
+    preflight: str = "off",
+    num_workers: int = 0,
+    output_dir: str | None = None,
+    progress: bool = False,
 ) -> Dataset:
     """The cases as batch-contract items (no label), preprocessed as the description says.
 
@@ -95,24 +103,44 @@ def inference_dataset(
         description: from :func:`cmml_monai.deploy.load_description`.
         case_list: from :func:`inference_cases`.
         split: only the cases of these splits (``None``: every case).
+        preflight: :func:`cmml_monai.data.preflight.run_preflight` before any prediction: ``"fail"`` (every
+            unusable file listed at once, nothing predicted), ``"mark_missing"`` (an unusable image modality
+            becomes missing: the case is predicted from the others and ``present`` shows it) or ``"off"``
+            (a bad file stops the run when it is read). The check decodes every file once more.
+        num_workers: preflight threads.
+        output_dir: where ``preflight.json`` goes when there are problems.
+        progress: preflight progress bar.
 
     Example:
         >>> inference_dataset(desc, cases)[0]["image"].shape  # doctest: +SKIP
         torch.Size([6, 224, 224])
     """
     prep = description["preprocessing"]
-    return build_dataset(
-        case_list,
-        split,
-        description_schema(description),
-        spatial_size=prep["spatial_size"],
-        pixdim=prep.get("pixdim"),
-        reader=prep.get("reader", "itk"),
-        series=prep.get("series"),
-        mean=prep.get("mean"),
-        std=prep.get("std"),
-        with_label=False,
-    )
+    schema = description_schema(description)
+    wanted = None if split is None else ({split} if isinstance(split, str) else set(split))
+    # one dataset per split: the preflight matches its problems to cases by (split, case id)
+    splits = list(dict.fromkeys(c.split for c in case_list.cases if wanted is None or c.split in wanted))
+    if wanted is not None and not splits:
+        raise DataError(f"no case in split(s) {sorted(wanted)}; the cases' splits are "
+                        f"{sorted({c.split for c in case_list.cases})} (omit split for every case)")
+    datasets = {
+        s: build_dataset(
+            case_list,
+            s,
+            schema,
+            spatial_size=prep["spatial_size"],
+            pixdim=prep.get("pixdim"),
+            reader=prep.get("reader", "itk"),
+            series=prep.get("series"),
+            mean=prep.get("mean"),
+            std=prep.get("std"),
+            with_label=False,
+        )
+        for s in splits
+    }
+    run_preflight(case_list, datasets, preflight, max(1, int(num_workers)), output_dir, progress)
+    parts = list(datasets.values())
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
 def probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
