@@ -20,6 +20,7 @@ from cmml_monai.data.adapters.common import FILE_ABSENT, NOT_LISTED, case_ids, c
 from cmml_monai.data.cases import TABLE_MODALITY, Case, CaseList, ModalitySpec
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.table import read_table
+from cmml_monai.utils import as_bool
 
 __all__ = [
     "load_derm7pt",
@@ -133,6 +134,7 @@ def load_derm7pt(
         ['clinic', 'derm', 'table']
     """
     dataset_dir = os.fspath(dataset_dir)
+    labels = as_bool(labels, "labels")  # may come from the command line as text
     if not os.path.isdir(dataset_dir):
         raise DataError(f"Derm7pt: dataset_dir {dataset_dir} does not exist; set dataset_dir to the release_v0 folder")
     root = _find_root(dataset_dir)

@@ -29,6 +29,7 @@ from cmml_monai.data.adapters.splits import DEFAULT_FRACTIONS, load_or_make_spli
 from cmml_monai.data.cases import TABLE_MODALITY, Case, CaseList, ModalitySpec
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.table import read_table
+from cmml_monai.utils import as_bool
 
 __all__ = [
     "load_men",
@@ -138,6 +139,7 @@ def load_men(
         >>> cases = load_men("/data/MEN", column_map={"case_id": "BraTS ID", "grade": "WHO grade"})  # doctest: +SKIP
     """
     dataset_dir = os.fspath(dataset_dir)
+    labels = as_bool(labels, "labels")  # may come from the command line as text
     if not os.path.isdir(dataset_dir):
         raise DataError(f"MEN: dataset_dir {dataset_dir} does not exist")
     sequences = [str(s) for s in sequences]
