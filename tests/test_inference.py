@@ -20,7 +20,9 @@ from monai.bundle import ConfigWorkflow
 
 from cmml_monai.data.adapters import load_dataset
 from cmml_monai.data.adapters.odir import ODIR_LABELS
+from cmml_monai.data.dataset import build_dataset
 from cmml_monai.data.errors import DataError
+from cmml_monai.data.setup import DatasetInfo, fit_schema
 from cmml_monai.data.synthetic import make_synthetic
 from cmml_monai.deploy import (
     DESCRIPTION_NAME,
@@ -32,9 +34,11 @@ from cmml_monai.deploy import (
     load_description,
     load_network,
     probabilities,
+    save_description,
 )
 from cmml_monai.deploy.export import check_export, example_inputs, export_onnx, main
 from cmml_monai.deploy.inference import inference_cases
+from cmml_monai.engines.methods import build_network
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
@@ -405,3 +409,34 @@ def test_preflight_lists_a_corrupt_file_or_predicts_without_it(trained, tmp_path
     assert rows[victim.case_id]["present"] == "clinic;table" and rows[victim.case_id]["completed"] == "derm"
     with pytest.raises(DataError, match="no case in split"):
         inference_dataset(desc, cases, "no_such_split")
+
+
+def test_3d_preprocessing_follows_the_description(tmp_path):
+    """MEN layout (3D, resampled to pixdim): the items inference builds from network.json alone equal the
+    training items of the same cases, with and without the grade column."""
+    data = str(tmp_path / "men")
+    make_synthetic("men", data, cases=12, seed=0, shape=(12, 12, 12))
+    cases = load_dataset("men", data)
+    schema = fit_schema(cases)
+    info = DatasetInfo(cases, schema)
+    net = build_network("zero_fill", image_modalities=info.image_modalities, image_channels=info.image_channels,
+                        spatial_dims=info.spatial_dims, num_classes=info.num_classes,
+                        tabular_cardinalities=info.tabular_cardinalities, feature_dim=8, image_encoder="resnet10")
+    models = str(tmp_path / "run" / "models")
+    os.makedirs(models)
+    torch.save(net.state_dict(), os.path.join(models, "model.pt"))
+    save_description(str(tmp_path / "run"), net, cases, schema, spatial_size=(8, 8, 8), pixdim=(2.0, 2.0, 2.0))
+    desc = load_description(models)
+    assert desc["preprocessing"]["pixdim"] == [2.0, 2.0, 2.0] and desc["preprocessing"]["mean"] is None
+    train_items = build_dataset(cases, None, schema, spatial_size=(8, 8, 8), pixdim=(2.0, 2.0, 2.0))
+    expected = {item["case_id"]: item for item in train_items}
+    table = os.path.join(data, next(f for f in os.listdir(data) if f.endswith(".csv")))
+    pd.read_csv(table).drop(columns=["grade", "split"], errors="ignore").to_csv(table, index=False)
+    new = inference_dataset(desc, inference_cases(desc, "men", data))
+    assert len(new) == len(expected)
+    for item in new:
+        want = expected[item["case_id"]]
+        assert "label" not in item and item["image"].shape == (4, 8, 8, 8)
+        assert torch.equal(item["image"].isnan(), want["image"].isnan())
+        assert torch.equal(item["image"].nan_to_num(), want["image"].nan_to_num())
+        assert torch.equal(item["tabular"].nan_to_num(), want["tabular"].nan_to_num())
