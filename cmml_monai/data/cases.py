@@ -52,13 +52,14 @@ class Case:
         missing_reason: image modality name -> why it is missing (e.g. ``"file absent"``,
             ``"clinic == derm"``). Only for missing modalities.
         table: raw clinical values by column name (``None`` / NaN = empty cell).
-        label: class index (single-label) or a 0/1 list (multi-label).
+        label: class index (single-label) or a 0/1 list (multi-label); None for new cases read without
+            labels (the adapters' ``labels=False``, inference only).
     """
 
     case_id: str
     split: str
     paths: dict[str, str | None]
-    label: int | list[int]
+    label: int | list[int] | None
     table: dict[str, Any] = field(default_factory=dict)
     missing_reason: dict[str, str] = field(default_factory=dict)
 

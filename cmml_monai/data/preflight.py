@@ -202,6 +202,8 @@ def class_coverage(case_list: CaseList, splits: Sequence[str]) -> list[str]:
             continue
         counts = [0] * len(case_list.class_names)
         for c in cases:
+            if c.label is None:  # a new case read for inference (labels=False)
+                continue
             if case_list.multi_label:
                 counts = [n + int(v) for n, v in zip(counts, c.label)]  # type: ignore[arg-type]
             else:

@@ -1,7 +1,63 @@
-"""cmml_monai.deploy: serving a trained model (the top layer; empty for now).
+"""cmml_monai.deploy: serving a trained model (the top layer).
 
-It will own what runs a published ``models/model.pt`` outside training: the inference entry point
-of the bundle and model export. It may import every layer below it; no other layer imports it.
+It owns what runs a published ``models/model.pt`` outside training: the network description written
+beside it (``description``), the inference entry point of the bundle (``inference``,
+``configs/inference.json``) and the TorchScript export (``export``). It may import every layer below it;
+no other layer imports it.
 """
 
-__all__: list[str] = []
+from cmml_monai.deploy.description import (
+    DESCRIPTION_NAME,
+    DESCRIPTION_VERSION,
+    WEIGHTS_NAME,
+    build_from_description,
+    completes_missing,
+    describe_network,
+    description_schema,
+    load_description,
+    load_network,
+    resolve_model_dir,
+    save_description,
+)
+from cmml_monai.deploy.export import (
+    ONNX_NAME,
+    TORCHSCRIPT_NAME,
+    check_export,
+    example_inputs,
+    export_onnx,
+    export_torchscript,
+)
+from cmml_monai.deploy.inference import (
+    PREDICTIONS_NAME,
+    Predictor,
+    check_cases,
+    inference_cases,
+    inference_dataset,
+    probabilities,
+)
+
+__all__ = [
+    "DESCRIPTION_NAME",
+    "DESCRIPTION_VERSION",
+    "WEIGHTS_NAME",
+    "build_from_description",
+    "completes_missing",
+    "describe_network",
+    "description_schema",
+    "load_description",
+    "load_network",
+    "resolve_model_dir",
+    "save_description",
+    "PREDICTIONS_NAME",
+    "Predictor",
+    "check_cases",
+    "inference_cases",
+    "inference_dataset",
+    "probabilities",
+    "TORCHSCRIPT_NAME",
+    "check_export",
+    "example_inputs",
+    "export_torchscript",
+    "ONNX_NAME",
+    "export_onnx",
+]

@@ -41,16 +41,22 @@ def _check(method: str) -> None:
 def build_network(method: str = "cmml", **kwargs: Any) -> torch.nn.Module:
     """The network of ``method`` with the shared constructor arguments ``kwargs``.
 
-    CMML-only options (``num_blocks``, ``memory_slots``, ...) are dropped for the baselines.
+    CMML-only options (``num_blocks``, ``memory_slots``, ...) are dropped for the baselines. The network
+    keeps ``build_args`` (``method`` and ``kwargs`` as given), what rebuilding it needs.
 
     Raises:
         ValueError: unknown method.
     """
     _check(method)
     cls, fixed, _ = METHODS[method]
+    build_args = {"method": method, **kwargs}
     if cls is not CMMLNet:
         kwargs = {k: v for k, v in kwargs.items() if k not in _CMML_ONLY}
-    return cls(**{**kwargs, **fixed})
+    net = cls(**{**kwargs, **fixed})
+    # the resolved arguments, overrides included: cmml_monai.deploy writes them beside the served weights
+    # so the network can be rebuilt without the training data
+    net.build_args = build_args
+    return net
 
 
 def stage_epochs(method: str, stage1: int, stage2: int) -> list[int]:

@@ -20,6 +20,7 @@ from cmml_monai.data.adapters.common import FILE_ABSENT, NOT_LISTED, case_ids, c
 from cmml_monai.data.cases import TABLE_MODALITY, Case, CaseList, ModalitySpec
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.table import read_table
+from cmml_monai.utils import as_bool
 
 __all__ = [
     "load_derm7pt",
@@ -69,6 +70,29 @@ def derm7pt_group(diagnosis: str) -> str | None:
     return DERM7PT_DIAGNOSIS_GROUPS.get(d)
 
 
+def _image_paths(row: dict, image_dir: str) -> tuple[dict[str, str | None], dict[str, str]]:
+    clinic, derm = clean_cell(row["clinic"]), clean_cell(row["derm"])
+    paths: dict[str, str | None] = {}
+    reasons: dict[str, str] = {}
+    for name, rel in (("clinic", clinic), ("derm", derm)):
+        if rel is None:
+            paths[name], reasons[name] = None, NOT_LISTED
+        elif name == "clinic" and derm is not None and str(rel) == str(derm):
+            paths[name], reasons[name] = None, "clinic == derm"
+        else:
+            full = os.path.join(image_dir, *str(rel).replace("\\", "/").split("/"))
+            if os.path.isfile(full):
+                paths[name] = full
+            else:
+                paths[name], reasons[name] = None, FILE_ABSENT
+    return paths, reasons
+
+
+def _unlabelled_case(cid: str, split: str, row: dict, image_dir: str, columns: Sequence[str]) -> Case:
+    paths, reasons = _image_paths(row, image_dir)
+    return Case(cid, split, paths, None, {c: clean_cell(row[c]) for c in columns}, reasons)  # type: ignore[arg-type]
+
+
 def _find_root(dataset_dir: str) -> str:
     for root in (dataset_dir, os.path.join(dataset_dir, "release_v0")):
         if os.path.isfile(os.path.join(root, "meta", "meta.csv")):
@@ -85,6 +109,7 @@ def load_derm7pt(
     extra_table_columns: Sequence[str] = (),
     allow_leaky_columns: bool = False,
     id_column: str = "case_num",
+    labels: bool = True,
 ) -> CaseList:
     """Read Derm7pt in its native ``release_v0`` layout.
 
@@ -95,6 +120,9 @@ def load_derm7pt(
         allow_leaky_columns: permit ``management`` / ``level_of_diagnostic_difficulty`` as features (they
             leak the label; a warning is issued).
         id_column: column giving the case id (``case_num`` or ``case_id``); values must be unique.
+        labels: read the diagnosis. False (inference of new cases): ``diagnosis`` and the index files may be
+            absent, every case's label is None and a row in no index file gets split ``""`` instead of
+            being dropped.
 
     Raises:
         DataError: wrong layout, missing column or index file, unknown diagnosis, bad index, duplicated ids,
@@ -106,6 +134,7 @@ def load_derm7pt(
         ['clinic', 'derm', 'table']
     """
     dataset_dir = os.fspath(dataset_dir)
+    labels = as_bool(labels, "labels")  # may come from the command line as text
     if not os.path.isdir(dataset_dir):
         raise DataError(f"Derm7pt: dataset_dir {dataset_dir} does not exist; set dataset_dir to the release_v0 folder")
     root = _find_root(dataset_dir)
@@ -121,12 +150,15 @@ def load_derm7pt(
         warnings.warn(f"Derm7pt: table columns {leaky} leak the label; results are not a fair benchmark")
 
     meta_path = os.path.join(root, "meta", "meta.csv")
-    meta = read_table(meta_path, required=[id_column, "diagnosis", "clinic", "derm", *columns])
+    label_columns = ["diagnosis"] if labels else []
+    meta = read_table(meta_path, required=[id_column, *label_columns, "clinic", "derm", *columns])
     ids = case_ids(meta[id_column], meta_path, id_column)
 
     split_of: dict[int, str] = {}
     for split, fname in _SPLIT_FILES.items():
         ipath = os.path.join(root, "meta", fname)
+        if not labels and not os.path.isfile(ipath):
+            continue  # new cases need no split
         idx = read_table(ipath, required=["indexes"])
         for v in idx["indexes"]:
             pos = clean_cell(v)
@@ -154,6 +186,9 @@ def load_derm7pt(
     cases, dropped = [], []
     for pos, row in enumerate(meta.to_dict(orient="records")):
         cid = ids[pos]
+        if not labels:
+            cases.append(_unlabelled_case(cid, split_of.get(pos, ""), row, image_dir, columns))
+            continue
         if pos not in split_of:
             dropped.append((cid, "not in any split index file"))
             continue
@@ -166,20 +201,7 @@ def load_derm7pt(
                 f"{meta_path}: case {cid}: diagnosis {diagnosis!r} is not a known Derm7pt diagnosis "
                 f"(expected one of {sorted(DERM7PT_DIAGNOSIS_GROUPS)} or melanoma...)"
             )
-        clinic, derm = clean_cell(row["clinic"]), clean_cell(row["derm"])
-        paths: dict[str, str | None] = {}
-        reasons: dict[str, str] = {}
-        for name, rel in (("clinic", clinic), ("derm", derm)):
-            if rel is None:
-                paths[name], reasons[name] = None, NOT_LISTED
-            elif name == "clinic" and derm is not None and str(rel) == str(derm):
-                paths[name], reasons[name] = None, "clinic == derm"
-            else:
-                full = os.path.join(image_dir, *str(rel).replace("\\", "/").split("/"))
-                if os.path.isfile(full):
-                    paths[name] = full
-                else:
-                    paths[name], reasons[name] = None, FILE_ABSENT
+        paths, reasons = _image_paths(row, image_dir)
         table = {c: clean_cell(row[c]) for c in columns}
         cases.append(Case(cid, split_of[pos], paths, DERM7PT_CLASSES.index(group), table, reasons))
 

@@ -30,6 +30,7 @@ from cmml_monai.data.cases import TABLE_MODALITY, Case, CaseList, ModalitySpec
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.fingerprint import case_fingerprint
 from cmml_monai.data.table import read_table
+from cmml_monai.utils import as_bool
 
 __all__ = [
     "load_men",
@@ -112,6 +113,7 @@ def load_men(
     split_file: str | os.PathLike | None = None,
     split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
     split_seed: int = 0,
+    labels: bool = True,
 ) -> CaseList:
     """Read a MEN-style dataset (case folders of NIfTI files or DICOM series + clinical table).
 
@@ -128,6 +130,8 @@ def load_men(
         split_file: JSON split used when the table has no split column (reused, or written when given).
         split_fractions: train, valid, test fractions for the made split.
         split_seed: seed of the made split.
+        labels: read the grade. False (inference of new cases): the grade column may be absent, every case's
+            label is None and, without a split column, no split is made (split ``""``).
 
     Raises:
         DataError: missing folder/table/column, unknown grade or split value, duplicated case ids.
@@ -136,6 +140,7 @@ def load_men(
         >>> cases = load_men("/data/MEN", column_map={"case_id": "BraTS ID", "grade": "WHO grade"})  # doctest: +SKIP
     """
     dataset_dir = os.fspath(dataset_dir)
+    labels = as_bool(labels, "labels")  # may come from the command line as text
     if not os.path.isdir(dataset_dir):
         raise DataError(f"MEN: dataset_dir {dataset_dir} does not exist")
     sequences = [str(s) for s in sequences]
@@ -148,7 +153,7 @@ def load_men(
         table_path = resolve_path(dataset_dir, clinical_table)
     else:
         table_path = _default_table(dataset_dir)
-    required = [cmap["case_id"], cmap["grade"], *(cmap.get(f, f) for f in feats)]
+    required = [cmap["case_id"], *([cmap["grade"]] if labels else []), *(cmap.get(f, f) for f in feats)]
     df = read_table(table_path, sheet=sheet, required=required)  # type: ignore[arg-type]
     id_col, grade_col, split_col = cmap["case_id"], cmap["grade"], cmap.get("split")
     has_split = split_col is not None and split_col in df.columns
@@ -167,12 +172,12 @@ def load_men(
         modalities.append(ModalitySpec(TABLE_MODALITY, "table", 0))
     cases, dropped, explicit_split = [], [], {}
     for cid, row in zip(ids, rows):
-        grade_raw = clean_cell(row[grade_col])
-        if grade_raw is None:
+        grade_raw = clean_cell(row[grade_col]) if labels else None
+        if grade_raw is None and labels:
             dropped.append((cid, "grade empty"))
             continue
-        label = parse_grade(grade_raw)
-        if label is None:
+        label = parse_grade(grade_raw) if labels else None
+        if label is None and labels:
             raise DataError(
                 f"{table_path}: case {cid}: grade {grade_raw!r} in column {grade_col!r} is not 1, 2, 3, low or high"
             )
@@ -199,6 +204,8 @@ def load_men(
     kept, empty = drop_all_missing(cases, modalities, feats)
     if has_split:
         split = explicit_split
+    elif not labels:
+        split = {c.case_id: "" for c in kept}
     else:
         ids = [c.case_id for c in kept]
         fingerprint = case_fingerprint("men", [m.name for m in modalities], ids)

@@ -30,6 +30,7 @@ from cmml_monai.data.cases import TABLE_MODALITY, Case, CaseList, ModalitySpec
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.fingerprint import case_fingerprint
 from cmml_monai.data.table import read_table
+from cmml_monai.utils import as_bool
 
 __all__ = [
     "load_odir",
@@ -67,6 +68,7 @@ def load_odir(
     split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
     split_seed: int = 0,
     use_table: bool = True,
+    labels: bool = True,
 ) -> CaseList:
     """Read ODIR-5K in its native layout.
 
@@ -81,6 +83,8 @@ def load_odir(
         split_fractions: train, valid, test fractions.
         split_seed: seed of the split.
         use_table: include the table modality (age, sex).
+        labels: read the label columns. False (inference of new cases): ``N ... O`` and the keyword columns
+            may be absent, every case's label is None and no split is made (split ``""``).
 
     Raises:
         DataError: missing folder/xlsx/sheet/column, a label other than 0/1, duplicated IDs, bad split file.
@@ -89,6 +93,7 @@ def load_odir(
         >>> cases = load_odir("/data/ODIR-5K", split_file="outputs/odir_split.json")  # doctest: +SKIP
     """
     dataset_dir = os.fspath(dataset_dir)
+    labels = as_bool(labels, "labels")  # may come from the command line as text
     if not os.path.isdir(dataset_dir):
         raise DataError(f"ODIR-5K: dataset_dir {dataset_dir} does not exist")
     xlsx = resolve_path(dataset_dir, annotation_file)
@@ -107,7 +112,8 @@ def load_odir(
                 f"ODIR-5K: no image folder in {dataset_dir}; expected one of {list(ODIR_IMAGE_DIRS)} or set image_dir"
             )
         img_root = found[0]
-    df = read_table(xlsx, sheet=sheet, required=_REQUIRED)  # type: ignore[arg-type]
+    required = _REQUIRED if labels else [c for c in _REQUIRED if c not in ODIR_LABELS and "Keywords" not in c]
+    df = read_table(xlsx, sheet=sheet, required=required)  # type: ignore[arg-type]
     ids = case_ids(df["ID"], xlsx, "ID")  # type: ignore[arg-type]
 
     columns = list(ODIR_TABLE_COLUMNS) if use_table else []
@@ -116,7 +122,7 @@ def load_odir(
         modalities.append(ModalitySpec(TABLE_MODALITY, "table", 0))
     cases = []
     for cid, row in zip(ids, df.to_dict(orient="records")):
-        label = [_label_value(row[c], cid, c, xlsx) for c in ODIR_LABELS]  # type: ignore[arg-type]
+        label = [_label_value(row[c], cid, c, xlsx) for c in ODIR_LABELS] if labels else None  # type: ignore[arg-type]
         paths: dict[str, str | None] = {}
         reasons: dict[str, str] = {}
         for name, col in (("left", "Left-Fundus"), ("right", "Right-Fundus")):
@@ -133,12 +139,13 @@ def load_odir(
         cases.append(Case(cid, "", paths, label, table, reasons))
 
     kept, dropped = drop_all_missing(cases, modalities, columns)
-    keys = ["".join(map(str, c.label)) for c in kept]  # type: ignore[arg-type]
-    ids = [c.case_id for c in kept]
-    fingerprint = case_fingerprint("odir", [m.name for m in modalities], ids)
-    split = load_or_make_split(ids, keys, split_file, split_fractions, split_seed, fingerprint, "odir")
-    for c in kept:
-        c.split = split[c.case_id]
+    if labels:  # new cases (labels=False) need no split
+        keys = ["".join(map(str, c.label)) for c in kept]  # type: ignore[arg-type]
+        ids = [c.case_id for c in kept]
+        fingerprint = case_fingerprint("odir", [m.name for m in modalities], ids)
+        split = load_or_make_split(ids, keys, split_file, split_fractions, split_seed, fingerprint, "odir")
+        for c in kept:
+            c.split = split[c.case_id]
     return CaseList(
         name="odir",
         modalities=modalities,
