@@ -20,6 +20,8 @@ import sys
 import pytest
 import torch
 
+from bundle_helpers import tiny_overrides
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
 MULTI = os.path.join(ROOT, "configs", "multi_gpu_train.json")
@@ -29,26 +31,7 @@ BANK = {"num_modalities": 3, "feature_dim": 8, "num_slots": 4}
 
 def tiny(data_dir: str, out: str, **extra) -> dict:
     """Overrides that make train.json run in seconds on CPU (32 px, resnet10, feature_dim 16, 1 + 1 epochs)."""
-    args = {
-        "bundle_root": ROOT,
-        "dataset_dir": data_dir,
-        "synthetic_cases": CASES,
-        "output_dir": out,
-        "shared_dir": os.path.join(out, "shared"),
-        "spatial_size": [32, 32],
-        "image_encoder": "resnet10",
-        "feature_dim": 16,
-        "batch_size": 4,
-        "stage1_epochs": 1,
-        "stage2_epochs": 1,
-        "progress_bar": False,
-        "missing_rates": [0.0, 0.5],
-        "sweep#subsets": False,
-        "sweep#roc": False,
-        "mlflow_enabled": False,
-    }
-    args.update(extra)
-    return args
+    return tiny_overrides(data_dir, out, **{"synthetic_cases": CASES, "batch_size": 4, **extra})
 
 
 def bank_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -16,7 +16,6 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
 
 from cmml_monai.data.adapters import load_dataset
 from cmml_monai.data.adapters.odir import ODIR_LABELS
@@ -40,6 +39,8 @@ from cmml_monai.deploy.export import check_export, example_inputs, export_onnx, 
 from cmml_monai.deploy.inference import inference_cases
 from cmml_monai.engines.methods import build_network
 
+from bundle_helpers import tiny_overrides, workflow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
 DESCRIBE = os.path.join(ROOT, "configs", "describe.json")
@@ -49,32 +50,8 @@ NUM_BLOCKS = 2  # not the default (3): a description that lost the override woul
 
 
 def train_args(dataset_dir: str, out: str, **extra) -> dict:
-    args = {
-        "bundle_root": ROOT,
-        "dataset_dir": dataset_dir,
-        "synthetic": False,
-        "output_dir": out,
-        "shared_dir": os.path.join(out, "shared"),
-        "spatial_size": [32, 32],
-        "feature_dim": 16,
-        "image_encoder": "resnet10",
-        "network_def#num_blocks": NUM_BLOCKS,
-        "batch_size": 8,
-        "stage1_epochs": 1,
-        "stage2_epochs": 1,
-        "progress_bar": False,
-        "run_sweep": False,
-        "missing_rates": [0.0],
-        "mlflow_enabled": False,
-    }
-    args.update(extra)
-    return args
-
-
-def workflow(config_file, **override) -> ConfigWorkflow:
-    w = ConfigWorkflow(config_file=config_file, workflow_type="train", **override)
-    w.initialize()
-    return w
+    overrides = {"synthetic": False, "network_def#num_blocks": NUM_BLOCKS, "run_sweep": False, "missing_rates": [0.0]}
+    return tiny_overrides(dataset_dir, out, **{**overrides, **extra})
 
 
 @pytest.fixture(scope="module")

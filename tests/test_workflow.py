@@ -9,11 +9,12 @@ import os
 import pytest
 import torch
 from ignite.engine import Engine, Events
-from monai.bundle import ConfigWorkflow
 
 from cmml_monai.data.errors import find_data_error
 from cmml_monai.evaluation import publish_model
 from cmml_monai.handlers import BestCheckpointSaver
+
+from bundle_helpers import tiny_overrides, workflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
@@ -28,31 +29,7 @@ def synthetic_dir(tmp_path_factory) -> str:
 
 def tiny(synthetic_dir: str, out: str, **extra) -> dict:
     """Overrides that make train.json run in seconds on CPU."""
-    args = {
-        "bundle_root": ROOT,
-        "dataset_dir": synthetic_dir,
-        "synthetic_cases": 30,
-        "output_dir": out,
-        "shared_dir": os.path.join(out, "shared"),
-        "spatial_size": [32, 32],
-        "feature_dim": 16,
-        "batch_size": 8,
-        "stage1_epochs": 1,
-        "stage2_epochs": 1,
-        "progress_bar": False,
-        "missing_rates": [0.0, 0.5],
-        "sweep#subsets": False,
-        "sweep#roc": False,
-        "mlflow_enabled": False,
-    }
-    args.update(extra)
-    return args
-
-
-def workflow(config_file, **override) -> ConfigWorkflow:
-    w = ConfigWorkflow(config_file=config_file, workflow_type="train", **override)
-    w.initialize()
-    return w
+    return tiny_overrides(synthetic_dir, out, **{"synthetic_cases": 30, **extra})
 
 
 def test_check_properties_nothing_missing(synthetic_dir, tmp_path):

@@ -1,0 +1,41 @@
+"""Shared by the tests that run the bundle configs: overrides that make train.json run in seconds."""
+
+from __future__ import annotations
+
+import os
+
+from monai.bundle import ConfigWorkflow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "configs", "train.json")
+
+
+def tiny_overrides(dataset_dir: str, output_dir: str, **extra) -> dict:
+    """train.json overrides for a CPU run of seconds (32 px, resnet10, feature_dim 16, 1 + 1 epochs);
+    ``extra`` adds or replaces keys."""
+    args = {
+        "bundle_root": ROOT,
+        "dataset_dir": dataset_dir,
+        "output_dir": output_dir,
+        "shared_dir": os.path.join(output_dir, "shared"),
+        "spatial_size": [32, 32],
+        "image_encoder": "resnet10",
+        "feature_dim": 16,
+        "batch_size": 8,
+        "stage1_epochs": 1,
+        "stage2_epochs": 1,
+        "progress_bar": False,
+        "missing_rates": [0.0, 0.5],
+        "sweep#subsets": False,
+        "sweep#roc": False,
+        "mlflow_enabled": False,
+    }
+    args.update(extra)
+    return args
+
+
+def workflow(config_file, **override) -> ConfigWorkflow:
+    """An initialised ``ConfigWorkflow`` (train type) of ``config_file`` with ``override``."""
+    w = ConfigWorkflow(config_file=config_file, workflow_type="train", **override)
+    w.initialize()
+    return w
