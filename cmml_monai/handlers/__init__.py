@@ -16,6 +16,7 @@ from cmml_monai.handlers.checkpoint import (
 from cmml_monai.handlers.early_stop import ResumableEarlyStopHandler
 from cmml_monai.handlers.metrics import MacroAUC
 from cmml_monai.handlers.mlflow import MLflowTracker, StageMLFlowHandler, resolve_tracking_uri, save_executed_config
+from cmml_monai.handlers.rng import RandomState
 from cmml_monai.handlers.stats import AttachHandler, BindTrainer, EpochLossAverager
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "AttachHandler",
     "ResumableEarlyStopHandler",
     "LoadNetworkHandler",
+    "RandomState",
     "latest_checkpoint",
     "EpochLossAverager",
 ]

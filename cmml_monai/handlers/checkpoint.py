@@ -80,6 +80,26 @@ class StageCheckpointSaver(CheckpointSaver):
         self.save_dict.setdefault("trainer", engine)
         super().attach(engine)
 
+    def interval_completed(self, engine: Engine) -> None:
+        """Save this epoch's checkpoint, then delete the epoch checkpoints beyond the newest ``n_saved``.
+
+        MONAI's saver only deletes the files it wrote itself: a resumed run would keep the killed run's
+        last ``checkpoint_epoch=N.pt`` (a full checkpoint of disk) next to its own. The older files go only
+        after the new one is complete, so a kill at any moment leaves a checkpoint to resume from.
+        """
+        super().interval_completed(engine)
+        n_saved = getattr(self._interval_checkpoint, "n_saved", None)
+        if idist.get_rank() > 0 or not self.epoch_level or not isinstance(n_saved, int):
+            return
+        epochs = []
+        for path in glob.glob(os.path.join(glob.escape(self.save_dir), "checkpoint_epoch=*.pt")):
+            m = _EPOCH_RE.search(os.path.basename(path))
+            if m:
+                epochs.append((int(m.group(1)), path))
+        for _, path in sorted(epochs)[:-n_saved]:
+            os.remove(path)
+            logger.info("removed %s: an older epoch checkpoint of an interrupted run", path)
+
     def completed(self, engine: Engine) -> None:
         """Write ``checkpoint_final.pt``: a hard link to the epoch checkpoint this run just saved when that
         holds the final state (a copy where the filesystem has no hard links), else a fresh save.
@@ -200,9 +220,23 @@ class BestCheckpointSaver(CheckpointSaver):
         return self._key_metric_checkpoint.state_dict()
 
 
+def _fresh_data_iterator(engine: Engine) -> None:
+    """Start each epoch on a new iterator of the engine's data loader, as a resumed run does.
+
+    Ignite keeps the previous epoch's iterator and only replaces it when it is exhausted, at the next
+    epoch's first batch; exhausting a ``RandomSampler`` iterator draws one more permutation from the
+    loader's generator. A resumed run has no old iterator, so without this every epoch after a resume
+    would be shuffled differently from the uninterrupted run's (the generator state in the checkpoint,
+    ``RandomState``, would be one draw behind).
+    """
+    if engine.state.dataloader is not None:
+        engine.set_data(engine.state.dataloader)
+
+
 class ResumeHandler:
     """At ``STARTED``, load the last full state of this stage (network, optimizer, scheduler, trainer
-    epoch) when one exists, so an interrupted run continues where it stopped.
+    epoch, random generators) when one exists, so an interrupted run continues where it stopped; every
+    epoch draws its data order from a new loader iterator, whether resumed or not.
 
     Attach it first among the trainer handlers. With ``enabled=False`` (or no checkpoint) it does nothing.
 
@@ -221,6 +255,7 @@ class ResumeHandler:
     def attach(self, engine: Engine) -> None:
         self.load_dict.setdefault("trainer", engine)
         engine.add_event_handler(Events.STARTED, self)
+        engine.add_event_handler(Events.EPOCH_STARTED, _fresh_data_iterator)
 
     def __call__(self, engine: Engine) -> None:
         if not self.enabled:
