@@ -25,6 +25,7 @@ STAGE_RE = re.compile(r"cmml_monai\.evaluation\.workflow - INFO - (stage [12]): 
 TRAINED_RE = re.compile(r"CMMLEvaluator - INFO - Engine run resuming from iteration 0, epoch (\d+) until")
 RESUMED_RE = re.compile(r"resumed from \S*/(stage[12])/checkpoint_epoch=(\d+)\.pt at epoch (\d+)")
 EPOCH_DONE_RE = re.compile(r"CMMLTrainer - INFO - Epoch\[(\d+)\] Complete")
+TEMP_RE = re.compile(r"(^|/)(\.tmp-|tmp[a-z0-9_]{8}$)|\.tmp$")
 
 # kill point -> (stage whose log line triggers it, the trigger)
 KILL_POINTS = {
@@ -143,12 +144,14 @@ def test_kill_and_rerun_matches_uninterrupted_run(point, dataset_dir, reference,
     out = str(tmp_path / "run")
     cmd = command(dataset_dir, out)
     killed = run_and_kill(cmd, *KILL_POINTS[point])
+    temporaries = sorted(f for f in files(out) if TEMP_RE.search(f))  # a kill mid-write leaves one
     rerun = run(cmd)
 
     # resumed from the last complete epoch: at most one epoch of training is lost
     reached, restored = trained_epochs(killed), resumed_epochs(rerun)
     lost = {stage: reached.get(stage, 0) - restored[stage] for stage in EPOCHS}
-    print(f"{point}: trained before the kill {reached}, resumed at {restored}, epochs lost {lost}")
+    print(f"{point}: trained before the kill {reached}, resumed at {restored}, epochs lost {lost}, "
+          f"temporary files after the kill {temporaries}")
     assert all(0 <= n <= 1 for n in lost.values()), (point, reached, restored)
     # the rerun trains exactly the epochs after the restored ones, each stage in order
     expected = [e for stage in EPOCHS for e in range(restored[stage] + 1, EPOCHS[stage] + 1)]

@@ -81,24 +81,21 @@ class StageCheckpointSaver(CheckpointSaver):
         super().attach(engine)
 
     def interval_completed(self, engine: Engine) -> None:
-        """Save this epoch's checkpoint, then delete the epoch checkpoints beyond the newest ``n_saved``.
+        """Save this epoch's checkpoint, then delete the epoch checkpoints this saver does not keep.
 
-        MONAI's saver only deletes the files it wrote itself: a resumed run would keep the killed run's
-        last ``checkpoint_epoch=N.pt`` (a full checkpoint of disk) next to its own. The older files go only
-        after the new one is complete, so a kill at any moment leaves a checkpoint to resume from.
+        MONAI's saver only deletes (beyond ``n_saved``) the files it wrote itself: a resumed run would keep
+        the killed run's last ``checkpoint_epoch=N.pt`` (a full checkpoint of disk) next to its own, and a
+        run with ``resume`` off would resume from the older run's later epoch after a crash. The other
+        files go only after the new one is complete, so a kill at any moment leaves one to resume from.
         """
         super().interval_completed(engine)
-        n_saved = getattr(self._interval_checkpoint, "n_saved", None)
-        if idist.get_rank() > 0 or not self.epoch_level or not isinstance(n_saved, int):
+        if idist.get_rank() > 0 or not self.epoch_level or self._interval_checkpoint is None:
             return
-        epochs = []
+        kept = {os.path.basename(str(item.filename)) for item in self._interval_checkpoint._saved}
         for path in glob.glob(os.path.join(glob.escape(self.save_dir), "checkpoint_epoch=*.pt")):
-            m = _EPOCH_RE.search(os.path.basename(path))
-            if m:
-                epochs.append((int(m.group(1)), path))
-        for _, path in sorted(epochs)[:-n_saved]:
-            os.remove(path)
-            logger.info("removed %s: an older epoch checkpoint of an interrupted run", path)
+            if _EPOCH_RE.search(os.path.basename(path)) and os.path.basename(path) not in kept:
+                os.remove(path)
+                logger.info("removed %s: an epoch checkpoint of an earlier run", path)
 
     def completed(self, engine: Engine) -> None:
         """Write ``checkpoint_final.pt``: a hard link to the epoch checkpoint this run just saved when that

@@ -47,7 +47,8 @@ class RandomState:
     """
 
     def __init__(self, loaders: Iterable[Any] = (), randomizables: Iterable[Any] = ()) -> None:
-        self.generators = [g for g in (getattr(x, "generator", None) for x in loaders if x is not None) if g is not None]
+        generators = (getattr(loader, "generator", None) for loader in loaders if loader is not None)
+        self.generators = [g for g in generators if g is not None]
         self.randomizables = [r for r in randomizables if r is not None and hasattr(r, "R")]
 
     def state_dict(self) -> dict[str, Any]:
