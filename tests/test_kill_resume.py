@@ -171,3 +171,39 @@ def test_kill_and_rerun_matches_uninterrupted_run(point, dataset_dir, reference,
 
     # no partial or temporary file: the same files as the uninterrupted run
     assert files(out) == files(reference)
+
+
+def test_error_inside_an_epoch_keeps_its_message_and_a_resumable_state(dataset_dir, tmp_path):
+    """A Python error in stage 1's second epoch (here: a real handler that raises) surfaces as itself, not as a
+    checkpoint error, leaves ``checkpoint_final.pt`` with the state at the error, and the rerun resumes epoch 2."""
+    from ignite.engine import Events
+
+    from bundle_helpers import tiny_overrides, workflow
+
+    out = str(tmp_path / "run")
+    overrides = tiny_overrides(dataset_dir, out, synthetic_cases=30, stage1_epochs=2,
+                               run=["$cmml_monai.evaluation.run_stage(@stage1#trainer, 'stage 1')"])
+    w = workflow(TRAIN, **overrides)
+    trainer = w.parser.get_parsed_content("stage1#trainer")
+
+    def fail(engine):
+        raise ValueError("a bad batch in epoch 2")
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=trainer.state.epoch_length + 1), fail)
+    with pytest.raises(Exception) as raised:
+        w.run()
+    chain, e = [], raised.value
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    assert any(isinstance(x, ValueError) and "a bad batch in epoch 2" in str(x) for x in chain)
+    assert not any(isinstance(x, FileNotFoundError) for x in chain), chain
+    stage1 = os.path.join(out, "stage1")
+    assert sorted(os.listdir(stage1)) == ["checkpoint_epoch=1.pt", "checkpoint_final.pt"]
+    final = torch.load(os.path.join(stage1, "checkpoint_final.pt"), weights_only=True)
+    assert final["trainer"]["iteration"] == trainer.state.iteration == trainer.state.epoch_length + 1
+
+    w = workflow(TRAIN, **overrides)
+    w.run()
+    assert w.parser.get_parsed_content("stage1#handlers")[0].loaded_from.endswith("checkpoint_epoch=1.pt")
+    assert w.parser.get_parsed_content("stage1#trainer").state.epoch == 2

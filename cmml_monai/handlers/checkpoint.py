@@ -138,6 +138,11 @@ class StageCheckpointSaver(CheckpointSaver):
         final = self._final_path()
         if os.path.lexists(final):
             os.remove(final)
+        if self._final_checkpoint is not None:
+            # MONAI deletes the final file it tracks before a new save: that file is gone now. Ignite fires
+            # EXCEPTION_RAISED twice for an error inside an epoch, so without this the second call raised
+            # FileNotFoundError over the run's own error.
+            self._final_checkpoint._saved.clear()
 
 
 class BestCheckpointSaver(CheckpointSaver):
