@@ -21,7 +21,6 @@ import torch
 from bundle_helpers import ROOT, TRAIN
 
 EPOCHS = {"stage 1": 2, "stage 2": 3}
-STAGE_DIRS = {"stage 1": "stage1", "stage 2": "stage2"}
 STAGE_RE = re.compile(r"cmml_monai\.evaluation\.workflow - INFO - (stage [12]): training for")
 TRAINED_RE = re.compile(r"CMMLEvaluator - INFO - Engine run resuming from iteration 0, epoch (\d+) until")
 RESUMED_RE = re.compile(r"resumed from \S*/(stage[12])/checkpoint_epoch=(\d+)\.pt at epoch (\d+)")
