@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+from monai.utils import set_determinism
 
 from cmml_monai.data.synthetic import make_synthetic
 
@@ -23,3 +25,20 @@ def synthetic_dataset(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny tensors only add contention on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def seeded():
+    """MONAI's determinism with seed 0 for the test, reset afterwards."""
+    set_determinism(seed=0)
+    yield
+    set_determinism(seed=None)

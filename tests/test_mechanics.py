@@ -25,7 +25,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from monai.bundle import ConfigParser
-from monai.utils import set_determinism
 from sklearn.metrics import roc_auc_score
 
 from cmml_monai.data.dataset import build_dataset
@@ -45,23 +44,7 @@ SMALL = dict(feature_dim=D, image_encoder="resnet10", num_blocks=2, memory_slots
 SWEEP_RATES = [0.0, 0.3, 0.7]
 MASK_SEED = 3
 # a synthetic test case has a location unseen in training (encoded as a missing cell): expected here
-pytestmark = pytest.mark.filterwarnings("ignore:table column")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny tensors: intra-op threads only add contention on a shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    set_determinism(seed=0)
-    yield
-    set_determinism(seed=None)
+pytestmark = [pytest.mark.filterwarnings("ignore:table column"), pytest.mark.usefixtures("one_thread", "seeded")]
 
 
 # ---------------------------------------------------------------------------------------------

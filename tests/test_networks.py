@@ -25,20 +25,7 @@ CARDS = [0, 3, 0]  # numeric, categorical (3 codes), numeric
 SMALL = dict(feature_dim=D, image_encoder="resnet10", num_blocks=2, memory_slots=8, projection_dim=16, dropout=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny tensors: intra-op threads only add contention on a shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    set_determinism(seed=0)
-    yield
-    set_determinism(seed=None)
+pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
 
 def make_batch(present: torch.Tensor, spatial=(16, 16), channels: int = 3, table: bool = True):
