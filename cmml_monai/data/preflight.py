@@ -235,7 +235,7 @@ def run_preflight(
     Args:
         case_list: the run's cases (``mark_missing`` edits their paths and missing reasons, so later
             steps - masks, validation views, the sweep - see those modalities as missing).
-        datasets: split name -> the dataset the run will read (from
+        datasets: split name -> the dataset the run will read, ``None`` for a split it does not read (from
             :func:`cmml_monai.data.dataset.build_dataset`; ``cache="cache"`` ones built with ``defer_errors=True``).
         mode: ``"fail"``, ``"mark_missing"`` or ``"off"``.
         num_workers: threads for the checks (at least 1).
@@ -261,6 +261,8 @@ def run_preflight(
     report = PreflightReport(mode)
     if mode == "off":
         return report
+    # a split this process does not read (e.g. the test split on the other ranks of a DDP run) is None
+    datasets = {split: ds for split, ds in datasets.items() if ds is not None}
     start = time.perf_counter()
     image_keys = [m.name for m in case_list.image_modalities]
     jobs, errors, runners = [], {}, {}

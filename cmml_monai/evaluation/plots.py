@@ -29,11 +29,7 @@ def plot_sweep(rows: Sequence[dict], path: str, title: str = "AUC under missing 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp)
-    return path
+    return _save(fig, path)
 
 
 def plot_roc(
@@ -56,6 +52,11 @@ def plot_roc(
     ax.set_ylabel("true positive rate")
     ax.set_title(title)
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: str) -> str:
+    """Write ``fig`` to ``path`` atomically (its folder made as needed)."""
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp:

@@ -14,7 +14,8 @@ import torch
 from monai.engines import Workflow
 
 from cmml_monai.data.errors import DataError
-from cmml_monai.data.jsonio import atomic_path
+from cmml_monai.data.fingerprint import SHORT, fingerprint_of
+from cmml_monai.data.jsonio import atomic_path, atomic_write_json
 from cmml_monai.data.report import summarize
 from cmml_monai.handlers.checkpoint import latest_checkpoint
 from cmml_monai.handlers.mlflow import save_executed_config
@@ -71,9 +72,6 @@ def bind_output_dir(output_dir: str, case_list) -> str:
     Raises:
         DataError: ``output_dir`` holds a run of another dataset (one line naming the folder and what to do).
     """
-    from cmml_monai.data.fingerprint import SHORT, fingerprint_of
-    from cmml_monai.data.jsonio import atomic_write_json
-
     fingerprint = fingerprint_of(case_list)
     path = os.path.join(output_dir, DATASET_FILE)
     if os.path.isfile(path):
