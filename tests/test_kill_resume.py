@@ -231,3 +231,28 @@ def test_checkpoint_without_random_state_still_resumes(dataset_dir, tmp_path, ca
     assert "has no rng state" in caplog.text
     assert w.parser.get_parsed_content("stage1#handlers")[0].loaded_from == path
     assert w.parser.get_parsed_content("stage1#trainer").state.epoch == 2
+
+
+def test_killed_run_continues_its_mlflow_runs(dataset_dir, tmp_path):
+    """Killed in stage 2 and rerun, the run logs into the same MLflow parent and stage runs (local store)."""
+    import mlflow
+
+    out = str(tmp_path / "run")
+    cmd = command(dataset_dir, out, "--mlflow_enabled", "True", "--experiment_name", "kill_resume")
+    run_and_kill(cmd, *KILL_POINTS["stage2_mid_epoch"])
+    before = json.loads(read(os.path.join(out, "mlflow_run.json")))
+    rerun = run(cmd)
+    assert "MLflow: continuing run" in rerun
+    assert json.loads(read(os.path.join(out, "mlflow_run.json"))) == before
+
+    client = mlflow.MlflowClient(tracking_uri="sqlite:///" + os.path.join(out, "mlruns.db"))
+    runs = client.search_runs([client.get_experiment_by_name("kill_resume").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.run_id for r in parents] == [before["parent"]]
+    children = {r.data.tags["stage"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert {k: r.info.run_id for k, r in children.items()} == before["children"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    # every stage-2 epoch is in the one history: those before the kill and those after the resume
+    steps = {m.step for m in client.get_metric_history(before["children"]["stage2"], "val_auc")}
+    assert steps == set(range(1, EPOCHS["stage 2"] + 1))
+    assert "test_avg_auc" in parents[0].data.metrics

@@ -4,11 +4,15 @@ The tracking URI is, in order: ``MLFLOW_TRACKING_URI`` (environment), the ``trac
 (config), else a local SQLite store ``<output_dir>/mlruns.db`` with artifacts under
 ``<output_dir>/mlruns`` (MONAI 1.6's default backend; ``file:`` stores are refused by MLflow 3.17).
 Only counts, rates and settings are logged: never case ids or other patient identifiers.
+
+A run restarted in the same ``output_dir`` (a resume after a crash or a kill) continues the same MLflow
+parent and stage runs: their ids are kept in ``<output_dir>/mlflow_run.json``.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import os
 import re
@@ -25,7 +29,7 @@ from monai.handlers import MLFlowHandler
 from monai.utils import path_to_sqlite_uri
 
 from cmml_monai.data.errors import DataError
-from cmml_monai.data.jsonio import atomic_path
+from cmml_monai.data.jsonio import atomic_path, atomic_write_json
 from cmml_monai.utils import as_bool
 
 __all__ = ["resolve_tracking_uri", "check_tracking_server", "MLflowTracker", "StageMLFlowHandler",
@@ -34,6 +38,10 @@ __all__ = ["resolve_tracking_uri", "check_tracking_server", "MLflowTracker", "St
 logger = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
+#: in ``output_dir``: the ids of the parent and stage runs, so a restarted run continues them
+RUN_STATE_NAME = "mlflow_run.json"
+#: tag of an evaluation run: the id of the training run it evaluates
+TRAINING_RUN_TAG = "cmml.training_run"
 _NOT_CONFIG_ARGS = {"meta_file", "logging_file", "init_id", "run_id", "final_id", "tracking", "workflow_type",
                     "workflow_name", "args_file", "properties_path"}
 
@@ -127,6 +135,9 @@ class MLflowTracker:
         enabled: False turns every call into a no-op.
         params: parent-run parameters (config essentials, dataset summary, rates), nested dicts allowed.
         tags: parent-run tags.
+        continue_run: continue the parent and stage runs recorded in ``<output_dir>/mlflow_run.json`` by
+            an earlier process (a resumed training). False (evaluation of a trained run): a new run,
+            tagged ``cmml.training_run`` with the recorded training run's id, so the two are linked.
 
     Raises:
         DataError: an ``http(s)`` tracking server that does not answer within a few seconds
@@ -142,8 +153,10 @@ class MLflowTracker:
         enabled: bool = True,
         params: Mapping[str, Any] | None = None,
         tags: Mapping[str, str] | None = None,
+        continue_run: bool = True,
     ) -> None:
         self.enabled = as_bool(enabled, "mlflow_enabled")
+        self.continue_run = as_bool(continue_run, "continue_run")
         self.output_dir = output_dir
         self.experiment_name = experiment_name
         self.run_name = run_name or f"cmml_{time.strftime('%Y%m%d_%H%M%S')}"
@@ -180,13 +193,18 @@ class MLflowTracker:
 
     @property
     def parent_run_id(self) -> str | None:
-        """The parent run (created, with its params, on first use)."""
+        """The parent run (created, with its params, on first use; continued after a restart)."""
         if not self.enabled:
             return None
         if self._parent is None:
-            run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self.tags)
-            self._parent = run.info.run_id
-            logger.info("MLflow: run %s (%s) at %s", self.run_name, self._parent, self.tracking_uri)
+            if not (self.continue_run and self._continue_saved_run()):
+                tags = dict(self.tags)
+                if not self.continue_run and os.path.isfile(self.run_state_path):
+                    tags[TRAINING_RUN_TAG] = str(self._saved_state().get("parent", ""))
+                run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
+                self._parent = run.info.run_id
+                logger.info("MLflow: run %s (%s) at %s", self.run_name, self._parent, self.tracking_uri)
+                self._save_run_state()
             if self.params:
                 self.log_params(self.params)
         return self._parent
@@ -197,11 +215,68 @@ class MLflowTracker:
             return None
         if name not in self._children:
             parent = self.parent_run_id
-            run = self.client.create_run(
-                self.experiment_id, run_name=f"{self.run_name}/{name}", tags={PARENT_TAG: parent, "stage": name}
-            )
-            self._children[name] = run.info.run_id
+            if name not in self._children:  # a continued parent may already own this stage's run
+                run = self.client.create_run(
+                    self.experiment_id, run_name=f"{self.run_name}/{name}", tags={PARENT_TAG: parent, "stage": name}
+                )
+                self._children[name] = run.info.run_id
+                self._save_run_state()
         return self._children[name]
+
+    @property
+    def run_state_path(self) -> str:
+        """``<output_dir>/mlflow_run.json``: the run ids a restart in this folder continues."""
+        return os.path.join(self.output_dir, RUN_STATE_NAME)
+
+    def _saved_state(self) -> dict:
+        with open(self.run_state_path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError(f"{self.run_state_path} does not hold a JSON object")
+        return saved
+
+    def _save_run_state(self) -> None:
+        if not self.continue_run:  # an evaluation run: a later resumed training continues its own run
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        atomic_write_json(self.run_state_path, {
+            "tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "run_name": self.run_name,
+            "parent": self._parent, "children": self._children,
+        })
+
+    def _continue_saved_run(self) -> bool:
+        """Reopen the parent and stage runs that an earlier process in this ``output_dir`` created.
+
+        Only when they are in the same store and experiment and still exist; otherwise a new run starts
+        (and the log says why), so a restart never writes into another experiment's run.
+        """
+        if not os.path.isfile(self.run_state_path):
+            return False
+        try:
+            saved = self._saved_state()
+            same_store = saved["tracking_uri"] == self.tracking_uri and saved["experiment_id"] == self.experiment_id
+            parent = self.client.get_run(saved["parent"]) if same_store else None
+        except (OSError, ValueError, KeyError, TypeError, mlflow.exceptions.MlflowException) as err:
+            logger.warning("MLflow: %s cannot be continued (%s): a new run starts", self.run_state_path, err)
+            return False
+        if parent is None or parent.info.lifecycle_stage != "active":
+            logger.info("MLflow: the run in %s is in another store or was deleted: a new run starts",
+                        self.run_state_path)
+            return False
+        self._parent = parent.info.run_id
+        self.run_name = saved.get("run_name") or parent.info.run_name
+        children = {}
+        for name, run_id in dict(saved.get("children") or {}).items():
+            try:
+                if self.client.get_run(run_id).info.lifecycle_stage == "active":
+                    children[name] = run_id
+            except mlflow.exceptions.MlflowException:
+                continue  # a deleted stage run: that stage gets a new one
+        self._children = children
+        for run_id in [self._parent, *children.values()]:
+            self.client.update_run(run_id, status="RUNNING")
+        logger.info("MLflow: continuing run %s (%s) at %s", self.run_name, self._parent, self.tracking_uri)
+        return True
 
     def _run(self, child: str | None) -> str | None:
         return self.child_run_id(child) if child else self.parent_run_id
