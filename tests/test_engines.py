@@ -254,3 +254,36 @@ def test_final_checkpoint_is_the_last_epoch_file_not_a_second_copy(tmp_path):
     # the link outlives the epoch file (n_saved=1 deletes it when a longer run saves epoch 4)
     os.remove(last)
     assert torch.load(final, weights_only=True)["trainer"]["iteration"] == 6
+
+
+def _epoch_lrs(scheduler, optimizer, epochs: int) -> list[float]:
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_cosine_scheduler_warmup_then_cosine_values():
+    from cmml_monai.engines.optim import cosine_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    lrs = _epoch_lrs(cosine_scheduler(opt, 6, eta_min_ratio=0.0, warmup_epochs=2, warmup_start_factor=0.1), opt, 6)
+    # linear 0.1 -> 1 over 2 epochs, then the cosine over the 4 epochs left: (1 + cos(pi t / 4)) / 2
+    expected = [0.1, 0.55] + [(1 + math.cos(math.pi * t / 4)) / 2 for t in range(4)]
+    assert lrs == pytest.approx(expected, abs=1e-6)
+    # without warm-up: the plain cosine over all epochs, as before
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert _epoch_lrs(cosine_scheduler(opt, 4, eta_min_ratio=0.0), opt, 4) == pytest.approx(
+        [(1 + math.cos(math.pi * t / 4)) / 2 for t in range(4)], abs=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{"warmup_epochs": -1}, {"warmup_epochs": 4}, {"warmup_epochs": 1,
+                                                                                   "warmup_start_factor": 0.0}])
+def test_cosine_scheduler_bad_warmup(kwargs):
+    from cmml_monai.engines.optim import cosine_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="warmup"):
+        cosine_scheduler(opt, 4, **kwargs)

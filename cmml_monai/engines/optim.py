@@ -112,8 +112,54 @@ def stage_optimizer(
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
-def cosine_scheduler(optimizer: torch.optim.Optimizer, max_epochs: int, eta_min_ratio: float = 0.01):
-    """Cosine decay over ``max_epochs`` epochs (stepped once per epoch by ``LrScheduleHandler``)."""
-    eta_min = min(g["lr"] for g in optimizer.param_groups) * eta_min_ratio
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(max_epochs)), eta_min=eta_min)
+def cosine_scheduler(
+    optimizer: torch.optim.Optimizer,
+    max_epochs: int,
+    eta_min_ratio: float = 0.01,
+    warmup_epochs: int = 0,
+    warmup_start_factor: float = 0.1,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine decay over ``max_epochs`` epochs, after an optional linear warm-up (stepped once per epoch).
 
+    With ``warmup_epochs = W > 0`` the first ``W`` epochs rise linearly from ``warmup_start_factor``
+    times each group's LR to the LR (torch's ``LinearLR``), then the cosine runs over the remaining
+    ``max_epochs - W`` epochs (``SequentialLR``): a freshly initialised head or fusion block does not
+    take full-size steps on the pretrained or stage-1 weights around it.
+
+    Args:
+        optimizer: the stage's optimizer.
+        max_epochs: epochs of the stage.
+        eta_min_ratio: the cosine's floor as a share of the smallest group LR.
+        warmup_epochs: epochs of linear warm-up (0: none); must be < ``max_epochs`` when > 0.
+        warmup_start_factor: LR factor of the first warm-up epoch, in (0, 1].
+
+    Raises:
+        ValueError: a negative ``warmup_epochs``, one that leaves no cosine epoch, or a start factor
+            outside (0, 1].
+
+    Example::
+
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        >>> sched = cosine_scheduler(opt, max_epochs=4, warmup_epochs=2, warmup_start_factor=0.5)
+        >>> [round(g["lr"], 2) for g in opt.param_groups]
+        [0.5]
+    """
+    warmup_epochs = int(warmup_epochs)
+    max_epochs = max(1, int(max_epochs))
+    if warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}.")
+    if not 0.0 < warmup_start_factor <= 1.0:
+        raise ValueError(f"warmup_start_factor must be in (0, 1], got {warmup_start_factor}.")
+    eta_min = min(g["lr"] for g in optimizer.param_groups) * eta_min_ratio
+    if warmup_epochs == 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs, eta_min=eta_min)
+    if warmup_epochs >= max_epochs:
+        raise ValueError(
+            f"warmup_epochs ({warmup_epochs}) must be smaller than the stage's epochs ({max_epochs}): "
+            "lower --warmup_epochs or train longer."
+        )
+    warmup = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=warmup_start_factor, end_factor=1.0, total_iters=warmup_epochs
+    )
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs - warmup_epochs, eta_min=eta_min)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_epochs])
