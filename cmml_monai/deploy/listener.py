@@ -273,9 +273,8 @@ class Listener:
         ae.supported_contexts = list(StoragePresentationContexts) + list(VerificationPresentationContexts)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_RELEASED, self._on_released),
                     (evt.EVT_ABORTED, self._on_aborted)]
-        logger.info("listening as %s on %s:%d; SRs go to %s", self.ae_title, self.host, self.port,
-                    self.pacs if self.pacs is not None else f"{self.outbox} only")
         if block:
+            self._log_listening()
             try:
                 ae.start_server((self.host, self.port), block=True, evt_handlers=handlers)
             finally:
@@ -283,6 +282,11 @@ class Listener:
             return
         self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         self.port = int(self._server.server_address[1])
+        self._log_listening()
+
+    def _log_listening(self) -> None:
+        logger.info("listening as %s on %s:%d; SRs go to %s", self.ae_title, self.host, self.port,
+                    self.pacs if self.pacs is not None else f"{self.outbox} only")
 
     def stop(self) -> None:
         """Stop listening and let the queued studies finish."""
