@@ -9,13 +9,19 @@ T1c/FLAIR rules would match, so only the exclusion rule keeps them out.
 from __future__ import annotations
 
 import os
+import socket
+import time
 from collections.abc import Sequence
 
-import numpy as np
 import nibabel
+import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import ComprehensiveSRStorage, Verification
+
+from cmml_monai.deploy.listener import PacsNode
 
 from bundle_helpers import ROOT, tiny_overrides, workflow
 
@@ -164,3 +170,65 @@ def trained_men_bundle(tmp_path_factory) -> str:
     w.run()
     w.finalize()
     return out
+
+
+# -- the DICOM network ------------------------------------------------------------------------------
+class Pacs:
+    """A second Storage SCP acting as the PACS: keeps what it receives."""
+
+    def __init__(self, port: int = 0, accept_calling: list[str] | None = None) -> None:
+        self.received: list[pydicom.Dataset] = []
+        ae = AE(ae_title="PACS")
+        ae.add_supported_context(ComprehensiveSRStorage)
+        if accept_calling is not None:
+            ae.require_calling_aet = accept_calling
+        self.server = ae.start_server(("127.0.0.1", port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.node = PacsNode("127.0.0.1", self.server.server_address[1], "PACS")
+
+    def _store(self, event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        self.received.append(ds)
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def send_study(files: list[str], port: int, release: bool = True) -> None:
+    """C-STORE ``files`` to the listener as a modality would."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CMML")
+    assert assoc.is_established
+    for f in files:
+        assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0
+    if release:
+        assoc.release()
+    else:
+        assoc.abort()
+
+
+def study_files(study: dict) -> list[str]:
+    return [f for files in study["series"].values() for f in files]
+
+
+def wait_for_scp(port: int, seconds: float = 120) -> None:
+    """Return once a C-ECHO to 127.0.0.1:``port`` succeeds (a listener started in another process)."""
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        assoc = ae.associate("127.0.0.1", port, ae_title="CMML")
+        if assoc.is_established:
+            assoc.release()
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no DICOM listener on port {port} after {seconds} s")

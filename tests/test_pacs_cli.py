@@ -4,21 +4,30 @@ patient attribute of the input is found in the SR only, never in logs or JSON.""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
+import time
 
 import pydicom
 import pytest
 from cmml_monai.deploy.__main__ import main
-from cmml_monai.deploy.listener import Listener
-from cmml_monai.deploy.pipeline import StudyPipeline
 from cmml_monai.deploy.report import read_sr_result
 from cmml_monai.deploy.study import pseudonym
 
-from pacs_helpers import MARKER, MARKER_DATE, PHI, ROOT, make_study, trained_men_bundle
-from test_pacs_network import Pacs, send_study, study_files
+from pacs_helpers import (
+    MARKER,
+    MARKER_DATE,
+    PHI,
+    ROOT,
+    Pacs,
+    free_port,
+    make_study,
+    send_study,
+    study_files,
+    trained_men_bundle,
+    wait_for_scp,
+)
 
 # the README's "PACS" commands end to end (one subprocess each where the entry point itself is tested)
 pytestmark = pytest.mark.e2e
@@ -99,7 +108,7 @@ def test_cli_bad_input_is_one_error_line(bundle, tmp_path, capsys):
     assert "Traceback" not in proc.stderr
 
 
-def test_phi_marker_only_in_the_sr(bundle, tmp_path, caplog):
+def test_phi_marker_only_in_the_sr(bundle, tmp_path):
     study = make_study(str(tmp_path / "study"), ("T1c", "T2"), patient=PHI)
     assert MARKER in str(pydicom.dcmread(study["series"]["T1c"][0]).PatientName)
     # 1. the study folder command, every log line on
@@ -107,24 +116,25 @@ def test_phi_marker_only_in_the_sr(bundle, tmp_path, caplog):
     proc = cli(study["folder"], "--bundle", bundle, "--out", str(out_cli), "--verbose", CMML_PSEUDONYM_KEY="k")
     assert proc.returncode == 0, proc.stderr
     logs = {"cli stdout": proc.stdout, "cli stderr": proc.stderr}
-    # 2. the listener, receiving the study and sending the SR to a PACS; every logger at DEBUG except
-    # pynetdicom's, which the command sets to WARNING (its debug lines list dataset elements)
+    # 2. the listener command, receiving the study and sending the SR to a PACS
     out_net = tmp_path / "out_net"
     pacs = Pacs()
-    caplog.set_level(logging.DEBUG)
-    net_logger = logging.getLogger("pynetdicom")
-    level = net_logger.level
-    net_logger.setLevel(logging.WARNING)
-    node = Listener(StudyPipeline(bundle, str(out_net), key="k"), pacs.node, port=0)
-    node.start()
+    port = free_port()
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "cmml_monai.deploy", "listen", "--bundle", bundle, "--out", str(out_net), "--port",
+         str(port), "--host", "127.0.0.1", "--pacs", f"127.0.0.1:{pacs.node.port}:PACS", "--verbose"],
+        env=_env(CMML_PSEUDONYM_KEY="k"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        send_study(study_files(study), node.port)
-        assert node.processed.wait(60)
+        wait_for_scp(port)
+        send_study(study_files(study), port)
+        end = time.monotonic() + 120
+        while not pacs.received and time.monotonic() < end and listener.poll() is None:
+            time.sleep(0.2)
     finally:
-        node.stop()
+        listener.terminate()  # the process this test started, by its handle
+        stdout, stderr = listener.communicate(timeout=60)
         pacs.stop()
-        net_logger.setLevel(level)
-    logs["listener"] = "\n".join(r.getMessage() for r in caplog.records)
+    logs["listener"] = stdout + stderr
     (received,) = pacs.received
     assert "SR" in received.Modality and MARKER in str(received.PatientName)
     assert "stored at PACS" in logs["listener"] and "t1c <- series 10" in logs["cli stderr"]  # the logs were on

@@ -5,70 +5,21 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 
 import pydicom
 import pytest
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import ComprehensiveSRStorage, MRImageStorage
+from pynetdicom.sop_class import ComprehensiveSRStorage
 
 from cmml_monai.deploy.listener import OUTBOX, Listener, PacsError, PacsNode, send_sr
 from cmml_monai.deploy.pipeline import StudyPipeline
 from cmml_monai.deploy.report import read_sr_result
 
-from pacs_helpers import make_study, trained_men_bundle
+from pacs_helpers import Pacs, free_port, make_study, send_study, study_files, trained_men_bundle
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> str:
     return trained_men_bundle(tmp_path_factory)
-
-
-class Pacs:
-    """A second Storage SCP acting as the PACS: keeps what it receives."""
-
-    def __init__(self, port: int = 0, accept_calling: list[str] | None = None) -> None:
-        self.received: list[pydicom.Dataset] = []
-        ae = AE(ae_title="PACS")
-        ae.add_supported_context(ComprehensiveSRStorage)
-        if accept_calling is not None:
-            ae.require_calling_aet = accept_calling
-        self.server = ae.start_server(("127.0.0.1", port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
-        self.node = PacsNode("127.0.0.1", self.server.server_address[1], "PACS")
-
-    def _store(self, event) -> int:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        self.received.append(ds)
-        return 0x0000
-
-    def stop(self) -> None:
-        self.server.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def send_study(files: list[str], port: int, release: bool = True) -> None:
-    """C-STORE ``files`` to the listener as a modality would."""
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(MRImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title="CMML")
-    assert assoc.is_established
-    for f in files:
-        assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0
-    if release:
-        assoc.release()
-    else:
-        assoc.abort()
-
-
-def study_files(study: dict) -> list[str]:
-    return [f for files in study["series"].values() for f in files]
 
 
 def test_listener_receives_a_study_and_the_pacs_receives_its_sr(bundle, tmp_path):
