@@ -9,9 +9,10 @@ Each study becomes one case ``<out>/<case>/<case>-<sequence>.nii.gz`` (one NIfTI
 series rules of ``python -m cmml_monai.deploy``; ``--rules FILE`` to change them), ``<out>/clinical.csv`` holds
 the sheet's row of each case under ``case_id`` (the sheet's id column dropped; ``age``/``sex`` taken from the
 DICOM header when the sheet lacks them), and ``<out>/conversion_report.json`` lists per case the sequences
-found and missing (and why), and how many studies lacked each sequence. The case id is a keyed hash (HMAC-SHA256) of the study's ``--id-attribute``
-value: the same key maps the same patient/accession to the same id again, and without the key the id cannot
-be traced back; keep the key with the person allowed to re-identify. The key comes from ``--key`` or the
+found and missing (and why), and how many studies lacked each sequence. The case id is a keyed hash
+(HMAC-SHA256) of the study's ``--id-attribute`` value: the same key maps the same patient/accession to the
+same id again (a second study of it gets ``-2``), and without the key the id cannot be traced back; keep the
+key with the person allowed to re-identify. The key comes from ``--key`` or the
 ``CMML_PSEUDONYM_KEY`` environment variable (preferred: a command line is visible to other users). Nothing
 is written under ``--out`` until every study is converted.
 """

@@ -182,3 +182,20 @@ def test_pseudonym_is_keyed():
     assert len(pseudonym("1.2.3", b"k")) == 16
     with pytest.raises(ValueError, match="must not be empty"):
         pseudonym("1.2.3", "")
+
+
+@pytest.mark.parametrize("description, expected", [
+    ("t1_mprage_sag_p2_iso_post", "t1c"), ("Ax T1 +C", "t1c"), ("T1 SE TRA KM", "t1c"), ("T1c", "t1c"),
+    ("AX T1 POST GAD", "t1c"), ("T1W_3D_TFE Gd", "t1c"),
+    ("T1 SE TRA", "t1n"), ("t1_mprage_sag_p2_iso", "t1n"), ("T1W_SE", "t1n"), ("t1n", "t1n"),
+    ("t2_tse_tra", "t2w"), ("AX T2 FSE", "t2w"), ("T2W_TSE", "t2w"),
+    ("t2_tirm_tra_dark-fluid", "t2f"), ("AX T2 FLAIR", "t2f"), ("FLAIR 3D", "t2f"), ("t2f", "t2f"),
+    ("t2_fl2d_tra_T2*", None), ("SWI_Images", None), ("ep2d_diff_b1000", None), ("3-plane localizer", None),
+])
+def test_default_rules_on_scanner_names(description, expected):
+    """Each name alone in a study: which of the MEN modalities (t1c, t1n, t2w, t2f) takes it, if any."""
+    from cmml_monai.deploy.study import SeriesInfo, Study
+
+    study = Study("1.2.3", [SeriesInfo("1.2.3.4", 5, description, "", "MR", ("ORIGINAL", "PRIMARY"))], None)
+    chosen = [m for m, s in SeriesRules().select(study, SEQUENCES).items() if s is not None]
+    assert chosen == ([] if expected is None else [expected])

@@ -73,7 +73,8 @@ def predict_case(network: torch.nn.Module, description: Mapping[str, Any], case:
     (argmax, or the threshold per label), not taken from any serving framework.
 
     Example:
-        >>> predict_case(load_network("bundle/models"), desc, study_case(study, desc, "c1")).prediction  # doctest: +SKIP
+        >>> case = study_case(study, desc, "c1")  # doctest: +SKIP
+        >>> predict_case(load_network("bundle/models"), desc, case).prediction
         ['high']
     """
     data = description["data"]

@@ -39,6 +39,8 @@ __all__ = [
     "DEFAULT_RULES",
     "MODALITY_ALIASES",
     "EXCLUDED_IMAGE_TYPES",
+    "EXCLUDED_DESCRIPTION",
+    "HEADER_COLUMNS",
     "SeriesInfo",
     "Study",
     "SeriesRules",
@@ -71,7 +73,8 @@ DEFAULT_RULES: dict[str, dict[str, list[str]]] = {
     },
     "T2": {
         "match": [rf"{_B}t2[ _-]?(w|weighted|tse|fse|space)?{_E}", rf"{_B}t2"],
-        "exclude": [r"flair", rf"{_B}t2[ _-]?(f|\*|star){_E}", rf"{_B}(swi|gre|haste){_E}"],
+        "exclude": [r"flair", r"dark[ _-]?fluid", rf"{_B}t2[ _-]?(f|\*|star){_E}", r"t2\*",
+                    rf"{_B}(swi|gre|haste){_E}"],
     },
     "FLAIR": {
         "match": [r"flair", rf"{_B}t2[ _-]?f{_E}", r"dark[ _-]?fluid"],
@@ -122,7 +125,8 @@ class SeriesInfo:
 
     def label(self) -> str:
         """``series 3 'T1 post' (20 files)`` for logs and errors."""
-        return f"series {self.number if self.number is not None else '?'} {self.description!r} ({len(self.files)} files)"
+        number = self.number if self.number is not None else "?"
+        return f"series {number} {self.description!r} ({len(self.files)} files)"
 
 
 @dataclass
@@ -621,7 +625,8 @@ def study_case(
         DataError: a selected series without pixel data or of irregular geometry, or no modality at all.
 
     Example:
-        >>> case = study_case(load_study("/exports/s1"), load_description("bundle/models"), "case-001")  # doctest: +SKIP
+        >>> desc = load_description("bundle/models")  # doctest: +SKIP
+        >>> case = study_case(load_study("/exports/s1"), desc, "case-001")
         >>> case.batch["image"].shape
         torch.Size([1, 4, 96, 96, 96])
     """
