@@ -108,3 +108,26 @@ def test_refused_association_and_aborted_study(bundle, tmp_path, caplog):
     with pytest.raises(ValueError, match="PACS must be HOST:PORT:AET"):
         PacsNode.parse("localhost:PACS")
     assert PacsNode.parse("10.0.0.1:104:ORTHANC") == PacsNode("10.0.0.1", 104, "ORTHANC")
+
+
+def test_one_bad_study_does_not_cost_the_other(bundle, tmp_path, caplog):
+    good = make_study(str(tmp_path / "good"), ("T1c",), decoys=False)
+    bad = make_study(str(tmp_path / "bad"), ("T1c",), decoys=False)
+    for f in bad["series"]["T1c"]:
+        ds = pydicom.dcmread(f)
+        del ds.PixelData
+        ds.save_as(f)
+    pacs = Pacs()
+    node = Listener(StudyPipeline(bundle, str(tmp_path / "out"), key="k"), pacs.node, port=0)
+    node.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="cmml_monai.deploy.listener"):
+            send_study(study_files(good) + study_files(bad), node.port)  # one association, two studies
+            assert node.processed.wait(60)
+    finally:
+        node.stop()
+        pacs.stop()
+    assert [sr.StudyInstanceUID for sr in pacs.received] == [good["uid"]]
+    errors = [r for r in node.results if r[0] == "error"]
+    assert len(errors) == 1 and "has a file without pixel data" in errors[0][1]
+    assert any("not processed: series 10 'T1 MPRAGE post Gd'" in r.getMessage() for r in caplog.records)

@@ -24,6 +24,7 @@ from typing import Any
 
 from cmml_monai.data.errors import DataError
 from cmml_monai.deploy.pipeline import StudyPipeline
+from cmml_monai.deploy.study import scan_studies
 
 __all__ = ["PacsError", "PacsNode", "send_sr", "Listener", "OUTBOX", "INCOMING"]
 
@@ -173,11 +174,17 @@ class Listener:
             if folder is None:
                 folder = self._folders[event.assoc] = os.path.join(self.incoming, uuid.uuid4().hex[:12])
                 os.makedirs(folder)
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        # named by the SOP Instance UID only: no patient attribute reaches a file name
-        name = re.sub(r"[^0-9.]", "_", str(ds.get("SOPInstanceUID", uuid.uuid4().hex)))
-        ds.save_as(os.path.join(folder, name + ".dcm"), enforce_file_format=True)
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            # named by the SOP Instance UID only: no patient attribute reaches a file name
+            name = re.sub(r"[^0-9.]", "_", str(ds.get("SOPInstanceUID", uuid.uuid4().hex)))
+            ds.save_as(os.path.join(folder, name + ".dcm"), enforce_file_format=True)
+        except (OSError, ValueError, AttributeError) as e:
+            # the sender is told (Out of Resources) and may retry; the message names no patient attribute
+            logger.error("an instance from %s could not be stored: %s", event.assoc.requestor.ae_title,
+                         type(e).__name__)
+            return 0xA700
         return 0x0000
 
     def _on_released(self, event: Any) -> None:
@@ -200,19 +207,28 @@ class Listener:
 
     # -- processing and sending ------------------------------------------------------------------------
     def _process(self, folder: str) -> None:
+        # each study on its own: one bad series must not cost the other studies of the association
+        os.makedirs(self.outbox, exist_ok=True)
         try:
-            results = self.pipeline.run(folder, each_study=True)
+            studies = scan_studies(folder)
         except DataError as e:
-            logger.error("a received study was not processed: %s", e)
+            logger.error("received files were not processed: %s", e)
             self.results.append(("error", str(e)))
-            return
+            studies = []
+        try:
+            for study in studies:
+                name = self.pipeline.case_id_for(study)
+                try:
+                    sr_path, json_path = self.pipeline.run_study(study, name)
+                except DataError as e:
+                    logger.error("%s: not processed: %s", name, e)
+                    self.results.append(("error", str(e)))
+                    continue
+                shutil.copyfile(sr_path, os.path.join(self.outbox, os.path.basename(sr_path)))
+                self.results.append((sr_path, json_path))
         finally:
             if not self.keep_incoming:
                 shutil.rmtree(folder, ignore_errors=True)
-        os.makedirs(self.outbox, exist_ok=True)
-        for sr_path, json_path in results:
-            shutil.copyfile(sr_path, os.path.join(self.outbox, os.path.basename(sr_path)))
-            self.results.append((sr_path, json_path))
         self.flush_outbox()
 
     def flush_outbox(self) -> int:
