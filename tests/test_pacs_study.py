@@ -199,3 +199,40 @@ def test_default_rules_on_scanner_names(description, expected):
     study = Study("1.2.3", [SeriesInfo("1.2.3.4", 5, description, "", "MR", ("ORIGINAL", "PRIMARY"))], None)
     chosen = [m for m, s in SeriesRules().select(study, SEQUENCES).items() if s is not None]
     assert chosen == ([] if expected is None else [expected])
+
+
+def test_uneven_slices_refused_or_resampled(desc, tmp_path, monkeypatch, caplog):
+    import nibabel as nib
+    import numpy as np
+
+    from cmml_monai.deploy import study as study_module
+    from cmml_monai.deploy.study import resample_series
+
+    # resampling an evenly spaced series changes nothing: it gives the batch of the training readers
+    even = load_study(make_study(str(tmp_path / "even"), ("T1c", "T2"), decoys=False)["folder"])
+    expected = study_case(even, desc, "e").batch["image"]
+    monkeypatch.setattr(study_module, "check_series", lambda series, allow_uneven=False: True)
+    resampled = study_case(even, desc, "e", irregular="resample").batch["image"]
+    monkeypatch.undo()
+    assert torch.allclose(resampled.nan_to_num(), expected.nan_to_num(), atol=1e-4)
+    # the last T2 slice at 8 mm instead of 6 mm: gaps 2, 2, 4
+    study = make_study(str(tmp_path / "uneven"), ("T1c", "T2"), decoys=False)
+    _edit(study["series"]["T2"][3:], ImagePositionPatient=[0.0, 0.0, 8.0])
+    st = load_study(study["folder"])
+    with pytest.raises(DataError, match=r"not evenly spaced \(gaps 2 to 4 mm\).* or resample it \(--irregular"):
+        study_case(st, desc, "u")
+    with caplog.at_level(logging.WARNING, logger="cmml_monai.deploy.study"):
+        case = study_case(st, desc, "u", irregular="resample")
+    assert not case.batch["image"][0, 2].isnan().any()
+    assert any("u: series 11 'T2 TSE axial' (4 files) has unevenly spaced slices; resampled to an even 2 mm gap for "
+               "t2w" in r.getMessage() for r in caplog.records)
+    t2 = next(s for s in st.series if s.description == "T2 TSE axial")
+    assert resample_series(t2, str(tmp_path / "t2.nii.gz")) == 2.0
+    vol = nib.load(str(tmp_path / "t2.nii.gz"))
+    planes = [pydicom.dcmread(f).pixel_array.T.astype(np.float32) for f in study["series"]["T2"]]
+    data = vol.get_fdata()
+    assert data.shape == (16, 16, 5) and np.allclose(vol.affine[:3, 3], [0.0, 0.0, 0.0])
+    assert np.allclose(data[..., 2], planes[2]) and np.allclose(data[..., 4], planes[3])
+    assert np.allclose(data[..., 3], (planes[2] + planes[3]) / 2)  # 6 mm: halfway between 4 and 8 mm
+    with pytest.raises(ValueError, match="irregular must be one of"):
+        study_case(st, desc, "u", irregular="fix")

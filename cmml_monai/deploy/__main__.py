@@ -40,6 +40,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="DICOM keyword whose value keys the table row (default: the case id)")
     parser.add_argument("--key", help=f"pseudonym key (default: the {KEY_ENV} environment variable)")
     parser.add_argument("--device", default="cpu", help="where the network runs (default cpu)")
+    parser.add_argument("--irregular", choices=["refuse", "resample"], default="refuse",
+                        help="a series whose slices are not evenly spaced: refuse it (default) or resample it "
+                             "to an even gap (said in the log)")
     parser.add_argument("--verbose", action="store_true", help="log the series selection of each case")
 
 
@@ -81,7 +84,8 @@ def _setup_logging(verbose: bool) -> None:
 
 def _pipeline(args: argparse.Namespace) -> StudyPipeline:
     clinical = ClinicalSource(csv=args.clinical_csv, id_column=args.id_column, key_attribute=args.key_attribute)
-    return StudyPipeline(args.bundle, args.out, load_rules(args.rules), clinical, key=args.key, device=args.device)
+    return StudyPipeline(args.bundle, args.out, load_rules(args.rules), clinical, key=args.key, device=args.device,
+                         irregular=args.irregular)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

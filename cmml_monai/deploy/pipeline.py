@@ -16,7 +16,16 @@ import torch
 from cmml_monai.data.errors import DataError
 from cmml_monai.deploy.description import load_description, load_network
 from cmml_monai.deploy.report import SR_SERIES_NUMBER, model_identity, predict_case, write_report
-from cmml_monai.deploy.study import ClinicalSource, SeriesRules, Study, load_study, pseudonym, scan_studies, study_case
+from cmml_monai.deploy.study import (
+    IRREGULAR,
+    ClinicalSource,
+    SeriesRules,
+    Study,
+    load_study,
+    pseudonym,
+    scan_studies,
+    study_case,
+)
 
 __all__ = ["KEY_ENV", "StudyPipeline", "load_rules"]
 
@@ -59,6 +68,8 @@ class StudyPipeline:
             random id (logged as such): never a patient identifier.
         device: where the network runs.
         series_number: SeriesNumber of the SR series.
+        irregular: a series with unevenly spaced slices: ``"refuse"`` or ``"resample"``
+            (:func:`~cmml_monai.deploy.study.study_case`).
 
     Example:
         >>> StudyPipeline("outputs/men_cmml", "results").run("/exports/study_0001")  # doctest: +SKIP
@@ -74,7 +85,10 @@ class StudyPipeline:
         key: str | None = None,
         device: str | torch.device = "cpu",
         series_number: int = SR_SERIES_NUMBER,
+        irregular: str = "refuse",
     ) -> None:
+        if irregular not in IRREGULAR:
+            raise ValueError(f"irregular must be one of {IRREGULAR}, got {irregular!r}")
         self.bundle = os.fspath(bundle)
         self.description: Mapping[str, Any] = load_description(self.bundle)
         self.network = load_network(self.bundle, device=device)
@@ -84,6 +98,7 @@ class StudyPipeline:
         self.clinical = clinical or ClinicalSource()
         self.key = key if key is not None else os.environ.get(KEY_ENV) or None
         self.series_number = int(series_number)
+        self.irregular = irregular
 
     def case_id_for(self, study: Study) -> str:
         """The pseudonym of ``study`` (keyed hash of its StudyInstanceUID), or a random id without a key."""
@@ -96,7 +111,7 @@ class StudyPipeline:
     def run_study(self, study: Study, case_id: str | None = None) -> tuple[str, str]:
         """SR and JSON of one study; returns their paths."""
         name = case_id or self.case_id_for(study)
-        case = study_case(study, self.description, name, self.rules, self.clinical)
+        case = study_case(study, self.description, name, self.rules, self.clinical, irregular=self.irregular)
         result = predict_case(self.network, self.description, case)
         return write_report(case, result, self.out_dir, self.model_name, self.model_version, self.series_number)
 

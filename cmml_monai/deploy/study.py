@@ -41,6 +41,7 @@ __all__ = [
     "EXCLUDED_IMAGE_TYPES",
     "EXCLUDED_DESCRIPTION",
     "HEADER_COLUMNS",
+    "IRREGULAR",
     "SeriesInfo",
     "Study",
     "SeriesRules",
@@ -50,6 +51,7 @@ __all__ = [
     "scan_studies",
     "load_study",
     "check_series",
+    "resample_series",
     "pseudonym",
     "header_clinical_values",
     "study_case",
@@ -95,6 +97,8 @@ EXCLUDED_IMAGE_TYPES = ("LOCALIZER", "DERIVED", "SECONDARY", "PROJECTION IMAGE")
 EXCLUDED_DESCRIPTION = r"locali[sz]er|scout|survey|3[ -]?plane|pilot|calibration"
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 _ORIENTATION_TOLERANCE = 1e-3
+#: what :func:`study_case` does with a series whose slices are not evenly spaced
+IRREGULAR = ("refuse", "resample")
 
 
 @dataclass
@@ -394,15 +398,24 @@ def _floats(value: Any) -> tuple[float, ...] | None:
         return None
 
 
-def check_series(series: SeriesInfo) -> None:
+def check_series(series: SeriesInfo, allow_uneven: bool = False) -> bool:
     """Refuse a series the network cannot take as one volume.
+
+    Args:
+        series: the series.
+        allow_uneven: accept slices that are not evenly spaced (for :func:`resample_series`).
+
+    Returns:
+        True when the slices are not evenly spaced (only with ``allow_uneven``): the caller resamples them.
 
     Raises:
         DataError: a file without pixel data, slices of different orientation, pixel spacing or size,
-            slices not evenly spaced or sharing a position (a missing slice, mixed acquisitions).
+            slices sharing a position, or (unless ``allow_uneven``) not evenly spaced (a missing slice,
+            mixed acquisitions).
 
     Example:
         >>> check_series(load_study("/exports/study_0001").series[1])  # doctest: +SKIP
+        False
     """
     import pydicom
 
@@ -430,12 +443,59 @@ def check_series(series: SeriesInfo) -> None:
         raise DataError(f"{series.label()}: its slices differ in pixel spacing or size ({sorted(spacings)}, "
                         f"{sorted(shapes, key=str)}); a series must be one regular volume")
     if frames != len(series.files) or len(positions) < 3 or len(positions) != len(series.files):
-        return  # multi-frame or no geometry: the reader checks what it can
+        return False  # multi-frame or no geometry: the reader checks what it can
     gaps = np.diff(np.sort(np.asarray(positions)))
     median = float(np.median(gaps))
-    if median <= 0 or float(np.max(np.abs(gaps - median))) > SPACING_TOLERANCE * median:
-        raise DataError(f"{series.label()}: its slices are not evenly spaced (gaps {gaps.min():.3g} to "
-                        f"{gaps.max():.3g} mm): a slice is missing or it mixes acquisitions; export it again")
+    if median > 0 and float(np.max(np.abs(gaps - median))) <= SPACING_TOLERANCE * median:
+        return False
+    if allow_uneven and float(gaps.min()) > 0:
+        return True
+    raise DataError(f"{series.label()}: its slices are not evenly spaced (gaps {gaps.min():.3g} to "
+                    f"{gaps.max():.3g} mm): a slice is missing or it mixes acquisitions; export it again"
+                    + ("" if allow_uneven else " or resample it (--irregular resample)"))
+
+
+def resample_series(series: SeriesInfo, dest: str) -> float:
+    """Stack an unevenly spaced series onto an even grid and save it as NIfTI (RAS affine, geometry only).
+
+    The grid runs from the first to the last slice at the median gap; each plane is interpolated linearly
+    between the two acquired slices around it (the rescale slope and intercept applied). Only for series
+    that :func:`check_series` passed with ``allow_uneven`` (one orientation, spacing and size).
+
+    Returns:
+        the even gap in mm.
+
+    Example:
+        >>> resample_series(series, "/tmp/work/t2w.nii.gz")  # doctest: +SKIP
+        2.0
+    """
+    import nibabel as nib
+    import pydicom
+
+    slices = []
+    for f in series.files:
+        ds = pydicom.dcmread(f)
+        iop = np.asarray(_floats(ds.ImageOrientationPatient), dtype=np.float64)
+        ipp = np.asarray(_floats(ds.ImagePositionPatient), dtype=np.float64)
+        normal = np.cross(iop[:3], iop[3:])
+        plane = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1) or 1) \
+            + float(ds.get("RescaleIntercept", 0) or 0)
+        slices.append((float(ipp @ normal), ipp, plane, iop, _floats(ds.PixelSpacing)))
+    slices.sort(key=lambda t: t[0])
+    pos = np.asarray([t[0] for t in slices])
+    gap = float(np.median(np.diff(pos)))
+    grid = pos[0] + gap * np.arange(int(round((pos[-1] - pos[0]) / gap)) + 1)
+    # a DICOM plane is rows x columns = y x x; the volume is (x, y, z) like the readers' output
+    stack = np.stack([t[2].T for t in slices], axis=-1)
+    upper = np.clip(np.searchsorted(pos, grid, side="right"), 1, len(pos) - 1)
+    w = ((grid - pos[upper - 1]) / (pos[upper] - pos[upper - 1])).clip(0, 1).astype(np.float32)
+    volume = stack[..., upper - 1] * (1 - w) + stack[..., upper] * w
+    _, origin, _, iop, (row_spacing, col_spacing) = slices[0]
+    normal = np.cross(iop[:3], iop[3:])
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = iop[:3] * col_spacing, iop[3:] * row_spacing, normal * gap, origin
+    nib.save(nib.Nifti1Image(volume.astype(np.float32), np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps), dest)
+    return gap
 
 
 def pseudonym(value: str, key: str | bytes, length: int = 16) -> str:
@@ -609,6 +669,7 @@ def study_case(
     rules: SeriesRules | None = None,
     clinical: ClinicalSource | None = None,
     work_dir: str | None = None,
+    irregular: str = "refuse",
 ) -> StudyCase:
     """The batch the served network takes for ``study``.
 
@@ -620,9 +681,12 @@ def study_case(
         rules: series selection (default :class:`SeriesRules` ()).
         clinical: where clinical values come from (default the DICOM header).
         work_dir: where the series folders are linked while reading (default a temporary folder, removed).
+        irregular: a selected series whose slices are not evenly spaced: ``"refuse"`` (an error) or
+            ``"resample"`` (:func:`resample_series`, said in the log).
 
     Raises:
         DataError: a selected series without pixel data or of irregular geometry, or no modality at all.
+        ValueError: ``irregular`` is neither ``"refuse"`` nor ``"resample"``.
 
     Example:
         >>> desc = load_description("bundle/models")  # doctest: +SKIP
@@ -630,6 +694,8 @@ def study_case(
         >>> case.batch["image"].shape
         torch.Size([1, 4, 96, 96, 96])
     """
+    if irregular not in IRREGULAR:
+        raise ValueError(f"irregular must be one of {IRREGULAR}, got {irregular!r}")
     rules = rules or SeriesRules()
     clinical = clinical or ClinicalSource()
     data = description["data"]
@@ -639,9 +705,7 @@ def study_case(
         raise DataError(f"the served model takes {[m.kind for m in image_mods]} images; DICOM studies give "
                         "3D volumes (image3d) only")
     selection = rules.select(study, [m.name for m in image_mods], case_id)
-    for s in selection.values():
-        if s is not None:
-            check_series(s)
+    uneven = {m for m, s in selection.items() if s is not None and check_series(s, irregular == "resample")}
     columns = [str(c) for c in data.get("table_columns") or []]
     vocab = {c["name"]: c.get("vocabulary", []) for c in (data.get("table_schema") or {}).get("columns", [])
              if c.get("type") == "categorical"}
@@ -652,7 +716,17 @@ def study_case(
     own_dir = work_dir is None
     work = tempfile.mkdtemp(prefix="cmml-study-") if own_dir else os.fspath(work_dir)
     try:
-        paths = {m: (None if s is None else _link_series(s, os.path.join(work, m))) for m, s in selection.items()}
+        paths: dict[str, str | None] = {}
+        for m, s in selection.items():
+            if s is None:
+                paths[m] = None
+            elif m in uneven:
+                paths[m] = os.path.join(work, f"{m}.nii.gz")
+                gap = resample_series(s, paths[m])
+                logger.warning("%s: %s has unevenly spaced slices; resampled to an even %.3g mm gap for %s",
+                               case_id, s.label(), gap, m)
+            else:
+                paths[m] = _link_series(s, os.path.join(work, m))
         reasons = {m: "no matching series" for m, p in paths.items() if p is None}
         case = Case(case_id, "", paths, None, values, reasons)
         case_list = CaseList(data.get("dataset", "study"), mods, list(data["class_names"]),
