@@ -48,6 +48,7 @@ from cmml_monai.deploy.study import (  # noqa: E402
     check_series,
     header_clinical_values,
     pseudonym,
+    resample_series,
     scan_studies,
 )
 
@@ -57,9 +58,14 @@ CLINICAL_NAME = "clinical.csv"
 HEADER_FILLED = ("age", "sex")  # taken from the DICOM header when the sheet has no such column
 
 
-def series_to_nifti(study_series: Any, dest: str) -> None:
-    """Read one series as the training readers do (ITK, geometry checked) and save it as NIfTI (RAS affine)."""
-    check_series(study_series)
+def series_to_nifti(study_series: Any, dest: str, irregular: str = "refuse") -> bool:
+    """Read one series as the training readers do (ITK, geometry checked) and save it as NIfTI (RAS affine).
+
+    Returns True when its slices were unevenly spaced and were resampled (``irregular="resample"``).
+    """
+    if check_series(study_series, allow_uneven=irregular == "resample"):
+        resample_series(study_series, dest)
+        return True
     with tempfile.TemporaryDirectory(prefix="cmml-series-") as folder:
         for i, f in enumerate(study_series.files):
             try:
@@ -71,6 +77,7 @@ def series_to_nifti(study_series: Any, dest: str) -> None:
     affine = np.asarray(image.affine, dtype=np.float64)
     # a NIfTI with only geometry: no header text, so nothing of the DICOM header travels
     nib.save(nib.Nifti1Image(volume, affine), dest)
+    return False
 
 
 def _case_ids(studies: list[Study], id_attribute: str, key: str) -> list[str]:
@@ -97,6 +104,7 @@ def convert(
     id_attribute: str = "PatientID",
     sequences: list[str] | None = None,
     rules: SeriesRules | None = None,
+    irregular: str = "refuse",
 ) -> dict[str, Any]:
     """Convert every study of ``export_dir``; returns the summary of ``conversion_report.json`` (its per-case
     list left out).
@@ -127,13 +135,14 @@ def convert(
         for study, case in zip(studies, case_ids):
             os.makedirs(os.path.join(work, case))
             selection = rules.select(study, sequences, case)
-            present, missing = [], {}
+            present, missing, resampled = [], {}, []
             for seq, series in selection.items():
                 if series is None:
                     missing[seq] = "no matching series"
                     continue
                 try:
-                    series_to_nifti(series, os.path.join(work, case, f"{case}-{seq}.nii.gz"))
+                    if series_to_nifti(series, os.path.join(work, case, f"{case}-{seq}.nii.gz"), irregular):
+                        resampled.append(seq)
                     present.append(seq)
                 except DataError as e:  # one bad series: that sequence is missing, the study still counts
                     missing[seq] = f"refused: {e}"
@@ -149,7 +158,8 @@ def convert(
             fill = [c for c in HEADER_FILLED if table is None or c not in table.columns]
             row.update(header_clinical_values(study.header, fill))
             rows.append(row)
-            report.append({"case_id": case, "present": present, "missing": missing, "clinical_row": in_sheet})
+            report.append({"case_id": case, "present": present, "missing": missing, "resampled": resampled,
+                           "clinical_row": in_sheet})
         columns = list(dict.fromkeys(k for r in rows for k in r))
         with open(os.path.join(work, CLINICAL_NAME), "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
@@ -188,13 +198,16 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"sequence names, in order (default {' '.join(MEN_SEQUENCES)})")
     parser.add_argument("--rules", help="JSON file of series rules (see README 'PACS')")
     parser.add_argument("--key", help=f"pseudonym key (default: the {KEY_ENV} environment variable)")
+    parser.add_argument("--irregular", choices=["refuse", "resample"], default="refuse",
+                        help="a series whose slices are not evenly spaced: missing (refuse, default) or resampled "
+                             "to an even gap (listed under 'resampled' in the report)")
     args = parser.parse_args(argv)
     key = args.key or os.environ.get(KEY_ENV)
     try:
         if not key:
             raise DataError(f"no pseudonym key: set {KEY_ENV} (or --key); keep it to map the ids back")
         summary = convert(args.export_dir, args.clinical, args.out, key, args.id_column, args.id_attribute,
-                          args.sequences, load_rules(args.rules))
+                          args.sequences, load_rules(args.rules), args.irregular)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

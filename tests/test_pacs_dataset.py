@@ -69,7 +69,7 @@ def test_layout_report_and_pseudonyms(converted):
     assert clinical[c2]["sex"] == "F" and clinical[c2]["grade"] == "1"
     summary = json.load(open(os.path.join(out, "conversion_report.json")))
     report = {r["case_id"]: r for r in summary["cases"]}
-    assert report[c1]["missing"] == {} and report[c2]["present"] == ["t1c"]
+    assert report[c1]["missing"] == {} and report[c2]["present"] == ["t1c"] and report[c1]["resampled"] == []
     assert list(report[c2]["missing"]) == ["t1n", "t2w", "t2f"] and report[c2]["missing"]["t1n"] == "no matching series"
     assert report[c2]["missing"]["t2w"].startswith("refused: series 11 'T2 TSE axial' (4 files): its slices differ in "
                                                    "orientation")
