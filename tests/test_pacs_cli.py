@@ -101,6 +101,11 @@ def test_cli_bad_input_is_one_error_line(bundle, tmp_path, capsys):
         assert main([*args, "--bundle", bundle, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    for args, message in [(["--pacs", "nonsense"], "--pacs: PACS must be HOST:PORT:AET, got 'nonsense'"),
+                          (["--ae-title", "A_TITLE_OF_20_CHARS"], "listen: AE title must be 1-16 printable")]:
+        assert main(["listen", "--bundle", bundle, "--out", str(out), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not out.exists() or os.listdir(out) == []  # nothing half-written
     # the installed entry point prints the same one line
     proc = cli(str(tmp_path / "empty"), "--bundle", bundle, "--out", str(out))

@@ -100,10 +100,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             try:
                 pacs = PacsNode.parse(args.pacs) if args.pacs else None
+                node = Listener(_pipeline(args), pacs, ae_title=args.ae_title, host=args.host, port=args.port,
+                                retries=args.retries, retry_delay=args.retry_delay)
             except ValueError as e:
-                raise DataError(f"--pacs: {e}") from e
-            Listener(_pipeline(args), pacs, ae_title=args.ae_title, host=args.host, port=args.port,
-                     retries=args.retries, retry_delay=args.retry_delay).start(block=True)
+                if isinstance(e, DataError):
+                    raise
+                raise DataError(f"listen: {e}") from e
+            node.start(block=True)
             return 0
         if args.case_id is not None and not _CASE_ID.match(args.case_id):
             raise DataError(f"--case-id {args.case_id!r}: use 1-64 letters, digits, '.', '_' or '-' "
