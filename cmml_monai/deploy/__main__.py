@@ -100,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             try:
                 pacs = PacsNode.parse(args.pacs) if args.pacs else None
+            except ValueError as e:
+                raise DataError(f"--pacs: {e}") from e
+            try:
                 node = Listener(_pipeline(args), pacs, ae_title=args.ae_title, host=args.host, port=args.port,
                                 retries=args.retries, retry_delay=args.retry_delay)
             except ValueError as e:
