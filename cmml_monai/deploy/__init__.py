@@ -2,8 +2,11 @@
 
 It owns what runs a published ``models/model.pt`` outside training: the network description written
 beside it (``description``), the inference entry point of the bundle (``inference``,
-``configs/inference.json``) and the TorchScript export (``export``). It may import every layer below it;
-no other layer imports it.
+``configs/inference.json``), the TorchScript export (``export``) and the PACS pipeline: a DICOM study as
+the network's batch (``study``), the DICOM SR + JSON result (``report``, highdicom), both together
+(``pipeline``, ``python -m cmml_monai.deploy``) and the DICOM listener (``listener``, pynetdicom). It may
+import every layer below it; no other layer imports it. ``report``, ``pipeline`` and ``listener`` are
+imported by their module path (they pull in highdicom and pynetdicom).
 """
 
 from cmml_monai.deploy.description import (
@@ -35,6 +38,15 @@ from cmml_monai.deploy.inference import (
     inference_dataset,
     probabilities,
 )
+from cmml_monai.deploy.study import (
+    ClinicalSource,
+    SeriesRules,
+    StudyCase,
+    load_study,
+    pseudonym,
+    scan_studies,
+    study_case,
+)
 
 __all__ = [
     "DESCRIPTION_NAME",
@@ -60,4 +72,11 @@ __all__ = [
     "export_torchscript",
     "ONNX_NAME",
     "export_onnx",
+    "ClinicalSource",
+    "SeriesRules",
+    "StudyCase",
+    "load_study",
+    "pseudonym",
+    "scan_studies",
+    "study_case",
 ]

@@ -1,0 +1,126 @@
+"""``python -m cmml_monai.deploy``: the PACS pipeline without any SDK.
+
+Two commands::
+
+    python -m cmml_monai.deploy STUDY_DIR --bundle DIR --out DIR [--case-id ID] [--each-study] [--rules FILE]
+    python -m cmml_monai.deploy listen --bundle DIR --out DIR --port 11112 [--ae-title CMML] [--pacs HOST:PORT:AET]
+
+The first turns a DICOM study folder (or DICOMDIR) into ``<out>/<case>.sr.dcm`` (a DICOM Comprehensive SR)
+and ``<out>/<case>.json``; the second is a DICOM Storage SCP that does the same for each study it receives
+and sends the SR to the PACS. Cases are named by ``--case-id`` or by a keyed hash of the StudyInstanceUID
+(key: ``--key`` or the ``CMML_PSEUDONYM_KEY`` environment variable). Bad input prints one ``error:`` line
+and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections.abc import Sequence
+
+from cmml_monai.data.errors import DataError
+from cmml_monai.deploy.pipeline import KEY_ENV, StudyPipeline, load_rules
+from cmml_monai.deploy.study import ClinicalSource
+
+__all__ = ["main", "study_parser", "listen_parser"]
+
+_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", required=True,
+                        help="folder holding models/model.pt and models/network.json (or that models folder)")
+    parser.add_argument("--out", required=True, help="where the SR (.sr.dcm) and JSON files go")
+    parser.add_argument("--rules", help="JSON file of series rules (see README 'PACS'); default: the built-in rules")
+    parser.add_argument("--clinical-csv", help="clinical values from this table (default: the DICOM header)")
+    parser.add_argument("--id-column", default="case_id", help="the table's id column (default case_id)")
+    parser.add_argument("--key-attribute",
+                        help="DICOM keyword whose value keys the table row (default: the case id)")
+    parser.add_argument("--key", help=f"pseudonym key (default: the {KEY_ENV} environment variable)")
+    parser.add_argument("--device", default="cpu", help="where the network runs (default cpu)")
+    parser.add_argument("--irregular", choices=["refuse", "resample"], default="refuse",
+                        help="a series whose slices are not evenly spaced: refuse it (default) or resample it "
+                             "to an even gap (said in the log)")
+    parser.add_argument("--verbose", action="store_true", help="log the series selection of each case")
+
+
+def study_parser() -> argparse.ArgumentParser:
+    """Arguments of ``python -m cmml_monai.deploy STUDY_DIR ...``."""
+    p = argparse.ArgumentParser(prog="python -m cmml_monai.deploy",
+                                description="A DICOM study folder -> DICOM SR + JSON (research use only). "
+                                            "'python -m cmml_monai.deploy listen -h': the DICOM listener.")
+    p.add_argument("study", help="DICOM study folder (searched recursively) or DICOMDIR")
+    _common(p)
+    p.add_argument("--case-id", help="name of the case in outputs and logs (default: the pseudonym)")
+    p.add_argument("--each-study", action="store_true", help="process each study of the folder (default: one)")
+    return p
+
+
+def listen_parser() -> argparse.ArgumentParser:
+    """Arguments of ``python -m cmml_monai.deploy listen ...``."""
+    p = argparse.ArgumentParser(prog="python -m cmml_monai.deploy listen",
+                                description="DICOM Storage SCP: each received study -> SR (+ JSON), sent to the PACS")
+    _common(p)
+    p.add_argument("--port", type=int, default=11112, help="port to listen on (default 11112)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
+    p.add_argument("--ae-title", default="CMML", help="this node's AE title (default CMML)")
+    p.add_argument("--pacs", help="HOST:PORT:AET to send each SR to (default: keep them in OUT/outbox)")
+    p.add_argument("--retries", type=int, default=3, help="attempts per SR when the PACS is unreachable")
+    p.add_argument("--retry-delay", type=float, default=5.0, help="seconds between attempts")
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        logging.getLogger("cmml_monai.deploy.study").setLevel(logging.WARNING)
+    # pynetdicom's own log lines may list dataset elements (patient attributes at DEBUG): warnings only
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # highdicom names the source instances it copies the patient module from: noise, and UIDs link to the study
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+
+
+def _pipeline(args: argparse.Namespace) -> StudyPipeline:
+    clinical = ClinicalSource(csv=args.clinical_csv, id_column=args.id_column, key_attribute=args.key_attribute)
+    return StudyPipeline(args.bundle, args.out, load_rules(args.rules), clinical, key=args.key, device=args.device,
+                         irregular=args.irregular)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; returns the exit status (2: bad input, one ``error:`` line on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    listen = bool(argv) and argv[0] == "listen"
+    args = (listen_parser() if listen else study_parser()).parse_args(argv[1:] if listen else argv)
+    _setup_logging(args.verbose)
+    try:
+        if listen:
+            from cmml_monai.deploy.listener import Listener, PacsNode
+
+            try:
+                pacs = PacsNode.parse(args.pacs) if args.pacs else None
+            except ValueError as e:
+                raise DataError(f"--pacs: {e}") from e
+            try:
+                node = Listener(_pipeline(args), pacs, ae_title=args.ae_title, host=args.host, port=args.port,
+                                retries=args.retries, retry_delay=args.retry_delay)
+            except ValueError as e:
+                if isinstance(e, DataError):
+                    raise
+                raise DataError(f"listen: {e}") from e
+            node.start(block=True)
+            return 0
+        if args.case_id is not None and not _CASE_ID.match(args.case_id):
+            raise DataError(f"--case-id {args.case_id!r}: use 1-64 letters, digits, '.', '_' or '-' "
+                            "(it names the output files)")
+        for sr_path, json_path in _pipeline(args).run(args.study, args.case_id, args.each_study):
+            print(f"{sr_path}\n{json_path}")
+        return 0
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

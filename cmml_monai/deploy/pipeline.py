@@ -1,0 +1,131 @@
+"""Study folder -> DICOM SR + JSON with a served model: what ``python -m cmml_monai.deploy`` and the DICOM
+listener run for each study.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from cmml_monai.data.errors import DataError
+from cmml_monai.deploy.description import load_description, load_network
+from cmml_monai.deploy.report import SR_SERIES_NUMBER, model_identity, predict_case, write_report
+from cmml_monai.deploy.study import (
+    IRREGULAR,
+    ClinicalSource,
+    SeriesRules,
+    Study,
+    load_study,
+    pseudonym,
+    scan_studies,
+    study_case,
+)
+
+__all__ = ["KEY_ENV", "StudyPipeline", "load_rules"]
+
+logger = logging.getLogger(__name__)
+
+#: environment variable holding the pseudonym key when none is passed
+KEY_ENV = "CMML_PSEUDONYM_KEY"
+
+
+def load_rules(path: str | None) -> SeriesRules:
+    """:class:`SeriesRules` from a JSON file (``None``: the defaults).
+
+    Raises:
+        DataError: the file cannot be read or holds bad rules (the message names the file).
+
+    Example:
+        >>> load_rules("site_rules.json").rule_for("t2f")  # doctest: +SKIP
+        {'match': ['dark fluid'], 'exclude': []}
+    """
+    if path is None:
+        return SeriesRules()
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return SeriesRules.from_json(data)
+    except (OSError, json.JSONDecodeError, ValueError, TypeError) as e:
+        raise DataError(f"series rules {path}: {e}") from e
+
+
+class StudyPipeline:
+    """Load the served model once; turn each study into an SR and a JSON in ``out_dir``.
+
+    Args:
+        bundle: the folder holding ``models/model.pt`` and ``models/network.json``, or that ``models`` folder.
+        out_dir: where ``<case>.sr.dcm`` and ``<case>.json`` go.
+        rules: series selection (default :class:`SeriesRules` ()).
+        clinical: where clinical values come from (default the DICOM header).
+        key: pseudonym key (default the ``CMML_PSEUDONYM_KEY`` environment variable); a case without an id of
+            the caller is named by the keyed hash of its StudyInstanceUID. Without a key such a case gets a
+            random id (logged as such): never a patient identifier.
+        device: where the network runs.
+        series_number: SeriesNumber of the SR series.
+        irregular: a series with unevenly spaced slices: ``"refuse"`` or ``"resample"``
+            (:func:`~cmml_monai.deploy.study.study_case`).
+
+    Example:
+        >>> StudyPipeline("outputs/men_cmml", "results").run("/exports/study_0001")  # doctest: +SKIP
+        [('results/3f2a9c01d4e5b6a7.sr.dcm', 'results/3f2a9c01d4e5b6a7.json')]
+    """
+
+    def __init__(
+        self,
+        bundle: str,
+        out_dir: str,
+        rules: SeriesRules | None = None,
+        clinical: ClinicalSource | None = None,
+        key: str | None = None,
+        device: str | torch.device = "cpu",
+        series_number: int = SR_SERIES_NUMBER,
+        irregular: str = "refuse",
+    ) -> None:
+        if irregular not in IRREGULAR:
+            raise ValueError(f"irregular must be one of {IRREGULAR}, got {irregular!r}")
+        self.bundle = os.fspath(bundle)
+        self.description: Mapping[str, Any] = load_description(self.bundle)
+        self.network = load_network(self.bundle, device=device)
+        self.model_name, self.model_version = model_identity(self.description, self.bundle)
+        self.out_dir = os.fspath(out_dir)
+        self.rules = rules or SeriesRules()
+        self.clinical = clinical or ClinicalSource()
+        self.key = key if key is not None else os.environ.get(KEY_ENV) or None
+        self.series_number = int(series_number)
+        self.irregular = irregular
+
+    def case_id_for(self, study: Study) -> str:
+        """The pseudonym of ``study`` (keyed hash of its StudyInstanceUID), or a random id without a key."""
+        if self.key:
+            return pseudonym(study.uid, self.key)
+        name = f"case-{uuid.uuid4().hex[:12]}"
+        logger.warning("no pseudonym key (--key or %s): the study is named %s, a random id", KEY_ENV, name)
+        return name
+
+    def run_study(self, study: Study, case_id: str | None = None) -> tuple[str, str]:
+        """SR and JSON of one study; returns their paths."""
+        name = case_id or self.case_id_for(study)
+        case = study_case(study, self.description, name, self.rules, self.clinical, irregular=self.irregular)
+        result = predict_case(self.network, self.description, case)
+        return write_report(case, result, self.out_dir, self.model_name, self.model_version, self.series_number)
+
+    def run(self, path: str, case_id: str | None = None, each_study: bool = False) -> list[tuple[str, str]]:
+        """SR and JSON of the study under ``path`` (a folder or DICOMDIR), or of each study with ``each_study``.
+
+        Raises:
+            DataError: no DICOM, several studies without ``each_study``, a bad series; ``case_id`` with
+                several studies.
+        """
+        if not each_study:
+            return [self.run_study(load_study(path), case_id)]
+        studies = scan_studies(path)
+        if case_id is not None and len(studies) > 1:
+            raise DataError(f"--case-id names one case but {path} holds {len(studies)} studies; "
+                            "omit it (each study is named by its pseudonym)")
+        return [self.run_study(s, case_id) for s in studies]

@@ -1,0 +1,273 @@
+"""The result of one study as a DICOM Comprehensive SR (highdicom) plus a JSON beside it.
+
+The SR is filed with the source study: it carries the patient and study attributes of the study (highdicom
+copies them from the evidence), references every instance of the series used (Current Requested Procedure
+Evidence) and each series by its UID, and holds the probability per class, the prediction, the inputs
+present and those completed by the model, the model name and version and "research use only". The JSON
+holds the same results under the case's id or pseudonym and no patient or study identifier: it may be read
+by many people; the SR only by those who may see the study.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import cmml_monai
+from cmml_monai.data.jsonio import atomic_path, atomic_write_json
+from cmml_monai.deploy.description import completes_missing
+from cmml_monai.deploy.inference import MULTI_LABEL_THRESHOLD, probabilities
+from cmml_monai.deploy.study import StudyCase
+
+__all__ = [
+    "RESEARCH_USE_ONLY",
+    "CODING_SCHEME",
+    "CaseResult",
+    "predict_case",
+    "model_identity",
+    "build_sr",
+    "write_report",
+    "read_sr_result",
+]
+
+logger = logging.getLogger(__name__)
+
+RESEARCH_USE_ONLY = "RESEARCH USE ONLY - not for diagnostic use"
+#: private coding scheme of the concepts DICOM has no code for (the class names, probabilities, inputs)
+CODING_SCHEME = "99CMML"
+SR_SERIES_NUMBER = 9901
+SR_SERIES_DESCRIPTION = "CMML result - research use only"
+_PROBABILITY = "Probability of "
+
+
+@dataclass
+class CaseResult:
+    """The network's answer for one case.
+
+    Args:
+        case_id: the caller's id or the pseudonym.
+        probabilities: class -> probability (softmax, or sigmoid per label).
+        prediction: the most probable class (multi-label: the labels at or above 0.5).
+        present: the inputs the case has (image modalities, then ``table``).
+        completed: the missing inputs the network fills in (CMML, mean imputation; empty for zero fill).
+        activation: ``softmax`` or ``sigmoid``.
+    """
+
+    case_id: str
+    probabilities: dict[str, float]
+    prediction: list[str]
+    present: list[str]
+    completed: list[str]
+    activation: str
+
+
+@torch.no_grad()
+def predict_case(network: torch.nn.Module, description: Mapping[str, Any], case: StudyCase) -> CaseResult:
+    """Run the served network on one study's batch; the prediction is computed here from the probabilities
+    (argmax, or the threshold per label), not taken from any serving framework.
+
+    Example:
+        >>> case = study_case(study, desc, "c1")  # doctest: +SKIP
+        >>> predict_case(load_network("bundle/models"), desc, case).prediction
+        ['high']
+    """
+    data = description["data"]
+    classes = [str(c) for c in data["class_names"]]
+    multi = bool(data["multi_label"])
+    device = next(network.parameters()).device
+    image = case.batch["image"].to(device)
+    tabular = case.batch.get("tabular")
+    network.eval()
+    logits = network(image, None if tabular is None else tabular.to(device)).float()
+    probs = [float(p) for p in probabilities(logits, multi)[0].cpu()]
+    if multi:
+        prediction = [c for c, p in zip(classes, probs) if p >= MULTI_LABEL_THRESHOLD]
+    else:
+        prediction = [classes[max(range(len(probs)), key=probs.__getitem__)]]
+    present = list(case.present_images)
+    table_name = next((m["name"] for m in data["modalities"] if m["kind"] == "table"), None)
+    every = [m for m in case.selection] + ([table_name] if table_name else [])
+    if table_name is not None and tabular is not None and not torch.isnan(tabular).all():
+        present.append(table_name)
+    completed = [m for m in every if m not in present] if completes_missing(network) else []
+    return CaseResult(case.case_id, dict(zip(classes, probs)), prediction, present, completed,
+                      "sigmoid" if multi else "softmax")
+
+
+def model_identity(description: Mapping[str, Any], bundle_dir: str | None = None) -> tuple[str, str]:
+    """``(name, version)`` of the served model: the bundle's ``configs/metadata.json`` name and version when
+    ``bundle_dir`` (or its parent) has one, else ``cmml-monai <method>`` and the package version; the
+    weights' SHA-256 prefix is appended to the version, so two trainings never share one.
+
+    Example:
+        >>> model_identity(load_description("bundle/models"), "bundle")  # doctest: +SKIP
+        ('CMML missing-modality diagnosis', '0.1.0 (weights 3f2a9c01d4e5)')
+    """
+    name = f"cmml-monai {description['network']['args'].get('method', 'model')}"
+    version = cmml_monai.__version__
+    folders = [bundle_dir, os.path.dirname(os.path.abspath(bundle_dir))] if bundle_dir else []
+    for folder in folders:
+        meta = os.path.join(folder, "configs", "metadata.json")
+        if os.path.isfile(meta):
+            with open(meta, encoding="utf-8") as f:
+                data = json.load(f)
+            name, version = str(data.get("name", name)), str(data.get("version", version))
+            break
+    sha = description.get("weights_sha256")
+    return name, f"{version} (weights {sha[:12]})" if sha else version
+
+
+def _code(value: str, meaning: str) -> Any:
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(value=value, scheme_designator=CODING_SCHEME, meaning=meaning)
+
+
+def build_sr(case: StudyCase, result: CaseResult, model_name: str, model_version: str,
+             series_number: int = SR_SERIES_NUMBER) -> Any:
+    """The Comprehensive SR of one result, filed with ``case.study``.
+
+    Raises:
+        ValueError: no series was used (an SR must reference its source images).
+
+    Example:
+        >>> sr = build_sr(case, predict_case(net, desc, case), *model_identity(desc))  # doctest: +SKIP
+        >>> sr.StudyInstanceUID == case.study.uid
+        True
+    """
+    import highdicom as hd
+    import pydicom
+    from highdicom.coding_schemes import CodingSchemeIdentificationItem
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    used = {m: s for m, s in case.selection.items() if s is not None}
+    if not used:
+        raise ValueError(f"{case.case_id}: no series was used; an SR needs source images to reference")
+    # headers only: the evidence lists each instance of the series used and gives the patient/study module
+    evidence = [pydicom.dcmread(f, stop_before_pixels=True) for s in used.values() for f in s.files]
+    rel = hd.sr.RelationshipTypeValues
+    unit = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
+    items = [
+        hd.sr.TextContentItem(codes.DCM.Comment, RESEARCH_USE_ONLY, relationship_type=rel.CONTAINS),
+        hd.sr.TextContentItem(hd.sr.CodedConcept("111001", "DCM", "Algorithm Name"), model_name,
+                              relationship_type=rel.CONTAINS),
+        hd.sr.TextContentItem(hd.sr.CodedConcept("111003", "DCM", "Algorithm Version"), model_version,
+                              relationship_type=rel.CONTAINS),
+    ]
+    # code values are short (SH, 16 characters): the class index; the class name is the meaning
+    index = {label: i for i, label in enumerate(result.probabilities)}
+    for label in result.prediction:
+        items.append(hd.sr.CodeContentItem(codes.DCM.Finding, _code(f"class-{index[label]}", label),
+                                           relationship_type=rel.CONTAINS))
+    for label, p in result.probabilities.items():
+        items.append(hd.sr.NumContentItem(_code(f"prob-{index[label]}", f"{_PROBABILITY}{label}"), p, unit,
+                                          relationship_type=rel.CONTAINS))
+    for name in result.present:
+        item = hd.sr.TextContentItem(_code("input-present", "Input present"), name, relationship_type=rel.CONTAINS)
+        if name in used:
+            item.ContentSequence = hd.sr.ContentSequence([hd.sr.UIDRefContentItem(
+                hd.sr.CodedConcept("112002", "DCM", "Series Instance UID"), used[name].uid,
+                relationship_type=rel.HAS_PROPERTIES)])
+        items.append(item)
+    for name in result.completed:
+        items.append(hd.sr.TextContentItem(_code("input-completed", "Input completed by model"), name,
+                                           relationship_type=rel.CONTAINS))
+    root = hd.sr.ContainerContentItem(_code("cmml-report", "CMML multimodal diagnosis (research use only)"))
+    root.ContentSequence = hd.sr.ContentSequence(items)
+    return hd.sr.ComprehensiveSR(
+        evidence=evidence,
+        content=root,
+        series_instance_uid=generate_uid(),
+        series_number=int(series_number),
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="cmml-monai",
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=SR_SERIES_DESCRIPTION,
+        content_qualification="RESEARCH",
+        manufacturer_model_name=model_name[:64],
+        software_versions=model_version[:64],
+        coding_schemes=[CodingSchemeIdentificationItem(
+            designator=CODING_SCHEME, name="cmml-monai result concepts", responsible_organization="cmml-monai")],
+    )
+
+
+def write_report(case: StudyCase, result: CaseResult, out_dir: str, model_name: str, model_version: str,
+                 series_number: int = SR_SERIES_NUMBER) -> tuple[str, str]:
+    """Write ``<out_dir>/<case>.sr.dcm`` (the SR) and ``<out_dir>/<case>.json``; returns both paths.
+
+    The JSON names the case by ``result.case_id`` and the series by number and description only.
+
+    Example:
+        >>> write_report(case, result, "out", *model_identity(desc))  # doctest: +SKIP
+        ('out/case-001.sr.dcm', 'out/case-001.json')
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    sr = build_sr(case, result, model_name, model_version, series_number)
+    stem = os.path.join(out_dir, result.case_id)
+    sr_path, json_path = stem + ".sr.dcm", stem + ".json"
+    with atomic_path(sr_path) as tmp:
+        sr.save_as(tmp, enforce_file_format=True)
+    record = {
+        "case_id": result.case_id,
+        "research_use_only": True,
+        "model": {"name": model_name, "version": model_version},
+        "probabilities": result.probabilities,
+        "prediction": result.prediction,
+        "activation": result.activation,
+        "present": result.present,
+        "completed": result.completed,
+        "series": {m: (None if s is None else {"number": s.number, "description": s.description,
+                                               "files": len(s.files)})
+                   for m, s in case.selection.items()},
+        "sr_file": os.path.basename(sr_path),
+        "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+    }
+    atomic_write_json(json_path, record, indent=2)
+    logger.info("%s: %s (%s); SR %s", result.case_id, ", ".join(result.prediction) or "no label",
+                ", ".join(f"{k} {v:.3f}" for k, v in result.probabilities.items()), sr_path)
+    return sr_path, json_path
+
+
+def read_sr_result(sr: Any) -> dict[str, Any]:
+    """The results held by an SR written by :func:`build_sr` (a pydicom Dataset or a path): prediction,
+    probabilities, present (input -> series UID or None), completed, model name and version, comment.
+
+    Example:
+        >>> read_sr_result("out/case-001.sr.dcm")["prediction"]  # doctest: +SKIP
+        ['high']
+    """
+    import pydicom
+
+    ds = pydicom.dcmread(sr) if isinstance(sr, (str, os.PathLike)) else sr
+    out: dict[str, Any] = {"prediction": [], "probabilities": {}, "present": {}, "completed": []}
+    for item in ds.ContentSequence:
+        name = item.ConceptNameCodeSequence[0]
+        kind = item.ValueType
+        if kind == "TEXT" and name.CodeValue == "111001":
+            out["model_name"] = item.TextValue
+        elif kind == "TEXT" and name.CodeValue == "111003":
+            out["model_version"] = item.TextValue
+        elif kind == "TEXT" and name.CodeValue == "121106":
+            out["comment"] = item.TextValue
+        elif kind == "CODE":
+            out["prediction"].append(item.ConceptCodeSequence[0].CodeMeaning)
+        elif kind == "NUM":
+            label = name.CodeMeaning[len(_PROBABILITY):]
+            out["probabilities"][label] = float(item.MeasuredValueSequence[0].NumericValue)
+        elif kind == "TEXT" and name.CodeValue == "input-present":
+            children = item.get("ContentSequence", [])
+            out["present"][item.TextValue] = str(children[0].UID) if children else None
+        elif kind == "TEXT" and name.CodeValue == "input-completed":
+            out["completed"].append(item.TextValue)
+    return out
+
