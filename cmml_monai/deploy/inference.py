@@ -11,6 +11,7 @@ import csv
 import logging
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,14 +21,16 @@ from torch.utils.data import ConcatDataset
 from tqdm import tqdm
 
 from cmml_monai.data.adapters import load_dataset
+from cmml_monai.data.adapters.manifest import MANIFEST_INPUT_OPTIONS, MANIFEST_NAME
 from cmml_monai.data.cases import CaseList
 from cmml_monai.data.dataset import build_dataloader, build_dataset
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.data.preflight import run_preflight
+from cmml_monai.data.table import TableSchema, is_empty_cell, normalise_category
 from cmml_monai.deploy.description import completes_missing, description_schema
 
-__all__ = ["inference_cases", "check_cases", "inference_dataset", "probabilities", "Predictor", "PREDICTIONS_NAME"]
+__all__ = ["inference_cases", "check_cases", "unseen_categories", "manifest_defaults", "inference_dataset", "probabilities", "Predictor", "PREDICTIONS_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +63,53 @@ def check_cases(description: Mapping[str, Any], case_list: CaseList) -> None:
         )
 
 
+def manifest_defaults(description: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest adapter options that give the described network its inputs: the training run's column
+    roles (``MANIFEST_INPUT_OPTIONS`` it was given) and otherwise the trained modality names as image columns
+    and the trained table columns, so a new-case manifest needs only the same column names.
+
+    Example:
+        >>> manifest_defaults(load_description("outputs/manifest_cmml/models"))  # doctest: +SKIP
+        {'image_columns': ['t1c', 't2w'], 'table_columns': ['age', 'sex'], 'image_kind': 'image3d'}
+    """
+    data = description["data"]
+    trained = data.get("dataset_options") or {}
+    out = {k: trained[k] for k in MANIFEST_INPUT_OPTIONS if trained.get(k) is not None}
+    images = [m for m in data["modalities"] if m["kind"] != "table"]
+    out.setdefault("image_columns", [m["name"] for m in images])
+    out.setdefault("table_columns", list(data.get("table_columns") or []))
+    if images:
+        out.setdefault("image_kind", images[0]["kind"])
+    return out
+
+
+def unseen_categories(schema: TableSchema | None, case_list: CaseList) -> dict[str, list[str]]:
+    """Per categorical column, the values of ``case_list`` that the schema did not see in training (they are
+    encoded as missing).
+
+    Example:
+        >>> unseen_categories(description_schema(desc), cases)  # doctest: +SKIP
+        {'sex': ['other']}
+    """
+    out: dict[str, list[str]] = {}
+    for col in schema.columns if schema is not None else []:
+        if col.type != "categorical":
+            continue
+        values = {normalise_category(c.table.get(col.name)) for c in case_list.cases
+                  if not is_empty_cell(c.table.get(col.name))}
+        new = sorted(values - set(col.vocabulary))
+        if new:
+            out[col.name] = new
+    return out
+
+
 def inference_cases(
     description: Mapping[str, Any],
     dataset: str,
     dataset_dir: str,
     options: Mapping[str, Any] | None = None,
 ) -> CaseList:
-    """The cases of ``dataset_dir`` (native layout of ``dataset``), checked against the description.
+    """The cases of ``dataset_dir`` (native layout of ``dataset``, or a manifest), checked against the description.
 
     Unlike training (``cmml_monai.data.load_cases``) no label and no split is needed: the adapter reads the
     cases with ``labels=False`` (label columns and split files may be absent; Derm7pt index files and a MEN
@@ -78,8 +121,18 @@ def inference_cases(
         >>> cases = inference_cases(desc, "derm7pt", "/data/new/release_v0")
     """
     # labels are not needed: the label columns and split files may be absent (dataset_options may say otherwise)
-    case_list = load_dataset(dataset, dataset_dir, **{"labels": False, **dict(options or {})})
+    defaults: dict[str, Any] = {"labels": False}
+    if str(dataset).strip().lower() == MANIFEST_NAME:
+        defaults.update(manifest_defaults(description))  # the trained column roles, not re-inferred ones
+    case_list = load_dataset(dataset, dataset_dir, **{**defaults, **dict(options or {})})
     check_cases(description, case_list)
+    for column, values in unseen_categories(description_schema(description), case_list).items():
+        logger.warning("table column %r: %s not seen in training; encoded as missing", column,
+                       ", ".join(map(repr, values)))
+        for value in values:
+            # said once, here, for the whole list: not again by TableSchema.encode for each item that has it
+            warnings.filterwarnings("ignore", message=re.escape(f"table column {column!r}: category {value!r} was "
+                                                                "not seen in training"))
     empty = sum(1 for _, reason in case_list.dropped if reason == "every modality missing")
     if empty:
         logger.warning("%d case(s) have no modality at all and get no prediction", empty)
