@@ -234,6 +234,8 @@ class Predictor:
         num_workers: loader workers.
         progress: show a progress bar (counts only, no case ids).
         write_cases: write the per-case JSON files.
+        inferer: a MONAI inferer called as ``inferer(image, network, tabular)`` (e.g. ``SimpleInferer``, what
+            a model-zoo ``inference.json`` names); None calls ``network(image, tabular)``.
 
     Example:
         >>> Predictor(net, inference_dataset(desc, cases), desc, "outputs/predictions").run()  # doctest: +SKIP
@@ -250,6 +252,7 @@ class Predictor:
         num_workers: int = 0,
         progress: bool = True,
         write_cases: bool = True,
+        inferer: Any = None,
     ) -> None:
         self.network = network
         self.dataset = dataset
@@ -259,6 +262,7 @@ class Predictor:
         self.num_workers = int(num_workers)
         self.progress = bool(progress)
         self.write_cases = bool(write_cases)
+        self.inferer = inferer
         data = description["data"]
         self.class_names = [str(c) for c in data["class_names"]]
         self.multi_label = bool(data["multi_label"])
@@ -302,7 +306,10 @@ class Predictor:
             image = batch["image"].to(device)
             tabular = batch.get("tabular")
             tabular = tabular.to(device) if tabular is not None else None
-            logits = self.network(image, tabular).float()
+            if self.inferer is None:
+                logits = self.network(image, tabular).float()
+            else:
+                logits = self.inferer(image, self.network, tabular).float()
             probs = probabilities(logits, self.multi_label).cpu()
             present = self._present(image, tabular)
             for i, case_id in enumerate(batch["case_id"]):
