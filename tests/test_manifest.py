@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
 OVERLAY = os.path.join(ROOT, "configs", "datasets", "manifest.json")
 INFERENCE = os.path.join(ROOT, "configs", "inference.json")
+EVALUATE = os.path.join(ROOT, "configs", "evaluate.json")
 SEQUENCES = ["t1c", "t2w"]
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 
@@ -70,12 +71,15 @@ def data(tmp_path_factory) -> dict:
     return {"manifest": path, "base": base, "frame": frame}
 
 
+def _train_args(data: dict, out: str) -> dict:
+    return tiny_overrides(data["manifest"], out, spatial_size=[16, 16, 16], run_sweep=False, missing_rates=[0.0],
+                          num_workers=0)
+
+
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory) -> dict:
     out = str(tmp_path_factory.mktemp("manifest_run") / "run")
-    args = tiny_overrides(data["manifest"], out, spatial_size=[16, 16, 16], run_sweep=False, missing_rates=[0.0],
-                          num_workers=0)
-    w = workflow([TRAIN, OVERLAY], **args)
+    w = workflow([TRAIN, OVERLAY], **_train_args(data, out))
     w.run()
     w.finalize()
     return {"out": out, "models": os.path.join(out, "models")}
@@ -160,6 +164,17 @@ def test_trains_infers_and_exports(trained, data, tmp_path):
     # export: TorchScript matches eager on every missing pattern of t1c, t2w, table
     assert export_main([trained["models"], "--out", str(tmp_path / "model.ts")]) == 0
     assert os.path.getsize(tmp_path / "model.ts") > 0
+
+
+def test_evaluates_like_the_native_adapters(trained, data):
+    w = workflow([TRAIN, OVERLAY, EVALUATE], **{**_train_args(data, trained["out"]), "sweep#subsets": True})
+    w.run()
+    w.finalize()
+    with open(os.path.join(trained["out"], "eval", "sweep.csv"), newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["rate"]) == 0.0 and 0.0 <= float(row["auc"]) <= 1.0
+    with open(os.path.join(trained["out"], "eval", "subsets.csv"), newline="") as f:
+        assert [r["subset"] for r in csv.DictReader(f)][0] == "t1c+t2w+table"  # 2^3 - 1 subsets
 
 
 def test_unseen_category_is_listed(trained, data, tmp_path):

@@ -227,8 +227,7 @@ def infer_roles(
         for c in columns:
             if c in taken:
                 continue
-            c_kind, is_paths = _column_kind(df, c, base_dir)
-            if is_paths:
+            if _column_kind(df, c, base_dir)[1]:  # every non-empty value is an image path
                 image_columns[c] = c
         inferred.append("image_columns")
     elif isinstance(image_columns, Mapping):
@@ -245,7 +244,7 @@ def infer_roles(
         raise DataError(f"manifest: {TABLE_MODALITY!r} names the clinical table; map that image column to another "
                         "modality name, e.g. image_columns {\"scan\": \"table\"}")
     kinds = {}
-    for name, c in image_columns.items():
+    for c in image_columns.values():
         c_kind, _ = _column_kind(df, c, base_dir)
         if c_kind is not None:
             kinds[c] = c_kind
