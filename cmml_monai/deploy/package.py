@@ -101,7 +101,7 @@ def network_data_format(description: Mapping[str, Any]) -> dict[str, Any]:
         "inputs": {
             "image": {
                 "type": "image",
-                "format": "magnitude",
+                "format": f"magnitude; {missing}",
                 "modality": f"{', '.join(m['name'] for m in images)} ({kind} per modality, packed along channels)",
                 "num_channels": int(inputs["image"][0]),
                 "spatial_shape": [int(s) for s in inputs["image"][1:]],
@@ -127,7 +127,6 @@ def network_data_format(description: Mapping[str, Any]) -> dict[str, Any]:
             }
         },
     }
-    out["inputs"]["image"]["format"] = f"magnitude; {missing}"
     schema = data.get("table_schema")
     if inputs.get("tabular"):
         columns = [c["name"] for c in (schema or {}).get("columns", [])]

@@ -28,6 +28,8 @@ columns are clinical.
 from __future__ import annotations
 
 import difflib
+import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
@@ -63,6 +65,8 @@ __all__ = [
     "manifest_location",
     "manifest_roles",
 ]
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest"
 MANIFEST_ID_NAMES = ("case_id", "caseid", "id", "case", "patient_id", "patient", "subject_id", "subject")
@@ -403,6 +407,9 @@ def load_manifest(
         roles = infer_roles(df, base_dir, labels, given)
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
+    if roles.inferred:  # say what was guessed, so a wrong guess is seen before training
+        logger.info("%s: column roles %s (inferred: %s; set them in dataset_options to fix them)", path,
+                    json.dumps(roles.to_options()), ", ".join(roles.inferred))
     declared = {str(k): str(v) for k, v in dict(table_types or {}).items()}
     bad = {k: v for k, v in declared.items() if k not in roles.table_columns or v not in ("numeric", "categorical")}
     if bad:
