@@ -77,7 +77,7 @@ def _predict(config: str, bundle_root: str, data: str, cwd: str) -> dict[str, di
 def test_bundle_layout_metadata_and_model_card(packaged):
     b = packaged["bundle"]
     files = sorted(os.path.relpath(os.path.join(d, f), b) for d, _, fs in os.walk(b) for f in fs)
-    assert files == ["LICENSE", "configs/inference.json", "configs/logging.conf", "configs/metadata.json",
+    assert files == ["LICENSE", "configs/evaluate.json", "configs/inference.json", "configs/logging.conf", "configs/metadata.json",
                      "docs/README.md", "models/model.pt", "models/model.ts", "models/network.json"]
     meta = _json(os.path.join(b, "configs", "metadata.json"))
     assert meta["version"] == "1.0.0" and meta["changelog"] == {"1.0.0": "first tiny bundle"}
@@ -206,3 +206,20 @@ def test_packaged_inference_runs_from_another_working_directory(packaged, tmp_pa
     for case_id, row in reference.items():
         got = [float(runs[0][case_id][f"prob_{c}"]) for c in CLASSES]
         assert got == pytest.approx([float(row[f"prob_{c}"]) for c in CLASSES], abs=1e-5), case_id
+
+
+def test_packaged_evaluate_scores_labelled_cases(packaged, tmp_path, monkeypatch):
+    b = packaged["bundle"]
+    monkeypatch.chdir(tmp_path)  # outputs go to ./evaluation of the working directory
+    w = create_workflow(workflow_type="inference", bundle_root=b, logging_file=False, dataset_dir=packaged["data"],
+                        split="test", progress_bar=False,
+                        config_file=[os.path.join(b, "configs", "inference.json"),
+                                     os.path.join(b, "configs", "evaluate.json")])
+    w.run()
+    metrics = _json(str(tmp_path / "evaluation" / "metrics.json"))
+    with open(os.path.join(packaged["run"], "sweep", "sweep.csv"), newline="") as f:
+        full = next(r for r in csv.DictReader(f) if float(r["rate"]) == 0.0)
+    # the test split with its own missingness: what the run's sweep measured at rate 0
+    assert metrics["all"]["n"] == int(full["n"])
+    assert metrics["all"]["auc"] == pytest.approx(float(full["auc"]), abs=1e-4)
+    assert sum(m["n"] for m in metrics["by_present"].values()) == metrics["all"]["n"]

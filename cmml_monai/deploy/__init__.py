@@ -29,12 +29,14 @@ from cmml_monai.deploy.export import (
     export_torchscript,
 )
 from cmml_monai.deploy.inference import (
+    METRICS_NAME,
     PREDICTIONS_NAME,
     Predictor,
     check_cases,
     inference_cases,
     inference_dataset,
     probabilities,
+    score_predictions,
 )
 
 __all__ = [
@@ -50,12 +52,14 @@ __all__ = [
     "load_network",
     "resolve_model_dir",
     "save_description",
+    "METRICS_NAME",
     "PREDICTIONS_NAME",
     "Predictor",
     "check_cases",
     "inference_cases",
     "inference_dataset",
     "probabilities",
+    "score_predictions",
     "TORCHSCRIPT_NAME",
     "check_export",
     "example_inputs",

@@ -29,12 +29,15 @@ from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.data.preflight import run_preflight
 from cmml_monai.data.table import TableSchema, is_empty_cell, normalise_category
 from cmml_monai.deploy.description import completes_missing, description_schema
+from cmml_monai.metrics import classification_metrics
 
-__all__ = ["inference_cases", "check_cases", "unseen_categories", "manifest_defaults", "inference_dataset", "probabilities", "Predictor", "PREDICTIONS_NAME"]
+__all__ = ["inference_cases", "check_cases", "unseen_categories", "manifest_defaults", "score_predictions",
+           "METRICS_NAME", "inference_dataset", "probabilities", "Predictor", "PREDICTIONS_NAME"]
 
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_NAME = "predictions.csv"
+METRICS_NAME = "metrics.json"
 #: a multi-label prediction lists the labels whose probability reaches this
 MULTI_LABEL_THRESHOLD = 0.5
 
@@ -80,6 +83,9 @@ def manifest_defaults(description: Mapping[str, Any]) -> dict[str, Any]:
     out.setdefault("table_columns", list(data.get("table_columns") or []))
     if images:
         out.setdefault("image_kind", images[0]["kind"])
+    if not data["multi_label"]:
+        # labelled new cases (evaluation) keep the trained class order, whichever classes they hold
+        out.setdefault("class_names", list(data["class_names"]))
     return out
 
 
@@ -336,3 +342,45 @@ class Predictor:
         os.replace(tmp, path)
         logger.info("predictions for %d case(s): %s", len(rows), path)
         return path
+
+
+def score_predictions(
+    output_dir: str, case_list: CaseList, description: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Score ``<output_dir>/predictions.csv`` against the labels of ``case_list`` (read with ``labels=True``):
+    macro AUC, accuracy, macro F1 and ECE over every predicted case and per pattern of present modalities
+    (the cases' own missingness). Writes ``<output_dir>/metrics.json``; what a packaged bundle's
+    ``evaluate.json`` runs after the predictions.
+
+    Raises:
+        DataError: the cases have no labels or other classes than the model's.
+
+    Example:
+        >>> score_predictions("evaluation", case_list, load_description("bundle/x/models"))["all"]["auc"]  # doctest: +SKIP
+        0.81
+    """
+    data = description["data"]
+    classes = [str(c) for c in data["class_names"]]
+    if [str(c) for c in case_list.class_names] != classes:
+        raise DataError(f"the labelled cases have classes {case_list.class_names}, the model {classes}; "
+                        "evaluate on data with the model's classes")
+    labels = {c.case_id: c.label for c in case_list.cases}
+    path = os.path.join(output_dir, PREDICTIONS_NAME)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if labels.get(r["case_id"]) is not None]
+    if not rows:
+        raise DataError(f"{path}: no predicted case has a label; evaluation needs labelled cases")
+    multi = bool(data["multi_label"])
+
+    def score(subset: list[dict[str, str]]) -> dict[str, Any]:
+        probs = [[float(r[f"prob_{c}"]) for c in classes] for r in subset]
+        return classification_metrics(probs, [labels[r["case_id"]] for r in subset], multi)
+
+    patterns: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        patterns.setdefault(r["present"].replace(";", "+"), []).append(r)
+    result = {"all": score(rows), "by_present": {k: score(v) for k, v in sorted(patterns.items())}}
+    atomic_write_json(os.path.join(output_dir, METRICS_NAME), result, indent=2)
+    logger.info("metrics over %d labelled case(s): AUC %.4f, accuracy %.4f (%s)", len(rows), result["all"]["auc"],
+                result["all"]["acc"], os.path.join(output_dir, METRICS_NAME))
+    return result

@@ -8,6 +8,8 @@ Layout (the MONAI bundle specification)::
       configs/inference.json   the project's inference.json, pointed at the bundle's own models/ and
                                given the inference-workflow properties (network_def, inferer, dataset,
                                evaluator) that model-zoo checks
+      configs/evaluate.json    an overlay on inference.json: labelled cases, predictions plus
+                               metrics.json (AUC, accuracy, F1, ECE overall and per present-modality pattern)
       configs/logging.conf
       models/model.pt          the weights (a plain state dict, as ``monai.bundle ckpt_export`` loads it)
       models/network.json      the description that rebuilds the network without the training data
@@ -19,6 +21,11 @@ Run it from any working directory by naming the bundle root (model-zoo's convent
 
     python -m monai.bundle run --config_file NAME/configs/inference.json --bundle_root NAME \\
         --dataset_dir /data/new_cases.csv
+
+and score labelled cases with::
+
+    python -m monai.bundle run --config_file "['NAME/configs/inference.json','NAME/configs/evaluate.json']" \\
+        --bundle_root NAME --dataset_dir /data/labelled --split test
 
 The bundle needs the ``cmml_monai`` package (its version is in ``required_packages_version``).
 """
@@ -35,9 +42,9 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import monai
 import numpy as np
 import torch
-import monai
 
 import cmml_monai
 from cmml_monai.data.errors import DataError
@@ -56,6 +63,7 @@ __all__ = [
     "bundle_metadata",
     "network_data_format",
     "packaged_inference_config",
+    "packaged_evaluate_config",
     "model_card",
     "PACKAGE_NAME",
     "DEFAULT_VERSION",
@@ -278,6 +286,22 @@ def packaged_inference_config(base: Mapping[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def packaged_evaluate_config() -> dict[str, Any]:
+    """``configs/evaluate.json`` of a bundle: an overlay on its ``inference.json`` that reads the cases with their
+    labels, predicts them into ``./evaluation`` and scores the predictions
+    (:func:`cmml_monai.deploy.score_predictions`: ``metrics.json``).
+
+    Example:
+        >>> packaged_evaluate_config()["dataset_options#labels"]
+        True
+    """
+    return {
+        "dataset_options#labels": True,
+        "output_dir": "$os.path.abspath('evaluation')",
+        "run": ["$@evaluator.run()", "$cmml_monai.deploy.score_predictions(@output_dir, @case_list, @description)"],
+    }
+
+
 def _table(rows: Sequence[Mapping[str, str]], first: str, columns: Sequence[str]) -> list[str]:
     header = [first, *columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -304,6 +328,8 @@ def model_card(description: Mapping[str, Any], metadata: Mapping[str, Any], run_
     fingerprint = _read_json(os.path.join(run_dir, "dataset_fingerprint.json"))
     images = [m for m in data["modalities"] if m["kind"] != "table"]
     modalities = [f"{m['name']} ({m['kind']}, {m['channels']} channel(s))" for m in images]
+    # file options (split files) are paths of the training machine: not part of a model card
+    options = {k: v for k, v in (data.get("dataset_options") or {}).items() if not k.endswith("_file")}
     table = list(data.get("table_columns") or [])
     lines = [
         f"# {metadata['name']}",
@@ -329,7 +355,7 @@ def model_card(description: Mapping[str, Any], metadata: Mapping[str, Any], run_
         "",
         f"- Dataset: `{data['dataset']}`"
         + (f", {fingerprint['cases']} usable cases" if "cases" in fingerprint else "")
-        + f"; adapter options: `{json.dumps(data.get('dataset_options') or {})}`.",
+        + f"; adapter options: `{json.dumps(options)}`.",
         "",
         "## Results",
         "",
@@ -354,6 +380,9 @@ def model_card(description: Mapping[str, Any], metadata: Mapping[str, Any], run_
         "python -m monai.bundle run --config_file BUNDLE/configs/inference.json --bundle_root BUNDLE \\",
         "    --dataset_dir /data/new_cases   # writes ./predictions/predictions.csv and one JSON per case",
         "```",
+        "",
+        "Score labelled cases (predictions plus `./evaluation/metrics.json`: AUC, accuracy, F1, ECE overall and "
+        "per pattern of present modalities): add `BUNDLE/configs/evaluate.json` to `--config_file`.",
         "",
         "`models/model.ts` is TorchScript with both inputs: `torch.jit.load(path)(image, tabular)` returns logits.",
         "",
@@ -433,6 +462,7 @@ def package_bundle(
         metadata = bundle_metadata(description, run_dir, version, changelog, base_meta)
         atomic_write_json(os.path.join(tmp, "configs", "metadata.json"), metadata, indent=4)
         atomic_write_json(os.path.join(tmp, "configs", "inference.json"), inference, indent=4)
+        atomic_write_json(os.path.join(tmp, "configs", "evaluate.json"), packaged_evaluate_config(), indent=4)
         shutil.copy(_project_file("configs", "logging.conf"), os.path.join(tmp, "configs", "logging.conf"))
         shutil.copy(license_file or _project_file("LICENSE"), os.path.join(tmp, "LICENSE"))
         with open(os.path.join(tmp, "docs", "README.md"), "w", encoding="utf-8") as f:
