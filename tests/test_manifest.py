@@ -21,6 +21,7 @@ from cmml_monai.data.adapters import load_dataset
 from cmml_monai.data.adapters.manifest import infer_roles, path_kind
 from cmml_monai.data.adapters.men import find_sequence
 from cmml_monai.data.errors import DataError
+from cmml_monai.data.setup import load_cases
 from cmml_monai.data.synthetic import make_synthetic
 from cmml_monai.data.table import read_table
 from cmml_monai.deploy import inference_cases, load_description
@@ -113,6 +114,40 @@ def test_roles_are_inferred_and_cases_read(data):
     assert by_id[data["frame"]["Case"][3]].paths["t2w"] is None
     assert {c.split for c in cases.cases} == {"train", "valid", "test"}
     assert path_kind("a/b.PNG") == "image2d" and path_kind("x.nii") == "image3d" and path_kind("male") is None
+
+
+def test_2d_xlsx_manifest_with_label_columns(tmp_path):
+    """Photos (Derm7pt layout) listed in an Excel manifest in the image folder, two 0/1 label columns."""
+    root = str(tmp_path / "derm")
+    make_synthetic("derm7pt", root, cases=20, seed=0)
+    meta = pd.read_csv(os.path.join(root, "release_v0", "meta", "meta.csv"))
+    frame = pd.DataFrame({
+        "ID": meta["case_num"], "clinic": meta["clinic"], "derm": meta["derm"], "sex": meta["sex"],
+        "melanoma": meta["diagnosis"].str.startswith("melanoma").astype(int),
+        "nevus": meta["diagnosis"].str.contains("nevus").astype(int),
+    })
+    images = os.path.join(root, "release_v0", "images")
+    frame.to_excel(os.path.join(images, "cases.xlsx"), index=False)
+    # the synthetic set lists some files it did not write: a manifest names them as errors, all at once
+    with pytest.raises(DataError, match=r"cases\.xlsx: \d+ path\(s\) do not exist"):
+        load_dataset("manifest", images, label_columns=["melanoma", "nevus"])
+    for col in ("clinic", "derm"):
+        frame[col] = [p if os.path.isfile(os.path.join(images, p)) else None for p in frame[col]]
+    frame.loc[0, "clinic"] = None
+    frame = frame[frame[["clinic", "derm", "sex"]].notna().any(axis=1)]  # rows with nothing are refused
+    frame.to_excel(os.path.join(images, "cases.xlsx"), index=False)
+    cases = load_dataset("manifest", images, label_columns=["melanoma", "nevus"], table_columns=["sex"])
+    assert cases.multi_label and cases.class_names == ["melanoma", "nevus"]
+    assert [(m.name, m.kind, m.channels) for m in cases.image_modalities] == [("clinic", "image2d", 3),
+                                                                            ("derm", "image2d", 3)]
+    first = cases.cases[0]
+    assert first.case_id == "1" and first.paths["clinic"] is None and first.missing_reason["clinic"] == "no file listed"
+    assert all(set(c.label) <= {0, 1} and len(c.label) == 2 for c in cases.cases)
+    renamed = load_dataset("manifest", images, label_columns=["melanoma", "nevus"],
+                           image_columns={"photo": "clinic", "dermoscopy": "derm"})
+    assert renamed.modality_names == ["photo", "dermoscopy", "table"] and renamed.table_columns == ["sex"]
+    with pytest.raises(DataError, match="no synthetic stand-in.*--synthetic false"):
+        load_cases("manifest", images, synthetic=True)
 
 
 def test_split_column_and_saved_split(data, tmp_path):
