@@ -15,7 +15,6 @@ import sys
 
 import pandas as pd
 import pytest
-import torch
 
 from cmml_monai.data.adapters import load_dataset
 from cmml_monai.data.adapters.manifest import infer_roles, path_kind
@@ -235,6 +234,11 @@ def test_bad_manifests(data, tmp_path):
     gone.loc[2, "t1c"] = "nii/nowhere/t1c.nii.gz"
     with pytest.raises(DataError, match=r"1 path\(s\) do not exist, e\.g\. case .* column 't1c'.*nowhere"):
         load_dataset("manifest", _write(gone, os.path.join(data["base"], "gone.csv")))
+    moved = frame.copy()  # a DICOM series folder that is not there (no suffix to tell it is an image path)
+    dicom_row = next(i for i, p in enumerate(frame["t1c"]) if isinstance(p, str) and os.path.isabs(p))
+    moved.loc[dicom_row, "t1c"] = os.path.join(data["base"], "elsewhere", "t1c")
+    with pytest.raises(DataError, match=r"1 path\(s\) do not exist, e\.g\. .*column 't1c': .*elsewhere"):
+        load_dataset("manifest", _write(moved, os.path.join(data["base"], "moved.csv")))
     empty = frame.copy()
     empty.loc[4, ["t1c", "t2w", "age", "sex"]] = [None, None, None, None]
     with pytest.raises(DataError, match=rf"1 case\(s\) have no modality at all.*{frame['Case'][4]}"):

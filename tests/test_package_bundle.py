@@ -77,7 +77,8 @@ def _predict(config: str, bundle_root: str, data: str, cwd: str) -> dict[str, di
 def test_bundle_layout_metadata_and_model_card(packaged):
     b = packaged["bundle"]
     files = sorted(os.path.relpath(os.path.join(d, f), b) for d, _, fs in os.walk(b) for f in fs)
-    assert files == ["LICENSE", "configs/evaluate.json", "configs/inference.json", "configs/logging.conf", "configs/metadata.json",
+    assert files == ["LICENSE", "configs/evaluate.json", "configs/inference.json", "configs/logging.conf",
+                     "configs/metadata.json",
                      "docs/README.md", "models/model.pt", "models/model.ts", "models/network.json"]
     meta = _json(os.path.join(b, "configs", "metadata.json"))
     assert meta["version"] == "1.0.0" and meta["changelog"] == {"1.0.0": "first tiny bundle"}

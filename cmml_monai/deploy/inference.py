@@ -356,7 +356,8 @@ def score_predictions(
         DataError: the cases have no labels or other classes than the model's.
 
     Example:
-        >>> score_predictions("evaluation", case_list, load_description("bundle/x/models"))["all"]["auc"]  # doctest: +SKIP
+        >>> metrics = score_predictions("evaluation", case_list, load_description("bundle/x/models"))  # doctest: +SKIP
+        >>> metrics["all"]["auc"]
         0.81
     """
     data = description["data"]

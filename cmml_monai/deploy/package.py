@@ -93,7 +93,8 @@ def network_data_format(description: Mapping[str, Any]) -> dict[str, Any]:
     ``tabular`` (one channel per table feature; absent without a table) and ``pred`` (logits per class).
 
     Example:
-        >>> network_data_format(load_description("outputs/derm7pt_cmml/models"))["outputs"]["pred"]["type"]  # doctest: +SKIP
+        >>> fmt = network_data_format(load_description("outputs/derm7pt_cmml/models"))  # doctest: +SKIP
+        >>> fmt["outputs"]["pred"]["type"]
         'logits'
     """
     data, inputs = description["data"], description["inputs"]

@@ -94,7 +94,8 @@ def path_kind(value: Any, base_dir: str | None = None) -> str | None:
     if suffix in VOLUME_SUFFIXES:
         return "image3d"
     # a DICOM series folder has no suffix: only a folder that exists counts, so free text is not taken
-    if base_dir is not None and os.path.isdir(os.path.expanduser(resolve_path(base_dir, value))):  # type: ignore[arg-type]
+    folder = None if base_dir is None else resolve_path(base_dir, value)
+    if folder is not None and os.path.isdir(os.path.expanduser(folder)):
         return "image3d"
     return None
 
@@ -135,11 +136,13 @@ def _named(columns: Sequence[str], names: Sequence[str]) -> str | None:
 
 def _column_kind(df: pd.DataFrame, column: str, base_dir: str) -> tuple[str | None, bool]:
     """(kind of the column's non-empty values, whether every non-empty value is a path of that kind)."""
-    kinds = set()
     values = [v for v in df[column] if clean_cell(v) is not None]
-    for v in values:
-        kinds.add(path_kind(v, base_dir))
-    if not values or None in kinds:
+    found = [path_kind(v, base_dir) for v in values]
+    kinds = {k for k in found if k is not None}
+    # a value of no known kind still counts as a path when it looks like one (a DICOM folder that does not
+    # exist here): the column is then reported for its missing paths, not mistaken for a clinical column
+    unknown = [clean_cell(v) for v, k in zip(values, found) if k is None]
+    if not kinds or not all(isinstance(v, str) and ("/" in v or "\\" in v) for v in unknown):
         return None, False
     if len(kinds) > 1:
         examples = {path_kind(v, base_dir): clean_cell(v) for v in values}
@@ -344,7 +347,7 @@ def manifest_roles(
     try:
         return infer_roles(read_table(path, sheet=sheet), base_dir, as_bool(labels, "labels"), given)
     except DataError as e:
-        raise DataError(f"{path}: {e}") from None
+        raise DataError(f"{path}: {str(e).removeprefix('manifest: ')}") from None
 
 
 def load_manifest(
@@ -406,7 +409,7 @@ def load_manifest(
     try:
         roles = infer_roles(df, base_dir, labels, given)
     except DataError as e:
-        raise DataError(f"{path}: {e}") from None
+        raise DataError(f"{path}: {str(e).removeprefix('manifest: ')}") from None
     if roles.inferred:  # say what was guessed, so a wrong guess is seen before training
         logger.info("%s: column roles %s (inferred: %s; set them in dataset_options to fix them)", path,
                     json.dumps(roles.to_options()), ", ".join(roles.inferred))
@@ -436,7 +439,8 @@ def load_manifest(
         classes = [whole_number_text(clean_cell(c)) for c in class_names or []]
 
     kind = roles.image_kind
-    modalities = [ModalitySpec(name, kind, _CHANNELS[kind]) for name in roles.image_columns]  # type: ignore[arg-type,index]
+    channels = _CHANNELS[kind]  # type: ignore[index]
+    modalities = [ModalitySpec(name, kind, channels) for name in roles.image_columns]  # type: ignore[arg-type]
     if roles.table_columns:
         modalities.append(ModalitySpec(TABLE_MODALITY, "table", 0))
     cases, dropped, absent, empty, split_of = [], [], [], [], {}
