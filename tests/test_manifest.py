@@ -211,6 +211,25 @@ def test_evaluates_like_the_native_adapters(trained, data):
         assert [r["subset"] for r in csv.DictReader(f)][0] == "t1c+t2w+table"  # 2^3 - 1 subsets
 
 
+@pytest.mark.e2e
+def test_readme_recipe_trains_from_the_command_line(data, tmp_path):
+    """README "Your own data (manifest)": the overlay with roles set on the command line, from a fresh cwd."""
+    tiny = ["--feature_dim", "16", "--image_encoder", "resnet10", "--batch_size", "8", "--val_batch_size", "8",
+            "--num_workers", "0", "--stage1_epochs", "1", "--stage2_epochs", "1", "--progress_bar", "false",
+            "--mlflow_enabled", "false", "--amp", "false", "--missing_rates", "[0.0]", "--sweep#subsets", "false",
+            "--sweep#roc", "false"]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr([TRAIN, OVERLAY]),
+           "--dataset_dir", data["manifest"], "--spatial_size", "[16,16,16]",
+           "--dataset_options#image_columns", "['t1c','t2w']", "--dataset_options#label_columns", "grade", *tiny]
+    done = subprocess.run(cmd, cwd=str(tmp_path), env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    desc = load_description(str(tmp_path / "outputs" / "manifest_cmml" / "models"))
+    assert desc["data"]["dataset_options"]["image_columns"] == ["t1c", "t2w"]
+    (shared,) = os.listdir(tmp_path / "outputs" / "shared")
+    assert shared.startswith("manifest-")  # the made split is saved beside the masks
+    assert "manifest_split.json" in os.listdir(tmp_path / "outputs" / "shared" / shared)
+
+
 def test_unseen_category_is_listed(trained, data, tmp_path):
     desc = load_description(trained["models"])
     new = data["frame"].drop(columns=["grade"]).iloc[:3].assign(sex=["male", "other", "other"])
