@@ -166,11 +166,12 @@ def test_verify_inference_properties(zoo, packaged):
 def test_verify_data_shape_and_torchscript(zoo):
     config, meta = os.path.join(zoo, "configs", "inference.json"), os.path.join(zoo, "configs", "metadata.json")
     # as model-zoo calls it (image only: the table is optional), then with the table too
-    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, bundle_root=zoo, device="cpu")
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, bundle_root=zoo)
     desc = load_description(os.path.join(zoo, "models"))
     image, tabular = example_inputs(desc, batch_size=1)
-    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, bundle_root=zoo, device="cpu",
-                      extra_forward_args={"tabular": tabular})
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"  # verify_net_in_out's own default
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, bundle_root=zoo, device=device,
+                      extra_forward_args={"tabular": tabular.to(device)})
     # ckpt_export scripts network_def with the bundle's weights; the provided model.ts must load
     out = os.path.join(zoo, "models", "verify_model.ts")
     ckpt_export(net_id="network_def", filepath=out, ckpt_file=os.path.join(zoo, "models", "model.pt"),
