@@ -3,6 +3,7 @@
 
 Usage:
     python scripts/inspect_data.py --dataset derm7pt --dataset_dir /data/derm7pt/release_v0
+    python scripts/inspect_data.py --dataset manifest --dataset_dir /data/cases.csv   # prints the column roles
     python scripts/inspect_data.py --dataset men --dataset_dir /data/MEN --json \
         --column_map '{"case_id": "BraTS ID", "grade": "WHO grade"}' --sequences '["t1c", "t2f"]'
 
@@ -22,7 +23,8 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cmml_monai.data.adapters import DATASET_NAMES, load_dataset  # noqa: E402
+from cmml_monai.data.adapters import DATASET_NAMES, adapter_options, load_dataset  # noqa: E402
+from cmml_monai.data.adapters.manifest import MANIFEST_NAME, manifest_roles  # noqa: E402
 from cmml_monai.data.errors import DataError  # noqa: E402
 from cmml_monai.data.report import format_summary, summarize  # noqa: E402
 
@@ -58,14 +60,24 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     try:
         options = _parse_extra(extra)
+        roles = None
+        if args.dataset == MANIFEST_NAME:
+            # the roles first: a user checks (and copies into the overlay) what was inferred
+            role_keys = set(adapter_options(MANIFEST_NAME)) - {"table_types", "class_names", "split_file",
+                                                               "split_fractions", "split_seed"}
+            roles = manifest_roles(args.dataset_dir, **{k: v for k, v in options.items() if k in role_keys})
         case_list = load_dataset(args.dataset, args.dataset_dir, **options)
         summary = summarize(case_list)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(summary, sort_keys=False))
+        extra = {"column_roles": roles.to_options(), "inferred_roles": roles.inferred} if roles is not None else {}
+        print(json.dumps({**extra, **summary}, sort_keys=False))
     else:
+        if roles is not None:
+            print(f"column roles (dataset_options; inferred: {', '.join(roles.inferred) or 'none'}):")
+            print(f"  {json.dumps(roles.to_options())}")
         print(format_summary(summary))
     return 0
 

@@ -28,10 +28,13 @@ from monai.data.image_reader import ImageReader, ITKReader, NibabelReader, PILRe
 from monai.transforms import EnsureChannelFirst, LoadImage, MapTransform
 
 from cmml_monai.data.errors import DataError
+from cmml_monai.data.formats import IMAGE_2D_SUFFIXES, ITK_ONLY_SUFFIXES, NIFTI_SUFFIXES, path_suffix
 
 __all__ = [
     "IMAGE_2D_SUFFIXES",
     "NIFTI_SUFFIXES",
+    "ITK_ONLY_SUFFIXES",
+    "path_suffix",
     "SAFE_META_KEYS",
     "DicomSeriesInfo",
     "list_dicom_series",
@@ -42,9 +45,6 @@ __all__ = [
     "LoadModalityd",
 ]
 
-IMAGE_2D_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-ITK_ONLY_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")  # other volume formats: ITK whatever the DICOM reader
 READERS_3D = ("itk", "pydicom")
 MAX_DECODE_SIDE = 2048  # larger JPEGs are decoded at a reduced scale whose long side is at least this
 SPACING_TOLERANCE = 0.01  # relative deviation of a DICOM slice gap from the median gap that is refused
@@ -95,11 +95,6 @@ def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     msg = text[0] if text else type(err).__name__
     return msg if len(msg) <= 200 else msg[:197] + "..."
-
-
-def _suffix(path: str) -> str:
-    low = path.lower()
-    return ".nii.gz" if low.endswith(".nii.gz") else os.path.splitext(low)[1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,7 +341,7 @@ def _read_3d(path: str, reader: str, series: str | None) -> MetaTensor:
                 "stacked (missing InstanceNumber?); try reader='itk' or repair the series"
             )
         return img
-    if _suffix(path) in NIFTI_SUFFIXES:
+    if path_suffix(path) in NIFTI_SUFFIXES:
         img = _LOADER(path, reader=NibabelReader())
         if img.ndim == 2:  # a lone slice, unlike a single DICOM file (a documented depth-1 volume)
             raise DataError(
@@ -354,7 +349,7 @@ def _read_3d(path: str, reader: str, series: str | None) -> MetaTensor:
                 "provide the whole volume or mark the modality missing"
             )
         return img
-    if _suffix(path) in ITK_ONLY_SUFFIXES:
+    if path_suffix(path) in ITK_ONLY_SUFFIXES:
         return _LOADER(path, reader=ITKReader())
     _check_dicom_pixels(path)
     # a single DICOM file; GDCM (ITK) handles enhanced multi-frame geometry (per-frame functional
@@ -396,7 +391,7 @@ def load_image(path: str | os.PathLike, kind: str, reader: str = "itk", series: 
     try:
         # no warnings.catch_warnings() here: it is not thread-safe and CacheDataset loads in threads
         if kind == "image2d":
-            if os.path.isdir(path) or _suffix(path) not in IMAGE_2D_SUFFIXES:
+            if os.path.isdir(path) or path_suffix(path) not in IMAGE_2D_SUFFIXES:
                 raise DataError(f"{path}: not a 2D image file (expected one of {', '.join(IMAGE_2D_SUFFIXES)})")
             # reverse_indexing=False keeps numpy's (H, W) order, so the result is [3, H, W]
             img = _LOADER(path, reader=PILReader(converter=_rgb, reverse_indexing=False))

@@ -10,7 +10,7 @@ from typing import Any
 from cmml_monai.data.adapters import load_dataset
 from cmml_monai.data.cases import SPLITS, CaseList
 from cmml_monai.data.errors import DataError
-from cmml_monai.data.synthetic import ensure_synthetic
+from cmml_monai.data.synthetic import SYNTHETIC_DATASETS, ensure_synthetic
 from cmml_monai.data.table import TableSchema
 from cmml_monai.utils import as_bool
 
@@ -29,14 +29,17 @@ def load_cases(
     on first use (``ensure_synthetic``), so the default config runs on a fresh machine.
 
     Args:
-        dataset: ``derm7pt``, ``odir`` or ``men``.
-        dataset_dir: the native layout (or where the synthetic one goes).
+        dataset: ``derm7pt``, ``odir``, ``men`` or ``manifest``.
+        dataset_dir: the native layout or the manifest (or where the synthetic data go).
         synthetic: generate synthetic data in ``dataset_dir`` when it is not there yet.
         synthetic_cases: number of synthetic cases (None: the generator's default).
         seed: synthetic data seed.
         options: adapter options (``cmml_monai.data.adapters.adapter_options``).
     """
     if as_bool(synthetic, "synthetic"):
+        if dataset not in SYNTHETIC_DATASETS:
+            raise DataError(f"dataset {dataset!r} has no synthetic stand-in; pass --synthetic false with your "
+                            f"dataset_dir (configs/datasets/{dataset}.json sets it)")
         dataset_dir = ensure_synthetic(dataset, dataset_dir, cases=synthetic_cases, seed=seed)
     case_list = load_dataset(dataset, dataset_dir, **dict(options or {}))
     for split in SPLITS:

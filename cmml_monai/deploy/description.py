@@ -40,6 +40,7 @@ __all__ = [
     "build_from_description",
     "load_network",
     "completes_missing",
+    "file_sha256",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,13 @@ def _plain(value: Any, where: str) -> Any:
     raise ValueError(f"{where}: {type(value).__name__} value {value!r} cannot be written to {DESCRIPTION_NAME}")
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """The hex SHA-256 of a file (the description records the weights' one).
+
+    Example:
+        >>> file_sha256("outputs/derm7pt_cmml/models/model.pt")  # doctest: +SKIP
+        '3f1c...'
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -196,7 +203,7 @@ def save_description(
     model_dir = os.path.join(output_dir, "models")
     weights = os.path.join(model_dir, WEIGHTS_NAME)
     if os.path.isfile(weights):
-        desc["weights_sha256"] = _sha256(weights)
+        desc["weights_sha256"] = file_sha256(weights)
     path = os.path.join(model_dir, DESCRIPTION_NAME)
     atomic_write_json(path, desc, indent=2)
     logger.info("network description: %s", path)
@@ -337,7 +344,7 @@ def load_network(
     if not os.path.isfile(path):
         raise DataError(f"checkpoint {path} not found; pass --checkpoint or the models/ folder of a finished run")
     sha = desc.get("weights_sha256")
-    if sha and _sha256(path) != sha:
+    if sha and file_sha256(path) != sha:
         # allowed (e.g. another epoch's weights of the same run); the key and shape check below still applies
         logger.warning("%s is not the file the description was written for; loading it anyway", path)
     network = build_from_description(desc)

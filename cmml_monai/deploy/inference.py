@@ -11,6 +11,7 @@ import csv
 import logging
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,18 +21,23 @@ from torch.utils.data import ConcatDataset
 from tqdm import tqdm
 
 from cmml_monai.data.adapters import load_dataset
+from cmml_monai.data.adapters.manifest import MANIFEST_INPUT_OPTIONS, MANIFEST_NAME
 from cmml_monai.data.cases import CaseList
 from cmml_monai.data.dataset import build_dataloader, build_dataset
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.data.preflight import run_preflight
+from cmml_monai.data.table import TableSchema, is_empty_cell, normalise_category
 from cmml_monai.deploy.description import completes_missing, description_schema
+from cmml_monai.metrics import classification_metrics
 
-__all__ = ["inference_cases", "check_cases", "inference_dataset", "probabilities", "Predictor", "PREDICTIONS_NAME"]
+__all__ = ["inference_cases", "check_cases", "unseen_categories", "manifest_defaults", "score_predictions",
+           "METRICS_NAME", "inference_dataset", "probabilities", "Predictor", "PREDICTIONS_NAME"]
 
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_NAME = "predictions.csv"
+METRICS_NAME = "metrics.json"
 #: a multi-label prediction lists the labels whose probability reaches this
 MULTI_LABEL_THRESHOLD = 0.5
 
@@ -60,13 +66,56 @@ def check_cases(description: Mapping[str, Any], case_list: CaseList) -> None:
         )
 
 
+def manifest_defaults(description: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest adapter options that give the described network its inputs: the training run's column
+    roles (``MANIFEST_INPUT_OPTIONS`` it was given) and otherwise the trained modality names as image columns
+    and the trained table columns, so a new-case manifest needs only the same column names.
+
+    Example:
+        >>> manifest_defaults(load_description("outputs/manifest_cmml/models"))  # doctest: +SKIP
+        {'image_columns': ['t1c', 't2w'], 'table_columns': ['age', 'sex'], 'image_kind': 'image3d'}
+    """
+    data = description["data"]
+    trained = data.get("dataset_options") or {}
+    out = {k: trained[k] for k in MANIFEST_INPUT_OPTIONS if trained.get(k) is not None}
+    images = [m for m in data["modalities"] if m["kind"] != "table"]
+    out.setdefault("image_columns", [m["name"] for m in images])
+    out.setdefault("table_columns", list(data.get("table_columns") or []))
+    if images:
+        out.setdefault("image_kind", images[0]["kind"])
+    if not data["multi_label"]:
+        # labelled new cases (evaluation) keep the trained class order, whichever classes they hold
+        out.setdefault("class_names", list(data["class_names"]))
+    return out
+
+
+def unseen_categories(schema: TableSchema | None, case_list: CaseList) -> dict[str, list[str]]:
+    """Per categorical column, the values of ``case_list`` that the schema did not see in training (they are
+    encoded as missing).
+
+    Example:
+        >>> unseen_categories(description_schema(desc), cases)  # doctest: +SKIP
+        {'sex': ['other']}
+    """
+    out: dict[str, list[str]] = {}
+    for col in schema.columns if schema is not None else []:
+        if col.type != "categorical":
+            continue
+        values = {normalise_category(c.table.get(col.name)) for c in case_list.cases
+                  if not is_empty_cell(c.table.get(col.name))}
+        new = sorted(values - set(col.vocabulary))
+        if new:
+            out[col.name] = new
+    return out
+
+
 def inference_cases(
     description: Mapping[str, Any],
     dataset: str,
     dataset_dir: str,
     options: Mapping[str, Any] | None = None,
 ) -> CaseList:
-    """The cases of ``dataset_dir`` (native layout of ``dataset``), checked against the description.
+    """The cases of ``dataset_dir`` (native layout of ``dataset``, or a manifest), checked against the description.
 
     Unlike training (``cmml_monai.data.load_cases``) no label and no split is needed: the adapter reads the
     cases with ``labels=False`` (label columns and split files may be absent; Derm7pt index files and a MEN
@@ -78,8 +127,18 @@ def inference_cases(
         >>> cases = inference_cases(desc, "derm7pt", "/data/new/release_v0")
     """
     # labels are not needed: the label columns and split files may be absent (dataset_options may say otherwise)
-    case_list = load_dataset(dataset, dataset_dir, **{"labels": False, **dict(options or {})})
+    defaults: dict[str, Any] = {"labels": False}
+    if str(dataset).strip().lower() == MANIFEST_NAME:
+        defaults.update(manifest_defaults(description))  # the trained column roles, not re-inferred ones
+    case_list = load_dataset(dataset, dataset_dir, **{**defaults, **dict(options or {})})
     check_cases(description, case_list)
+    for column, values in unseen_categories(description_schema(description), case_list).items():
+        logger.warning("table column %r: %s not seen in training; encoded as missing", column,
+                       ", ".join(map(repr, values)))
+        for value in values:
+            # said once, here, for the whole list: not again by TableSchema.encode for each item that has it
+            warnings.filterwarnings("ignore", message=re.escape(f"table column {column!r}: category {value!r} was "
+                                                                "not seen in training"))
     empty = sum(1 for _, reason in case_list.dropped if reason == "every modality missing")
     if empty:
         logger.warning("%d case(s) have no modality at all and get no prediction", empty)
@@ -181,6 +240,8 @@ class Predictor:
         num_workers: loader workers.
         progress: show a progress bar (counts only, no case ids).
         write_cases: write the per-case JSON files.
+        inferer: a MONAI inferer called as ``inferer(image, network, tabular)`` (e.g. ``SimpleInferer``, what
+            a model-zoo ``inference.json`` names); None calls ``network(image, tabular)``.
 
     Example:
         >>> Predictor(net, inference_dataset(desc, cases), desc, "outputs/predictions").run()  # doctest: +SKIP
@@ -197,6 +258,7 @@ class Predictor:
         num_workers: int = 0,
         progress: bool = True,
         write_cases: bool = True,
+        inferer: Any = None,
     ) -> None:
         self.network = network
         self.dataset = dataset
@@ -206,6 +268,7 @@ class Predictor:
         self.num_workers = int(num_workers)
         self.progress = bool(progress)
         self.write_cases = bool(write_cases)
+        self.inferer = inferer
         data = description["data"]
         self.class_names = [str(c) for c in data["class_names"]]
         self.multi_label = bool(data["multi_label"])
@@ -249,7 +312,10 @@ class Predictor:
             image = batch["image"].to(device)
             tabular = batch.get("tabular")
             tabular = tabular.to(device) if tabular is not None else None
-            logits = self.network(image, tabular).float()
+            if self.inferer is None:
+                logits = self.network(image, tabular).float()
+            else:
+                logits = self.inferer(image, self.network, tabular).float()
             probs = probabilities(logits, self.multi_label).cpu()
             present = self._present(image, tabular)
             for i, case_id in enumerate(batch["case_id"]):
@@ -276,3 +342,46 @@ class Predictor:
         os.replace(tmp, path)
         logger.info("predictions for %d case(s): %s", len(rows), path)
         return path
+
+
+def score_predictions(
+    output_dir: str, case_list: CaseList, description: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Score ``<output_dir>/predictions.csv`` against the labels of ``case_list`` (read with ``labels=True``):
+    macro AUC, accuracy, macro F1 and ECE over every predicted case and per pattern of present modalities
+    (the cases' own missingness). Writes ``<output_dir>/metrics.json``; what a packaged bundle's
+    ``evaluate.json`` runs after the predictions.
+
+    Raises:
+        DataError: the cases have no labels or other classes than the model's.
+
+    Example:
+        >>> metrics = score_predictions("evaluation", case_list, load_description("bundle/x/models"))  # doctest: +SKIP
+        >>> metrics["all"]["auc"]
+        0.81
+    """
+    data = description["data"]
+    classes = [str(c) for c in data["class_names"]]
+    if [str(c) for c in case_list.class_names] != classes:
+        raise DataError(f"the labelled cases have classes {case_list.class_names}, the model {classes}; "
+                        "evaluate on data with the model's classes")
+    labels = {c.case_id: c.label for c in case_list.cases}
+    path = os.path.join(output_dir, PREDICTIONS_NAME)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if labels.get(r["case_id"]) is not None]
+    if not rows:
+        raise DataError(f"{path}: no predicted case has a label; evaluation needs labelled cases")
+    multi = bool(data["multi_label"])
+
+    def score(subset: list[dict[str, str]]) -> dict[str, Any]:
+        probs = [[float(r[f"prob_{c}"]) for c in classes] for r in subset]
+        return classification_metrics(probs, [labels[r["case_id"]] for r in subset], multi)
+
+    patterns: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        patterns.setdefault(r["present"].replace(";", "+"), []).append(r)
+    result = {"all": score(rows), "by_present": {k: score(v) for k, v in sorted(patterns.items())}}
+    atomic_write_json(os.path.join(output_dir, METRICS_NAME), result, indent=2)
+    logger.info("metrics over %d labelled case(s): AUC %.4f, accuracy %.4f (%s)", len(rows), result["all"]["auc"],
+                result["all"]["acc"], os.path.join(output_dir, METRICS_NAME))
+    return result

@@ -1,7 +1,8 @@
 """Dataset adapters: native dataset layouts -> ``CaseList``.
 
-``load_dataset(name, dataset_dir, **options)`` dispatches to ``load_derm7pt``, ``load_odir`` or
-``load_men``; the options are those of the adapter (see each function and docs/architecture.md).
+``load_dataset(name, dataset_dir, **options)`` dispatches to ``load_derm7pt``, ``load_odir``, ``load_men``
+or ``load_manifest`` (your own data: a table of cases with paths); the options are those of the adapter
+(see each function and docs/architecture.md).
 
 Example:
     >>> from cmml_monai.data.adapters import load_dataset
@@ -15,13 +16,17 @@ import os
 from typing import Any, Callable
 
 from cmml_monai.data.adapters.derm7pt import load_derm7pt
+from cmml_monai.data.adapters.manifest import load_manifest
 from cmml_monai.data.adapters.men import load_men
 from cmml_monai.data.adapters.odir import load_odir
 from cmml_monai.data.cases import CaseList
 
-__all__ = ["ADAPTERS", "DATASET_NAMES", "load_dataset", "adapter_options", "load_derm7pt", "load_odir", "load_men"]
+__all__ = ["ADAPTERS", "DATASET_NAMES", "load_dataset", "adapter_options", "load_derm7pt", "load_odir", "load_men",
+           "load_manifest"]
 
-ADAPTERS: dict[str, Callable[..., CaseList]] = {"derm7pt": load_derm7pt, "odir": load_odir, "men": load_men}
+ADAPTERS: dict[str, Callable[..., CaseList]] = {
+    "derm7pt": load_derm7pt, "odir": load_odir, "men": load_men, "manifest": load_manifest,
+}
 DATASET_NAMES = tuple(ADAPTERS)
 
 
@@ -33,14 +38,14 @@ def adapter_options(name: str) -> list[str]:
 
 
 def load_dataset(name: str, dataset_dir: str | os.PathLike, **options: Any) -> CaseList:
-    """Load dataset ``name`` (``derm7pt``, ``odir``, ``men``) from its native layout in ``dataset_dir``.
+    """Load dataset ``name`` (``derm7pt``, ``odir``, ``men``, ``manifest``) from its layout in ``dataset_dir``.
 
     Raises:
         ValueError: unknown dataset name or option.
         DataError: bad data (layout, column, label, file); the message names what to fix.
     """
     key = str(name).strip().lower().replace("-", "").replace("_", "")
-    key = {"odir5k": "odir", "derm7pt": "derm7pt", "men": "men", "odir": "odir"}.get(key, key)
+    key = {"odir5k": "odir"}.get(key, key)
     if key not in ADAPTERS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {list(ADAPTERS)}")
     allowed = adapter_options(key)

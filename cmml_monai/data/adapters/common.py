@@ -19,11 +19,16 @@ __all__ = [
     "drop_all_missing",
     "check_unique_ids",
     "resolve_path",
+    "binary_label",
+    "is_dicom_folder",
+    "single_table",
+    "TABLE_SUFFIXES",
     "FILE_ABSENT",
     "NOT_LISTED",
 ]
 
 FILE_ABSENT = "file absent"
+TABLE_SUFFIXES = (".csv", ".tsv", ".xlsx", ".xls")
 NOT_LISTED = "no file listed"
 
 
@@ -101,3 +106,56 @@ def resolve_path(dataset_dir: str, path: str | os.PathLike | None) -> str | None
         return None
     path = os.fspath(path)
     return path if os.path.isabs(path) else os.path.join(dataset_dir, path)
+
+
+def binary_label(value: Any, case_id: str, column: str, source: str) -> int:
+    """A 0/1 label cell as an int (``1``, ``1.0``, ``"0"`` ...).
+
+    Raises:
+        DataError: anything else, naming the file, case and column.
+
+    Example:
+        >>> binary_label("1.0", "c1", "N", "labels.csv")
+        1
+    """
+    v = clean_cell(value)
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        f = float("nan")
+    if f not in (0.0, 1.0):
+        raise DataError(f"{source}: case {case_id}: label column {column!r} has {v!r}; labels must be 0 or 1")
+    return int(f)
+
+
+def is_dicom_folder(path: str) -> bool:
+    """True when ``path`` is a folder holding at least one DICOM-looking file (``.dcm``/``.dicom``/``.ima`` or
+    no extension, as scanners write them)."""
+    if not os.path.isdir(path):
+        return False
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if os.path.isfile(full) and (name.lower().endswith((".dcm", ".dicom", ".ima")) or "." not in name):
+            return True
+    return False
+
+
+def single_table(dataset_dir: str, source: str, what: str = "clinical table", option: str = "clinical_table") -> str:
+    """The one table file (``.csv``/``.tsv``/``.xlsx``/``.xls``) at the top of ``dataset_dir``.
+
+    Raises:
+        DataError: none or several, naming ``option`` (the adapter option that picks one).
+
+    Example:
+        >>> single_table("/data/MEN", "MEN")  # doctest: +SKIP
+        '/data/MEN/clinical.csv'
+    """
+    found = sorted(f for f in os.listdir(dataset_dir)
+                   if f.lower().endswith(TABLE_SUFFIXES) and os.path.isfile(os.path.join(dataset_dir, f))
+                   and not f.startswith((".", "~$")))  # hidden files and Excel lock files
+    if len(found) != 1:
+        raise DataError(
+            f"{source}: expected exactly one {what} (.csv/.xlsx) at the top of {dataset_dir}, "
+            f"found {found or 'none'}; set the {option} option"
+        )
+    return os.path.join(dataset_dir, found[0])

@@ -22,7 +22,9 @@ from cmml_monai.data.adapters.common import (
     case_ids,
     clean_cell,
     drop_all_missing,
+    is_dicom_folder,
     resolve_path,
+    single_table,
     whole_number_text,
 )
 from cmml_monai.data.adapters.splits import DEFAULT_FRACTIONS, load_or_make_split, normalise_split_name
@@ -46,7 +48,6 @@ MEN_CLASSES = ["low", "high"]
 MEN_SEQUENCES = ["t1c", "t1n", "t2w", "t2f"]
 MEN_DEFAULT_COLUMN_MAP = {"case_id": "case_id", "grade": "grade", "age": "age", "sex": "sex", "split": "split"}
 MEN_DEFAULT_TABLE_COLUMNS = ["age", "sex"]
-_TABLE_EXTS = (".csv", ".tsv", ".xlsx", ".xls")
 _GRADES = {"1": 0, "i": 0, "low": 0, "low grade": 0, "2": 1, "3": 1, "ii": 1, "iii": 1, "high": 1, "high grade": 1}
 _NUMERIC = {"age"}
 
@@ -58,16 +59,6 @@ def parse_grade(value: object) -> int | None:
         return None
     key = " ".join(str(v).strip().lower().replace("grade", " ").split()) or str(v).strip().lower()
     return _GRADES.get(whole_number_text(key))
-
-
-def _is_dicom_folder(path: str) -> bool:
-    if not os.path.isdir(path):
-        return False
-    for name in os.listdir(path):
-        full = os.path.join(path, name)
-        if os.path.isfile(full) and (name.lower().endswith((".dcm", ".dicom", ".ima")) or "." not in name):
-            return True
-    return False
 
 
 def find_sequence(case_dir: str, case_id: str, sequence: str) -> str | None:
@@ -86,21 +77,9 @@ def find_sequence(case_dir: str, case_id: str, sequence: str) -> str | None:
                 return p
     for name in sorted(os.listdir(case_dir)):
         p = os.path.join(case_dir, name)
-        if name.lower() == sequence.lower() and _is_dicom_folder(p):
+        if name.lower() == sequence.lower() and is_dicom_folder(p):
             return p
     return None
-
-
-def _default_table(dataset_dir: str) -> str:
-    found = sorted(f for f in os.listdir(dataset_dir)
-                   if f.lower().endswith(_TABLE_EXTS) and os.path.isfile(os.path.join(dataset_dir, f))
-                   and not f.startswith((".", "~$")))
-    if len(found) != 1:
-        raise DataError(
-            f"MEN: expected exactly one clinical table (.csv/.xlsx) at the top of {dataset_dir}, "
-            f"found {found or 'none'}; set the clinical_table option"
-        )
-    return os.path.join(dataset_dir, found[0])
 
 
 def load_men(
@@ -152,7 +131,7 @@ def load_men(
     if clinical_table is not None:
         table_path = resolve_path(dataset_dir, clinical_table)
     else:
-        table_path = _default_table(dataset_dir)
+        table_path = single_table(dataset_dir, "MEN")
     required = [cmap["case_id"], *([cmap["grade"]] if labels else []), *(cmap.get(f, f) for f in feats)]
     df = read_table(table_path, sheet=sheet, required=required)  # type: ignore[arg-type]
     id_col, grade_col, split_col = cmap["case_id"], cmap["grade"], cmap.get("split")

@@ -20,6 +20,7 @@ from typing import Sequence
 from cmml_monai.data.adapters.common import (
     FILE_ABSENT,
     NOT_LISTED,
+    binary_label,
     case_ids,
     clean_cell,
     drop_all_missing,
@@ -46,17 +47,6 @@ ODIR_IMAGE_DIRS = ("ODIR-5K_Training_Dataset", "Training Images")
 ODIR_TABLE_COLUMNS = ["Patient Age", "Patient Sex"]
 _REQUIRED = ["ID", "Patient Age", "Patient Sex", "Left-Fundus", "Right-Fundus",
              "Left-Diagnostic Keywords", "Right-Diagnostic Keywords", *ODIR_LABELS]
-
-
-def _label_value(value: object, cid: str, column: str, source: str) -> int:
-    v = clean_cell(value)
-    try:
-        f = float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        f = float("nan")
-    if f not in (0.0, 1.0):
-        raise DataError(f"{source}: case {cid}: label column {column!r} has {v!r}; labels must be 0 or 1")
-    return int(f)
 
 
 def load_odir(
@@ -122,7 +112,7 @@ def load_odir(
         modalities.append(ModalitySpec(TABLE_MODALITY, "table", 0))
     cases = []
     for cid, row in zip(ids, df.to_dict(orient="records")):
-        label = [_label_value(row[c], cid, c, xlsx) for c in ODIR_LABELS] if labels else None  # type: ignore[arg-type]
+        label = [binary_label(row[c], cid, c, xlsx) for c in ODIR_LABELS] if labels else None  # type: ignore[arg-type]
         paths: dict[str, str | None] = {}
         reasons: dict[str, str] = {}
         for name, col in (("left", "Left-Fundus"), ("right", "Right-Fundus")):
