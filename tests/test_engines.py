@@ -12,7 +12,6 @@ from ignite.engine import Events
 from cmml_monai.engines import (
     CMMLEvaluator,
     CMMLTrainer,
-    MaskedPrepareBatch,
     autocast_context,
     build_network,
     stage_epochs,
@@ -175,18 +174,6 @@ def test_autocast_is_a_noop_on_cpu():
     with ctx:
         y = torch.ones(2, 2) @ torch.ones(2, 2)
     assert y.dtype == torch.float32
-
-
-def test_masked_prepare_batch_writes_nan_for_missing():
-    batch = _batches(1, b=2)[0]
-    batch["image"] = torch.zeros(2, 6, 4, 4)
-    batch["tabular"] = torch.zeros(2, 2)
-    prep = MaskedPrepareBatch({"c0_0": [False, True, True], "c0_1": [True, True, False]}, 3)
-    image, label, (tab,), _ = prep(batch, "cpu")
-    assert torch.isnan(image[0, :3]).all() and not torch.isnan(image[0, 3:]).any()
-    assert torch.isnan(tab[1]).all() and not torch.isnan(tab[0]).any()
-    with pytest.raises(ValueError, match="no presence mask"):
-        MaskedPrepareBatch({"other": [True, True, True]}, 3)(batch, "cpu")
 
 
 def test_evaluator_macro_auc_metric_on_served_path():

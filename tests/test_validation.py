@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmml_monai.data.validation import MissingRateViews
+from cmml_monai.data.validation import MissingRateViews, PresenceMaskedDataset
 
 
 def items(n: int, table: bool = True) -> list[dict]:
@@ -50,7 +50,7 @@ def test_views_without_a_table_use_only_the_image_columns():
 def test_views_refuse_mismatched_inputs():
     with pytest.raises(ValueError, match="the dataset has 2 items but 3 case ids"):
         MissingRateViews(items(2), ["c0", "c1", "c2"], {0.0: np.ones((2, 3), bool)}, 3)
-    with pytest.raises(ValueError, match=r"rate 0.5 has shape \(3, 3\), expected \(2, k\)"):
+    with pytest.raises(ValueError, match=r"rate 0.5: the mask has shape \(3, 3\), expected \(2, k\)"):
         MissingRateViews(items(2), ["c0", "c1"], {0.5: np.ones((3, 3), bool)}, 3)
     with pytest.raises(ValueError, match="at least one rate"):
         MissingRateViews(items(2), ["c0", "c1"], {}, 3)
@@ -67,3 +67,19 @@ def test_validation_views_off_and_bad_rates(tmp_path):
     assert validation_views(data, None, [], str(tmp_path)) is data
     with pytest.raises(ValueError, match=r"val_missing_rates must be in \[0, 1\), got \[1.0\]"):
         validation_views(data, None, [0.0, 1.0], str(tmp_path))
+
+
+def test_presence_masked_dataset_exposes_the_chosen_cases_under_one_mask():
+    data = items(3)
+    mask = np.array([[False, False, False], [True, False, True], [False, True, True]])
+    masked = PresenceMaskedDataset(data, ["c0", "c1", "c2"], mask, 3, indices=[2, 1], extra={"subset": "b"})
+    assert len(masked) == 2 and [masked[i]["case_id"] for i in range(2)] == ["c2", "c1"]
+    c2, c1 = masked[0], masked[1]
+    assert torch.isnan(c2["image"][:3]).all() and torch.equal(c2["image"][3:], data[2]["image"][3:])
+    assert torch.equal(c2["tabular"], data[2]["tabular"]) and c2["subset"] == "b"
+    assert torch.isnan(c1["image"][3:]).all() and torch.equal(c1["image"][:3], data[1]["image"][:3])
+    assert not torch.isnan(data[2]["image"]).any()  # masked copies
+    with pytest.raises(ValueError, match=r"indices \[3\] are outside the dataset's 3 items"):
+        PresenceMaskedDataset(data, ["c0", "c1", "c2"], mask, 3, indices=[3])
+    with pytest.raises(IndexError, match="out of range for 2 items"):
+        masked[2]

@@ -30,7 +30,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "DEFAULT_RATES", "rate_key", "natural_presence", "simulate_presence", "fixed_subset_presence", "all_subsets",
         "apply_presence_mask", "save_masks", "ensure_masks", "ensure_split_masks",
     ),
-    "validation": ("MissingRateViews", "validation_views"),
+    "validation": ("PresenceMaskedDataset", "MissingRateViews", "validation_views"),
     "readers": (
         "IMAGE_2D_SUFFIXES", "NIFTI_SUFFIXES", "SAFE_META_KEYS", "DicomSeriesInfo", "list_dicom_series",
         "select_dicom_series", "strip_phi", "load_image", "LoadModalityd",

@@ -14,18 +14,92 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from cmml_monai.data.cases import CaseList
 from cmml_monai.data.missingness import apply_presence_mask, ensure_split_masks
 
-__all__ = ["MissingRateViews", "validation_views"]
+__all__ = ["PresenceMaskedDataset", "MissingRateViews", "validation_views"]
 
 
-class MissingRateViews(Dataset):
+class PresenceMaskedDataset(Dataset):
+    """The cases of a split under one saved presence mask (NaN written into what the mask marks missing).
+
+    The one masking path of the project: validation under missing rates (``MissingRateViews``) and every
+    condition of the missing-rate sweep read their cases through it, so the network sees what it would see
+    when served with those inputs missing. The wrapped items are not changed in place.
+
+    Args:
+        dataset: batch-contract items (``image``, optional ``tabular``, ``label``, ``case_id``) in
+            ``case_ids`` order.
+        case_ids: the split's case ids, in dataset order.
+        mask: ``[N, k]`` bool presence (image modalities, then the table if any).
+        channels_per_modality: channels of each image modality (one int for all, or one per modality).
+        indices: the dataset positions to expose, in order (default all); e.g. only the cases that keep
+            at least one modality.
+        extra: keys added to every item (e.g. ``{"missing_rate": 0.5}``).
+
+    Example::
+
+        >>> masked = PresenceMaskedDataset(test_dataset, ids, masks[0.5], 3)  # doctest: +SKIP
+        >>> torch.isnan(masked[0]["image"]).any()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        case_ids: Sequence[str],
+        mask: np.ndarray,
+        channels_per_modality: int | Sequence[int],
+        indices: Sequence[int] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        n = len(dataset)  # type: ignore[arg-type]
+        if n != len(case_ids):
+            raise ValueError(f"the dataset has {n} items but {len(case_ids)} case ids were given")
+        mask = np.asarray(mask, dtype=bool)
+        if mask.ndim != 2 or mask.shape[0] != n:
+            raise ValueError(f"the mask has shape {mask.shape}, expected ({n}, k)")
+        self.dataset = dataset
+        self.case_ids = [str(c) for c in case_ids]
+        self.mask = mask
+        self.channels_per_modality = channels_per_modality
+        self.indices = list(range(n)) if indices is None else [int(i) for i in indices]
+        bad = [i for i in self.indices if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"indices {bad[:5]} are outside the dataset's {n} items")
+        self.extra = dict(extra or {})
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        i = self.indices[index]
+        item = dict(self.dataset[i])
+        if str(item.get("case_id")) != self.case_ids[i]:
+            raise ValueError(
+                f"item {i} is case {item.get('case_id')!r}, expected {self.case_ids[i]!r}: "
+                "the dataset is not in case-list order"
+            )
+        present = torch.as_tensor(self.mask[i][None])
+        tabular = item.get("tabular")
+        table = None if tabular is None else torch.as_tensor(tabular)[None]
+        image = torch.as_tensor(item["image"])[None]
+        masked_image, masked_tabular = apply_presence_mask(image, table, present, self.channels_per_modality)
+        item["image"] = masked_image[0]
+        if masked_tabular is not None:
+            item["tabular"] = masked_tabular[0]
+        item.update(self.extra)
+        return item
+
+
+class MissingRateViews(ConcatDataset):
     """Every case of a split once per missing rate, with that rate's presence mask applied (NaN = missing).
 
-    Item ``r * N + i`` is case ``i`` under rate ``rates[r]``; it carries ``missing_rate``.
+    Item ``r * N + i`` is case ``i`` under rate ``rates[r]`` (rates ascending); it carries ``missing_rate``.
+    One ``PresenceMaskedDataset`` per rate.
 
     Args:
         dataset: batch-contract items (``image``, optional ``tabular``, ``label``, ``case_id``) in
@@ -50,42 +124,22 @@ class MissingRateViews(Dataset):
     ) -> None:
         if not masks:
             raise ValueError("masks must hold at least one rate")
-        n = len(dataset)  # type: ignore[arg-type]
-        if n != len(case_ids):
-            raise ValueError(f"the dataset has {n} items but {len(case_ids)} case ids were given")
-        self.dataset = dataset
-        self.case_ids = [str(c) for c in case_ids]
-        self.rates = sorted(float(r) for r in masks)
-        self.masks = {float(r): np.asarray(m, dtype=bool) for r, m in masks.items()}
-        for rate, mask in self.masks.items():
-            if mask.ndim != 2 or mask.shape[0] != n:
-                raise ValueError(f"the mask of rate {rate:g} has shape {mask.shape}, expected ({n}, k)")
-        self.channels_per_modality = channels_per_modality
-
-    def __len__(self) -> int:
-        return len(self.rates) * len(self.case_ids)
+        by_rate = {float(r): m for r, m in masks.items()}
+        self.rates = sorted(by_rate)
+        parts = []
+        for rate in self.rates:
+            try:
+                parts.append(PresenceMaskedDataset(
+                    dataset, case_ids, by_rate[rate], channels_per_modality, extra={"missing_rate": rate}
+                ))
+            except ValueError as err:
+                raise ValueError(f"rate {rate:g}: {err}") from None
+        super().__init__(parts)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} views")
-        r, i = divmod(index % len(self), len(self.case_ids))
-        item = dict(self.dataset[i])
-        if str(item.get("case_id")) != self.case_ids[i]:
-            raise ValueError(
-                f"validation item {i} is case {item.get('case_id')!r}, expected {self.case_ids[i]!r}: "
-                "the dataset is not in case-list order"
-            )
-        rate = self.rates[r]
-        present = torch.as_tensor(self.masks[rate][i][None])
-        tabular = item.get("tabular")
-        table = None if tabular is None else torch.as_tensor(tabular)[None]
-        image = torch.as_tensor(item["image"])[None]
-        masked_image, masked_tabular = apply_presence_mask(image, table, present, self.channels_per_modality)
-        item["image"] = masked_image[0]
-        if masked_tabular is not None:
-            item["tabular"] = masked_tabular[0]
-        item["missing_rate"] = rate
-        return item
+        return super().__getitem__(index)
 
 
 def validation_views(

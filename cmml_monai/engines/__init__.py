@@ -8,14 +8,13 @@ schedulers, and the method registry that builds each method's network. Engines u
 from cmml_monai.engines.evaluator import CMMLEvaluator
 from cmml_monai.engines.methods import METHODS, build_network, stage_epochs
 from cmml_monai.engines.optim import cosine_scheduler, stage_optimizer, stage_parameter_groups
-from cmml_monai.engines.prepare import CMMLPrepareBatch, MaskedPrepareBatch
+from cmml_monai.engines.prepare import CMMLPrepareBatch
 from cmml_monai.engines.trainer import CMMLTrainer, autocast_context
 
 __all__ = [
     "CMMLTrainer",
     "CMMLEvaluator",
     "CMMLPrepareBatch",
-    "MaskedPrepareBatch",
     "autocast_context",
     "stage_optimizer",
     "stage_parameter_groups",

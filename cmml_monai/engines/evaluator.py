@@ -24,7 +24,7 @@ class CMMLEvaluator(SupervisedEvaluator):
         val_data_loader: loader of batch-contract dicts.
         network: the served network.
         amp: bf16 autocast when ``device`` is CUDA; ignored on CPU.
-        prepare_batch: defaults to ``CMMLPrepareBatch`` (use ``MaskedPrepareBatch`` for masked sweeps).
+        prepare_batch: defaults to ``CMMLPrepareBatch``.
         kwargs: the other ``SupervisedEvaluator`` arguments (key metric, handlers, postprocessing, ...).
     """
 

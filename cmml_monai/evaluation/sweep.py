@@ -3,8 +3,9 @@
 For each rate in ``rates`` every modality of every case is independently missing with that
 probability (at least one kept); the masks are made once per split by
 ``cmml_monai.data.missingness.ensure_masks`` and reused by every method. Then every fixed subset of
-modalities. Each condition runs a ``CMMLEvaluator`` whose ``MaskedPrepareBatch`` writes NaN into the
-missing modalities, so the network sees exactly what it would see when served.
+modalities. Each condition is one ``CMMLEvaluator`` run over a ``PresenceMaskedDataset`` (the masking
+path validation uses too), which writes NaN into the missing modalities, so the network sees exactly
+what it would see when served; Ignite's ``EpochOutputStore`` keeps the per-case outputs.
 
 Outputs in ``output_dir``: ``sweep.csv`` (method, rate, auc, acc, f1, ece, n), ``sweep.png``,
 ``subsets.csv`` (method, subset, auc, acc, f1, ece, n), ``roc_rate<r>.png``, ``summary.json`` (AVG AUC).
@@ -12,24 +13,24 @@ Outputs in ``output_dir``: ``sweep.csv`` (method, rate, auc, acc, f1, ece, n), `
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
-from ignite.engine import Events
+from ignite.handlers import EpochOutputStore
 from monai.data import DataLoader
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from cmml_monai.data.cases import CaseList
 from cmml_monai.data.jsonio import atomic_open, atomic_write_json
 from cmml_monai.data.missingness import DEFAULT_RATES, all_subsets, ensure_split_masks, fixed_subset_presence
+from cmml_monai.data.validation import PresenceMaskedDataset
 from cmml_monai.engines.evaluator import CMMLEvaluator
 from cmml_monai.metrics import classification_metrics
-from cmml_monai.engines.prepare import MaskedPrepareBatch
 from cmml_monai.evaluation.plots import plot_roc, plot_sweep
 from cmml_monai.utils import as_bool
 
@@ -45,42 +46,31 @@ SUBSET_COLUMNS = ("method", "subset", *METRIC_COLUMNS)
 def predict(
     network: torch.nn.Module,
     loader: DataLoader,
-    masks: dict[str, np.ndarray],
-    channels_per_modality: int | Sequence[int],
     device: torch.device,
     multi_label: bool,
     amp: bool = False,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Probabilities, labels and case ids of ``loader`` under ``masks`` (via a ``CMMLEvaluator``)."""
-    evaluator = CMMLEvaluator(
-        device=device,
-        val_data_loader=loader,
-        network=network,
-        amp=amp,
-        prepare_batch=MaskedPrepareBatch(masks, channels_per_modality),
-        decollate=False,
-    )
-    probs: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
-    ids: list[str] = []
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and labels of ``loader``'s cases, in loader order (one ``CMMLEvaluator`` run).
 
-    def collect(engine: CMMLEvaluator) -> None:
-        out = engine.state.output
-        logits = out["pred"].float()
-        probs.append((torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)).cpu())
-        labels.append(out["label"].cpu())
-        ids.extend(str(c) for c in engine.state.batch["case_id"])
+    Example::
 
+        >>> probs, labels = predict(net, DataLoader(masked_dataset), torch.device("cpu"), False)  # doctest: +SKIP
+    """
+    evaluator = CMMLEvaluator(device=device, val_data_loader=loader, network=network, amp=amp, decollate=False)
+    store = EpochOutputStore(output_transform=lambda out: (out["pred"].float().cpu(), out["label"].cpu()))
+    store.attach(evaluator)
     evaluator.logger.setLevel(logging.WARNING)  # one evaluator per condition: keep the console readable
-    evaluator.add_event_handler(Events.ITERATION_COMPLETED, collect)
     evaluator.run()
-    if not probs:
-        return np.zeros((0, 0)), np.zeros((0,)), []
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy(), ids
+    if not store.data:
+        return np.zeros((0, 0)), np.zeros((0,))
+    logits = torch.cat([pred for pred, _ in store.data])
+    probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
+    return probs.numpy(), torch.cat([label for _, label in store.data]).numpy()
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    """A plain fixed-width text table (printed to the console)."""
+    """A plain fixed-width, left-aligned text table (printed to the console): rates as ``%g``, scores to 4
+    decimals. Written here because pandas' ``to_string`` right-aligns the cells and prints NaN its own way."""
     def fmt(key: str, value: Any) -> str:
         if key == "rate":
             return f"{float(value):g}"
@@ -95,9 +85,7 @@ def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 
 def _write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> str:
     with atomic_open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+        pd.DataFrame(list(rows), columns=list(columns)).to_csv(f, index=False, na_rep="nan")
     return path
 
 
@@ -178,20 +166,14 @@ class MissingRateSweep:
         self.network.load_state_dict(state)
         logger.info("sweep: loaded %s", self.checkpoint)
 
-    def _loader(self, indices: Sequence[int]) -> DataLoader:
-        return DataLoader(
-            Subset(self.dataset, list(indices)), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
-        )
-
     def _evaluate(self, mask: np.ndarray, case_ids: list[str]) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Metrics, probabilities and labels of the cases that keep at least one modality under ``mask``."""
         keep = np.flatnonzero(mask.any(axis=1))
-        masks = {case_ids[i]: mask[i] for i in keep}
         channels = [m.channels for m in self.case_list.image_modalities]
-        probs, labels, ids = predict(
-            self.network, self._loader(keep), masks, channels, self.device, self.case_list.multi_label, self.amp
-        )
-        if ids != [case_ids[i] for i in keep]:
-            raise ValueError(f"the {self.split} dataset is not in case-list order; cannot match masks to cases")
+        # the masked dataset checks that each item is the case its mask row belongs to
+        masked = PresenceMaskedDataset(self.dataset, case_ids, mask, channels, indices=keep)
+        loader = DataLoader(masked, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        probs, labels = predict(self.network, loader, self.device, self.case_list.multi_label, self.amp)
         return classification_metrics(probs, labels, self.case_list.multi_label), probs, labels
 
     def run(self) -> list[dict]:
