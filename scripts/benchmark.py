@@ -195,7 +195,8 @@ def e2e_pipeline(dataset: str, spatial_size: list[int], cfg: BenchConfig, cases:
     from cmml_monai.data.dataset import build_dataloader, build_dataset
     from cmml_monai.data.synthetic import make_synthetic
     from cmml_monai.data import DatasetInfo, fit_schema, load_cases
-    from cmml_monai.engines import METHODS, CMMLPrepareBatch, build_network
+    from cmml_monai.engines import CMMLPrepareBatch
+    from cmml_monai.networks import CMMLNet, LateFusionNet
 
     device = torch.device(cfg.device)
     if device.type == "cuda":
@@ -216,10 +217,10 @@ def e2e_pipeline(dataset: str, spatial_size: list[int], cfg: BenchConfig, cases:
         feature_dim=cfg.feature_dim, image_encoder=cfg.image_encoder,
     )
     torch.manual_seed(cfg.seed)
-    cmml = build_network("cmml", **args).to(device)
-    zero_fill = build_network("zero_fill", **args).to(device)
+    cmml = CMMLNet(**args).to(device)
+    zero_fill = LateFusionNet(**args, mode="zero_fill").to(device)
     cmml_step = _batch_step(cmml, 2, info.multi_label, cfg)
-    zf_step = _batch_step(zero_fill, METHODS["zero_fill"][2][-1], info.multi_label, cfg)
+    zf_step = _batch_step(zero_fill, 2, info.multi_label, cfg)  # a baseline's single stage runs as stage 2
     prepare = CMMLPrepareBatch()
 
     def e2e_epoch() -> tuple[float, list]:

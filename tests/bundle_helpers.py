@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 
+import torch
 from monai.bundle import ConfigWorkflow
+from monai.utils import optional_import
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
@@ -39,3 +42,14 @@ def workflow(config_file, **override) -> ConfigWorkflow:
     w = ConfigWorkflow(config_file=config_file, workflow_type="train", **override)
     w.initialize()
     return w
+
+
+def method_network(method: str, **args) -> torch.nn.Module:
+    """The network that ``configs/methods/<method>.json`` selects, built with the shared constructor ``args``:
+    the overlay's ``network_def#_target_`` class with its ``network_def#...`` flags, as train.json builds it."""
+    with open(os.path.join(ROOT, "configs", "methods", f"{method}.json"), encoding="utf-8") as f:
+        overlay = json.load(f)
+    module, _, name = overlay["network_def#_target_"].rpartition(".")
+    cls, _ = optional_import(module, name=name)
+    flags = {k.split("#", 1)[1]: v for k, v in overlay.items() if k.startswith("network_def#") and k != "network_def#_target_"}
+    return cls(**args, **flags)

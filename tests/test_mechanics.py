@@ -29,7 +29,6 @@ from sklearn.metrics import roc_auc_score
 
 from cmml_monai.data.dataset import build_dataset
 from cmml_monai.data import DatasetInfo, fit_schema, load_cases
-from cmml_monai.engines import build_network
 from cmml_monai.evaluation import MissingRateSweep
 from cmml_monai.metrics import expected_calibration_error
 from cmml_monai.losses import AlignmentLoss, CMMLLoss, SupConLoss
@@ -143,7 +142,7 @@ def derm(tmp_path_factory) -> dict:
 
 def derm_net(derm: dict, seed: int) -> CMMLNet:
     torch.manual_seed(seed)
-    return build_network("cmml", **derm["net_args"], **SMALL).eval()
+    return CMMLNet(**derm["net_args"], **SMALL).eval()
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from cmml_monai.networks.encoders import MultiModalEncoder
-from cmml_monai.networks.utils import masked_mean, random_keep_mask
+from cmml_monai.networks.utils import constructor_args, masked_mean, random_keep_mask
 
 __all__ = ["LateFusionNet", "LATE_FUSION_MODES"]
 
@@ -66,7 +66,10 @@ class LateFusionNet(nn.Module):
         tabular_layers: int = 1,
         encode_present_only: bool = False,
     ) -> None:
+        # before any other local: the arguments as given, for the served model's description
+        build_args = constructor_args(locals())
         super().__init__()
+        self.build_args = build_args
         if mode not in LATE_FUSION_MODES:
             raise ValueError(f"mode must be one of {LATE_FUSION_MODES}, got {mode!r}.")
         if not 0.0 <= dropout_prob <= 1.0:

@@ -18,7 +18,7 @@ from cmml_monai.networks.context import ContextTokens
 from cmml_monai.networks.crta import CascadedResidualTransformerAE
 from cmml_monai.networks.encoders import MultiModalEncoder
 from cmml_monai.networks.memory import ModalityMemoryBank
-from cmml_monai.networks.utils import random_keep_mask
+from cmml_monai.networks.utils import constructor_args, random_keep_mask
 from cmml_monai.utils import as_bool
 
 __all__ = ["CMMLNet", "STAGE1_HEADS"]
@@ -157,7 +157,10 @@ class CMMLNet(nn.Module):
         memory_write_stage2: bool = False,
         reference_reads_context: bool = True,
     ) -> None:
+        # before any other local: the arguments as given, for the served model's description
+        build_args = constructor_args(locals())
         super().__init__()
+        self.build_args = build_args
         # switches may arrive as command-line strings ("false"); the encoder checks its own
         use_memory = as_bool(use_memory, "use_memory")
         use_context = as_bool(use_context, "use_context")
