@@ -49,7 +49,9 @@ def method_network(method: str, **args) -> torch.nn.Module:
     the overlay's ``network_def#_target_`` class with its ``network_def#...`` flags, as train.json builds it."""
     with open(os.path.join(ROOT, "configs", "methods", f"{method}.json"), encoding="utf-8") as f:
         overlay = json.load(f)
-    module, _, name = overlay["network_def#_target_"].rpartition(".")
+    # an overlay either sets network_def#<key> entries or replaces network_def (its references are the shared args)
+    flags = {k: v for k, v in overlay.get("network_def", {}).items() if not str(v).startswith(("@", "$"))}
+    flags.update({k.split("#", 1)[1]: v for k, v in overlay.items() if k.startswith("network_def#")})
+    module, _, name = flags.pop("_target_").rpartition(".")
     cls, _ = optional_import(module, name=name)
-    flags = {k.split("#", 1)[1]: v for k, v in overlay.items() if k.startswith("network_def#") and k != "network_def#_target_"}
     return cls(**args, **flags)

@@ -50,7 +50,7 @@ NUM_BLOCKS = 2  # not the default (3): a description that lost the override woul
 
 
 def train_args(dataset_dir: str, out: str, **extra) -> dict:
-    overrides = {"synthetic": False, "network_def#num_blocks": NUM_BLOCKS, "run_sweep": False, "missing_rates": [0.0]}
+    overrides = {"synthetic": False, "crta#num_blocks": NUM_BLOCKS, "run_sweep": False, "missing_rates": [0.0]}
     return tiny_overrides(dataset_dir, out, **{**overrides, **extra})
 
 
@@ -97,7 +97,9 @@ def test_description_rebuilds_the_served_network_alone(trained, tmp_path):
     desc = load_description(served)
     args = desc["network"]["args"]
     assert desc["network"]["target"] == "cmml_monai.networks.CMMLNet" and desc["network"]["method"] == "cmml"
-    assert args["num_blocks"] == NUM_BLOCKS and args["feature_dim"] == 16
+    assert args["crta"] == {"_target_": "cmml_monai.networks.CascadedResidualTransformerAE", "num_blocks": NUM_BLOCKS,
+                            "mlp_ratio": 2.0}
+    assert args["feature_dim"] == 16
     assert desc["data"]["class_names"] == ["BCC", "NEV", "MEL", "MISC", "SK"]
     assert [m["name"] for m in desc["data"]["modalities"]] == ["clinic", "derm", "table"]
     assert desc["preprocessing"]["spatial_size"] == [32, 32] and desc["inputs"]["image"] == [6, 32, 32]
@@ -124,7 +126,8 @@ def test_description_errors(trained, tmp_path):
         load_network(str(empty))
     # a checkpoint of another architecture: the message names the tensors that differ
     desc = load_description(trained["models"])
-    other = dict(desc, network={**desc["network"], "args": {**desc["network"]["args"], "num_blocks": NUM_BLOCKS + 1}})
+    crta = {**desc["network"]["args"]["crta"], "num_blocks": NUM_BLOCKS + 1}
+    other = dict(desc, network={**desc["network"], "args": {**desc["network"]["args"], "crta": crta}})
     bad = str(tmp_path / "other.pt")
     torch.save(build_from_description(other).state_dict(), bad)
     with pytest.raises(DataError, match=r"does not fit .*tensors missing|unexpected.*crta"):
@@ -359,7 +362,10 @@ def test_a_version_1_description_still_loads(trained, tmp_path):
     shutil.copy(os.path.join(trained["models"], "model.pt"), served)
     desc = load_description(trained["models"])
     desc.pop("model_dir")
-    args = {"method": "cmml", **desc["network"]["args"]}
+    now = desc["network"]["args"]
+    # version 1 wrote the CRTA and memory options flat, beside the method's name
+    args = {"method": "cmml", "num_blocks": now["crta"]["num_blocks"], "memory_slots": now["memory"]["num_slots"],
+            **{k: v for k, v in now.items() if k not in ("crta", "memory", "reference", "alignment")}}
     v1 = dict(desc, version=1, network={"builder": "cmml_monai.engines.build_network", "args": args})
     (served / DESCRIPTION_NAME).write_text(json.dumps(v1))
     old, new = load_network(str(served)), load_network(trained["models"])
@@ -370,14 +376,13 @@ def test_a_version_1_description_still_loads(trained, tmp_path):
     (served / DESCRIPTION_NAME).write_text(json.dumps(baseline))
     rebuilt = load_description(str(served))["network"]
     assert rebuilt["target"] == "cmml_monai.networks.LateFusionNet" and rebuilt["args"]["mode"] == "zero_fill"
-    assert "num_blocks" not in rebuilt["args"]
+    assert "num_blocks" not in rebuilt["args"] and "crta" not in rebuilt["args"]
 
 
 def test_a_baseline_is_served_and_completes_nothing(trained, tmp_path):
     """zero_fill (its method overlay): served from its description; missing inputs are not completed."""
     out = str(tmp_path / "zero_fill")
     args = train_args(trained["data"], out)
-    del args["network_def#num_blocks"]  # a CMMLNet option: LateFusionNet does not take it
     w = workflow([TRAIN, os.path.join(ROOT, "configs", "methods", "zero_fill.json")], **args)
     w.run()
     w.finalize()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 
 import numpy as np
 import pytest
@@ -38,8 +39,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
 NAN = float("nan")
 D = 16
-SMALL = dict(feature_dim=D, image_encoder="resnet10", num_blocks=2, memory_slots=8, projection_dim=8,
-             num_context_tokens=4, dropout=0.0)
+SMALL = dict(feature_dim=D, image_encoder="resnet10", crta=partial(CascadedResidualTransformerAE, num_blocks=2),
+             memory=partial(ModalityMemoryBank, num_slots=8), projection_dim=8, num_context_tokens=4, dropout=0.0)
 SWEEP_RATES = [0.0, 0.3, 0.7]
 MASK_SEED = 3
 # a synthetic test case has a location unseen in training (encoded as a missing cell): expected here

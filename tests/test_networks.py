@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ from cmml_monai.networks import (
 NAN = float("nan")
 D = 32
 CARDS = [0, 3, 0]  # numeric, categorical (3 codes), numeric
-SMALL = dict(feature_dim=D, image_encoder="resnet10", num_blocks=2, memory_slots=8, projection_dim=16, dropout=0.0)
+SMALL = dict(feature_dim=D, image_encoder="resnet10", crta=partial(CascadedResidualTransformerAE, num_blocks=2),
+             memory=partial(ModalityMemoryBank, num_slots=8), projection_dim=16, dropout=0.0)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
@@ -599,3 +601,25 @@ def test_reference_keys_follow_reference_reads_context(reads_context):
         not_expected = net.reference_proj(net.reference(prior, other).mean(dim=1))
     torch.testing.assert_close(out["reference"], expected)
     assert not torch.allclose(out["reference"], not_expected)
+
+
+def test_components_handed_by_reference_keep_the_default_build():
+    """configs/train.json hands CMMLNet its CRTA, memory, reference and alignment as components (classes or
+    partials); the default ones give the same parameter names and, from one seed, the same weights."""
+    from cmml_monai.networks import CrossModalAlignment, InstanceAdaptiveReference
+
+    torch.manual_seed(0)
+    default = CMMLNet(2, 3, 2, 5, CARDS, feature_dim=D, image_encoder="resnet10")
+    torch.manual_seed(0)
+    composed = CMMLNet(
+        2, 3, 2, 5, CARDS, feature_dim=D, image_encoder="resnet10",
+        crta=partial(CascadedResidualTransformerAE, num_blocks=3, mlp_ratio=2.0),
+        memory=partial(ModalityMemoryBank, num_slots=64, tau=0.1, momentum=0.9),
+        reference=InstanceAdaptiveReference, alignment=CrossModalAlignment,
+    )
+    a, b = default.state_dict(), composed.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(cmml(crta=partial(CascadedResidualTransformerAE, num_blocks=1)).crta.blocks) == 1
+    with pytest.raises(ValueError, match="crta must be a class or callable .* got 3"):
+        cmml(crta=3)

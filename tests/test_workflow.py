@@ -42,6 +42,15 @@ def test_check_properties_nothing_missing(synthetic_dir, tmp_path):
     assert w.parser.get_parsed_content("stage1#trainer").stage == 1
 
 
+def test_network_components_are_config_items(synthetic_dir, tmp_path):
+    """crta, memory, reference and alignment are components of their own: an override of one reaches the network."""
+    w = workflow(TRAIN, **tiny(synthetic_dir, str(tmp_path), **{"crta#num_blocks": 2, "memory#num_slots": 5}))
+    net = w.parser.get_parsed_content("network_def")
+    assert len(net.crta.blocks) == 2 and net.memory.memory.shape[1] == 5
+    assert type(net.reference).__name__ == "InstanceAdaptiveReference"
+    assert type(net.alignment).__name__ == "CrossModalAlignment"
+
+
 def test_two_stage_run_end_to_end(synthetic_dir, tmp_path):
     out = str(tmp_path / "run")
     w = workflow(TRAIN, **tiny(synthetic_dir, out, mlflow_enabled=True))

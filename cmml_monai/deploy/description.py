@@ -11,6 +11,7 @@ class) are read too.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
@@ -64,13 +65,25 @@ _V1_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "modality_dropout": ("LateFusionNet", {"mode": "modality_dropout"}),
     "mean_impute": ("LateFusionNet", {"mode": "mean_impute"}),
 }
+# version 1's flat CMMLNet options that are now the options of its crta / memory components
+_V1_COMPONENT_ARGS: dict[str, tuple[str, dict[str, str]]] = {
+    "crta": ("CascadedResidualTransformerAE", {"num_blocks": "num_blocks"}),
+    "memory": ("ModalityMemoryBank", {"memory_slots": "num_slots", "memory_tau": "tau", "memory_momentum": "momentum"}),
+}
 
 
 def _plain(value: Any, where: str) -> Any:
-    """``value`` as plain JSON types (tuples -> lists, numpy scalars -> Python); anything else is an error,
-    so a description never holds a value that cannot be read back as it was."""
+    """``value`` as plain JSON types (tuples -> lists, numpy scalars -> Python, a network component's class or
+    ``functools.partial`` -> ``{"_target_": path, **its options}`` as the config writes it); anything else is an
+    error, so a description never holds a value that cannot be read back as it was."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, functools.partial) or isinstance(value, type):
+        func = value.func if isinstance(value, functools.partial) else value
+        if isinstance(value, functools.partial) and value.args:
+            raise ValueError(f"{where}: component {value!r} has positional arguments; give its options by name")
+        keywords = value.keywords if isinstance(value, functools.partial) else {}
+        return {"_target_": _target_of(func), **{k: _plain(v, f"{where}.{k}") for k, v in keywords.items()}}
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Mapping):
@@ -300,6 +313,15 @@ def _network_class(target: Any) -> type[torch.nn.Module]:
     return cls
 
 
+def _component(value: Any) -> Any:
+    """A ``{"_target_": path, **options}`` argument as the class or ``functools.partial`` the network calls."""
+    if not (isinstance(value, Mapping) and "_target_" in value):
+        return value
+    options = {k: v for k, v in value.items() if k != "_target_"}
+    cls = _network_class(value["_target_"])
+    return functools.partial(cls, **options) if options else cls
+
+
 def _from_version_1(network: Mapping[str, Any], path: str) -> dict[str, Any]:
     """A version-1 ``network`` section (a method name and its keyword arguments) in the version-2 shape."""
     args = dict(network.get("args") or {})
@@ -308,6 +330,10 @@ def _from_version_1(network: Mapping[str, Any], path: str) -> dict[str, Any]:
         raise DataError(f"{path}: unknown method {method!r}; expected one of {list(_V1_METHODS)}")
     name, fixed = _V1_METHODS[method]
     cls = _network_class(f"{_NETWORKS_PACKAGE}.{name}")
+    if cls is CMMLNet:
+        for component, (target, renamed) in _V1_COMPONENT_ARGS.items():
+            options = {new: args.pop(old) for old, new in renamed.items() if old in args}
+            args[component] = {"_target_": f"{_NETWORKS_PACKAGE}.{target}", **options}
     # version 1 passed the CMML-only options of a shared config to the baselines, which dropped them
     accepted = inspect.signature(cls).parameters
     args = {k: v for k, v in args.items() if k in accepted}
@@ -336,8 +362,8 @@ def build_from_description(desc: Mapping[str, Any]) -> torch.nn.Module:
         CMMLNet(...)
     """
     cls = _network_class(desc["network"].get("target"))
-    args = dict(desc["network"]["args"])
     try:
+        args = {k: _component(v) for k, v in desc["network"]["args"].items()}
         return cls(**args)
     except (TypeError, ValueError) as e:
         raise DataError(f"{DESCRIPTION_NAME}: its network arguments do not build a network ({e})") from e

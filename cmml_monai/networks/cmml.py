@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -70,9 +70,15 @@ class CMMLNet(nn.Module):
         feature_dim: token width ``d``.
         image_encoder: ``resnet10/18/34/50`` or ``densenet121`` (MONAI networks).
         num_context_tokens: ``K``.
-        num_blocks: CRTA blocks ``N``.
-        memory_slots: memory slots ``S`` per modality.
-        memory_tau: memory read temperature.
+        crta: builds the CRTA: called as ``crta(num_modalities=k, feature_dim=d, num_heads=..., dropout=...)``;
+            a class or a ``functools.partial`` holding its own options (``configs/train.json``'s ``crta``
+            component, ``"_mode_": "callable"``), e.g. ``partial(CascadedResidualTransformerAE, num_blocks=2)``.
+        memory: builds the memory bank: ``memory(num_modalities=k, feature_dim=d)`` (its slots, read
+            temperature and write momentum are its own options); not called with ``use_memory=False``.
+        reference: builds the instance-adaptive reference: ``reference(feature_dim=d, num_heads=..., dropout=...)``;
+            not called with ``use_context=False`` or ``use_stage2=False``.
+        alignment: builds the cross-modal alignment, called as ``reference`` is; not called with
+            ``use_stage2=False``.
         use_memory: ablation flag: memory bank enrichment.
         use_context: ablation flag: context tokens (without them the CRTA runs over modality tokens
             only and the reference is the pooled CRTA output).
@@ -87,7 +93,6 @@ class CMMLNet(nn.Module):
         fusion_layers: transformer layers of the fusion head.
         tabular_layers: transformer layers of the table encoder.
         dropout: dropout in the transformer parts.
-        memory_momentum: EMA momentum of the memory write.
         encode_present_only: run the image encoders only on present cases in eager mode (see
             ``MultiModalEncoder``); exported models are unaffected.
         mark_synthesized: add a learned per-modality embedding to synthesized slots before the
@@ -109,6 +114,10 @@ class CMMLNet(nn.Module):
             as well as the completed modality tokens; False reads the modality tokens only, so every
             key carries the case (the refined context tokens start from the shared prior and can make
             the reference nearly the same for every case).
+
+    The components are built where the constructor always built them, so a network built from the
+    default components has the same parameter names and, from the same seed, the same initial weights
+    as one built without them; the built modules are ``crta``, ``memory``, ``reference`` and ``alignment``.
 
     Example::
 
@@ -134,9 +143,10 @@ class CMMLNet(nn.Module):
         feature_dim: int = 256,
         image_encoder: str = "resnet18",
         num_context_tokens: int = 8,
-        num_blocks: int = 3,
-        memory_slots: int = 64,
-        memory_tau: float = 0.1,
+        crta: Callable[..., nn.Module] = CascadedResidualTransformerAE,
+        memory: Callable[..., nn.Module] = ModalityMemoryBank,
+        reference: Callable[..., nn.Module] = InstanceAdaptiveReference,
+        alignment: Callable[..., nn.Module] = CrossModalAlignment,
         use_memory: bool = True,
         use_context: bool = True,
         use_stage2: bool = True,
@@ -149,7 +159,6 @@ class CMMLNet(nn.Module):
         fusion_layers: int = 1,
         tabular_layers: int = 1,
         dropout: float = 0.1,
-        memory_momentum: float = 0.9,
         encode_present_only: bool = False,
         mark_synthesized: bool = False,
         residual_head: bool = True,
@@ -178,6 +187,9 @@ class CMMLNet(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must divide feature_dim ({feature_dim}).")
         if stage1_head not in STAGE1_HEADS:
             raise ValueError(f"stage1_head must be one of {STAGE1_HEADS}, got {stage1_head!r}.")
+        for name, factory in (("crta", crta), ("memory", memory), ("reference", reference), ("alignment", alignment)):
+            if not callable(factory):
+                raise ValueError(f"{name} must be a class or callable that builds the module, got {factory!r}.")
         self.num_classes = num_classes
         self.multi_label = multi_label
         self.use_memory = use_memory
@@ -195,7 +207,8 @@ class CMMLNet(nn.Module):
         k = self.encoder.num_modalities
         self.num_modalities = k
         self.context = ContextTokens(num_context_tokens, feature_dim) if use_context else None
-        self.crta = CascadedResidualTransformerAE(k, feature_dim, num_blocks, num_heads, 2.0, dropout)
+        # every part is built in this order (the random initialisation depends on it)
+        self.crta = crta(num_modalities=k, feature_dim=feature_dim, num_heads=num_heads, dropout=dropout)
         self.stage1_head = stage1_head
         # "mean" reads the pooled token as it is: a LayerNorm would remove its length, which carries
         # how strongly the modalities agree
@@ -209,15 +222,17 @@ class CMMLNet(nn.Module):
             else nn.Linear(feature_dim, num_classes)
         )
         self.memory: ModalityMemoryBank | None = (
-            ModalityMemoryBank(k, feature_dim, memory_slots, memory_tau, memory_momentum) if use_memory else None
+            memory(num_modalities=k, feature_dim=feature_dim) if use_memory else None
         )
         # False until the first stage-2 training step: the served path uses the stage-1 head until then
         self.register_buffer("stage2_trained", torch.zeros((), dtype=torch.bool))
         # saved with the weights, so weights trained with the other head layout are refused on load
         self.register_buffer("residual_head_flag", torch.tensor(self.residual_head))
         if use_stage2:
-            self.reference = InstanceAdaptiveReference(feature_dim, num_heads, dropout) if use_context else None
-            self.alignment = CrossModalAlignment(feature_dim, num_heads, dropout)
+            self.reference = (
+                reference(feature_dim=feature_dim, num_heads=num_heads, dropout=dropout) if use_context else None
+            )
+            self.alignment = alignment(feature_dim=feature_dim, num_heads=num_heads, dropout=dropout)
             self.fusion = FusionHead(feature_dim, num_classes, fusion_layers, num_heads, dropout)
             self.align_proj = ProjectionHead(feature_dim, projection_dim)
             self.reference_proj = ProjectionHead(feature_dim, projection_dim)
