@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 
 import torch
 from monai.bundle import ConfigWorkflow
 from monai.utils import optional_import
 
+from cmml_monai.networks import MultiModalEncoder
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
+# the small image backbone of the tests, as train.json's encoder component gives it (--image_encoder resnet10)
+RESNET10 = partial(MultiModalEncoder, image_encoder="resnet10")
 
 
 def tiny_overrides(dataset_dir: str, output_dir: str, **extra) -> dict:

@@ -22,13 +22,13 @@ from cmml_monai.handlers import EpochLossAverager, MacroAUC, latest_checkpoint
 from cmml_monai.losses import CMMLLoss
 from cmml_monai.metrics import classification_metrics, expected_calibration_error, macro_auc
 
-from bundle_helpers import method_network
+from bundle_helpers import RESNET10, method_network
 
 
 def _net(method: str = "cmml", **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     args = dict(image_modalities=2, image_channels=3, spatial_dims=2, num_classes=3, tabular_cardinalities=[0, 3],
-                feature_dim=16, image_encoder="resnet10")
+                feature_dim=16, encoder=RESNET10)
     args.update(kw)
     return method_network(method, **args)
 

@@ -39,7 +39,7 @@ from cmml_monai.deploy.export import check_export, example_inputs, export_onnx, 
 from cmml_monai.deploy.inference import inference_cases
 from cmml_monai.networks import LateFusionNet
 
-from bundle_helpers import tiny_overrides, workflow
+from bundle_helpers import RESNET10, tiny_overrides, workflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
@@ -365,7 +365,8 @@ def test_a_version_1_description_still_loads(trained, tmp_path):
     now = desc["network"]["args"]
     # version 1 wrote the CRTA and memory options flat, beside the method's name
     args = {"method": "cmml", "num_blocks": now["crta"]["num_blocks"], "memory_slots": now["memory"]["num_slots"],
-            **{k: v for k, v in now.items() if k not in ("crta", "memory", "reference", "alignment")}}
+            "image_encoder": now["encoder"]["image_encoder"],
+            **{k: v for k, v in now.items() if k not in ("encoder", "crta", "memory", "reference", "alignment")}}
     v1 = dict(desc, version=1, network={"builder": "cmml_monai.engines.build_network", "args": args})
     (served / DESCRIPTION_NAME).write_text(json.dumps(v1))
     old, new = load_network(str(served)), load_network(trained["models"])
@@ -377,6 +378,7 @@ def test_a_version_1_description_still_loads(trained, tmp_path):
     rebuilt = load_description(str(served))["network"]
     assert rebuilt["target"] == "cmml_monai.networks.LateFusionNet" and rebuilt["args"]["mode"] == "zero_fill"
     assert "num_blocks" not in rebuilt["args"] and "crta" not in rebuilt["args"]
+    assert rebuilt["args"]["encoder"] == {"_target_": "cmml_monai.networks.MultiModalEncoder", "image_encoder": "resnet10"}
 
 
 def test_a_baseline_is_served_and_completes_nothing(trained, tmp_path):
@@ -429,7 +431,7 @@ def test_3d_preprocessing_follows_the_description(tmp_path):
     info = DatasetInfo(cases, schema)
     net = LateFusionNet(image_modalities=info.image_modalities, image_channels=info.image_channels,
                         spatial_dims=info.spatial_dims, num_classes=info.num_classes,
-                        tabular_cardinalities=info.tabular_cardinalities, feature_dim=8, image_encoder="resnet10",
+                        tabular_cardinalities=info.tabular_cardinalities, feature_dim=8, encoder=RESNET10,
                         mode="zero_fill")
     models = str(tmp_path / "run" / "models")
     os.makedirs(models)

@@ -35,11 +35,13 @@ from cmml_monai.metrics import expected_calibration_error
 from cmml_monai.losses import AlignmentLoss, CMMLLoss, SupConLoss
 from cmml_monai.networks import CascadedResidualTransformerAE, CMMLNet, LateFusionNet, ModalityMemoryBank
 
+from bundle_helpers import RESNET10
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
 NAN = float("nan")
 D = 16
-SMALL = dict(feature_dim=D, image_encoder="resnet10", crta=partial(CascadedResidualTransformerAE, num_blocks=2),
+SMALL = dict(feature_dim=D, encoder=RESNET10, crta=partial(CascadedResidualTransformerAE, num_blocks=2),
              memory=partial(ModalityMemoryBank, num_slots=8), projection_dim=8, num_context_tokens=4, dropout=0.0)
 SWEEP_RATES = [0.0, 0.3, 0.7]
 MASK_SEED = 3

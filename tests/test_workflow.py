@@ -43,10 +43,12 @@ def test_check_properties_nothing_missing(synthetic_dir, tmp_path):
 
 
 def test_network_components_are_config_items(synthetic_dir, tmp_path):
-    """crta, memory, reference and alignment are components of their own: an override of one reaches the network."""
-    w = workflow(TRAIN, **tiny(synthetic_dir, str(tmp_path), **{"crta#num_blocks": 2, "memory#num_slots": 5}))
+    """encoder, crta, memory, reference and alignment are components of their own: an override reaches the network."""
+    overrides = {"crta#num_blocks": 2, "memory#num_slots": 5, "encoder#share_image_encoder": True}
+    w = workflow(TRAIN, **tiny(synthetic_dir, str(tmp_path), **overrides))
     net = w.parser.get_parsed_content("network_def")
     assert len(net.crta.blocks) == 2 and net.memory.memory.shape[1] == 5
+    assert len(net.encoder.image_encoders) == 1  # one backbone shared by both images
     assert type(net.reference).__name__ == "InstanceAdaptiveReference"
     assert type(net.alignment).__name__ == "CrossModalAlignment"
 

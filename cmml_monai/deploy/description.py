@@ -51,7 +51,7 @@ DESCRIPTION_NAME = "network.json"
 DESCRIPTION_VERSION = 2
 WEIGHTS_NAME = "model.pt"
 _FORMAT = "cmml-monai network description"
-# constructor arguments that point at files of the training machine: the served weights replace them
+# constructor or component options that point at files of the training machine: the served weights replace them
 _DROPPED_ARGS = ("pretrained_path",)
 # a description may only name a network class of this package (it is a data file, not code)
 _NETWORKS_PACKAGE = "cmml_monai.networks"
@@ -65,8 +65,13 @@ _V1_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "modality_dropout": ("LateFusionNet", {"mode": "modality_dropout"}),
     "mean_impute": ("LateFusionNet", {"mode": "mean_impute"}),
 }
-# version 1's flat CMMLNet options that are now the options of its crta / memory components
+# version 1's flat network options that are now the options of the encoder / crta / memory components
 _V1_COMPONENT_ARGS: dict[str, tuple[str, dict[str, str]]] = {
+    "encoder": ("MultiModalEncoder", {
+        "image_encoder": "image_encoder", "share_image_encoder": "share_image_encoder",
+        "pretrained_path": "pretrained_path", "tabular_layers": "tabular_layers",
+        "encode_present_only": "encode_present_only",
+    }),
     "crta": ("CascadedResidualTransformerAE", {"num_blocks": "num_blocks"}),
     "memory": ("ModalityMemoryBank", {"memory_slots": "num_slots", "memory_tau": "tau", "memory_momentum": "momentum"}),
 }
@@ -156,7 +161,7 @@ def describe_network(
             f"{type(network).__name__} has no build_args: build it as a class of {_NETWORKS_PACKAGE} "
             "(network_def in configs/train.json) so that it can be described"
         )
-    args = {k: v for k, v in args.items() if k not in _DROPPED_ARGS}
+    args = _without_dropped({k: v for k, v in args.items() if k not in _DROPPED_ARGS})
     images = case_list.image_modalities
     kind = images[0].kind if images else None
     is_2d = kind == "image2d"
@@ -313,6 +318,16 @@ def _network_class(target: Any) -> type[torch.nn.Module]:
     return cls
 
 
+def _without_dropped(args: Mapping[str, Any]) -> dict[str, Any]:
+    """``args`` without the ``_DROPPED_ARGS`` options of its components (a component's ``functools.partial``)."""
+    out = dict(args)
+    for name, value in args.items():
+        if isinstance(value, functools.partial) and any(k in value.keywords for k in _DROPPED_ARGS):
+            kept = {k: v for k, v in value.keywords.items() if k not in _DROPPED_ARGS}
+            out[name] = functools.partial(value.func, *value.args, **kept) if kept or value.args else value.func
+    return out
+
+
 def _component(value: Any) -> Any:
     """A ``{"_target_": path, **options}`` argument as the class or ``functools.partial`` the network calls."""
     if not (isinstance(value, Mapping) and "_target_" in value):
@@ -330,10 +345,10 @@ def _from_version_1(network: Mapping[str, Any], path: str) -> dict[str, Any]:
         raise DataError(f"{path}: unknown method {method!r}; expected one of {list(_V1_METHODS)}")
     name, fixed = _V1_METHODS[method]
     cls = _network_class(f"{_NETWORKS_PACKAGE}.{name}")
-    if cls is CMMLNet:
-        for component, (target, renamed) in _V1_COMPONENT_ARGS.items():
-            options = {new: args.pop(old) for old, new in renamed.items() if old in args}
-            args[component] = {"_target_": f"{_NETWORKS_PACKAGE}.{target}", **options}
+    components = _V1_COMPONENT_ARGS if cls is CMMLNet else {"encoder": _V1_COMPONENT_ARGS["encoder"]}
+    for component, (target, renamed) in components.items():
+        options = {new: args.pop(old) for old, new in renamed.items() if old in args}
+        args[component] = {"_target_": f"{_NETWORKS_PACKAGE}.{target}", **options}
     # version 1 passed the CMML-only options of a shared config to the baselines, which dropped them
     accepted = inspect.signature(cls).parameters
     args = {k: v for k, v in args.items() if k in accepted}

@@ -68,7 +68,11 @@ class CMMLNet(nn.Module):
         tabular_cardinalities: table feature cardinalities (0 = numeric), None for no table.
         multi_label: labels are multi-hot (kept for the shared constructor; the loss uses it).
         feature_dim: token width ``d``.
-        image_encoder: ``resnet10/18/34/50`` or ``densenet121`` (MONAI networks).
+        encoder: builds the encoders of every modality: called as ``encoder(image_modalities=M,
+            image_channels=C, spatial_dims=..., tabular_cardinalities=..., feature_dim=d, num_heads=...)``;
+            a class or a ``functools.partial`` holding its own options (the backbone ``image_encoder``:
+            ``resnet10/18/34/50`` or ``densenet121``, ``share_image_encoder``, ``pretrained_path``,
+            ``tabular_layers``, ``encode_present_only``; see :class:`MultiModalEncoder`).
         num_context_tokens: ``K``.
         crta: builds the CRTA: called as ``crta(num_modalities=k, feature_dim=d, num_heads=..., dropout=...)``;
             a class or a ``functools.partial`` holding its own options (``configs/train.json``'s ``crta``
@@ -86,15 +90,10 @@ class CMMLNet(nn.Module):
         stage1_drop_prob: probability of dropping each present modality in stage 1.
         stage2_drop_prob: probability of dropping each present modality in the second stage-2 view
             (0.5: the sweep tests rates up to 0.7, so the classifier must see heavily completed cases).
-        share_image_encoder: one image backbone for all image modalities.
-        pretrained_path: local state dict for the image backbones.
         projection_dim: width ``p`` of the alignment / contrastive projections.
         num_heads: attention heads of every transformer part (must divide ``feature_dim``).
         fusion_layers: transformer layers of the fusion head.
-        tabular_layers: transformer layers of the table encoder.
         dropout: dropout in the transformer parts.
-        encode_present_only: run the image encoders only on present cases in eager mode (see
-            ``MultiModalEncoder``); exported models are unaffected.
         mark_synthesized: add a learned per-modality embedding to synthesized slots before the
             reference, alignment and fusion, so stage 2 knows which tokens are real.
         residual_head: the stage-2 logits are the fusion head's plus the stage-1 head's (on the same
@@ -115,13 +114,16 @@ class CMMLNet(nn.Module):
             key carries the case (the refined context tokens start from the shared prior and can make
             the reference nearly the same for every case).
 
-    The components are built where the constructor always built them, so a network built from the
+    The components (``encoder``, ``crta``, ``memory``, ``reference``, ``alignment``) are built where the
+    constructor always built them, so a network built from the
     default components has the same parameter names and, from the same seed, the same initial weights
     as one built without them; the built modules are ``crta``, ``memory``, ``reference`` and ``alignment``.
 
     Example::
 
-        >>> net = CMMLNet(2, 3, 2, 5, tabular_cardinalities=[0, 4], feature_dim=32, image_encoder="resnet10")
+        >>> from functools import partial
+        >>> resnet10 = partial(MultiModalEncoder, image_encoder="resnet10")
+        >>> net = CMMLNet(2, 3, 2, 5, tabular_cardinalities=[0, 4], feature_dim=32, encoder=resnet10)
         >>> image = torch.randn(4, 6, 32, 32); image[0, :3] = float("nan")   # case 0: first image missing
         >>> net(image, torch.randn(4, 2)).shape
         torch.Size([4, 5])
@@ -141,7 +143,7 @@ class CMMLNet(nn.Module):
         tabular_cardinalities: Sequence[int] | None = None,
         multi_label: bool = False,
         feature_dim: int = 256,
-        image_encoder: str = "resnet18",
+        encoder: Callable[..., nn.Module] = MultiModalEncoder,
         num_context_tokens: int = 8,
         crta: Callable[..., nn.Module] = CascadedResidualTransformerAE,
         memory: Callable[..., nn.Module] = ModalityMemoryBank,
@@ -152,14 +154,10 @@ class CMMLNet(nn.Module):
         use_stage2: bool = True,
         stage1_drop_prob: float = 0.5,
         stage2_drop_prob: float = 0.5,
-        share_image_encoder: bool = False,
-        pretrained_path: str | None = None,
         projection_dim: int = 128,
         num_heads: int = 4,
         fusion_layers: int = 1,
-        tabular_layers: int = 1,
         dropout: float = 0.1,
-        encode_present_only: bool = False,
         mark_synthesized: bool = False,
         residual_head: bool = True,
         stage1_head: str = "mean",
@@ -187,7 +185,7 @@ class CMMLNet(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must divide feature_dim ({feature_dim}).")
         if stage1_head not in STAGE1_HEADS:
             raise ValueError(f"stage1_head must be one of {STAGE1_HEADS}, got {stage1_head!r}.")
-        for name, factory in (("crta", crta), ("memory", memory), ("reference", reference), ("alignment", alignment)):
+        for name, factory in (("encoder", encoder), ("crta", crta), ("memory", memory), ("reference", reference), ("alignment", alignment)):
             if not callable(factory):
                 raise ValueError(f"{name} must be a class or callable that builds the module, got {factory!r}.")
         self.num_classes = num_classes
@@ -200,9 +198,9 @@ class CMMLNet(nn.Module):
         self.memory_write_stage2 = memory_write_stage2
         self.stage1_drop_prob = stage1_drop_prob
         self.stage2_drop_prob = stage2_drop_prob
-        self.encoder = MultiModalEncoder(
-            image_modalities, image_channels, spatial_dims, tabular_cardinalities, feature_dim, image_encoder,
-            share_image_encoder, pretrained_path, tabular_layers, num_heads, encode_present_only,
+        self.encoder = encoder(
+            image_modalities=image_modalities, image_channels=image_channels, spatial_dims=spatial_dims,
+            tabular_cardinalities=tabular_cardinalities, feature_dim=feature_dim, num_heads=num_heads,
         )
         k = self.encoder.num_modalities
         self.num_modalities = k
