@@ -141,7 +141,9 @@ def _net_args(cfg: BenchConfig) -> dict:
         image_modalities=cfg.image_modalities, image_channels=3 if cfg.spatial_dims == 2 else 1,
         spatial_dims=cfg.spatial_dims, num_classes=cfg.num_classes, tabular_cardinalities=cards,
         feature_dim=cfg.feature_dim,
-        encoder=partial(MultiModalEncoder, image_encoder=cfg.image_encoder, encode_present_only=cfg.encode_present_only),
+        encoder=partial(
+            MultiModalEncoder, image_encoder=cfg.image_encoder, encode_present_only=cfg.encode_present_only
+        ),
     )
 
 

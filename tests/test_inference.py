@@ -373,12 +373,13 @@ def test_a_version_1_description_still_loads(trained, tmp_path):
     assert load_description(str(served))["network"]["target"] == "cmml_monai.networks.CMMLNet"
     for (k, a), (_, b) in zip(old.state_dict().items(), new.state_dict().items()):
         assert torch.equal(a, b), k
-    baseline = dict(v1, network={"builder": "cmml_monai.engines.build_network", "args": {**args, "method": "zero_fill"}})
+    baseline = dict(v1, network={**v1["network"], "args": {**args, "method": "zero_fill"}})
     (served / DESCRIPTION_NAME).write_text(json.dumps(baseline))
     rebuilt = load_description(str(served))["network"]
     assert rebuilt["target"] == "cmml_monai.networks.LateFusionNet" and rebuilt["args"]["mode"] == "zero_fill"
     assert "num_blocks" not in rebuilt["args"] and "crta" not in rebuilt["args"]
-    assert rebuilt["args"]["encoder"] == {"_target_": "cmml_monai.networks.MultiModalEncoder", "image_encoder": "resnet10"}
+    encoder = {"_target_": "cmml_monai.networks.MultiModalEncoder", "image_encoder": "resnet10"}
+    assert rebuilt["args"]["encoder"] == encoder
 
 
 def test_a_baseline_is_served_and_completes_nothing(trained, tmp_path):

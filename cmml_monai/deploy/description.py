@@ -161,7 +161,7 @@ def describe_network(
             f"{type(network).__name__} has no build_args: build it as a class of {_NETWORKS_PACKAGE} "
             "(network_def in configs/train.json) so that it can be described"
         )
-    args = _without_dropped({k: v for k, v in args.items() if k not in _DROPPED_ARGS})
+    args = _without_dropped(args)
     images = case_list.image_modalities
     kind = images[0].kind if images else None
     is_2d = kind == "image2d"
@@ -319,9 +319,9 @@ def _network_class(target: Any) -> type[torch.nn.Module]:
 
 
 def _without_dropped(args: Mapping[str, Any]) -> dict[str, Any]:
-    """``args`` without the ``_DROPPED_ARGS`` options of its components (a component's ``functools.partial``)."""
-    out = dict(args)
-    for name, value in args.items():
+    """``args`` without the ``_DROPPED_ARGS``, its own or its components' (a ``functools.partial``'s options)."""
+    out = {k: v for k, v in args.items() if k not in _DROPPED_ARGS}
+    for name, value in list(out.items()):
         if isinstance(value, functools.partial) and any(k in value.keywords for k in _DROPPED_ARGS):
             kept = {k: v for k, v in value.keywords.items() if k not in _DROPPED_ARGS}
             out[name] = functools.partial(value.func, *value.args, **kept) if kept or value.args else value.func

@@ -185,7 +185,8 @@ class CMMLNet(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must divide feature_dim ({feature_dim}).")
         if stage1_head not in STAGE1_HEADS:
             raise ValueError(f"stage1_head must be one of {STAGE1_HEADS}, got {stage1_head!r}.")
-        for name, factory in (("encoder", encoder), ("crta", crta), ("memory", memory), ("reference", reference), ("alignment", alignment)):
+        parts = {"encoder": encoder, "crta": crta, "memory": memory, "reference": reference, "alignment": alignment}
+        for name, factory in parts.items():
             if not callable(factory):
                 raise ValueError(f"{name} must be a class or callable that builds the module, got {factory!r}.")
         self.num_classes = num_classes
