@@ -34,11 +34,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
 from cmml_monai.losses import CMMLLoss
-from cmml_monai.networks import CMMLNet, LateFusionNet, random_keep_mask
+from cmml_monai.networks import CMMLNet, LateFusionNet, MultiModalEncoder, random_keep_mask
 
 
 @dataclass
@@ -139,7 +140,10 @@ def _net_args(cfg: BenchConfig) -> dict:
     return dict(
         image_modalities=cfg.image_modalities, image_channels=3 if cfg.spatial_dims == 2 else 1,
         spatial_dims=cfg.spatial_dims, num_classes=cfg.num_classes, tabular_cardinalities=cards,
-        feature_dim=cfg.feature_dim, image_encoder=cfg.image_encoder, encode_present_only=cfg.encode_present_only,
+        feature_dim=cfg.feature_dim,
+        encoder=partial(
+            MultiModalEncoder, image_encoder=cfg.image_encoder, encode_present_only=cfg.encode_present_only
+        ),
     )
 
 
@@ -195,7 +199,7 @@ def e2e_pipeline(dataset: str, spatial_size: list[int], cfg: BenchConfig, cases:
     from cmml_monai.data.dataset import build_dataloader, build_dataset
     from cmml_monai.data.synthetic import make_synthetic
     from cmml_monai.data import DatasetInfo, fit_schema, load_cases
-    from cmml_monai.engines import METHODS, CMMLPrepareBatch, build_network
+    from cmml_monai.engines import CMMLPrepareBatch
 
     device = torch.device(cfg.device)
     if device.type == "cuda":
@@ -213,13 +217,13 @@ def e2e_pipeline(dataset: str, spatial_size: list[int], cfg: BenchConfig, cases:
     args = dict(
         image_modalities=info.image_modalities, image_channels=info.image_channels, spatial_dims=info.spatial_dims,
         num_classes=info.num_classes, tabular_cardinalities=info.tabular_cardinalities, multi_label=info.multi_label,
-        feature_dim=cfg.feature_dim, image_encoder=cfg.image_encoder,
+        feature_dim=cfg.feature_dim, encoder=partial(MultiModalEncoder, image_encoder=cfg.image_encoder),
     )
     torch.manual_seed(cfg.seed)
-    cmml = build_network("cmml", **args).to(device)
-    zero_fill = build_network("zero_fill", **args).to(device)
+    cmml = CMMLNet(**args).to(device)
+    zero_fill = LateFusionNet(**args, mode="zero_fill").to(device)
     cmml_step = _batch_step(cmml, 2, info.multi_label, cfg)
-    zf_step = _batch_step(zero_fill, METHODS["zero_fill"][2][-1], info.multi_label, cfg)
+    zf_step = _batch_step(zero_fill, 2, info.multi_label, cfg)  # a baseline's single stage runs as stage 2
     prepare = CMMLPrepareBatch()
 
     def e2e_epoch() -> tuple[float, list]:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
+from functools import partial
 
+import torch
 from monai.bundle import ConfigWorkflow
+from monai.utils import optional_import
+
+from cmml_monai.networks import MultiModalEncoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
+# the small image backbone of the tests, as train.json's encoder component gives it (--image_encoder resnet10)
+RESNET10 = partial(MultiModalEncoder, image_encoder="resnet10")
 
 
 def tiny_overrides(dataset_dir: str, output_dir: str, **extra) -> dict:
@@ -39,3 +47,16 @@ def workflow(config_file, **override) -> ConfigWorkflow:
     w = ConfigWorkflow(config_file=config_file, workflow_type="train", **override)
     w.initialize()
     return w
+
+
+def method_network(method: str, **args) -> torch.nn.Module:
+    """The network that ``configs/methods/<method>.json`` selects, built with the shared constructor ``args``:
+    the overlay's ``network_def#_target_`` class with its ``network_def#...`` flags, as train.json builds it."""
+    with open(os.path.join(ROOT, "configs", "methods", f"{method}.json"), encoding="utf-8") as f:
+        overlay = json.load(f)
+    # an overlay either sets network_def#<key> entries or replaces network_def (its references are the shared args)
+    flags = {k: v for k, v in overlay.get("network_def", {}).items() if not str(v).startswith(("@", "$"))}
+    flags.update({k.split("#", 1)[1]: v for k, v in overlay.items() if k.startswith("network_def#")})
+    module, _, name = flags.pop("_target_").rpartition(".")
+    cls, _ = optional_import(module, name=name)
+    return cls(**args, **flags)

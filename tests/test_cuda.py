@@ -14,9 +14,11 @@ from ignite.engine import Engine
 from monai.utils import set_determinism
 
 from cmml_monai.data.missingness import all_subsets, apply_presence_mask
-from cmml_monai.engines import CMMLEvaluator, CMMLTrainer, build_network, stage_optimizer
+from cmml_monai.engines import CMMLEvaluator, CMMLTrainer, stage_optimizer
 from cmml_monai.handlers import LoadNetworkHandler, MacroAUC
 from cmml_monai.losses import CMMLLoss
+
+from bundle_helpers import RESNET10, method_network
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -37,8 +39,8 @@ def _exact_float32():
 
 def _net(method: str = "cmml") -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_network(method, image_modalities=2, image_channels=3, spatial_dims=2, num_classes=CLASSES,
-                         tabular_cardinalities=[0, 3], feature_dim=16, image_encoder="resnet10")
+    return method_network(method, image_modalities=2, image_channels=3, spatial_dims=2, num_classes=CLASSES,
+                          tabular_cardinalities=[0, 3], feature_dim=16, encoder=RESNET10)
 
 
 def _batches(n_batches: int = 2, seed: int = 0) -> list[dict]:

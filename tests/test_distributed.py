@@ -193,11 +193,15 @@ def test_one_process_without_group(monkeypatch):
         is_main_process,
         shard_sampler,
     )
-    from cmml_monai.networks import CMMLNet
+    from functools import partial
+
+    from cmml_monai.networks import CMMLNet, ModalityMemoryBank, MultiModalEncoder
+
+    RESNET10 = partial(MultiModalEncoder, image_encoder="resnet10")
 
     assert (get_rank(), get_world_size(), is_main_process()) == (0, 1, True)
     barrier()
-    net = CMMLNet(2, 3, 2, 3, feature_dim=16, image_encoder="resnet10", memory_slots=4)
+    net = CMMLNet(2, 3, 2, 3, feature_dim=16, encoder=RESNET10, memory=partial(ModalityMemoryBank, num_slots=4))
     broadcast_buffers(net)
     assert shard_sampler(list(range(5))) is None
     for key in ("WORLD_SIZE", "RANK"):

@@ -13,7 +13,6 @@ from cmml_monai.engines import (
     CMMLEvaluator,
     CMMLTrainer,
     autocast_context,
-    build_network,
     stage_epochs,
     stage_optimizer,
     stage_parameter_groups,
@@ -22,13 +21,15 @@ from cmml_monai.handlers import EpochLossAverager, MacroAUC, latest_checkpoint
 from cmml_monai.losses import CMMLLoss
 from cmml_monai.metrics import classification_metrics, expected_calibration_error, macro_auc
 
+from bundle_helpers import RESNET10, method_network
+
 
 def _net(method: str = "cmml", **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     args = dict(image_modalities=2, image_channels=3, spatial_dims=2, num_classes=3, tabular_cardinalities=[0, 3],
-                feature_dim=16, image_encoder="resnet10")
+                feature_dim=16, encoder=RESNET10)
     args.update(kw)
-    return build_network(method, **args)
+    return method_network(method, **args)
 
 
 def _batches(n_batches: int = 2, b: int = 6, seed: int = 0) -> list[dict]:
@@ -93,11 +94,11 @@ def test_macro_auc_all_skipped_is_nan():
 
 
 def test_stage_epochs_same_budget():
-    assert stage_epochs("cmml", 2, 3) == [2, 3]
-    assert stage_epochs("zero_fill", 2, 3) == [0, 5]
-    assert stage_epochs("cmml_no_stage2", 2, 3) == [5, 0]
-    with pytest.raises(ValueError, match="bogus"):
-        stage_epochs("bogus", 1, 1)
+    assert stage_epochs([1, 2], 2, 3) == [2, 3]
+    assert stage_epochs([2], 2, 3) == [0, 5]
+    assert stage_epochs([1], 2, 3) == [5, 0]
+    with pytest.raises(ValueError, match=r"\[2, 1\]"):
+        stage_epochs([2, 1], 1, 1)
 
 
 def test_stage2_groups_lower_lr_or_freeze_crta():
@@ -152,8 +153,6 @@ def test_cmml_trainer_two_iterations_update_and_log(stage):
 def test_early_stop_bound_to_trainer_stops_on_plateau():
     from monai.handlers import EarlyStopHandler, ValidationHandler, stopping_fn_from_metric
 
-    from cmml_monai.handlers import BindTrainer
-
     net = _net("zero_fill")
     stop = EarlyStopHandler(patience=1, score_function=stopping_fn_from_metric("val_const"), trainer=None)
     class ConstantMetric:  # a validation score that never improves
@@ -164,7 +163,8 @@ def test_early_stop_bound_to_trainer_stops_on_plateau():
                        val_handlers=[ConstantMetric(), stop])
     trainer = CMMLTrainer(device="cpu", max_epochs=5, train_data_loader=_batches(1), network=net,
                           optimizer=stage_optimizer(net, 2), loss_function=CMMLLoss(stage=2), decollate=False,
-                          train_handlers=[ValidationHandler(interval=1, validator=ev), BindTrainer(stop)])
+                          train_handlers=[ValidationHandler(interval=1, validator=ev)])
+    stop.set_trainer(trainer)
     trainer.run()
     assert trainer.state.epoch == 2  # no improvement after epoch 1, patience 1
 

@@ -37,9 +37,9 @@ from cmml_monai.deploy import (
 )
 from cmml_monai.deploy.export import check_export, example_inputs, export_onnx, main
 from cmml_monai.deploy.inference import inference_cases
-from cmml_monai.engines.methods import build_network
+from cmml_monai.networks import LateFusionNet
 
-from bundle_helpers import tiny_overrides, workflow
+from bundle_helpers import RESNET10, tiny_overrides, workflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
@@ -50,7 +50,7 @@ NUM_BLOCKS = 2  # not the default (3): a description that lost the override woul
 
 
 def train_args(dataset_dir: str, out: str, **extra) -> dict:
-    overrides = {"synthetic": False, "network_def#num_blocks": NUM_BLOCKS, "run_sweep": False, "missing_rates": [0.0]}
+    overrides = {"synthetic": False, "crta#num_blocks": NUM_BLOCKS, "run_sweep": False, "missing_rates": [0.0]}
     return tiny_overrides(dataset_dir, out, **{**overrides, **extra})
 
 
@@ -96,7 +96,10 @@ def test_description_rebuilds_the_served_network_alone(trained, tmp_path):
         shutil.copy(os.path.join(trained["models"], name), served)
     desc = load_description(served)
     args = desc["network"]["args"]
-    assert args["method"] == "cmml" and args["num_blocks"] == NUM_BLOCKS and args["feature_dim"] == 16
+    assert desc["network"]["target"] == "cmml_monai.networks.CMMLNet" and desc["network"]["method"] == "cmml"
+    assert args["crta"] == {"_target_": "cmml_monai.networks.CascadedResidualTransformerAE", "num_blocks": NUM_BLOCKS,
+                            "mlp_ratio": 2.0}
+    assert args["feature_dim"] == 16
     assert desc["data"]["class_names"] == ["BCC", "NEV", "MEL", "MISC", "SK"]
     assert [m["name"] for m in desc["data"]["modalities"]] == ["clinic", "derm", "table"]
     assert desc["preprocessing"]["spatial_size"] == [32, 32] and desc["inputs"]["image"] == [6, 32, 32]
@@ -123,12 +126,13 @@ def test_description_errors(trained, tmp_path):
         load_network(str(empty))
     # a checkpoint of another architecture: the message names the tensors that differ
     desc = load_description(trained["models"])
-    other = dict(desc, network={"args": {**desc["network"]["args"], "num_blocks": NUM_BLOCKS + 1}})
+    crta = {**desc["network"]["args"]["crta"], "num_blocks": NUM_BLOCKS + 1}
+    other = dict(desc, network={**desc["network"], "args": {**desc["network"]["args"], "crta": crta}})
     bad = str(tmp_path / "other.pt")
     torch.save(build_from_description(other).state_dict(), bad)
     with pytest.raises(DataError, match=r"does not fit .*tensors missing|unexpected.*crta"):
         load_network(trained["models"], checkpoint=bad)
-    wide = dict(desc, network={"args": {**desc["network"]["args"], "feature_dim": 32}})
+    wide = dict(desc, network={**desc["network"], "args": {**desc["network"]["args"], "feature_dim": 32}})
     torch.save(build_from_description(wide).state_dict(), bad)
     with pytest.raises(DataError, match=r"shapes differ, checkpoint vs description \(e\.g\. .*\[.*32"):
         load_network(trained["models"], checkpoint=bad)
@@ -350,15 +354,45 @@ def test_multi_label_inference_uses_a_sigmoid_per_label(tmp_path):
         assert rows[case_id]["prediction"] == ";".join(c for c, p in zip(ODIR_LABELS, probs) if p >= 0.5)
 
 
+def test_a_version_1_description_still_loads(trained, tmp_path):
+    """Models described when a method name chose the class (version 1: ``build_network`` and its ``method``)
+    rebuild to the same class and weights; the CMML-only options a baseline dropped are dropped again."""
+    served = tmp_path / "v1"
+    served.mkdir()
+    shutil.copy(os.path.join(trained["models"], "model.pt"), served)
+    desc = load_description(trained["models"])
+    desc.pop("model_dir")
+    now = desc["network"]["args"]
+    # version 1 wrote the CRTA and memory options flat, beside the method's name
+    args = {"method": "cmml", "num_blocks": now["crta"]["num_blocks"], "memory_slots": now["memory"]["num_slots"],
+            "image_encoder": now["encoder"]["image_encoder"],
+            **{k: v for k, v in now.items() if k not in ("encoder", "crta", "memory", "reference", "alignment")}}
+    v1 = dict(desc, version=1, network={"builder": "cmml_monai.engines.build_network", "args": args})
+    (served / DESCRIPTION_NAME).write_text(json.dumps(v1))
+    old, new = load_network(str(served)), load_network(trained["models"])
+    assert load_description(str(served))["network"]["target"] == "cmml_monai.networks.CMMLNet"
+    for (k, a), (_, b) in zip(old.state_dict().items(), new.state_dict().items()):
+        assert torch.equal(a, b), k
+    baseline = dict(v1, network={**v1["network"], "args": {**args, "method": "zero_fill"}})
+    (served / DESCRIPTION_NAME).write_text(json.dumps(baseline))
+    rebuilt = load_description(str(served))["network"]
+    assert rebuilt["target"] == "cmml_monai.networks.LateFusionNet" and rebuilt["args"]["mode"] == "zero_fill"
+    assert "num_blocks" not in rebuilt["args"] and "crta" not in rebuilt["args"]
+    encoder = {"_target_": "cmml_monai.networks.MultiModalEncoder", "image_encoder": "resnet10"}
+    assert rebuilt["args"]["encoder"] == encoder
+
+
 def test_a_baseline_is_served_and_completes_nothing(trained, tmp_path):
-    """zero_fill: the CMML-only network_def override is recorded but not passed; missing inputs are not completed."""
+    """zero_fill (its method overlay): served from its description; missing inputs are not completed."""
     out = str(tmp_path / "zero_fill")
-    w = workflow(TRAIN, **train_args(trained["data"], out, method="zero_fill"))
+    args = train_args(trained["data"], out)
+    w = workflow([TRAIN, os.path.join(ROOT, "configs", "methods", "zero_fill.json")], **args)
     w.run()
     w.finalize()
     models = os.path.join(out, "models")
     desc = load_description(models)
-    assert desc["network"]["args"]["method"] == "zero_fill"
+    assert desc["network"]["method"] == "zero_fill" and desc["network"]["args"]["mode"] == "zero_fill"
+    assert desc["network"]["target"] == "cmml_monai.networks.LateFusionNet"
     net = load_network(models)
     assert type(net).__name__ == "LateFusionNet" and not completes_missing(net)
     cases = inference_cases(desc, "derm7pt", trained["data"])
@@ -396,13 +430,15 @@ def test_3d_preprocessing_follows_the_description(tmp_path):
     cases = load_dataset("men", data)
     schema = fit_schema(cases)
     info = DatasetInfo(cases, schema)
-    net = build_network("zero_fill", image_modalities=info.image_modalities, image_channels=info.image_channels,
+    net = LateFusionNet(image_modalities=info.image_modalities, image_channels=info.image_channels,
                         spatial_dims=info.spatial_dims, num_classes=info.num_classes,
-                        tabular_cardinalities=info.tabular_cardinalities, feature_dim=8, image_encoder="resnet10")
+                        tabular_cardinalities=info.tabular_cardinalities, feature_dim=8, encoder=RESNET10,
+                        mode="zero_fill")
     models = str(tmp_path / "run" / "models")
     os.makedirs(models)
     torch.save(net.state_dict(), os.path.join(models, "model.pt"))
-    save_description(str(tmp_path / "run"), net, cases, schema, spatial_size=(8, 8, 8), pixdim=(2.0, 2.0, 2.0))
+    save_description(str(tmp_path / "run"), net, cases, schema, spatial_size=(8, 8, 8), pixdim=(2.0, 2.0, 2.0),
+                     method="zero_fill")
     desc = load_description(models)
     assert desc["preprocessing"]["pixdim"] == [2.0, 2.0, 2.0] and desc["preprocessing"]["mean"] is None
     train_items = build_dataset(cases, None, schema, spatial_size=(8, 8, 8), pixdim=(2.0, 2.0, 2.0))

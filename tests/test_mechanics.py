@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 
 import numpy as np
 import pytest
@@ -29,18 +30,19 @@ from sklearn.metrics import roc_auc_score
 
 from cmml_monai.data.dataset import build_dataset
 from cmml_monai.data import DatasetInfo, fit_schema, load_cases
-from cmml_monai.engines import build_network
 from cmml_monai.evaluation import MissingRateSweep
 from cmml_monai.metrics import expected_calibration_error
 from cmml_monai.losses import AlignmentLoss, CMMLLoss, SupConLoss
 from cmml_monai.networks import CascadedResidualTransformerAE, CMMLNet, LateFusionNet, ModalityMemoryBank
 
+from bundle_helpers import RESNET10
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
 NAN = float("nan")
 D = 16
-SMALL = dict(feature_dim=D, image_encoder="resnet10", num_blocks=2, memory_slots=8, projection_dim=8,
-             num_context_tokens=4, dropout=0.0)
+SMALL = dict(feature_dim=D, encoder=RESNET10, crta=partial(CascadedResidualTransformerAE, num_blocks=2),
+             memory=partial(ModalityMemoryBank, num_slots=8), projection_dim=8, num_context_tokens=4, dropout=0.0)
 SWEEP_RATES = [0.0, 0.3, 0.7]
 MASK_SEED = 3
 # a synthetic test case has a location unseen in training (encoded as a missing cell): expected here
@@ -143,7 +145,7 @@ def derm(tmp_path_factory) -> dict:
 
 def derm_net(derm: dict, seed: int) -> CMMLNet:
     torch.manual_seed(seed)
-    return build_network("cmml", **derm["net_args"], **SMALL).eval()
+    return CMMLNet(**derm["net_args"], **SMALL).eval()
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import pytest
 import torch
@@ -19,10 +20,13 @@ from cmml_monai.networks import (
     random_keep_mask,
 )
 
+from bundle_helpers import RESNET10
+
 NAN = float("nan")
 D = 32
 CARDS = [0, 3, 0]  # numeric, categorical (3 codes), numeric
-SMALL = dict(feature_dim=D, image_encoder="resnet10", num_blocks=2, memory_slots=8, projection_dim=16, dropout=0.0)
+SMALL = dict(feature_dim=D, encoder=RESNET10, crta=partial(CascadedResidualTransformerAE, num_blocks=2),
+             memory=partial(ModalityMemoryBank, num_slots=8), projection_dim=16, dropout=0.0)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
@@ -49,9 +53,16 @@ def all_patterns(k: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
+ENCODER_OPTIONS = ("image_encoder", "share_image_encoder", "pretrained_path", "tabular_layers", "encode_present_only")
+
+
 def cmml(**kw) -> CMMLNet:
+    """A small CMMLNet; the encoder's options in ``kw`` go to its encoder component, as train.json's ``encoder``."""
     args = dict(image_modalities=2, image_channels=3, spatial_dims=2, num_classes=5, tabular_cardinalities=CARDS)
     args.update(SMALL)
+    options = {k: kw.pop(k) for k in ENCODER_OPTIONS if k in kw}
+    if options:
+        args["encoder"] = partial(MultiModalEncoder, **{"image_encoder": "resnet10", **options})
     args.update(kw)
     return CMMLNet(**args)
 
@@ -295,7 +306,7 @@ def test_memory_write_stage2_keeps_the_banks_on_the_current_features():
         lambda: cmml(stage1_head="concat_mlp"),
         lambda: cmml(stage1_head="norm_mean"),
         lambda: cmml(use_stage2=False, use_memory=False, use_context=False),
-        lambda: LateFusionNet(2, 3, 2, 5, CARDS, feature_dim=D, image_encoder="resnet10", mode="mean_impute"),
+        lambda: LateFusionNet(2, 3, 2, 5, CARDS, feature_dim=D, encoder=RESNET10, mode="mean_impute"),
     ],
     ids=["cmml_present_only", "mark_synthesized", "no_residual_head", "concat_head", "norm_mean_head",
          "stage1_no_memory_no_context", "mean_impute"],
@@ -413,7 +424,7 @@ def test_ablations_build_and_run(kwargs):
 
 @pytest.mark.parametrize("mode", ["zero_fill", "modality_dropout", "mean_impute"])
 def test_late_fusion_baselines(mode):
-    net = LateFusionNet(2, 3, 2, 4, CARDS, multi_label=True, feature_dim=D, image_encoder="resnet10", mode=mode,
+    net = LateFusionNet(2, 3, 2, 4, CARDS, multi_label=True, feature_dim=D, encoder=RESNET10, mode=mode,
                         dropout_prob=0.5)
     present = all_patterns(3)
     image, tab = make_batch(present)
@@ -426,7 +437,7 @@ def test_late_fusion_baselines(mode):
     if mode == "mean_impute":
         assert net.mean_initialized.all() and net.running_mean.abs().sum() > 0
     if mode == "modality_dropout":  # training drops tokens: rows with several modalities change
-        net = LateFusionNet(2, 3, 2, 4, CARDS, feature_dim=D, image_encoder="resnet10", mode=mode, dropout_prob=1.0,
+        net = LateFusionNet(2, 3, 2, 4, CARDS, feature_dim=D, encoder=RESNET10, mode=mode, dropout_prob=1.0,
                             dropout=0.0).train()
         dropped, full = net.forward_train(image, tab)["logits"], net(image, tab)
         several = present.sum(1) > 1
@@ -599,3 +610,25 @@ def test_reference_keys_follow_reference_reads_context(reads_context):
         not_expected = net.reference_proj(net.reference(prior, other).mean(dim=1))
     torch.testing.assert_close(out["reference"], expected)
     assert not torch.allclose(out["reference"], not_expected)
+
+
+def test_components_handed_by_reference_keep_the_default_build():
+    """configs/train.json hands CMMLNet its encoder, CRTA, memory, reference and alignment as components (classes
+    or partials); the default ones give the same parameter names and, from one seed, the same weights."""
+    from cmml_monai.networks import CrossModalAlignment, InstanceAdaptiveReference
+
+    torch.manual_seed(0)
+    default = CMMLNet(2, 3, 2, 5, CARDS, feature_dim=D)
+    torch.manual_seed(0)
+    composed = CMMLNet(
+        2, 3, 2, 5, CARDS, feature_dim=D, encoder=partial(MultiModalEncoder, image_encoder="resnet18"),
+        crta=partial(CascadedResidualTransformerAE, num_blocks=3, mlp_ratio=2.0),
+        memory=partial(ModalityMemoryBank, num_slots=64, tau=0.1, momentum=0.9),
+        reference=InstanceAdaptiveReference, alignment=CrossModalAlignment,
+    )
+    a, b = default.state_dict(), composed.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(cmml(crta=partial(CascadedResidualTransformerAE, num_blocks=1)).crta.blocks) == 1
+    with pytest.raises(ValueError, match="crta must be a class or callable .* got 3"):
+        cmml(crta=3)

@@ -28,7 +28,8 @@ def _run(bundle_root: str, dataset_dir: str, cases: int, method: str = "cmml", *
         **{"sweep#subsets": False, "sweep#roc": False},
     )
     args.update(extra)
-    w = ConfigWorkflow(config_file=TRAIN, workflow_type="train", **args)
+    overlay = os.path.join(ROOT, "configs", "methods", f"{method}.json")
+    w = ConfigWorkflow(config_file=[TRAIN, overlay], workflow_type="train", **args)
     w.initialize()
     return w
 

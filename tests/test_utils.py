@@ -24,14 +24,18 @@ def test_other_values_name_the_option(value):
 
 
 def test_lowercase_false_reaches_the_consumers(tmp_path):
+    from functools import partial
+
     from cmml_monai.engines.optim import stage_parameter_groups
     from cmml_monai.handlers import MLflowTracker, ResumeHandler
-    from cmml_monai.networks import CMMLNet
+    from cmml_monai.networks import CMMLNet, MultiModalEncoder
+
+    RESNET10 = partial(MultiModalEncoder, image_encoder="resnet10")
 
     assert MLflowTracker(str(tmp_path), enabled="false").enabled is False
     assert ResumeHandler(str(tmp_path), {}, enabled="false").enabled is False
-    net = CMMLNet(1, 3, 2, 2, feature_dim=16, image_encoder="resnet10")
+    net = CMMLNet(1, 3, 2, 2, feature_dim=16, encoder=RESNET10)
     groups = stage_parameter_groups(net, 2, 1e-3, freeze_crta="true")
     assert [g["name"] for g in groups] == ["main", "encoder"]  # the CRTA group is left out, not trained
-    off = CMMLNet(1, 3, 2, 2, feature_dim=16, image_encoder="resnet10", use_memory="false", mark_synthesized="False")
+    off = CMMLNet(1, 3, 2, 2, feature_dim=16, encoder=RESNET10, use_memory="false", mark_synthesized="False")
     assert off.memory is None and not hasattr(off, "synth_embedding")

@@ -42,6 +42,17 @@ def test_check_properties_nothing_missing(synthetic_dir, tmp_path):
     assert w.parser.get_parsed_content("stage1#trainer").stage == 1
 
 
+def test_network_components_are_config_items(synthetic_dir, tmp_path):
+    """encoder, crta, memory, reference and alignment are components of their own: an override reaches the network."""
+    overrides = {"crta#num_blocks": 2, "memory#num_slots": 5, "encoder#share_image_encoder": True}
+    w = workflow(TRAIN, **tiny(synthetic_dir, str(tmp_path), **overrides))
+    net = w.parser.get_parsed_content("network_def")
+    assert len(net.crta.blocks) == 2 and net.memory.memory.shape[1] == 5
+    assert len(net.encoder.image_encoders) == 1  # one backbone shared by both images
+    assert type(net.reference).__name__ == "InstanceAdaptiveReference"
+    assert type(net.alignment).__name__ == "CrossModalAlignment"
+
+
 def test_two_stage_run_end_to_end(synthetic_dir, tmp_path):
     out = str(tmp_path / "run")
     w = workflow(TRAIN, **tiny(synthetic_dir, out, mlflow_enabled=True))
@@ -57,7 +68,7 @@ def test_two_stage_run_end_to_end(synthetic_dir, tmp_path):
     assert {"network", "optimizer", "lr_scheduler", "trainer"} <= set(full)
     assert full["trainer"]["iteration"] == full["trainer"]["epoch_length"]  # saved after epoch 1
     # stage 2 started from the stage-1 checkpoint
-    loader = [h for h in w.parser.get_parsed_content("train#handlers") if type(h).__name__ == "LoadNetworkHandler"][0]
+    loader = w.parser.get_parsed_content("train#handlers")[0].init
     assert loader.loaded_from.endswith(os.path.join("stage1", "checkpoint_epoch=1.pt"))
     assert os.path.isfile(os.path.join(out, "models", "model.pt"))
     # one-epoch stages: best_min_epoch 2 falls back to their only epoch, so both best files exist
@@ -99,7 +110,7 @@ def test_resume_continues_from_next_epoch(synthetic_dir, tmp_path):
     # the best score of epoch 1 is known before epoch 2 validates: a worse epoch 2 cannot replace model_best.pt
     assert [tuple(x) for x in restored[0]] == [tuple(x) for x in saved_best["_saved"]]
     assert trainer.state.epoch == 2
-    resume = w2.parser.get_parsed_content("stage1#handlers")[0]
+    resume = w2.parser.get_parsed_content("stage1#handlers")[0].resume
     assert resume.loaded_from.endswith("checkpoint_epoch=1.pt")
     assert os.path.isfile(os.path.join(out, "stage1", "checkpoint_epoch=2.pt"))
 
@@ -108,8 +119,8 @@ def test_resume_continues_from_next_epoch(synthetic_dir, tmp_path):
                    "$cmml_monai.evaluation.run_stage(@train#trainer, 'stage 2')"]
     w3 = workflow(TRAIN, **tiny(synthetic_dir, out, run=stage2_only, stage1_epochs=0, stage2_epochs=1))
     w3.run()
-    loader = [h for h in w3.parser.get_parsed_content("train#handlers") if type(h).__name__ == "LoadNetworkHandler"]
-    assert loader[0].loaded_from.endswith("checkpoint_epoch=2.pt")
+    loader = w3.parser.get_parsed_content("train#handlers")[0].init
+    assert loader.loaded_from.endswith("checkpoint_epoch=2.pt")
     assert w3.parser.get_parsed_content("stage1#trainer").state.epoch == 0  # stage 1 did not run
     assert os.path.isfile(os.path.join(out, "stage2", "checkpoint_epoch=1.pt"))
 

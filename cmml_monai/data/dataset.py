@@ -45,6 +45,7 @@ __all__ = [
     "case_transforms",
     "hash_with_file_stats",
     "build_dataset",
+    "split_dataset",
     "collate_cases",
     "build_dataloader",
 ]
@@ -356,6 +357,42 @@ def build_dataset(
     folder = os.path.join(os.fspath(cache_dir), _fingerprint(settings, schema if case_list.has_table else None))
     os.makedirs(folder, exist_ok=True)
     return CasePersistentDataset(data, transform, cache_dir=folder, hash_func=hash_with_file_stats)
+
+
+
+def split_dataset(
+    split: str,
+    settings: Mapping[str, Any],
+    augment: Transform | None = None,
+    cache: str | None = None,
+) -> Dataset:
+    """The dataset of one split, built with the settings every split shares.
+
+    ``configs/train.json`` writes the shared settings once (``data_settings``) and each split's
+    differences here: its name, the training augmentation, and a ``cache`` override (the multi-GPU
+    overlay does not cache the test split on the ranks that do not test).
+
+    Args:
+        split: split name, e.g. ``"train"``.
+        settings: :func:`build_dataset`'s ``case_list``, ``schema`` and keyword arguments.
+        augment: the split's random transform (training only), or None.
+        cache: replaces ``settings["cache"]`` when given.
+
+    Raises:
+        ValueError: ``settings`` has no ``case_list`` (the value names what it holds), or a setting
+            :func:`build_dataset` rejects.
+
+    Example:
+        >>> shared = {"case_list": cases, "schema": None, "spatial_size": (64, 64), "cache": "none"}  # doctest: +SKIP
+        >>> split_dataset("train", shared, augment=aug)  # doctest: +SKIP
+    """
+    kwargs = dict(settings)
+    if "case_list" not in kwargs:
+        raise ValueError(f"settings must hold case_list, got keys {sorted(kwargs)}")
+    case_list, schema = kwargs.pop("case_list"), kwargs.pop("schema", None)
+    if cache is not None:
+        kwargs["cache"] = cache
+    return build_dataset(case_list, split, schema, augment=augment, **kwargs)
 
 
 def collate_cases(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

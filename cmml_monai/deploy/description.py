@@ -2,15 +2,19 @@
 
 Training builds the network from the training data (``configs/train.json``: ``network_def`` reads
 ``@info``, which is built from the dataset). A served model must not need that data, so the run writes
-``<output_dir>/models/network.json`` when it publishes the weights: the resolved constructor arguments
-(``build_network``'s ``method`` and keyword arguments, every ``network_def`` override included), the
-modalities, classes, table schema and the preprocessing. :func:`load_network` rebuilds the network from
-that file alone and loads the weights.
+``<output_dir>/models/network.json`` when it publishes the weights: the network class (``network_def``'s
+``_target_``), its resolved constructor arguments (every ``network_def`` override included), the method's
+name, the modalities, classes, table schema and the preprocessing. :func:`load_network` rebuilds the
+network from that file alone and loads the weights. Version 1 files (written when a method name chose the
+class) are read too.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
+import inspect
 import json
 import logging
 import os
@@ -25,7 +29,6 @@ from cmml_monai.data.errors import DataError
 from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.data.table import TableSchema
 from cmml_monai.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resolve_pixdim
-from cmml_monai.engines.methods import build_network
 from cmml_monai.networks import CMMLNet
 
 __all__ = [
@@ -46,18 +49,47 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DESCRIPTION_NAME = "network.json"
-DESCRIPTION_VERSION = 1
+DESCRIPTION_VERSION = 2
 WEIGHTS_NAME = "model.pt"
 _FORMAT = "cmml-monai network description"
-# constructor arguments that point at files of the training machine: the served weights replace them
+# constructor or component options that point at files of the training machine: the served weights replace them
 _DROPPED_ARGS = ("pretrained_path",)
+# a description may only name a network class of this package (it is a data file, not code)
+_NETWORKS_PACKAGE = "cmml_monai.networks"
+# version 1 named a method; its class and fixed flags, so models trained then still load
+_V1_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "cmml": ("CMMLNet", {}),
+    "cmml_no_memory": ("CMMLNet", {"use_memory": False}),
+    "cmml_no_context": ("CMMLNet", {"use_context": False}),
+    "cmml_no_stage2": ("CMMLNet", {"use_stage2": False}),
+    "zero_fill": ("LateFusionNet", {"mode": "zero_fill"}),
+    "modality_dropout": ("LateFusionNet", {"mode": "modality_dropout"}),
+    "mean_impute": ("LateFusionNet", {"mode": "mean_impute"}),
+}
+# version 1's flat network options that are now the options of the encoder / crta / memory components
+_V1_COMPONENT_ARGS: dict[str, tuple[str, dict[str, str]]] = {
+    "encoder": ("MultiModalEncoder", {
+        "image_encoder": "image_encoder", "share_image_encoder": "share_image_encoder",
+        "pretrained_path": "pretrained_path", "tabular_layers": "tabular_layers",
+        "encode_present_only": "encode_present_only",
+    }),
+    "crta": ("CascadedResidualTransformerAE", {"num_blocks": "num_blocks"}),
+    "memory": ("ModalityMemoryBank", {"memory_slots": "num_slots", "memory_tau": "tau", "memory_momentum": "momentum"}),
+}
 
 
 def _plain(value: Any, where: str) -> Any:
-    """``value`` as plain JSON types (tuples -> lists, numpy scalars -> Python); anything else is an error,
-    so a description never holds a value that cannot be read back as it was."""
+    """``value`` as plain JSON types (tuples -> lists, numpy scalars -> Python, a network component's class or
+    ``functools.partial`` -> ``{"_target_": path, **its options}`` as the config writes it); anything else is an
+    error, so a description never holds a value that cannot be read back as it was."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, functools.partial) or isinstance(value, type):
+        func = value.func if isinstance(value, functools.partial) else value
+        if isinstance(value, functools.partial) and value.args:
+            raise ValueError(f"{where}: component {value!r} has positional arguments; give its options by name")
+        keywords = value.keywords if isinstance(value, functools.partial) else {}
+        return {"_target_": _target_of(func), **{k: _plain(v, f"{where}.{k}") for k, v in keywords.items()}}
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Mapping):
@@ -91,7 +123,7 @@ def completes_missing(network: torch.nn.Module) -> bool:
     completed.
 
     Example:
-        >>> completes_missing(build_network("zero_fill", **shared_args))  # doctest: +SKIP
+        >>> completes_missing(LateFusionNet(**shared_args, mode="zero_fill"))  # doctest: +SKIP
         False
     """
     return isinstance(network, CMMLNet) or getattr(network, "mode", None) == "mean_impute"
@@ -108,8 +140,9 @@ def describe_network(
     mean: Sequence[float] | None = IMAGENET_MEAN,
     std: Sequence[float] | None = IMAGENET_STD,
     dataset_options: Mapping[str, Any] | None = None,
+    method: str | None = None,
 ) -> dict[str, Any]:
-    """The description of a network built by :func:`cmml_monai.engines.build_network`.
+    """The description of a network of :mod:`cmml_monai.networks` (``network_def`` in ``configs/train.json``).
 
     Args:
         network: the trained network (it carries ``build_args``, the resolved constructor arguments).
@@ -118,22 +151,24 @@ def describe_network(
         spatial_size, pixdim, reader, series, mean, std: the preprocessing
             (:func:`cmml_monai.data.dataset.case_transforms`); ``mean``/``std`` apply to 2D images only.
         dataset_options: the adapter options of the training run, for reference.
+        method: the method's name (``method`` in the config), for reference.
 
     Raises:
-        ValueError: ``network`` was not built by ``build_network`` (no ``build_args``).
+        ValueError: ``network`` is not a class of ``cmml_monai.networks`` or has no ``build_args``.
 
     Example:
-        >>> desc = describe_network(net, case_list, schema, spatial_size=(224, 224))  # doctest: +SKIP
-        >>> desc["network"]["args"]["method"]
-        'cmml'
+        >>> desc = describe_network(net, case_list, schema, spatial_size=(224, 224), method="cmml")  # doctest: +SKIP
+        >>> desc["network"]["target"], desc["network"]["method"]
+        ('cmml_monai.networks.CMMLNet', 'cmml')
     """
     args = getattr(network, "build_args", None)
+    target = _target_of(type(network))
     if not isinstance(args, Mapping):
         raise ValueError(
-            f"{type(network).__name__} has no build_args: build it with cmml_monai.engines.build_network "
+            f"{type(network).__name__} has no build_args: build it as a class of {_NETWORKS_PACKAGE} "
             "(network_def in configs/train.json) so that it can be described"
         )
-    args = {k: v for k, v in args.items() if k not in _DROPPED_ARGS}
+    args = _without_dropped(args)
     images = case_list.image_modalities
     kind = images[0].kind if images else None
     is_2d = kind == "image2d"
@@ -141,7 +176,7 @@ def describe_network(
         "format": _FORMAT,
         "version": DESCRIPTION_VERSION,
         "weights": WEIGHTS_NAME,
-        "network": {"builder": "cmml_monai.engines.build_network", "args": _plain(args, "network_def")},
+        "network": {"target": target, "method": method, "args": _plain(args, "network_def")},
         "data": {
             "dataset": case_list.name,
             "dataset_options": _plain(dict(dataset_options or {}), "dataset_options"),
@@ -179,6 +214,7 @@ def save_description(
     series: str | Mapping[str, str | None] | None = None,
     dataset_options: Mapping[str, Any] | None = None,
     tracker: Any = None,
+    method: str | None = None,
 ) -> str:
     """Write ``<output_dir>/models/network.json`` beside the published ``model.pt`` (train.json's ``run`` list
     calls it after ``publish_model``). The weights' SHA-256 is recorded, so a later load can tell whether
@@ -186,7 +222,7 @@ def save_description(
 
     Args:
         output_dir: the run's output folder.
-        network, case_list, schema, spatial_size, pixdim, reader, series, dataset_options: see
+        network, case_list, schema, spatial_size, pixdim, reader, series, dataset_options, method: see
             :func:`describe_network`.
         tracker: an ``MLflowTracker``; the description is logged beside ``model.pt`` when it is enabled.
 
@@ -198,7 +234,8 @@ def save_description(
         'runs/derm/models/network.json'
     """
     desc = describe_network(
-        network, case_list, schema, spatial_size, pixdim, reader, series, dataset_options=dataset_options
+        network, case_list, schema, spatial_size, pixdim, reader, series, dataset_options=dataset_options,
+        method=method,
     )
     model_dir = os.path.join(output_dir, "models")
     weights = os.path.join(model_dir, WEIGHTS_NAME)
@@ -254,16 +291,75 @@ def load_description(model_dir: str) -> dict[str, Any]:
         raise DataError(f"{path}: cannot read the network description ({e}); write it again") from e
     if not isinstance(desc, dict) or desc.get("format") != _FORMAT:
         raise DataError(f"{path} is not a cmml-monai network description; write it again")
-    if desc.get("version") != DESCRIPTION_VERSION:
+    if desc.get("version") not in (1, DESCRIPTION_VERSION):
         raise DataError(
-            f"{path}: description version {desc.get('version')!r}, this package reads {DESCRIPTION_VERSION}; "
+            f"{path}: description version {desc.get('version')!r}, this package reads 1 and {DESCRIPTION_VERSION}; "
             "write it again with this version"
         )
     for key in ("network", "data", "preprocessing"):
         if not isinstance(desc.get(key), dict):
             raise DataError(f"{path}: no {key!r} section; write the description again")
+    if desc["version"] == 1:
+        desc["network"] = _from_version_1(desc["network"], path)
+        desc["version"] = DESCRIPTION_VERSION
     desc["model_dir"] = folder
     return desc
+
+
+def _target_of(cls: type) -> str:
+    """``cmml_monai.networks.Name``, the path ``network_def`` names the class by."""
+    package = importlib.import_module(_NETWORKS_PACKAGE)
+    if getattr(package, cls.__name__, None) is not cls:
+        raise ValueError(
+            f"{cls.__module__}.{cls.__qualname__} is not a network of {_NETWORKS_PACKAGE}: cannot describe it"
+        )
+    return f"{_NETWORKS_PACKAGE}.{cls.__name__}"
+
+
+def _network_class(target: Any) -> type[torch.nn.Module]:
+    """The class a description names; only classes of ``cmml_monai.networks``."""
+    module, _, name = str(target).rpartition(".")
+    cls = getattr(importlib.import_module(_NETWORKS_PACKAGE), name, None) if module == _NETWORKS_PACKAGE else None
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise DataError(f"{DESCRIPTION_NAME}: network target {target!r} is not a network class of {_NETWORKS_PACKAGE}")
+    return cls
+
+
+def _without_dropped(args: Mapping[str, Any]) -> dict[str, Any]:
+    """``args`` without the ``_DROPPED_ARGS``, its own or its components' (a ``functools.partial``'s options)."""
+    out = {k: v for k, v in args.items() if k not in _DROPPED_ARGS}
+    for name, value in list(out.items()):
+        if isinstance(value, functools.partial) and any(k in value.keywords for k in _DROPPED_ARGS):
+            kept = {k: v for k, v in value.keywords.items() if k not in _DROPPED_ARGS}
+            out[name] = functools.partial(value.func, *value.args, **kept) if kept or value.args else value.func
+    return out
+
+
+def _component(value: Any) -> Any:
+    """A ``{"_target_": path, **options}`` argument as the class or ``functools.partial`` the network calls."""
+    if not (isinstance(value, Mapping) and "_target_" in value):
+        return value
+    options = {k: v for k, v in value.items() if k != "_target_"}
+    cls = _network_class(value["_target_"])
+    return functools.partial(cls, **options) if options else cls
+
+
+def _from_version_1(network: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """A version-1 ``network`` section (a method name and its keyword arguments) in the version-2 shape."""
+    args = dict(network.get("args") or {})
+    method = args.pop("method", "cmml")
+    if method not in _V1_METHODS:
+        raise DataError(f"{path}: unknown method {method!r}; expected one of {list(_V1_METHODS)}")
+    name, fixed = _V1_METHODS[method]
+    cls = _network_class(f"{_NETWORKS_PACKAGE}.{name}")
+    components = _V1_COMPONENT_ARGS if cls is CMMLNet else {"encoder": _V1_COMPONENT_ARGS["encoder"]}
+    for component, (target, renamed) in components.items():
+        options = {new: args.pop(old) for old, new in renamed.items() if old in args}
+        args[component] = {"_target_": f"{_NETWORKS_PACKAGE}.{target}", **options}
+    # version 1 passed the CMML-only options of a shared config to the baselines, which dropped them
+    accepted = inspect.signature(cls).parameters
+    args = {k: v for k, v in args.items() if k in accepted}
+    return {"target": f"{_NETWORKS_PACKAGE}.{name}", "method": method, "args": {**args, **fixed}}
 
 
 def description_schema(desc: Mapping[str, Any]) -> TableSchema | None:
@@ -287,9 +383,10 @@ def build_from_description(desc: Mapping[str, Any]) -> torch.nn.Module:
         >>> build_from_description(load_description("outputs/derm7pt_cmml/models"))  # doctest: +SKIP
         CMMLNet(...)
     """
-    args = dict(desc["network"]["args"])
+    cls = _network_class(desc["network"].get("target"))
     try:
-        return build_network(**args)
+        args = {k: _component(v) for k, v in desc["network"]["args"].items()}
+        return cls(**args)
     except (TypeError, ValueError) as e:
         raise DataError(f"{DESCRIPTION_NAME}: its network arguments do not build a network ({e})") from e
 
@@ -353,7 +450,7 @@ def load_network(
     if parts:
         raise DataError(
             f"checkpoint {path} does not fit {os.path.join(desc['model_dir'], DESCRIPTION_NAME)} "
-            f"(method {desc['network']['args'].get('method')!r}): {', '.join(parts)}; "
+            f"(method {desc['network'].get('method')!r}): {', '.join(parts)}; "
             "pass the model.pt of the run that wrote the description"
         )
     network.load_state_dict(state)

@@ -1,13 +1,18 @@
 """cmml_monai.engines: the Ignite trainers and evaluators of the two CMML stages and what builds them.
 
-Owns the trainer and evaluator, batch preparation (NaN for missing inputs), stage optimizers and
-schedulers, and the method registry that builds each method's network. Engines use ``data``,
-``networks``, ``losses`` and ``metrics``; handlers attach to them from the layer above.
+Owns the trainer and evaluator, batch preparation (NaN for missing inputs), stage optimizers,
+schedulers and epoch budgets. Engines use ``data``, ``networks``, ``losses`` and ``metrics``;
+handlers attach to them from the layer above.
 """
 
 from cmml_monai.engines.evaluator import CMMLEvaluator
-from cmml_monai.engines.methods import METHODS, build_network, stage_epochs
-from cmml_monai.engines.optim import cosine_scheduler, stage_optimizer, stage_parameter_groups
+from cmml_monai.engines.optim import (
+    STAGE_PLANS,
+    cosine_scheduler,
+    stage_epochs,
+    stage_optimizer,
+    stage_parameter_groups,
+)
 from cmml_monai.engines.prepare import CMMLPrepareBatch
 from cmml_monai.engines.trainer import CMMLTrainer, autocast_context
 
@@ -19,7 +24,6 @@ __all__ = [
     "stage_optimizer",
     "stage_parameter_groups",
     "cosine_scheduler",
-    "METHODS",
-    "build_network",
+    "STAGE_PLANS",
     "stage_epochs",
 ]

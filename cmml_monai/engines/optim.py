@@ -1,4 +1,4 @@
-"""Optimizers per training stage, from ``network.stage_parameters(stage)``.
+"""Optimizers, schedules and epoch budgets per training stage, from ``network.stage_parameters(stage)``.
 
 Stage 2 fine-tunes the CRTA (``network.crta_parameters()``: CRTA + context tokens) at
 ``lr * crta_lr_scale`` or freezes it (``freeze_crta``), and the encoders (parameters under
@@ -15,11 +15,42 @@ import torch
 
 from cmml_monai.utils import as_bool
 
-__all__ = ["stage_parameter_groups", "stage_optimizer", "cosine_scheduler"]
+__all__ = ["STAGE_PLANS", "stage_epochs", "stage_parameter_groups", "stage_optimizer", "cosine_scheduler"]
 
 logger = logging.getLogger(__name__)
 
 CRTA_PREFIXES: tuple[str, ...] = ("crta", "memory", "context")
+
+#: the stages a method trains: CMML both, ``cmml_no_stage2`` stage 1 only, the late-fusion baselines
+#: their single (classification) stage, which runs as stage 2
+STAGE_PLANS: tuple[tuple[int, ...], ...] = ((1, 2), (1,), (2,))
+
+
+def stage_epochs(stages: Sequence[int], stage1: int, stage2: int) -> list[int]:
+    """``[stage-1 epochs, stage-2 epochs]`` for a method that trains ``stages``, on a budget of
+    ``stage1 + stage2`` epochs: every method gets the same total, a single stage gets all of it.
+
+    Args:
+        stages: the stages the method trains, one of ``STAGE_PLANS`` (a method overlay sets ``stages``).
+        stage1: stage-1 epochs of the two-stage plan.
+        stage2: stage-2 epochs of the two-stage plan.
+
+    Raises:
+        ValueError: ``stages`` is not a plan of ``STAGE_PLANS``, or a negative number of epochs.
+
+    Example:
+        >>> stage_epochs([1, 2], 2, 3), stage_epochs([2], 2, 3), stage_epochs([1], 2, 3)
+        ([2, 3], [0, 5], [5, 0])
+    """
+    plan = tuple(int(s) for s in stages)
+    if plan not in STAGE_PLANS:
+        raise ValueError(f"stages must be one of {[list(p) for p in STAGE_PLANS]}, got {list(stages)!r}")
+    if stage1 < 0 or stage2 < 0:
+        raise ValueError(f"epochs must be >= 0, got stage1={stage1}, stage2={stage2}")
+    total = stage1 + stage2
+    if plan == (1, 2):
+        return [stage1, stage2]
+    return [total, 0] if plan == (1,) else [0, total]
 
 
 def _stage_params(network: torch.nn.Module, stage: int) -> list[torch.nn.Parameter]:

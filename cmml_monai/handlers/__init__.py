@@ -1,7 +1,8 @@
 """cmml_monai.handlers: Ignite handlers attached to the engines.
 
 Owns the macro AUC metric handler, MLflow parent/stage runs, checkpoint save/resume/load, early
-stopping and epoch loss averages. Handlers use the layers below (``metrics``, ``engines``, ``data``,
+stopping, epoch loss averages, and the handler lists of a training stage (``StageHandlers``,
+``validation_handlers``). Handlers use the layers below (``metrics``, ``engines``, ``data``,
 ``utils``); the sweep, reports and plots that consume their outputs live in ``evaluation``.
 """
 
@@ -17,7 +18,8 @@ from cmml_monai.handlers.early_stop import ResumableEarlyStopHandler
 from cmml_monai.handlers.metrics import MacroAUC
 from cmml_monai.handlers.mlflow import MLflowTracker, StageMLFlowHandler, resolve_tracking_uri, save_executed_config
 from cmml_monai.handlers.rng import RandomState
-from cmml_monai.handlers.stats import AttachHandler, BindTrainer, EpochLossAverager
+from cmml_monai.handlers.stage import STAGE_NAMES, StageHandlers, validation_handlers
+from cmml_monai.handlers.stats import EpochLossAverager
 
 __all__ = [
     "WeightAverager",
@@ -29,8 +31,9 @@ __all__ = [
     "ResumeHandler",
     "StageCheckpointSaver",
     "BestCheckpointSaver",
-    "BindTrainer",
-    "AttachHandler",
+    "StageHandlers",
+    "validation_handlers",
+    "STAGE_NAMES",
     "ResumableEarlyStopHandler",
     "LoadNetworkHandler",
     "RandomState",

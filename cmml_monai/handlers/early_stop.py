@@ -22,7 +22,7 @@ class ResumableEarlyStopHandler(EarlyStopHandler):
     run that had already stopped early stays stopped instead of training its remaining epochs.
 
     Attach it to the evaluator (it reads the validation score) and give it the trainer with
-    ``set_trainer`` (``cmml_monai.handlers.BindTrainer`` in a config).
+    ``set_trainer`` (:class:`cmml_monai.handlers.StageHandlers` does, given ``early_stop``).
 
     Args:
         patience, score_function, trainer, min_delta, cumulative_delta, epoch_level: see

@@ -7,7 +7,7 @@ from collections import defaultdict
 import torch
 from ignite.engine import Engine, Events
 
-__all__ = ["EpochLossAverager", "BindTrainer", "AttachHandler"]
+__all__ = ["EpochLossAverager"]
 
 
 class EpochLossAverager:
@@ -54,41 +54,3 @@ class EpochLossAverager:
         if optimizer is not None and optimizer.param_groups:
             engine.state.metrics[f"{self.prefix}lr"] = float(optimizer.param_groups[0]["lr"])
 
-
-class BindTrainer:
-    """Gives ``handler.set_trainer(trainer)`` the trainer it is attached to.
-
-    ``EarlyStopHandler`` runs on the evaluator but stops the trainer; a config cannot reference the
-    trainer from the evaluator's handlers (a cycle through ``ValidationHandler``), so list this in the
-    trainer's handlers and the early-stop handler in the evaluator's.
-
-    Args:
-        handler: an object with ``set_trainer(engine)`` (e.g. ``monai.handlers.EarlyStopHandler``).
-    """
-
-    def __init__(self, handler) -> None:
-        if not callable(getattr(handler, "set_trainer", None)):
-            raise ValueError(f"handler {type(handler).__name__} has no set_trainer(engine)")
-        self.handler = handler
-
-    def attach(self, engine: Engine) -> None:
-        self.handler.set_trainer(engine)
-
-
-class AttachHandler:
-    """Attach a handler that the config defines elsewhere (because other components reference it).
-
-    MONAI's bundle property checks read every entry of a trainer's handler list as a dict with a
-    ``_target_``, so a bare ``"@id"`` reference cannot stand in the list; this wrapper can.
-
-    Args:
-        handler: an object with ``attach(engine)`` (e.g. :class:`cmml_monai.handlers.WeightAverager`).
-    """
-
-    def __init__(self, handler) -> None:
-        if not callable(getattr(handler, "attach", None)):
-            raise ValueError(f"handler {type(handler).__name__} has no attach(engine)")
-        self.handler = handler
-
-    def attach(self, engine: Engine) -> None:
-        self.handler.attach(engine)

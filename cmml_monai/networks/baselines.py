@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from cmml_monai.networks.encoders import MultiModalEncoder
-from cmml_monai.networks.utils import masked_mean, random_keep_mask
+from cmml_monai.networks.utils import constructor_args, masked_mean, random_keep_mask
 
 __all__ = ["LateFusionNet", "LATE_FUSION_MODES"]
 
@@ -26,21 +26,19 @@ class LateFusionNet(nn.Module):
 
     Args:
         image_modalities, image_channels, spatial_dims, num_classes, tabular_cardinalities,
-        multi_label, feature_dim, image_encoder: the shared constructor (see ``CMMLNet``).
+        multi_label, feature_dim, encoder: the shared constructor (see ``CMMLNet``).
         mode: one of ``LATE_FUSION_MODES``.
         dropout_prob: modality dropout probability (``modality_dropout`` only).
-        share_image_encoder: one image backbone for all image modalities.
-        pretrained_path: local state dict for the image backbones.
         hidden_dim: MLP hidden width (default ``feature_dim``).
         dropout: dropout in the MLP.
         mean_momentum: EMA momentum of the running means (``mean_impute``).
-        num_heads: attention heads of the table encoder.
-        tabular_layers: transformer layers of the table encoder.
-        encode_present_only: run the image encoders only on present cases in eager mode.
+        num_heads: attention heads of the table encoder (passed to ``encoder``).
 
     Example::
 
-        >>> net = LateFusionNet(2, 3, 2, 5, [0, 3], feature_dim=32, image_encoder="resnet10")
+        >>> from functools import partial
+        >>> resnet10 = partial(MultiModalEncoder, image_encoder="resnet10")
+        >>> net = LateFusionNet(2, 3, 2, 5, [0, 3], feature_dim=32, encoder=resnet10)
         >>> net(torch.randn(4, 6, 32, 32), torch.randn(4, 2)).shape
         torch.Size([4, 5])
     """
@@ -54,19 +52,18 @@ class LateFusionNet(nn.Module):
         tabular_cardinalities: Sequence[int] | None = None,
         multi_label: bool = False,
         feature_dim: int = 256,
-        image_encoder: str = "resnet18",
+        encoder: Callable[..., nn.Module] = MultiModalEncoder,
         mode: str = "zero_fill",
         dropout_prob: float = 0.3,
-        share_image_encoder: bool = False,
-        pretrained_path: str | None = None,
         hidden_dim: int | None = None,
         dropout: float = 0.1,
         mean_momentum: float = 0.99,
         num_heads: int = 4,
-        tabular_layers: int = 1,
-        encode_present_only: bool = False,
     ) -> None:
+        # before any other local: the arguments as given, for the served model's description
+        build_args = constructor_args(locals())
         super().__init__()
+        self.build_args = build_args
         if mode not in LATE_FUSION_MODES:
             raise ValueError(f"mode must be one of {LATE_FUSION_MODES}, got {mode!r}.")
         if not 0.0 <= dropout_prob <= 1.0:
@@ -79,9 +76,11 @@ class LateFusionNet(nn.Module):
         self.dropout_prob = dropout_prob
         self.multi_label = multi_label
         self.mean_momentum = mean_momentum
-        self.encoder = MultiModalEncoder(
-            image_modalities, image_channels, spatial_dims, tabular_cardinalities, feature_dim, image_encoder,
-            share_image_encoder, pretrained_path, tabular_layers, num_heads, encode_present_only,
+        if not callable(encoder):
+            raise ValueError(f"encoder must be a class or callable that builds the module, got {encoder!r}.")
+        self.encoder = encoder(
+            image_modalities=image_modalities, image_channels=image_channels, spatial_dims=spatial_dims,
+            tabular_cardinalities=tabular_cardinalities, feature_dim=feature_dim, num_heads=num_heads,
         )
         k = self.encoder.num_modalities
         self.num_modalities = k

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from cmml_monai.networks.context import ContextTokens
 from cmml_monai.networks.crta import CascadedResidualTransformerAE
 from cmml_monai.networks.encoders import MultiModalEncoder
 from cmml_monai.networks.memory import ModalityMemoryBank
-from cmml_monai.networks.utils import random_keep_mask
+from cmml_monai.networks.utils import constructor_args, random_keep_mask
 from cmml_monai.utils import as_bool
 
 __all__ = ["CMMLNet", "STAGE1_HEADS"]
@@ -68,11 +68,21 @@ class CMMLNet(nn.Module):
         tabular_cardinalities: table feature cardinalities (0 = numeric), None for no table.
         multi_label: labels are multi-hot (kept for the shared constructor; the loss uses it).
         feature_dim: token width ``d``.
-        image_encoder: ``resnet10/18/34/50`` or ``densenet121`` (MONAI networks).
+        encoder: builds the encoders of every modality: called as ``encoder(image_modalities=M,
+            image_channels=C, spatial_dims=..., tabular_cardinalities=..., feature_dim=d, num_heads=...)``;
+            a class or a ``functools.partial`` holding its own options (the backbone ``image_encoder``:
+            ``resnet10/18/34/50`` or ``densenet121``, ``share_image_encoder``, ``pretrained_path``,
+            ``tabular_layers``, ``encode_present_only``; see :class:`MultiModalEncoder`).
         num_context_tokens: ``K``.
-        num_blocks: CRTA blocks ``N``.
-        memory_slots: memory slots ``S`` per modality.
-        memory_tau: memory read temperature.
+        crta: builds the CRTA: called as ``crta(num_modalities=k, feature_dim=d, num_heads=..., dropout=...)``;
+            a class or a ``functools.partial`` holding its own options (``configs/train.json``'s ``crta``
+            component, ``"_mode_": "callable"``), e.g. ``partial(CascadedResidualTransformerAE, num_blocks=2)``.
+        memory: builds the memory bank: ``memory(num_modalities=k, feature_dim=d)`` (its slots, read
+            temperature and write momentum are its own options); not called with ``use_memory=False``.
+        reference: builds the instance-adaptive reference: ``reference(feature_dim=d, num_heads=..., dropout=...)``;
+            not called with ``use_context=False`` or ``use_stage2=False``.
+        alignment: builds the cross-modal alignment, called as ``reference`` is; not called with
+            ``use_stage2=False``.
         use_memory: ablation flag: memory bank enrichment.
         use_context: ablation flag: context tokens (without them the CRTA runs over modality tokens
             only and the reference is the pooled CRTA output).
@@ -80,16 +90,10 @@ class CMMLNet(nn.Module):
         stage1_drop_prob: probability of dropping each present modality in stage 1.
         stage2_drop_prob: probability of dropping each present modality in the second stage-2 view
             (0.5: the sweep tests rates up to 0.7, so the classifier must see heavily completed cases).
-        share_image_encoder: one image backbone for all image modalities.
-        pretrained_path: local state dict for the image backbones.
         projection_dim: width ``p`` of the alignment / contrastive projections.
         num_heads: attention heads of every transformer part (must divide ``feature_dim``).
         fusion_layers: transformer layers of the fusion head.
-        tabular_layers: transformer layers of the table encoder.
         dropout: dropout in the transformer parts.
-        memory_momentum: EMA momentum of the memory write.
-        encode_present_only: run the image encoders only on present cases in eager mode (see
-            ``MultiModalEncoder``); exported models are unaffected.
         mark_synthesized: add a learned per-modality embedding to synthesized slots before the
             reference, alignment and fusion, so stage 2 knows which tokens are real.
         residual_head: the stage-2 logits are the fusion head's plus the stage-1 head's (on the same
@@ -110,9 +114,16 @@ class CMMLNet(nn.Module):
             key carries the case (the refined context tokens start from the shared prior and can make
             the reference nearly the same for every case).
 
+    The components (``encoder``, ``crta``, ``memory``, ``reference``, ``alignment``) are built where the
+    constructor always built them, so a network built from the
+    default components has the same parameter names and, from the same seed, the same initial weights
+    as one built without them; the built modules are ``crta``, ``memory``, ``reference`` and ``alignment``.
+
     Example::
 
-        >>> net = CMMLNet(2, 3, 2, 5, tabular_cardinalities=[0, 4], feature_dim=32, image_encoder="resnet10")
+        >>> from functools import partial
+        >>> resnet10 = partial(MultiModalEncoder, image_encoder="resnet10")
+        >>> net = CMMLNet(2, 3, 2, 5, tabular_cardinalities=[0, 4], feature_dim=32, encoder=resnet10)
         >>> image = torch.randn(4, 6, 32, 32); image[0, :3] = float("nan")   # case 0: first image missing
         >>> net(image, torch.randn(4, 2)).shape
         torch.Size([4, 5])
@@ -132,32 +143,31 @@ class CMMLNet(nn.Module):
         tabular_cardinalities: Sequence[int] | None = None,
         multi_label: bool = False,
         feature_dim: int = 256,
-        image_encoder: str = "resnet18",
+        encoder: Callable[..., nn.Module] = MultiModalEncoder,
         num_context_tokens: int = 8,
-        num_blocks: int = 3,
-        memory_slots: int = 64,
-        memory_tau: float = 0.1,
+        crta: Callable[..., nn.Module] = CascadedResidualTransformerAE,
+        memory: Callable[..., nn.Module] = ModalityMemoryBank,
+        reference: Callable[..., nn.Module] = InstanceAdaptiveReference,
+        alignment: Callable[..., nn.Module] = CrossModalAlignment,
         use_memory: bool = True,
         use_context: bool = True,
         use_stage2: bool = True,
         stage1_drop_prob: float = 0.5,
         stage2_drop_prob: float = 0.5,
-        share_image_encoder: bool = False,
-        pretrained_path: str | None = None,
         projection_dim: int = 128,
         num_heads: int = 4,
         fusion_layers: int = 1,
-        tabular_layers: int = 1,
         dropout: float = 0.1,
-        memory_momentum: float = 0.9,
-        encode_present_only: bool = False,
         mark_synthesized: bool = False,
         residual_head: bool = True,
         stage1_head: str = "mean",
         memory_write_stage2: bool = False,
         reference_reads_context: bool = True,
     ) -> None:
+        # before any other local: the arguments as given, for the served model's description
+        build_args = constructor_args(locals())
         super().__init__()
+        self.build_args = build_args
         # switches may arrive as command-line strings ("false"); the encoder checks its own
         use_memory = as_bool(use_memory, "use_memory")
         use_context = as_bool(use_context, "use_context")
@@ -175,6 +185,10 @@ class CMMLNet(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must divide feature_dim ({feature_dim}).")
         if stage1_head not in STAGE1_HEADS:
             raise ValueError(f"stage1_head must be one of {STAGE1_HEADS}, got {stage1_head!r}.")
+        parts = {"encoder": encoder, "crta": crta, "memory": memory, "reference": reference, "alignment": alignment}
+        for name, factory in parts.items():
+            if not callable(factory):
+                raise ValueError(f"{name} must be a class or callable that builds the module, got {factory!r}.")
         self.num_classes = num_classes
         self.multi_label = multi_label
         self.use_memory = use_memory
@@ -185,14 +199,15 @@ class CMMLNet(nn.Module):
         self.memory_write_stage2 = memory_write_stage2
         self.stage1_drop_prob = stage1_drop_prob
         self.stage2_drop_prob = stage2_drop_prob
-        self.encoder = MultiModalEncoder(
-            image_modalities, image_channels, spatial_dims, tabular_cardinalities, feature_dim, image_encoder,
-            share_image_encoder, pretrained_path, tabular_layers, num_heads, encode_present_only,
+        self.encoder = encoder(
+            image_modalities=image_modalities, image_channels=image_channels, spatial_dims=spatial_dims,
+            tabular_cardinalities=tabular_cardinalities, feature_dim=feature_dim, num_heads=num_heads,
         )
         k = self.encoder.num_modalities
         self.num_modalities = k
         self.context = ContextTokens(num_context_tokens, feature_dim) if use_context else None
-        self.crta = CascadedResidualTransformerAE(k, feature_dim, num_blocks, num_heads, 2.0, dropout)
+        # every part is built in this order (the random initialisation depends on it)
+        self.crta = crta(num_modalities=k, feature_dim=feature_dim, num_heads=num_heads, dropout=dropout)
         self.stage1_head = stage1_head
         # "mean" reads the pooled token as it is: a LayerNorm would remove its length, which carries
         # how strongly the modalities agree
@@ -206,15 +221,17 @@ class CMMLNet(nn.Module):
             else nn.Linear(feature_dim, num_classes)
         )
         self.memory: ModalityMemoryBank | None = (
-            ModalityMemoryBank(k, feature_dim, memory_slots, memory_tau, memory_momentum) if use_memory else None
+            memory(num_modalities=k, feature_dim=feature_dim) if use_memory else None
         )
         # False until the first stage-2 training step: the served path uses the stage-1 head until then
         self.register_buffer("stage2_trained", torch.zeros((), dtype=torch.bool))
         # saved with the weights, so weights trained with the other head layout are refused on load
         self.register_buffer("residual_head_flag", torch.tensor(self.residual_head))
         if use_stage2:
-            self.reference = InstanceAdaptiveReference(feature_dim, num_heads, dropout) if use_context else None
-            self.alignment = CrossModalAlignment(feature_dim, num_heads, dropout)
+            self.reference = (
+                reference(feature_dim=feature_dim, num_heads=num_heads, dropout=dropout) if use_context else None
+            )
+            self.alignment = alignment(feature_dim=feature_dim, num_heads=num_heads, dropout=dropout)
             self.fusion = FusionHead(feature_dim, num_classes, fusion_layers, num_heads, dropout)
             self.align_proj = ProjectionHead(feature_dim, projection_dim)
             self.reference_proj = ProjectionHead(feature_dim, projection_dim)

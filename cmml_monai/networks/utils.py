@@ -7,12 +7,15 @@ network traced with one missing pattern stays correct for every other pattern.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
+    "constructor_args",
     "presence_from_nan",
     "masked_mean",
     "random_keep_mask",
@@ -20,6 +23,24 @@ __all__ = [
     "AttentionLayer",
     "TransformerLayer",
 ]
+
+
+def constructor_args(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A network's constructor arguments from the ``locals()`` its ``__init__`` takes first thing.
+
+    The networks keep them as ``build_args``: ``cmml_monai.deploy`` writes them beside the served
+    weights, so a served model is rebuilt from that file alone, with every config override included.
+
+    Example:
+        >>> class Net(nn.Module):
+        ...     def __init__(self, width: int = 4) -> None:
+        ...         args = constructor_args(locals())
+        ...         super().__init__()
+        ...         self.build_args = args
+        >>> Net(8).build_args
+        {'width': 8}
+    """
+    return {k: v for k, v in values.items() if k not in ("self", "__class__")}
 
 
 def presence_from_nan(
