@@ -312,3 +312,28 @@ def test_validation_under_missing_rates(synthetic_dir, tmp_path):
     nan_0 = sum(bool(torch.isnan(views[i]["image"]).any()) for i in range(len(observed)))
     nan_7 = sum(bool(torch.isnan(views[len(observed) + i]["image"]).any()) for i in range(len(observed)))
     assert nan_7 > nan_0
+
+
+@pytest.mark.parametrize("method", ["cmml", "zero_fill"])
+def test_derm7pt_overlay_sets_the_stage1_head_of_cmml_only(method, synthetic_dir, tmp_path):
+    """The Derm7pt overlay's ``stage1_head`` reaches CMML's network_def; a baseline, which has no such
+    head, builds unchanged whichever order the overlays come in."""
+    dataset = os.path.join(ROOT, "configs", "datasets", "derm7pt.json")
+    overlay = os.path.join(ROOT, "configs", "methods", f"{method}.json")
+    args = tiny(synthetic_dir, str(tmp_path), synthetic=True, num_workers=0)
+    for files in ([TRAIN, dataset, overlay], [TRAIN, overlay, dataset]):
+        w = workflow(files, **args)
+        net = w.parser.get_parsed_content("network_def")
+        if method == "cmml":
+            assert net.stage1_head == "concat_mlp"
+        else:
+            assert type(net).__name__ == "LateFusionNet"
+
+
+def test_warmup_epochs_reaches_both_stage_schedulers(synthetic_dir, tmp_path):
+    w = workflow(TRAIN, **tiny(synthetic_dir, str(tmp_path), warmup_epochs=1, stage1_epochs=2, stage2_epochs=2))
+    for key in ("stage1#lr_scheduler", "train#lr_scheduler"):
+        scheduler = w.parser.get_parsed_content(key)
+        assert isinstance(scheduler, torch.optim.lr_scheduler.SequentialLR), key
+        # the first epoch runs at warmup_start_factor (0.1) of the stage's learning rate
+        assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * w.parser.get_parsed_content("learning_rate"))

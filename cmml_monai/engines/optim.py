@@ -161,7 +161,8 @@ def cosine_scheduler(
         optimizer: the stage's optimizer.
         max_epochs: epochs of the stage.
         eta_min_ratio: the cosine's floor as a share of the smallest group LR.
-        warmup_epochs: epochs of linear warm-up (0: none); must be < ``max_epochs`` when > 0.
+        warmup_epochs: epochs of linear warm-up (0: none); must be < ``max_epochs`` when > 0 (a stage of
+            0 epochs, which a method skips, gets the plain cosine).
         warmup_start_factor: LR factor of the first warm-up epoch, in (0, 1].
 
     Raises:
@@ -176,13 +177,14 @@ def cosine_scheduler(
         [0.5]
     """
     warmup_epochs = int(warmup_epochs)
-    max_epochs = max(1, int(max_epochs))
+    trained_epochs = int(max_epochs)
+    max_epochs = max(1, trained_epochs)
     if warmup_epochs < 0:
         raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}.")
     if not 0.0 < warmup_start_factor <= 1.0:
         raise ValueError(f"warmup_start_factor must be in (0, 1], got {warmup_start_factor}.")
     eta_min = min(g["lr"] for g in optimizer.param_groups) * eta_min_ratio
-    if warmup_epochs == 0:
+    if warmup_epochs == 0 or trained_epochs == 0:  # a stage the method skips never steps its scheduler
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs, eta_min=eta_min)
     if warmup_epochs >= max_epochs:
         raise ValueError(
