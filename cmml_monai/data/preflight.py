@@ -118,6 +118,21 @@ def _deterministic(transform: Callable) -> Callable[[Any], Any]:
     return lambda item: transform(item, end=first_random, threading=True)
 
 
+def _cache_view(ds: PersistentDataset) -> PersistentDataset:
+    """The same persistent cache (folder, file names) read through the deterministic transforms only.
+
+    Reading item ``i`` of the view writes the cache file that ``ds`` reads for item ``i``, without running
+    (and advancing the random state of) the training augmentation that follows the cache.
+    """
+    transform = ds.transform
+    if isinstance(transform, Compose):
+        first_random = transform.get_index_of_first(
+            lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform)
+        )
+        transform = Compose(transform.transforms[:first_random] if first_random is not None else transform.transforms)
+    return PersistentDataset(ds.data, transform, cache_dir=ds.cache_dir, hash_func=ds.hash_func)
+
+
 def _checker(ds: Dataset) -> tuple[list[int], Callable[[int], None], dict[int, DataError]]:
     """Indices still to check, the check of one index, and the errors already known (the cache fill's)."""
     n = len(ds.data)
@@ -126,8 +141,9 @@ def _checker(ds: Dataset) -> tuple[list[int], Callable[[int], None], dict[int, D
         run = _deterministic(ds.transform)
         return list(range(ds.cache_num, n)), lambda i: run(ds.data[i]), dict(ds.load_errors)
     if isinstance(ds, PersistentDataset):
-        # _cachecheck decodes, preprocesses and writes the item's cache file: training reads it back
-        return list(range(n)), lambda i: ds._cachecheck(ds.data[i]), {}
+        # reading an item of the cache view decodes, preprocesses and writes its cache file: training reads it back
+        view = _cache_view(ds)
+        return list(range(n)), lambda i: view[i], {}
     run = _deterministic(ds.transform)
     return list(range(n)), lambda i: run(ds.data[i]), {}
 
@@ -219,7 +235,8 @@ def _reload(ds: Dataset, index: int) -> None:
     if isinstance(ds, CaseCacheDataset):
         ds.reload(index)
     elif isinstance(ds, PersistentDataset):
-        ds._cachecheck(ds.data[index])
+        # the modality was marked missing in ds.data: its new cache file (new hash) is written now
+        _cache_view(ds)[index]
 
 
 def run_preflight(
