@@ -336,3 +336,48 @@ def test_real_adapters_on_synthetic_data(synthetic_dataset, dataset, dicom, size
         again = collate_cases(_items(other))
         assert again["case_id"] == batch["case_id"]
         torch.testing.assert_close(again["image"], batch["image"], equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# bounded caches
+# ------------------------------------------------------------------------------------------------
+def test_item_size_matches_a_decoded_item(derm_like):
+    from cmml_monai.data.dataset import item_nbytes
+
+    case_list, schema = derm_like
+    item = build_dataset(case_list, "train", schema, spatial_size=SIZE_2D)[0]
+    decoded = item["image"].numel() * 4 + item["tabular"].numel() * 4
+    # the estimate: 6 channels x 16 x 20 float32, plus the 2 table columns and one spare float
+    assert item_nbytes(case_list, SIZE_2D) == 4 * (6 * 16 * 20 + 2 + 1)
+    assert decoded <= item_nbytes(case_list, SIZE_2D) <= decoded + 8
+
+
+def test_memory_cache_keeps_only_what_fits(derm_like, caplog):
+    from cmml_monai.data.dataset import item_nbytes
+
+    caplog.set_level("INFO", logger="cmml_monai.data.dataset")
+    case_list, schema = derm_like
+    one = item_nbytes(case_list, SIZE_2D)
+    kw = dict(spatial_size=SIZE_2D, cache="cache", num_workers=1)
+    bounded = build_dataset(case_list, "train", schema, cache_max_gb=2.5 * one / 1e9, **kw)
+    assert bounded.cache_num == 2 and "2 of 3 items fit in cache_max_gb" in caplog.text
+    # the items past the bound are decoded at each access, identical to the cached ones
+    _assert_same_items(_items(bounded), _items(build_dataset(case_list, "train", schema, **kw)))
+    assert build_dataset(case_list, "train", schema, cache_max_gb=1.0, **kw).cache_num == 3
+    with pytest.raises(ValueError, match="cache_max_gb must be > 0"):
+        build_dataset(case_list, "train", schema, cache_max_gb=0, **kw)
+
+
+def test_persistent_cache_over_its_bound_is_refused_before_writing(derm_like, tmp_path):
+    from cmml_monai.data.dataset import item_nbytes
+
+    case_list, schema = derm_like
+    one = item_nbytes(case_list, SIZE_2D)
+    cache_dir = tmp_path / "pcache"
+    with pytest.raises(DataError, match=r"persistent cache of split train needs about .* GB \(3 items\), more than"):
+        build_dataset(case_list, "train", schema, spatial_size=SIZE_2D, cache="persistent", cache_dir=str(cache_dir),
+                      cache_max_gb=2 * one / 1e9)
+    assert not cache_dir.exists()  # nothing written
+    ds = build_dataset(case_list, "train", schema, spatial_size=SIZE_2D, cache="persistent", cache_dir=str(cache_dir),
+                       cache_max_gb=4 * one / 1e9)
+    assert len(_items(ds)) == 3

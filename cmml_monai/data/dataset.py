@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -35,6 +37,8 @@ from cmml_monai.data.transforms import (
     resolve_pixdim,
 )
 from cmml_monai.utils import as_bool
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "RESERVED_KEYS",
@@ -283,6 +287,7 @@ def build_dataset(
     progress: bool = False,
     augment: Transform | None = None,
     defer_errors: bool = False,
+    cache_max_gb: float | None = None,
 ) -> Dataset:
     """A MONAI dataset of batch-contract items (``image``, ``tabular``, ``label``, ``case_id``).
 
@@ -308,6 +313,11 @@ def build_dataset(
             :func:`cmml_monai.data.augmentation.build_augmentation`); ``None`` for none.
         defer_errors: ``"cache"`` only: record bad items in ``dataset.load_errors`` while the cache fills
             instead of raising the first, for :func:`cmml_monai.data.preflight.run_preflight` to list them all.
+        cache_max_gb: bound of the split's cache, in GB (``None``: unbounded). ``"cache"`` keeps at most
+            as many items in memory as fit (the rest are decoded at each access, said in the log);
+            ``"persistent"`` refuses, before anything is written, a cache that would exceed it or the
+            free space of ``cache_dir``. Items are sized from their shape (channels x spatial size,
+            float32, plus the table), which every item shares after preprocessing.
 
     Returns:
         a ``monai.data.Dataset``, ``CacheDataset`` or ``PersistentDataset`` (subclasses that raise a
@@ -334,10 +344,14 @@ def build_dataset(
         transform = Compose([*transform.transforms, augment])
     if cache == "none":
         return CaseDataset(data, transform)
+    item_bytes = item_nbytes(case_list, spatial_size)
     if cache == "cache":
+        cache_num = len(data)
+        if cache_max_gb is not None:
+            cache_num = _check_cache_bound(cache_max_gb, item_bytes, len(data), split)
         # the cache is filled here: decoding errors surface now
         return CaseCacheDataset(
-            data, transform, cache_rate=float(cache_rate), num_workers=int(num_workers) or 1,
+            data, transform, cache_num=cache_num, cache_rate=float(cache_rate), num_workers=int(num_workers) or 1,
             progress=as_bool(progress, "progress"), defer_errors=as_bool(defer_errors, "defer_errors"),
         )
     if cache_dir is None:
@@ -355,9 +369,56 @@ def build_dataset(
         "with_label": with_label,
     }
     folder = os.path.join(os.fspath(cache_dir), _fingerprint(settings, schema if case_list.has_table else None))
+    _check_disk(folder, cache_max_gb, item_bytes, len(data), split)
     os.makedirs(folder, exist_ok=True)
     return CasePersistentDataset(data, transform, cache_dir=folder, hash_func=hash_with_file_stats)
 
+
+
+def item_nbytes(case_list: CaseList, spatial_size: Sequence[int]) -> int:
+    """Bytes of one preprocessed item: the packed float32 image (every image channel at ``spatial_size``)
+    and the table, whose shapes every item shares."""
+    channels = sum(m.channels for m in case_list.image_modalities)
+    voxels = int(np.prod([int(s) for s in spatial_size]))
+    return 4 * (channels * voxels + len(case_list.table_columns or ()) + 1)
+
+
+def _check_cache_bound(cache_max_gb: float, item_bytes: int, n: int, split: Any) -> int:
+    """How many of ``n`` items fit in ``cache_max_gb``; said in the log when not all do."""
+    if float(cache_max_gb) <= 0:
+        raise ValueError(f"cache_max_gb must be > 0 (or null for no bound), got {cache_max_gb}")
+    fit = int(float(cache_max_gb) * 1e9 // item_bytes)
+    if fit < n:
+        logger.info("cache of split %s: %d of %d items fit in cache_max_gb %g (%.2f MB each); the other %d are "
+                    "decoded at each access", split, fit, n, float(cache_max_gb), item_bytes / 1e6, n - fit)
+    return min(fit, n)
+
+
+def _check_disk(folder: str, cache_max_gb: float | None, item_bytes: int, n: int, split: Any) -> None:
+    """Refuse a persistent cache that would exceed ``cache_max_gb`` or the free disk space, before writing.
+
+    The items already in ``folder`` (a resumed run, another method on the same data) need no new space.
+    """
+    need_gb = item_bytes * n / 1e9
+    if cache_max_gb is not None:
+        if float(cache_max_gb) <= 0:
+            raise ValueError(f"cache_max_gb must be > 0 (or null for no bound), got {cache_max_gb}")
+        if need_gb > float(cache_max_gb):
+            raise DataError(
+                f"the persistent cache of split {split} needs about {need_gb:.2f} GB ({n} items), more than "
+                f"cache_max_gb {float(cache_max_gb):g}: raise --cache_max_gb, or use --cache cache (bounded "
+                "in memory) or --cache none"
+            )
+    written = sum(e.stat().st_size for e in os.scandir(folder) if e.is_file()) if os.path.isdir(folder) else 0
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    free_gb = shutil.disk_usage(existing).free / 1e9
+    if need_gb - written / 1e9 > free_gb:
+        raise DataError(
+            f"the persistent cache of split {split} needs about {need_gb:.2f} GB ({n} items) but {existing} has "
+            f"{free_gb:.2f} GB free: free space, set --cache_dir elsewhere, or use --cache cache or --cache none"
+        )
 
 
 def split_dataset(
