@@ -15,7 +15,13 @@ from cmml_monai.handlers.checkpoint import (
 )
 from cmml_monai.handlers.early_stop import ResumableEarlyStopHandler
 from cmml_monai.handlers.metrics import MacroAUC
-from cmml_monai.handlers.mlflow import MLflowTracker, StageMLFlowHandler, resolve_tracking_uri, save_executed_config
+from cmml_monai.handlers.mlflow import (
+    MLflowTracker,
+    StageMLFlowHandler,
+    refuse_monai_tracking,
+    resolve_tracking_uri,
+    save_executed_config,
+)
 from cmml_monai.handlers.rng import RandomState
 from cmml_monai.handlers.stats import AttachHandler, BindTrainer, EpochLossAverager
 
@@ -26,6 +32,7 @@ __all__ = [
     "StageMLFlowHandler",
     "resolve_tracking_uri",
     "save_executed_config",
+    "refuse_monai_tracking",
     "ResumeHandler",
     "StageCheckpointSaver",
     "BestCheckpointSaver",
