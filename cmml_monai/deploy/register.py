@@ -86,7 +86,8 @@ class CMMLPyfuncModel(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         folder = os.path.dirname(context.artifacts[_WEIGHTS_KEY])
         if os.path.dirname(context.artifacts[_DESCRIPTION_KEY]) != folder:
-            raise DataError(f"the logged {WEIGHTS_NAME} and {DESCRIPTION_NAME} are not in one folder: log the model again")
+            raise DataError(f"the logged weights and {DESCRIPTION_NAME} are not in one folder: register the model "
+                            "again")
         self.description = load_description(folder)
         self.network = load_network(folder, context.artifacts[_WEIGHTS_KEY], "cpu")
         self.has_table = bool(self.description["inputs"].get("tabular"))
@@ -250,7 +251,8 @@ def register_model(
     load_network(folder, weights, "cpu")  # refuses weights that do not fit, before anything is logged
     name = name or default_model_name(desc)
     if not _NAME.match(name):
-        raise DataError(f"model name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        raise DataError(f"model name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
+                        "or digit")
     run_root = os.path.dirname(folder) if os.path.basename(os.path.normpath(folder)) == "models" else folder
     state = _training_state(run_root)
     try:
@@ -287,7 +289,8 @@ def register_model(
     text = description or (
         f"{meta['method']} on {meta['dataset']}: classes {', '.join(meta['class_names'])}; inputs image "
         f"{meta['image_shape']}" + (f" and tabular {columns}" if columns else "")
-        + (f"; avg test AUC over missing rates {next(iter(metrics.values())):.4f}" if metrics else "")
+        + "".join(f"; average {k.replace('avg_auc_', '')} AUC over the missing rates {v:.4f}"
+                  for k, v in metrics.items() if k.startswith("avg_auc_"))
     )
     requirements = [f"cmml-monai=={cmml_monai.__version__}", f"torch=={torch.__version__.split('+')[0]}",
                     f"mlflow=={mlflow.__version__}"]
@@ -337,7 +340,7 @@ def register_model(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cmml_monai.deploy.register RUN_DIR [--name NAME] [--tracking_uri URI] ...``; status 2 on bad input."""
+    """``python -m cmml_monai.deploy.register RUN_DIR [--name NAME] [--tracking_uri URI] ...``; 2 on bad input."""
     parser = argparse.ArgumentParser(
         prog="python -m cmml_monai.deploy.register",
         description="Register a trained run's served model (models/model.pt + network.json) in the MLflow Model "

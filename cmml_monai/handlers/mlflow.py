@@ -115,10 +115,10 @@ def check_tracking_server(uri: str, output_dir: str = "<output_dir>", timeout: f
 
 #: the one line that refuses ``python -m monai.bundle run ... --tracking mlflow``
 MONAI_TRACKING_MESSAGE = (
-    "--tracking (MONAI's switch, e.g. --tracking mlflow) adds MONAI's own MLFlowHandler, which opens a second MLflow store with a "
-    "duplicate run: drop it; this bundle tracks every run with its own tracker (on by default, into "
-    "<output_dir>/mlruns.db): set --tracking_uri URI or MLFLOW_TRACKING_URI for a server, --mlflow_enabled false "
-    "to turn tracking off"
+    "--tracking (MONAI's switch, e.g. --tracking mlflow) adds MONAI's own MLFlowHandler, which opens a second "
+    "MLflow store with a duplicate run: drop it; this bundle tracks every run with its own tracker (on by "
+    "default, into <output_dir>/mlruns.db): set --tracking_uri URI or MLFLOW_TRACKING_URI for a server, "
+    "--mlflow_enabled false to turn tracking off"
 )
 
 
