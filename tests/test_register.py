@@ -62,11 +62,12 @@ def _batch(run: str) -> tuple[dict[str, np.ndarray], torch.Tensor]:
 
 
 def _check_loaded(uri: str, name: str, version: str, run: str) -> None:
+    previous = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri sets the variable too
     mlflow.set_tracking_uri(uri)
     try:
         model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     finally:
-        mlflow.set_tracking_uri(None)
+        mlflow.set_tracking_uri(previous)
     batch, logits = _batch(run)
     probs = model.predict(batch)
     assert probs.shape == (4, 5) and probs.dtype == np.float32
