@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -114,7 +115,12 @@ def test_register_into_a_real_mlflow_server(trained, mlflow_server, tmp_path):  
 
 def test_register_errors_are_one_line(trained, tmp_path):
     (tmp_path / "models").mkdir()
+    moved = tmp_path / "moved"  # a run folder whose recorded sqlite store is not on this machine
+    shutil.copytree(os.path.join(trained["run"], "models"), moved / "models")
+    (moved / "mlflow_run.json").write_text(json.dumps({"tracking_uri": f"sqlite:///{tmp_path}/gone/mlruns.db",
+                                                       "parent": "0" * 32}))
     cases = [
+        ([str(moved)], "recorded in"),
         ([str(tmp_path)], "network.json"),
         ([trained["run"], "--name", "bad name!"], "model name 'bad name!'"),
         ([trained["run"], "--tracking_uri", str(tmp_path / "store")], "refuses file stores"),

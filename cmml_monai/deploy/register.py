@@ -196,6 +196,11 @@ def _training_state(run_dir: str) -> dict[str, Any]:
 def _resolve_uri(run_dir: str, tracking_uri: str | None, state: Mapping[str, Any]) -> str:
     # an explicit argument wins over the environment here: registering is a deliberate, one-off command
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or state.get("tracking_uri") or None
+    recorded = uri is not None and uri == state.get("tracking_uri") and not tracking_uri
+    if recorded and uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
+        # a run folder copied from another machine: sqlite would silently create an empty store here
+        raise DataError(f"the training store {uri} recorded in {os.path.join(run_dir, RUN_STATE_NAME)} does not "
+                        "exist here; pass --tracking_uri (or set MLFLOW_TRACKING_URI) to register elsewhere")
     if uri is None:
         return resolve_tracking_uri(run_dir)  # nothing set anywhere: the training default, <run_dir>/mlruns.db
     if uri.startswith("file:") or "://" not in uri:
