@@ -20,10 +20,12 @@ import zipfile
 
 import pytest
 import torch
-from monai.bundle import ckpt_export, create_workflow, verify_metadata, verify_net_in_out
+from monai.bundle import ConfigParser, ckpt_export, create_workflow, verify_metadata, verify_net_in_out
+from monai.data import MetaTensor
 
+from cmml_monai.data.errors import DataError
 from cmml_monai.data.synthetic import make_synthetic
-from cmml_monai.deploy import load_description
+from cmml_monai.deploy import load_description, load_network
 from cmml_monai.deploy.export import example_inputs
 from cmml_monai.deploy.package import bundle_metadata, packaged_inference_config
 
@@ -225,3 +227,35 @@ def test_packaged_evaluate_scores_labelled_cases(packaged, tmp_path, monkeypatch
     assert metrics["all"]["n"] == int(full["n"])
     assert metrics["all"]["auc"] == pytest.approx(float(full["auc"]), abs=1e-4)
     assert sum(m["n"] for m in metrics["by_present"].values()) == metrics["all"]["n"]
+
+
+# -- MONAI Label's keys of the packaged inference.json (monailabel itself: tests/test_monai_label.py, slow) -------
+
+
+def test_packaged_monai_label_keys_answer_an_image_only_request(packaged, tmp_path):
+    b = packaged["bundle"]
+    parser = ConfigParser()
+    parser.read_config(os.path.join(b, "configs", "inference.json"))
+    parser["bundle_root"] = b  # what MONAI Label's BundleInferTask sets
+    pre, post = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("postprocessing")
+    inferer, network = parser.get_parsed_content("inferer"), load_network(os.path.join(b, "models"))
+    image = sorted(os.path.join(d, f) for d, _, fs in os.walk(packaged["data"]) for f in fs if f.endswith(".jpg"))[0]
+    # as BasicInferTask runs them: pre-transforms, the inferer on a batch of one, decollate, post-transforms
+    item = pre({"image": image, "modality": "derm", "device": "cpu"})
+    assert item["image"].shape == (6, 32, 32) and bool(item["image"][:3].isnan().all())  # clinic missing
+    with torch.no_grad():
+        pred = post({"pred": inferer(item["image"][None], network)[0]})["pred"]
+    assert isinstance(pred, MetaTensor)  # monailabel's ClassificationWriter reads pred.array
+    # inference.json on the same case given as a manifest row with only that image
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"case_id,clinic,derm,elevation,location,sex\nq1,,{image},,,\n")
+    w = create_workflow(workflow_type="inference", config_file=os.path.join(b, "configs", "inference.json"),
+                        bundle_root=b, dataset_name="manifest", dataset_dir=str(manifest), logging_file=False,
+                        output_dir=str(tmp_path / "pred"), progress_bar=False)
+    w.run()
+    with open(tmp_path / "pred" / "predictions.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["present"] == "derm"
+    assert pred.tolist() == pytest.approx([float(row[f"prob_{c}"]) for c in CLASSES], abs=1e-5)
+    with pytest.raises(DataError, match=r"modality 'ct' is not one of the network's image modalities"):
+        pre.transforms[0]({"image": image, "modality": "ct"})  # (Compose wraps it in a RuntimeError)

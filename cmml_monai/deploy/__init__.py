@@ -4,9 +4,11 @@ It owns what runs a published ``models/model.pt`` outside training: the network 
 beside it (``description``), the inference entry point of the bundle (``inference``,
 ``configs/inference.json``), the TorchScript export (``export``) and the PACS pipeline: a DICOM study as
 the network's batch (``study``), the DICOM SR + JSON result (``report``, highdicom), both together
-(``pipeline``, ``python -m cmml_monai.deploy``) and the DICOM listener (``listener``, pynetdicom). It may
-import every layer below it; no other layer imports it. ``report``, ``pipeline`` and ``listener`` are
-imported by their module path (they pull in highdicom and pynetdicom).
+(``pipeline``, ``python -m cmml_monai.deploy``) and the DICOM listener (``listener``, pynetdicom), the
+MLflow Model Registry entry (``register``, ``python -m cmml_monai.deploy.register``) and MONAI Label's
+request transforms (``label``). It may import every layer below it; no other layer imports it.
+``report``, ``pipeline``, ``listener``, ``register`` and ``label`` are imported by their module path (they
+pull in highdicom, pynetdicom or MLflow's model flavours, or serve one client).
 """
 
 from cmml_monai.deploy.description import (

@@ -7,7 +7,8 @@ Layout (the MONAI bundle specification)::
                                classes; ``pred`` is logits), version and changelog
       configs/inference.json   the project's inference.json, pointed at the bundle's own models/ and
                                given the inference-workflow properties (network_def, inferer, dataset,
-                               evaluator) that model-zoo checks
+                               evaluator) that model-zoo checks, and the preprocessing and
+                               postprocessing MONAI Label's BundleInferTask uses (cmml_monai.deploy.label)
       configs/evaluate.json    an overlay on inference.json: labelled cases, predictions plus
                                metrics.json (AUC, accuracy, F1, ECE overall and per present-modality pattern)
       configs/logging.conf
@@ -255,7 +256,8 @@ def packaged_inference_config(base: Mapping[str, Any]) -> dict[str, Any]:
     ``<bundle_root>/models``, predictions go to ``./predictions`` of the working directory, and the
     inference-workflow properties model-zoo checks exist (``network_def``: the described network, untrained,
     for ``ckpt_export`` and ``verify_net_in_out``; ``inferer``; ``dataset``: the items; ``evaluator``: the
-    predictor). The adapter name moves from ``dataset`` to ``dataset_name``.
+    predictor). The adapter name moves from ``dataset`` to ``dataset_name``. ``preprocessing`` and
+    ``postprocessing`` serve MONAI Label (one image per request, :mod:`cmml_monai.deploy.label`).
 
     Raises:
         ValueError: ``base`` lacks a key this rewiring relies on (the project's inference.json changed).
@@ -279,6 +281,11 @@ def packaged_inference_config(base: Mapping[str, Any]) -> dict[str, Any]:
         "case_list": "$cmml_monai.deploy.inference_cases(@description, @dataset_name, @dataset_dir, @dataset_options)",
         "network_def": "$cmml_monai.deploy.build_from_description(@description)",
         "inferer": {"_target_": "SimpleInferer"},
+        # MONAI Label's BundleInferTask (classification): one image per request -> packed input -> probabilities
+        "preprocessing": {"_target_": "Compose",
+                          "transforms": [{"_target_": "cmml_monai.deploy.label.LabelRequestd",
+                                          "description": "@description"}]},
+        "postprocessing": {"_target_": "cmml_monai.deploy.label.label_postprocessing", "description": "@description"},
         "dataset": items,
         "evaluator": "@predictor",
         "run": ["$@evaluator.run()"],

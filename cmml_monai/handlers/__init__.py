@@ -16,7 +16,13 @@ from cmml_monai.handlers.checkpoint import (
 )
 from cmml_monai.handlers.early_stop import ResumableEarlyStopHandler
 from cmml_monai.handlers.metrics import MacroAUC
-from cmml_monai.handlers.mlflow import MLflowTracker, StageMLFlowHandler, resolve_tracking_uri, save_executed_config
+from cmml_monai.handlers.mlflow import (
+    MLflowTracker,
+    StageMLFlowHandler,
+    refuse_monai_tracking,
+    resolve_tracking_uri,
+    save_executed_config,
+)
 from cmml_monai.handlers.rng import RandomState
 from cmml_monai.handlers.stage import STAGE_NAMES, StageHandlers, validation_handlers
 from cmml_monai.handlers.stats import EpochLossAverager
@@ -28,6 +34,7 @@ __all__ = [
     "StageMLFlowHandler",
     "resolve_tracking_uri",
     "save_executed_config",
+    "refuse_monai_tracking",
     "ResumeHandler",
     "StageCheckpointSaver",
     "BestCheckpointSaver",

@@ -33,7 +33,7 @@ from cmml_monai.data.jsonio import atomic_path, atomic_write_json
 from cmml_monai.utils import as_bool
 
 __all__ = ["resolve_tracking_uri", "check_tracking_server", "MLflowTracker", "StageMLFlowHandler",
-           "save_executed_config"]
+           "save_executed_config", "refuse_monai_tracking", "MONAI_TRACKING_MESSAGE"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,42 @@ def check_tracking_server(uri: str, output_dir: str = "<output_dir>", timeout: f
                 f"the address, unset tracking_uri / MLFLOW_TRACKING_URI to log into {output_dir}/mlruns.db, "
                 "or turn tracking off with --mlflow_enabled false"
             ) from None
+
+
+#: the one line that refuses ``python -m monai.bundle run ... --tracking mlflow``
+MONAI_TRACKING_MESSAGE = (
+    "--tracking (MONAI's switch, e.g. --tracking mlflow) adds MONAI's own MLFlowHandler, which opens a second "
+    "MLflow store with a duplicate run: drop it; this bundle tracks every run with its own tracker (on by "
+    "default, into <output_dir>/mlruns.db): set --tracking_uri URI or MLFLOW_TRACKING_URI for a server, "
+    "--mlflow_enabled false to turn tracking off"
+)
+
+
+def refuse_monai_tracking(save_execute_config: Any = False) -> None:
+    """Refuse MONAI's experiment-tracking switch (``--tracking mlflow`` / ``ConfigWorkflow(tracking=...)``) before
+    anything runs.
+
+    The bundle config holds ``"save_execute_config": false`` and calls this in ``initialize`` with
+    ``@save_execute_config``. MONAI's ``ConfigWorkflow.patch_bundle_tracking`` (what ``tracking`` does) always
+    rewrites that key: to ``None`` when it was ``False`` (and not exporting the config), or to the path of
+    the exported config. So any value other than ``False`` means the switch was given; with ``False`` in the
+    config, MONAI also writes nothing into ``output_dir`` before the refusal.
+
+    Args:
+        save_execute_config: the config's ``@save_execute_config``.
+
+    Raises:
+        DataError: the switch was given (one line: what to do instead, :data:`MONAI_TRACKING_MESSAGE`).
+
+    Example:
+        >>> refuse_monai_tracking(False)  # a plain run
+        >>> refuse_monai_tracking(None)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        cmml_monai.data.errors.DataError: --tracking (MONAI's switch, e.g. --tracking mlflow) adds MONAI's own ...
+    """
+    if save_execute_config is not False:
+        raise DataError(MONAI_TRACKING_MESSAGE)
 
 
 def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
