@@ -2,7 +2,7 @@
 
 Owns the macro AUC metric handler, MLflow parent/stage runs, checkpoint save/resume/load, early
 stopping, epoch loss averages, and the handler lists of a training stage (``StageHandlers``,
-``validation_handlers``). Handlers use the layers below (``metrics``, ``engines``, ``data``,
+``ValidationHandlers``). Handlers use the layers below (``metrics``, ``engines``, ``data``,
 ``utils``); the sweep, reports and plots that consume their outputs live in ``evaluation``.
 """
 
@@ -24,7 +24,7 @@ from cmml_monai.handlers.mlflow import (
     save_executed_config,
 )
 from cmml_monai.handlers.rng import RandomState
-from cmml_monai.handlers.stage import STAGE_NAMES, StageHandlers, validation_handlers
+from cmml_monai.handlers.stage import STAGE_NAMES, StageHandlers, ValidationHandlers
 from cmml_monai.handlers.stats import EpochLossAverager
 
 __all__ = [
@@ -39,7 +39,7 @@ __all__ = [
     "StageCheckpointSaver",
     "BestCheckpointSaver",
     "StageHandlers",
-    "validation_handlers",
+    "ValidationHandlers",
     "STAGE_NAMES",
     "ResumableEarlyStopHandler",
     "LoadNetworkHandler",

@@ -2,7 +2,7 @@
 
 Both CMML stages (and a baseline's single stage) attach the same handlers in the same order; only the
 stage name, its checkpoint folder and the stage-2 extras (start from the stage-1 weights, early stop)
-differ. :class:`StageHandlers` is the trainer's list, :func:`validation_handlers` the evaluator's.
+differ. :class:`StageHandlers` is the trainer's list, :class:`ValidationHandlers` the evaluator's.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from cmml_monai.handlers.mlflow import MLflowTracker, StageMLFlowHandler
 from cmml_monai.handlers.stats import EpochLossAverager
 from cmml_monai.utils import as_bool
 
-__all__ = ["StageHandlers", "validation_handlers", "STAGE_NAMES"]
+__all__ = ["StageHandlers", "ValidationHandlers", "STAGE_NAMES"]
 
 #: the stage names: checkpoint sub-folders' MLflow run names and log tags
 STAGE_NAMES = ("stage1", "stage2")
@@ -129,31 +129,41 @@ class StageHandlers:
             self.early_stop.set_trainer(engine)
 
 
-def validation_handlers(
-    stage: str,
-    best_saver: BestCheckpointSaver,
-    tracker: MLflowTracker,
-    early_stop: ResumableEarlyStopHandler | None = None,
-) -> list[Any]:
-    """The evaluator handlers of one stage: the log, the best checkpoint, MLflow, then the early stop.
+class ValidationHandlers:
+    """The evaluator handlers of one stage, attached in order: the log, the best checkpoint, MLflow, then
+    the early stop (which reads the score after the best checkpoint is saved).
+
+    One object in the evaluator's ``val_handlers`` list, so the list stays a list that tools patching a
+    bundle (MONAI's ``--tracking``) can append to.
 
     Args:
         stage: ``"stage1"`` or ``"stage2"``: the MLflow nested run the validation metrics go to.
         best_saver: the stage's :class:`BestCheckpointSaver`.
         tracker: the run's ``MLflowTracker``.
-        early_stop: the stage's early stop, or None (it reads the score after the best checkpoint is saved).
+        early_stop: the stage's early stop, or None.
 
     Example:
-        >>> handlers = validation_handlers("stage2", best_saver, tracker, early_stop)  # doctest: +SKIP
-        >>> [type(h).__name__ for h in handlers]  # doctest: +SKIP
+        >>> handlers = ValidationHandlers("stage2", best_saver, tracker, early_stop)  # doctest: +SKIP
+        >>> [type(h).__name__ for h in handlers.handlers]  # doctest: +SKIP
         ['StatsHandler', 'BestCheckpointSaver', 'StageMLFlowHandler', 'ResumableEarlyStopHandler']
     """
-    handlers: list[Any] = [
-        StatsHandler(name="cmml", iteration_log=False),
-        best_saver,
-        StageMLFlowHandler(tracker, _check_stage(stage)),
-    ]
-    if early_stop is not None:
-        handlers.append(early_stop)
-    return handlers
+
+    def __init__(
+        self,
+        stage: str,
+        best_saver: BestCheckpointSaver,
+        tracker: MLflowTracker,
+        early_stop: ResumableEarlyStopHandler | None = None,
+    ) -> None:
+        self.handlers: list[Any] = [
+            StatsHandler(name="cmml", iteration_log=False),
+            best_saver,
+            StageMLFlowHandler(tracker, _check_stage(stage)),
+        ]
+        if early_stop is not None:
+            self.handlers.append(early_stop)
+
+    def attach(self, engine: Engine) -> None:
+        for handler in self.handlers:
+            handler.attach(engine)
 
