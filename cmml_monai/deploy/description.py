@@ -25,7 +25,7 @@ from cmml_monai.data.errors import DataError
 from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.data.table import TableSchema
 from cmml_monai.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resolve_pixdim
-from cmml_monai.engines.methods import build_network
+from cmml_monai.engines.methods import METHODS, build_network
 from cmml_monai.networks import CMMLNet
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "describe_network",
     "save_description",
     "load_description",
+    "check_description",
     "resolve_model_dir",
     "description_schema",
     "build_from_description",
@@ -85,15 +86,30 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def completes_missing(network: torch.nn.Module) -> bool:
+def completes_missing(network: torch.nn.Module | Mapping[str, Any]) -> bool:
     """Whether ``network`` fills in a missing modality's representation (CMML's CRTA, mean imputation)
     rather than leaving it out (zero fill, modality dropout): the predictions list such modalities as
     completed.
 
+    Args:
+        network: the eager network, or its description (:func:`load_description`): a TorchScript module
+            does not keep its class, so it is asked through the description's method.
+
+    Raises:
+        DataError: a description whose method is not one of :data:`cmml_monai.engines.methods.METHODS`.
+
     Example:
         >>> completes_missing(build_network("zero_fill", **shared_args))  # doctest: +SKIP
         False
+        >>> completes_missing(load_description("bundle/men_cmml/models"))  # doctest: +SKIP
+        True
     """
+    if isinstance(network, Mapping):
+        method = network["network"]["args"].get("method", "cmml")
+        if method not in METHODS:
+            raise DataError(f"{DESCRIPTION_NAME}: unknown method {method!r}; expected one of {list(METHODS)}")
+        cls, fixed, _ = METHODS[method]
+        return cls is CMMLNet or fixed.get("mode") == "mean_impute"
     return isinstance(network, CMMLNet) or getattr(network, "mode", None) == "mean_impute"
 
 
@@ -252,17 +268,35 @@ def load_description(model_dir: str) -> dict[str, Any]:
             desc = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: cannot read the network description ({e}); write it again") from e
+    desc = check_description(desc, path)
+    desc["model_dir"] = folder
+    return desc
+
+
+def check_description(desc: Any, source: str) -> dict[str, Any]:
+    """``desc`` if it is a network description this package reads (format, version, sections).
+
+    Args:
+        desc: the parsed JSON.
+        source: where it was read (named in errors): a ``network.json`` path, or a TorchScript file.
+
+    Raises:
+        DataError: not a description, another version, or a section missing.
+
+    Example:
+        >>> check_description(json.load(open("models/network.json")), "models/network.json")  # doctest: +SKIP
+        {'format': ..., 'version': ..., 'network': {...}, ...}
+    """
     if not isinstance(desc, dict) or desc.get("format") != _FORMAT:
-        raise DataError(f"{path} is not a cmml-monai network description; write it again")
+        raise DataError(f"{source} is not a cmml-monai network description; write it again")
     if desc.get("version") != DESCRIPTION_VERSION:
         raise DataError(
-            f"{path}: description version {desc.get('version')!r}, this package reads {DESCRIPTION_VERSION}; "
+            f"{source}: description version {desc.get('version')!r}, this package reads {DESCRIPTION_VERSION}; "
             "write it again with this version"
         )
     for key in ("network", "data", "preprocessing"):
         if not isinstance(desc.get(key), dict):
-            raise DataError(f"{path}: no {key!r} section; write the description again")
-    desc["model_dir"] = folder
+            raise DataError(f"{source}: no {key!r} section; write the description again")
     return desc
 
 
