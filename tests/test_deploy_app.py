@@ -4,8 +4,8 @@ Default run (no SDK): the served TorchScript file answers a DICOM study as the e
 the same :func:`~cmml_monai.deploy.report.predict_case` the application's inference operator calls.
 
 ``pytest -m slow``: the application itself, in a virtual environment of its own (monai-deploy-app-sdk pulls
-holoscan, tritonclient and cupy: about 1.5 GB), run as the SDK's command line on a study with all
-sequences (patient attributes holding a PHI marker) and on one with a sequence missing. Its SR and JSON
+holoscan, tritonclient and cupy; with cmml-monai's dependencies the venv is about 3.7 GB), run as the SDK's
+command line on a study with all sequences (patient attributes holding a PHI marker) and on one with a sequence missing. Its SR and JSON
 must equal ``python -m cmml_monai.deploy``'s on the same study, and the marker must stay in the SR.
 
 The environment is built once under ``$CMML_DEPLOY_VENV_CACHE`` (default ``~/.cache/cmml-monai/deploy-venv``),
