@@ -45,7 +45,8 @@ class StudyLoaderOperator(Operator):
         each_study: emit every study of the folder; without it, a folder of several studies is an error.
 
     Example:
-        >>> loader = StudyLoaderOperator(app, CountCondition(app, 1), input_folder="in", name="loader")  # doctest: +SKIP
+        >>> loader = StudyLoaderOperator(app, CountCondition(app, 1), input_folder="in",
+        ...                              name="loader")  # doctest: +SKIP
     """
 
     def __init__(self, fragment: Fragment, *args: Any, input_folder: str, each_study: bool = False,

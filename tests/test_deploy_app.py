@@ -5,8 +5,9 @@ the same :func:`~cmml_monai.deploy.report.predict_case` the application's infere
 
 ``pytest -m slow``: the application itself, in a virtual environment of its own (monai-deploy-app-sdk pulls
 holoscan, tritonclient and cupy; with cmml-monai's dependencies the venv is about 3.7 GB), run as the SDK's
-command line on a study with all sequences (patient attributes holding a PHI marker) and on one with a sequence missing. Its SR and JSON
-must equal ``python -m cmml_monai.deploy``'s on the same study, and the marker must stay in the SR.
+command line on a study with all sequences (patient attributes holding a PHI marker) and on one with a
+sequence missing. Its SR and JSON must equal ``python -m cmml_monai.deploy``'s on the same study, and the
+marker must stay in the SR.
 
 The environment is built once under ``$CMML_DEPLOY_VENV_CACHE`` (default ``~/.cache/cmml-monai/deploy-venv``),
 in a folder named by a hash of what it installs (``deploy_app/requirements.txt``, cmml-monai's
@@ -108,10 +109,11 @@ def deploy_venv() -> str:
         if not os.path.isfile(_venv_python(given)):
             raise AssertionError(f"CMML_DEPLOY_VENV={given!r} has no bin/python")
         return given
-    with open(REQUIREMENTS, "rb") as f:
-        requirements = f.read()
+    with open(REQUIREMENTS, encoding="utf-8") as f:
+        # what pip reads: a changed comment does not build another environment
+        requirements = "\n".join(line.split("#", 1)[0].strip() for line in f if line.split("#", 1)[0].strip())
     deps = _install_requires()
-    key = hashlib.sha256(b"\0".join([requirements, "\n".join(deps).encode(), TORCH_PIN.encode(),
+    key = hashlib.sha256(b"\0".join([requirements.encode(), "\n".join(deps).encode(), TORCH_PIN.encode(),
                                      sys.version.split()[0].encode()])).hexdigest()[:16]
     cache = os.environ.get("CMML_DEPLOY_VENV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                                       "cmml-monai", "deploy-venv")
@@ -156,7 +158,8 @@ def test_app_in_its_own_venv_matches_the_cli(bundle, tmp_path):
     missing = make_study(str(tmp_path / "missing"), ("T1c", "T2", "FLAIR"))
     logs = {}
     # the bundle folder, and the model.ts alone (the SDK's single-model convention)
-    for name, study, model in [("full", full, bundle), ("missing", missing, os.path.join(bundle, "models", "model.ts"))]:
+    runs = [("full", full, bundle), ("missing", missing, os.path.join(bundle, "models", "model.ts"))]
+    for name, study, model in runs:
         out_app, out_cli = tmp_path / f"app_{name}", tmp_path / f"cli_{name}"
         t0 = time.monotonic()
         proc = run_app(venv, study["folder"], str(out_app), model, str(tmp_path))
@@ -202,4 +205,10 @@ def test_app_in_its_own_venv_matches_the_cli(bundle, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "no DICOM image file found" in last and str(tmp_path / "empty") in last
     assert not (tmp_path / "app_bad").exists() or os.listdir(tmp_path / "app_bad") == []
+    # a model folder without model.ts: refused while the graph is built, before any study is read
+    proc = run_app(venv, full["folder"], str(tmp_path / "app_bad"), str(tmp_path / "empty"), str(tmp_path))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"{tmp_path / 'empty'}: no TorchScript model" in last
+    assert os.listdir(tmp_path / "app_bad") == []
     print(f"total {time.monotonic() - start:.0f} s")
