@@ -16,9 +16,11 @@ comes from the environment, with the meaning of ``python -m cmml_monai.deploy``'
 - ``CMML_CLINICAL_CSV``, ``CMML_ID_COLUMN``, ``CMML_KEY_ATTRIBUTE``: clinical values from a table;
 - ``CMML_IRREGULAR``: ``refuse`` (default) or ``resample``;
 - ``CMML_EACH_STUDY``: ``1`` to process each study of the input folder (default: exactly one);
-- ``CMML_DEVICE``: where the network runs (default ``cuda`` when available, else ``cpu``).
+- ``CMML_DEVICE``: where the network runs (default ``cuda`` when available, else ``cpu``);
+- ``CMML_VERBOSE``: ``1`` to log the series selection of each case (``--verbose``).
 
-Bad input prints one ``error:`` line on stderr and exits with status 2; nothing is half-written.
+Bad input exits with status 2, its last stderr line ``error: ...`` (before it, holoscan logs the failed
+operator); nothing is half-written. No line names a patient: cases are named by their pseudonym.
 """
 
 from __future__ import annotations
