@@ -145,8 +145,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 def run_app(venv: str, study: str, out: str, model: str, cwd: str) -> subprocess.CompletedProcess:
     return subprocess.run([_venv_python(venv), APP, "-i", study, "-o", out, "-m", model], cwd=cwd,
-                          env=_env(CMML_PSEUDONYM_KEY="k", CMML_DEVICE="cpu"), capture_output=True, text=True,
-                          timeout=600)
+                          env=_env(CMML_PSEUDONYM_KEY="k", CMML_DEVICE="cpu", CMML_VERBOSE="1"), capture_output=True,
+                          text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -168,6 +168,7 @@ def test_app_in_its_own_venv_matches_the_cli(bundle, tmp_path):
         logs[name] = proc.stdout + proc.stderr
         # the SDK's executor ran the operators' graph
         assert "Graph execution finished" in logs[name] and "1 study(ies) under the input folder" in logs[name]
+        assert "t1c <- series 10" in logs[name]  # every log line on (CMML_VERBOSE) for the PHI check below
         cli = subprocess.run([sys.executable, "-m", "cmml_monai.deploy", study["folder"], "--bundle", bundle, "--out",
                               str(out_cli)], env=_env(CMML_PSEUDONYM_KEY="k"), capture_output=True, text=True,
                              timeout=600)
