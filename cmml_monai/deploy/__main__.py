@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from cmml_monai.data.errors import DataError
-from cmml_monai.deploy.pipeline import KEY_ENV, StudyPipeline, load_rules
+from cmml_monai.deploy.pipeline import KEY_ENV, StudyPipeline, load_rules, set_log_levels
 from cmml_monai.deploy.study import ClinicalSource
 
 __all__ = ["main", "study_parser", "listen_parser"]
@@ -74,12 +74,7 @@ def listen_parser() -> argparse.ArgumentParser:
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not verbose:
-        logging.getLogger("cmml_monai.deploy.study").setLevel(logging.WARNING)
-    # pynetdicom's own log lines may list dataset elements (patient attributes at DEBUG): warnings only
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    # highdicom names the source instances it copies the patient module from: noise, and UIDs link to the study
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    set_log_levels(verbose)
 
 
 def _pipeline(args: argparse.Namespace) -> StudyPipeline:

@@ -38,6 +38,7 @@ __all__ = [
     "describe_network",
     "save_description",
     "load_description",
+    "check_description",
     "resolve_model_dir",
     "description_schema",
     "build_from_description",
@@ -117,15 +118,28 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def completes_missing(network: torch.nn.Module) -> bool:
+def completes_missing(network: torch.nn.Module | Mapping[str, Any]) -> bool:
     """Whether ``network`` fills in a missing modality's representation (CMML's CRTA, mean imputation)
     rather than leaving it out (zero fill, modality dropout): the predictions list such modalities as
     completed.
 
+    Args:
+        network: the eager network, or its description (:func:`load_description`): a TorchScript module
+            does not keep its class, so it is asked through the description's method.
+
+    Raises:
+        DataError: a description whose network is not a class of ``cmml_monai.networks``.
+
     Example:
         >>> completes_missing(LateFusionNet(**shared_args, mode="zero_fill"))  # doctest: +SKIP
         False
+        >>> completes_missing(load_description("bundle/men_cmml/models"))  # doctest: +SKIP
+        True
     """
+    if isinstance(network, Mapping):
+        section = network["network"]
+        cls = _network_class(section.get("target"))
+        return issubclass(cls, CMMLNet) or dict(section.get("args") or {}).get("mode") == "mean_impute"
     return isinstance(network, CMMLNet) or getattr(network, "mode", None) == "mean_impute"
 
 
@@ -289,20 +303,38 @@ def load_description(model_dir: str) -> dict[str, Any]:
             desc = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: cannot read the network description ({e}); write it again") from e
+    desc = check_description(desc, path)
+    desc["model_dir"] = folder
+    return desc
+
+
+def check_description(desc: Any, source: str) -> dict[str, Any]:
+    """``desc`` if it is a network description this package reads (format, version, sections).
+
+    Args:
+        desc: the parsed JSON.
+        source: where it was read (named in errors): a ``network.json`` path, or a TorchScript file.
+
+    Raises:
+        DataError: not a description, another version, or a section missing.
+
+    Example:
+        >>> check_description(json.load(open("models/network.json")), "models/network.json")  # doctest: +SKIP
+        {'format': ..., 'version': ..., 'network': {...}, ...}
+    """
     if not isinstance(desc, dict) or desc.get("format") != _FORMAT:
-        raise DataError(f"{path} is not a cmml-monai network description; write it again")
+        raise DataError(f"{source} is not a cmml-monai network description; write it again")
     if desc.get("version") not in (1, DESCRIPTION_VERSION):
         raise DataError(
-            f"{path}: description version {desc.get('version')!r}, this package reads 1 and {DESCRIPTION_VERSION}; "
+            f"{source}: description version {desc.get('version')!r}, this package reads 1 and {DESCRIPTION_VERSION}; "
             "write it again with this version"
         )
     for key in ("network", "data", "preprocessing"):
         if not isinstance(desc.get(key), dict):
-            raise DataError(f"{path}: no {key!r} section; write the description again")
+            raise DataError(f"{source}: no {key!r} section; write the description again")
     if desc["version"] == 1:
-        desc["network"] = _from_version_1(desc["network"], path)
+        desc["network"] = _from_version_1(desc["network"], source)
         desc["version"] = DESCRIPTION_VERSION
-    desc["model_dir"] = folder
     return desc
 
 

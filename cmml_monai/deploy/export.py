@@ -31,10 +31,11 @@ import torch
 
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.missingness import all_subsets, apply_presence_mask
-from cmml_monai.deploy.description import DESCRIPTION_NAME, load_description, load_network
+from cmml_monai.deploy.description import DESCRIPTION_NAME, check_description, load_description, load_network
 
 __all__ = [
-    "TORCHSCRIPT_NAME", "ONNX_NAME", "example_inputs", "check_export", "export_torchscript", "export_onnx", "main",
+    "TORCHSCRIPT_NAME", "ONNX_NAME", "example_inputs", "check_export", "export_torchscript", "export_onnx",
+    "resolve_torchscript", "load_torchscript", "main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -172,6 +173,65 @@ def _check_or_remove(path: str, diffs: dict[str, float], atol: float, what: str)
             f"with only {worst} present; the file was removed, report this with the network description"
         )
     return diffs[worst]
+
+
+def resolve_torchscript(path: str) -> str:
+    """The TorchScript file of ``path``: the file itself, or ``models/model.ts`` of a bundle folder, or
+    ``model.ts`` of a ``models/`` folder.
+
+    Raises:
+        DataError: none of them exists (the message names ``path`` and how to write the file).
+
+    Example:
+        >>> resolve_torchscript("bundle/men_cmml")  # doctest: +SKIP
+        'bundle/men_cmml/models/model.ts'
+    """
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    for candidate in (os.path.join(path, "models", TORCHSCRIPT_NAME), os.path.join(path, TORCHSCRIPT_NAME)):
+        if os.path.isfile(candidate):
+            return candidate
+    raise DataError(f"{path}: no TorchScript model (neither the file, nor models/{TORCHSCRIPT_NAME} nor "
+                    f"{TORCHSCRIPT_NAME} in it); package the run with scripts/package_bundle.py or write it with "
+                    "python -m cmml_monai.deploy.export MODELS")
+
+
+def load_torchscript(path: str, device: str | torch.device = "cpu") -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """Load an exported network (:func:`export_torchscript`) in eval mode and the description embedded in it.
+
+    Args:
+        path: the ``model.ts`` file, a bundle folder or its ``models/`` folder (:func:`resolve_torchscript`).
+        device: where the module goes.
+
+    Returns:
+        the module (called as ``module(image, tabular)``) and its description, whose ``model_dir`` is the
+        folder of the file.
+
+    Raises:
+        DataError: no such file, not a TorchScript archive, or no cmml-monai description embedded.
+
+    Example:
+        >>> net, desc = load_torchscript("bundle/men_cmml")  # doctest: +SKIP
+        >>> desc["data"]["class_names"]
+        ['low', 'high']
+    """
+    ts = resolve_torchscript(path)
+    extra = {DESCRIPTION_NAME: ""}
+    try:
+        module = torch.jit.load(ts, map_location=device, _extra_files=extra)
+    except (RuntimeError, ValueError) as e:
+        raise DataError(f"{ts}: not a TorchScript model ({str(e).splitlines()[0] if str(e) else e})") from e
+    if not extra[DESCRIPTION_NAME]:
+        raise DataError(f"{ts} has no embedded {DESCRIPTION_NAME}; export it again with "
+                        "python -m cmml_monai.deploy.export MODELS")
+    try:
+        desc = json.loads(extra[DESCRIPTION_NAME])
+    except json.JSONDecodeError as e:
+        raise DataError(f"{ts}: its embedded {DESCRIPTION_NAME} is not JSON ({e}); export it again") from e
+    desc = check_description(desc, f"{ts} ({DESCRIPTION_NAME})")
+    desc["model_dir"] = os.path.dirname(os.path.abspath(ts))
+    return module.eval(), desc
 
 
 def export_onnx(

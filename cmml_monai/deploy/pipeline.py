@@ -27,12 +27,26 @@ from cmml_monai.deploy.study import (
     study_case,
 )
 
-__all__ = ["KEY_ENV", "StudyPipeline", "load_rules"]
+__all__ = ["KEY_ENV", "StudyPipeline", "load_rules", "case_name", "pseudonym_key", "load_studies", "set_log_levels"]
 
 logger = logging.getLogger(__name__)
 
 #: environment variable holding the pseudonym key when none is passed
 KEY_ENV = "CMML_PSEUDONYM_KEY"
+
+
+def set_log_levels(verbose: bool = False) -> None:
+    """The log levels of the PACS pipeline: the series selection of each case only with ``verbose``; the
+    libraries that may name dataset elements at INFO/DEBUG (pynetdicom's patient attributes, highdicom's
+    source instances) at WARNING.
+
+    Example:
+        >>> set_log_levels(verbose=True)  # doctest: +SKIP
+    """
+    if not verbose:
+        logging.getLogger("cmml_monai.deploy.study").setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 def load_rules(path: str | None) -> SeriesRules:
@@ -53,6 +67,44 @@ def load_rules(path: str | None) -> SeriesRules:
         return SeriesRules.from_json(data)
     except (OSError, json.JSONDecodeError, ValueError, TypeError) as e:
         raise DataError(f"series rules {path}: {e}") from e
+
+
+def pseudonym_key(key: str | None = None) -> str | None:
+    """``key``, else the ``CMML_PSEUDONYM_KEY`` environment variable, else ``None`` (no key).
+
+    Example:
+        >>> pseudonym_key(None)  # with CMML_PSEUDONYM_KEY=k  # doctest: +SKIP
+        'k'
+    """
+    return key if key is not None else os.environ.get(KEY_ENV) or None
+
+
+def load_studies(path: str, each_study: bool = False) -> list[Study]:
+    """The study under ``path`` (a folder or DICOMDIR), or each study there with ``each_study``.
+
+    Raises:
+        DataError: no DICOM; several studies without ``each_study``.
+
+    Example:
+        >>> [s.uid for s in load_studies("/exports/day1", each_study=True)]  # doctest: +SKIP
+        ['1.2.826.0.1...', '1.2.826.0.1...']
+    """
+    return scan_studies(path) if each_study else [load_study(path)]
+
+
+def case_name(study: Study, key: str | None) -> str:
+    """How outputs and logs name ``study``: the keyed hash of its StudyInstanceUID, or a random id without a
+    key (logged as such); never a patient identifier.
+
+    Example:
+        >>> case_name(load_study("/exports/study_0001"), "site-key")  # doctest: +SKIP
+        '3f2a9c01d4e5b6a7'
+    """
+    if key:
+        return pseudonym(study.uid, key)
+    name = f"case-{uuid.uuid4().hex[:12]}"
+    logger.warning("no pseudonym key (--key or %s): the study is named %s, a random id", KEY_ENV, name)
+    return name
 
 
 class StudyPipeline:
@@ -96,17 +148,13 @@ class StudyPipeline:
         self.out_dir = os.fspath(out_dir)
         self.rules = rules or SeriesRules()
         self.clinical = clinical or ClinicalSource()
-        self.key = key if key is not None else os.environ.get(KEY_ENV) or None
+        self.key = pseudonym_key(key)
         self.series_number = int(series_number)
         self.irregular = irregular
 
     def case_id_for(self, study: Study) -> str:
         """The pseudonym of ``study`` (keyed hash of its StudyInstanceUID), or a random id without a key."""
-        if self.key:
-            return pseudonym(study.uid, self.key)
-        name = f"case-{uuid.uuid4().hex[:12]}"
-        logger.warning("no pseudonym key (--key or %s): the study is named %s, a random id", KEY_ENV, name)
-        return name
+        return case_name(study, self.key)
 
     def run_study(self, study: Study, case_id: str | None = None) -> tuple[str, str]:
         """SR and JSON of one study; returns their paths."""
@@ -122,9 +170,7 @@ class StudyPipeline:
             DataError: no DICOM, several studies without ``each_study``, a bad series; ``case_id`` with
                 several studies.
         """
-        if not each_study:
-            return [self.run_study(load_study(path), case_id)]
-        studies = scan_studies(path)
+        studies = load_studies(path, each_study)
         if case_id is not None and len(studies) > 1:
             raise DataError(f"--case-id names one case but {path} holds {len(studies)} studies; "
                             "omit it (each study is named by its pseudonym)")

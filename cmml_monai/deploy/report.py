@@ -72,6 +72,12 @@ def predict_case(network: torch.nn.Module, description: Mapping[str, Any], case:
     """Run the served network on one study's batch; the prediction is computed here from the probabilities
     (argmax, or the threshold per label), not taken from any serving framework.
 
+    Args:
+        network: the eager network (:func:`~cmml_monai.deploy.description.load_network`) or its TorchScript
+            export (:func:`~cmml_monai.deploy.export.load_torchscript`), called as ``network(image, tabular)``.
+        description: the served model's description (classes, modalities, method).
+        case: the study's batch (:func:`~cmml_monai.deploy.study.study_case`).
+
     Example:
         >>> case = study_case(study, desc, "c1")  # doctest: +SKIP
         >>> predict_case(load_network("bundle/models"), desc, case).prediction
@@ -84,7 +90,8 @@ def predict_case(network: torch.nn.Module, description: Mapping[str, Any], case:
     image = case.batch["image"].to(device)
     tabular = case.batch.get("tabular")
     network.eval()
-    logits = network(image, None if tabular is None else tabular.to(device)).float()
+    # a traced TorchScript module takes exactly the inputs it was traced with: no None for a missing table
+    logits = (network(image) if tabular is None else network(image, tabular.to(device))).float()
     probs = [float(p) for p in probabilities(logits, multi)[0].cpu()]
     if multi:
         prediction = [c for c, p in zip(classes, probs) if p >= MULTI_LABEL_THRESHOLD]
@@ -95,7 +102,9 @@ def predict_case(network: torch.nn.Module, description: Mapping[str, Any], case:
     every = [m for m in case.selection] + ([table_name] if table_name else [])
     if table_name is not None and tabular is not None and not torch.isnan(tabular).all():
         present.append(table_name)
-    completed = [m for m in every if m not in present] if completes_missing(network) else []
+    # a TorchScript module has lost its class: ask its description which method it was built by
+    completes = completes_missing(description if isinstance(network, torch.jit.ScriptModule) else network)
+    completed = [m for m in every if m not in present] if completes else []
     return CaseResult(case.case_id, dict(zip(classes, probs)), prediction, present, completed,
                       "sigmoid" if multi else "softmax")
 
