@@ -42,6 +42,20 @@ def tiny_overrides(dataset_dir: str, output_dir: str, **extra) -> dict:
     return args
 
 
+def train_tiny_derm7pt(root, **extra) -> tuple[str, str, ConfigWorkflow]:
+    """Train the tiny configuration on 30 generated Derm7pt-layout cases under ``root``.
+
+    Returns ``(data dir, run dir, the finished workflow)``; ``extra`` adds or replaces overrides.
+    """
+    from cmml_monai.data.synthetic import make_synthetic
+
+    data, run = os.path.join(str(root), "derm7pt"), os.path.join(str(root), "run")
+    make_synthetic("derm7pt", data, cases=30, seed=0)
+    w = workflow(TRAIN, **tiny_overrides(data, run, **{"synthetic": False, "num_workers": 0, **extra}))
+    w.run()
+    return data, run, w
+
+
 def workflow(config_file, **override) -> ConfigWorkflow:
     """An initialised ``ConfigWorkflow`` (train type) of ``config_file`` with ``override``."""
     w = ConfigWorkflow(config_file=config_file, workflow_type="train", **override)

@@ -25,14 +25,12 @@ import time
 
 import pytest
 
-from cmml_monai.data.synthetic import make_synthetic
 
-from bundle_helpers import tiny_overrides, workflow
+from bundle_helpers import train_tiny_derm7pt
 
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "configs", "train.json")
 SCRIPT = os.path.join(ROOT, "scripts", "package_bundle.py")
 VENV = os.environ.get("CMML_LABEL_VENV", "/tmp/venv_label")
 MARKER = os.path.join(VENV, "cmml-label-ready.json")
@@ -93,11 +91,7 @@ def label_venv(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("label")
-    data = str(root / "derm7pt")
-    make_synthetic("derm7pt", data, cases=30, seed=0)
-    run = str(root / "run")
-    w = workflow(TRAIN, **tiny_overrides(data, run, synthetic=False, num_workers=0))
-    w.run()
+    data, run, w = train_tiny_derm7pt(root)
     w.finalize()
     out = str(root / "bundle" / "derm7pt_tiny")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}

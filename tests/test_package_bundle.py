@@ -24,15 +24,13 @@ from monai.bundle import ConfigParser, ckpt_export, create_workflow, verify_meta
 from monai.data import MetaTensor
 
 from cmml_monai.data.errors import DataError
-from cmml_monai.data.synthetic import make_synthetic
 from cmml_monai.deploy import load_description, load_network
 from cmml_monai.deploy.export import example_inputs
 from cmml_monai.deploy.package import bundle_metadata, packaged_inference_config
 
-from bundle_helpers import tiny_overrides, workflow
+from bundle_helpers import train_tiny_derm7pt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "configs", "train.json")
 INFERENCE = os.path.join(ROOT, "configs", "inference.json")
 SCRIPT = os.path.join(ROOT, "scripts", "package_bundle.py")
 SCHEMA = os.path.join(ROOT, "tests", "data", "meta_schema_20240725.json")
@@ -45,11 +43,7 @@ CLASSES = ["BCC", "NEV", "MEL", "MISC", "SK"]
 def packaged(tmp_path_factory) -> dict:
     """``{"run", "data", "bundle", "zip"}``: the trained run, its data and the packaged bundle (folder, zip)."""
     root = tmp_path_factory.mktemp("package")
-    data = str(root / "derm7pt")
-    make_synthetic("derm7pt", data, cases=30, seed=0)
-    run = str(root / "run")
-    w = workflow(TRAIN, **tiny_overrides(data, run, synthetic=False, num_workers=0, **{"sweep#subsets": True}))
-    w.run()
+    data, run, w = train_tiny_derm7pt(root, **{"sweep#subsets": True})
     w.finalize()
     out = str(root / "bundle" / NAME)
     done = subprocess.run([sys.executable, SCRIPT, run, "--out", out, "--zip", "--version", "1.0.0", "--changelog",

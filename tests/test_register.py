@@ -20,15 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from cmml_monai.data.synthetic import make_synthetic
 from cmml_monai.deploy import example_inputs, load_description, load_network
 from cmml_monai.deploy.register import register_model, run_metrics
 
-from bundle_helpers import tiny_overrides, workflow
+from bundle_helpers import train_tiny_derm7pt
 from test_mlflow_server import mlflow_server  # noqa: F401  (the real server fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "configs", "train.json")
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 ENV.pop("MLFLOW_TRACKING_URI", None)
 
@@ -37,13 +35,8 @@ ENV.pop("MLFLOW_TRACKING_URI", None)
 def trained(tmp_path_factory) -> dict:
     """``{"run", "uri", "parent"}``: a tiny run tracked in its own sqlite store."""
     root = tmp_path_factory.mktemp("register")
-    data = str(root / "derm7pt")
-    make_synthetic("derm7pt", data, cases=30, seed=0)
-    run = str(root / "run")
     uri = f"sqlite:///{root / 'train.db'}"
-    w = workflow(TRAIN, **tiny_overrides(data, run, synthetic=False, num_workers=0, mlflow_enabled=True,
-                                         tracking_uri=uri, experiment_name="cmml_register"))
-    w.run()
+    data, run, w = train_tiny_derm7pt(root, mlflow_enabled=True, tracking_uri=uri, experiment_name="cmml_register")
     w.finalize()
     with open(os.path.join(run, "mlflow_run.json"), encoding="utf-8") as f:
         parent = json.load(f)["parent"]
