@@ -17,6 +17,7 @@ Tiny sizes throughout (resnet10, d = 16, 32 px, a dozen test cases) so the file 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from functools import partial
@@ -162,11 +163,13 @@ def expected_metrics(net: torch.nn.Module, derm: dict, present: np.ndarray) -> d
     }
 
 
-def run_sweep(net: torch.nn.Module, derm: dict, name: str, rates: list[float], checkpoint: str | None = None) -> list:
+def run_sweep(net: torch.nn.Module, derm: dict, name: str, rates: list[float], checkpoint: str | None = None,
+              predictions: bool = False) -> list:
     sweep = MissingRateSweep(
         net, derm["case_list"], derm["dataset"], str(derm["base"] / name), str(derm["base"] / f"{name}_masks"),
         method=name, split="test", rates=rates, seed=MASK_SEED, subsets=False, roc=False, checkpoint=checkpoint,
         device="cpu", amp=False, batch_size=5,  # 5: the 12 test cases span several batches
+        predictions=predictions,
     )
     return sweep.run()
 
@@ -183,7 +186,7 @@ def derm_natural(derm: dict) -> np.ndarray:
 
 def test_sweep_scores_each_rate_on_its_own_saved_masks(derm):
     net = derm_net(derm, seed=1)
-    rows = run_sweep(net, derm, "per_rate", SWEEP_RATES)
+    rows = run_sweep(net, derm, "per_rate", SWEEP_RATES, predictions=True)
     with open(derm["base"] / "per_rate_masks" / "masks_test.json", encoding="utf-8") as f:
         saved = json.load(f)
     assert saved["case_ids"] == derm["case_ids"] and saved["seed"] == MASK_SEED
@@ -205,6 +208,16 @@ def test_sweep_scores_each_rate_on_its_own_saved_masks(derm):
         assert row["auc"] == pytest.approx(expected["auc"], abs=1e-6), f"AUC at rate {rate}"
         assert row["acc"] == pytest.approx(expected["acc"], abs=1e-9), f"accuracy at rate {rate}"
         assert row["ece"] == pytest.approx(expected["ece"], abs=1e-5), f"ECE at rate {rate}"
+        # the per-case predictions of the rate: the same probabilities, and the inputs each case kept
+        with open(derm["base"] / "per_rate" / f"predictions_rate{rate:g}.csv", encoding="utf-8") as f:
+            cases = list(csv.DictReader(f))
+        assert [c["case_id"] for c in cases] == derm["case_ids"]
+        names = derm["case_list"].class_names
+        probs = np.array([[float(c[f"prob_{n}"]) for n in names] for c in cases])
+        np.testing.assert_allclose(probs, expected["probs"], atol=1e-6)
+        assert [c["prediction"] for c in cases] == [names[i] for i in probs.argmax(axis=1)]
+        modalities = derm["case_list"].modality_names
+        assert [c["present"] for c in cases] == ["+".join(m for m, p in zip(modalities, r) if p) for r in masks[rate]]
     # the test has teeth: masks and predictions differ between rates
     assert masks[0.7].sum() < masks[0.3].sum() < natural.sum()
     assert not np.allclose(expected_by_rate[0.7]["probs"], expected_by_rate[0.0]["probs"], atol=1e-4)

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,6 +90,18 @@ def test_odir_overlay_trains_multilabel_and_evaluate_json_rescores_it(tmp_path):
         assert os.path.getsize(out / "eval" / name) > 0, name
     summary = json.load(open(out / "eval" / "summary.json"))
     assert summary["avg_auc"] == pytest.approx(sum(float(r["auc"]) for r in rescored) / len(rescored))
+    # evaluate.json also writes each rate's per-case predictions; they give the rate's row again
+    from cmml_monai.metrics import classification_metrics
+
+    test_ids = masks["case_ids"]
+    for row in rescored:
+        cases = _rows(out / "eval" / f"predictions_rate{float(row['rate']):g}.csv")
+        assert len(cases) == int(row["n"]) and set(c["case_id"] for c in cases) <= set(test_ids)
+        labels = np.array([[int(c[k]) for k in c if k.startswith("label_")] for c in cases])
+        probs = np.array([[float(c[k]) for k in c if k.startswith("prob_")] for c in cases])
+        assert classification_metrics(probs, labels, True)["auc"] == pytest.approx(float(row["auc"]), abs=1e-9)
+        names = [k[len("prob_"):] for k in cases[0] if k.startswith("prob_")]
+        assert all(c["prediction"] == ";".join(n for n in names if float(c[f"prob_{n}"]) >= 0.5) for c in cases)
 
 
 def test_men_overlay_trains_3d_from_dicom(tmp_path):

@@ -104,6 +104,8 @@ class MissingRateSweep:
         seed: mask seed.
         subsets: also evaluate every fixed subset of modalities.
         roc: write ROC PNGs (one per rate).
+        predictions: also write each rate's per-case predictions, ``predictions_rate<r>.csv`` (case id,
+            label, one probability per class or label, the prediction, the modalities the case kept).
         checkpoint: weights to load first (a ``CheckpointSaver`` file or a plain state dict); None = as is.
         device: device (default: CUDA if available, else CPU).
         amp: bf16 autocast on CUDA.
@@ -124,6 +126,7 @@ class MissingRateSweep:
         seed: int = 0,
         subsets: bool = True,
         roc: bool = True,
+        predictions: bool = False,
         checkpoint: str | None = None,
         device: str | torch.device | None = None,
         amp: bool = False,
@@ -144,6 +147,7 @@ class MissingRateSweep:
         self.seed = seed
         self.subsets = as_bool(subsets, "sweep#subsets")
         self.roc = as_bool(roc, "sweep#roc")
+        self.predictions = as_bool(predictions, "sweep#predictions")
         self.checkpoint = checkpoint
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu"
@@ -188,6 +192,8 @@ class MissingRateSweep:
         self.rows, self.subset_rows = [], []
         for rate in self.rates:
             metrics, probs, labels = self._evaluate(masks[rate], case_ids)
+            if self.predictions:
+                self._write_predictions(rate, masks[rate], case_ids, probs, labels)
             row = {"method": self.method, "rate": rate, **{k: metrics[k] for k in METRIC_COLUMNS}}
             self.rows.append(row)
             logger.info("sweep %s rate %.1f: %s", self.method, rate,
@@ -210,6 +216,31 @@ class MissingRateSweep:
                 )
         self._write()
         return self.rows
+
+    def _write_predictions(
+        self, rate: float, mask: np.ndarray, case_ids: list[str], probs: np.ndarray, labels: np.ndarray
+    ) -> str:
+        """``predictions_rate<r>.csv``: one row per case that kept a modality at ``rate``, in split order."""
+        keep = np.flatnonzero(mask.any(axis=1))
+        names = self.case_list.class_names
+        frame = pd.DataFrame({"case_id": [case_ids[i] for i in keep]})
+        if self.case_list.multi_label:
+            for j, name in enumerate(names):
+                frame[f"label_{name}"] = labels[:, j].astype(int)
+            for j, name in enumerate(names):
+                frame[f"prob_{name}"] = probs[:, j]
+            frame["prediction"] = [";".join(n for n, p in zip(names, row) if p >= 0.5) for row in probs]
+        else:
+            frame["label"] = [names[int(c)] for c in labels]
+            for j, name in enumerate(names):
+                frame[f"prob_{name}"] = probs[:, j]
+            frame["prediction"] = [names[int(c)] for c in probs.argmax(axis=1)]
+        modalities = self.case_list.modality_names
+        frame["present"] = ["+".join(m for m, p in zip(modalities, mask[i]) if p) for i in keep]
+        path = os.path.join(self.output_dir, f"predictions_rate{rate:g}.csv")
+        with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+            frame.to_csv(f, index=False)
+        return path
 
     @property
     def avg_auc(self) -> float:
