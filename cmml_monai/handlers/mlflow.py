@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import mlflow
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 from monai.handlers import MLFlowHandler
 from monai.utils import path_to_sqlite_uri
@@ -374,7 +374,10 @@ class StageMLFlowHandler(MLFlowHandler):
         tracker: the shared ``MLflowTracker``; nothing is attached when it is disabled.
         stage: nested run name, e.g. ``"stage1"``.
         step_engine: engine whose epoch is the metric step (default: the attached engine).
-        kwargs: other ``MLFlowHandler`` arguments (``artifacts``, ``close_on_complete``, ...).
+        close_on_complete: mark the stage's run finished when the engine completes (after the artifacts
+            are logged). Done here through the client rather than by ``MLFlowHandler.close``, which also
+            disposes the SQLite engine that the tracker's client still uses.
+        kwargs: other ``MLFlowHandler`` arguments (``artifacts``, ...).
     """
 
     def __init__(
@@ -391,6 +394,7 @@ class StageMLFlowHandler(MLFlowHandler):
         self.tracker = tracker
         self.stage = stage
         self.step_engine = step_engine
+        self.finish_on_complete = as_bool(close_on_complete, "close_on_complete")
         if not tracker.enabled:
             self.cur_run = None
             return
@@ -401,7 +405,7 @@ class StageMLFlowHandler(MLFlowHandler):
             experiment_name=tracker.experiment_name,
             run_name=f"{tracker.run_name}/{stage}",
             artifacts=artifacts,
-            close_on_complete=close_on_complete,
+            close_on_complete=False,
             artifact_location=tracker.artifact_location,
             global_epoch_transform=self._step,
             **kwargs,
@@ -413,14 +417,19 @@ class StageMLFlowHandler(MLFlowHandler):
     def attach(self, engine: Engine) -> None:
         if self.tracker.enabled:
             super().attach(engine)
+            if self.finish_on_complete:  # after MLFlowHandler's own COMPLETED handler logs the artifacts
+                engine.add_event_handler(Events.COMPLETED, self.finish)
+
+    def finish(self, engine: Engine) -> None:
+        """Mark the stage's run finished (the tracker's ``close`` ends the parent run)."""
+        if self.cur_run is not None:
+            self.client.set_terminated(self.cur_run.info.run_id, self.run_finish_status)
+            self.cur_run = None
 
     def start(self, engine: Engine) -> None:
         if self.cur_run is None:
             self.cur_run = self.client.get_run(self.tracker.child_run_id(self.stage))
         super().start(engine)
-
-    def _dispose_sqlite_store(self) -> None:  # the tracker's client shares the database: keep it open
-        return
 
 
 def save_executed_config(path: str, argv: Sequence[str] | None = None) -> str | None:
