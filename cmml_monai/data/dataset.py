@@ -333,6 +333,8 @@ def build_dataset(
         raise ValueError(f"cache_rate must be in [0, 1], got {cache_rate}")
     if int(num_workers) < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if cache_max_gb is not None and float(cache_max_gb) <= 0:
+        raise ValueError(f"cache_max_gb must be > 0 (or null for no bound), got {cache_max_gb}")
     pixdim = resolve_pixdim(pixdim)
     data = data_dicts(case_list, split, with_label=with_label)
     transform = case_transforms(
@@ -385,8 +387,6 @@ def item_nbytes(case_list: CaseList, spatial_size: Sequence[int]) -> int:
 
 def _check_cache_bound(cache_max_gb: float, item_bytes: int, n: int, split: Any) -> int:
     """How many of ``n`` items fit in ``cache_max_gb``; said in the log when not all do."""
-    if float(cache_max_gb) <= 0:
-        raise ValueError(f"cache_max_gb must be > 0 (or null for no bound), got {cache_max_gb}")
     fit = int(float(cache_max_gb) * 1e9 // item_bytes)
     if fit < n:
         logger.info("cache of split %s: %d of %d items fit in cache_max_gb %g (%.2f MB each); the other %d are "
@@ -400,15 +400,12 @@ def _check_disk(folder: str, cache_max_gb: float | None, item_bytes: int, n: int
     The items already in ``folder`` (a resumed run, another method on the same data) need no new space.
     """
     need_gb = item_bytes * n / 1e9
-    if cache_max_gb is not None:
-        if float(cache_max_gb) <= 0:
-            raise ValueError(f"cache_max_gb must be > 0 (or null for no bound), got {cache_max_gb}")
-        if need_gb > float(cache_max_gb):
-            raise DataError(
-                f"the persistent cache of split {split} needs about {need_gb:.2f} GB ({n} items), more than "
-                f"cache_max_gb {float(cache_max_gb):g}: raise --cache_max_gb, or use --cache cache (bounded "
-                "in memory) or --cache none"
-            )
+    if cache_max_gb is not None and need_gb > float(cache_max_gb):
+        raise DataError(
+            f"the persistent cache of split {split} needs about {need_gb:.2f} GB ({n} items), more than "
+            f"cache_max_gb {float(cache_max_gb):g}: raise --cache_max_gb, or use --cache cache (bounded "
+            "in memory) or --cache none"
+        )
     written = sum(e.stat().st_size for e in os.scandir(folder) if e.is_file()) if os.path.isdir(folder) else 0
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):

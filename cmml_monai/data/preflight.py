@@ -108,14 +108,20 @@ class PreflightReport:
         }
 
 
-def _deterministic(transform: Callable) -> Callable[[Any], Any]:
-    """The part of ``transform`` that a cache keeps (up to the first random transform)."""
+def _cached_part(transform: Callable) -> Callable:
+    """The part of ``transform`` that a cache keeps: up to the first random (or non-MONAI) transform."""
     if not isinstance(transform, Compose):
         return transform
     first_random = transform.get_index_of_first(
         lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform)
     )
-    return lambda item: transform(item, end=first_random, threading=True)
+    return Compose(transform.transforms[:first_random]) if first_random is not None else transform
+
+
+def _deterministic(transform: Callable) -> Callable[[Any], Any]:
+    """Run the part of ``transform`` that a cache keeps (threaded, as the caches run it)."""
+    part = _cached_part(transform)
+    return (lambda item: part(item, threading=True)) if isinstance(part, Compose) else part
 
 
 def _cache_view(ds: PersistentDataset) -> PersistentDataset:
@@ -124,13 +130,7 @@ def _cache_view(ds: PersistentDataset) -> PersistentDataset:
     Reading item ``i`` of the view writes the cache file that ``ds`` reads for item ``i``, without running
     (and advancing the random state of) the training augmentation that follows the cache.
     """
-    transform = ds.transform
-    if isinstance(transform, Compose):
-        first_random = transform.get_index_of_first(
-            lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform)
-        )
-        transform = Compose(transform.transforms[:first_random] if first_random is not None else transform.transforms)
-    return PersistentDataset(ds.data, transform, cache_dir=ds.cache_dir, hash_func=ds.hash_func)
+    return PersistentDataset(ds.data, _cached_part(ds.transform), cache_dir=ds.cache_dir, hash_func=ds.hash_func)
 
 
 def _checker(ds: Dataset) -> tuple[list[int], Callable[[int], None], dict[int, DataError]]:

@@ -466,7 +466,7 @@ def resample_series(series: SeriesInfo, dest: str) -> float:
         the even gap in mm.
 
     Example:
-        >>> resample_series(series, "/tmp/work/t2w.nii.gz")  # doctest: +SKIP
+        >>> resample_series(series, "work/t2w.nii.gz")  # doctest: +SKIP
         2.0
     """
     import nibabel as nib

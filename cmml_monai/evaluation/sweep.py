@@ -89,6 +89,11 @@ def _write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> str:
     return path
 
 
+def _kept_cases(mask: np.ndarray) -> np.ndarray:
+    """Positions of the cases that keep at least one modality under ``mask``: the ones a condition scores."""
+    return np.flatnonzero(mask.any(axis=1))
+
+
 class MissingRateSweep:
     """Evaluate a trained network under simulated missingness and fixed modality subsets.
 
@@ -172,7 +177,7 @@ class MissingRateSweep:
 
     def _evaluate(self, mask: np.ndarray, case_ids: list[str]) -> tuple[dict, np.ndarray, np.ndarray]:
         """Metrics, probabilities and labels of the cases that keep at least one modality under ``mask``."""
-        keep = np.flatnonzero(mask.any(axis=1))
+        keep = _kept_cases(mask)
         channels = [m.channels for m in self.case_list.image_modalities]
         # the masked dataset checks that each item is the case its mask row belongs to
         masked = PresenceMaskedDataset(self.dataset, case_ids, mask, channels, indices=keep)
@@ -221,7 +226,7 @@ class MissingRateSweep:
         self, rate: float, mask: np.ndarray, case_ids: list[str], probs: np.ndarray, labels: np.ndarray
     ) -> str:
         """``predictions_rate<r>.csv``: one row per case that kept a modality at ``rate``, in split order."""
-        keep = np.flatnonzero(mask.any(axis=1))
+        keep = _kept_cases(mask)
         names = self.case_list.class_names
         frame = pd.DataFrame({"case_id": [case_ids[i] for i in keep]})
         if self.case_list.multi_label:
