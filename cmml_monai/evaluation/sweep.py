@@ -111,7 +111,7 @@ class MissingRateSweep:
         roc: write ROC PNGs (one per rate).
         predictions: also write each rate's per-case predictions, ``predictions_rate<r>.csv`` (case id,
             label, one probability per class or label, the prediction, the modalities the case kept).
-        checkpoint: weights to load first (a ``CheckpointSaver`` file or a plain state dict); None = as is.
+        checkpoint: weights to load first (a checkpoint file of this package or a plain state dict); None = as is.
         device: device (default: CUDA if available, else CPU).
         amp: bf16 autocast on CUDA.
         batch_size, num_workers: of the evaluation loader.

@@ -11,11 +11,12 @@ import shutil
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.handlers import CheckpointLoader
 
 from cmml_monai.utils import as_bool
 
-__all__ = ["latest_checkpoint", "atomic_checkpoints", "StageCheckpointSaver",
+__all__ = ["latest_checkpoint", "StageCheckpointSaver",
            "BestCheckpointSaver", "ResumeHandler", "LoadNetworkHandler"]
 
 logger = logging.getLogger(__name__)
@@ -25,8 +26,8 @@ OPTIONAL_STATE = ("rng",)  # added to the stage checkpoints later: older checkpo
 
 
 def latest_checkpoint(folder: str) -> str | None:
-    """The ``checkpoint_epoch=N.pt`` with the largest N in ``folder`` (written by ``CheckpointSaver``
-    with ``save_interval=1`` and ``epoch_level=True``), or None."""
+    """The ``checkpoint_epoch=N.pt`` with the largest N in ``folder`` (written by
+    :class:`StageCheckpointSaver`), or None."""
     best, best_epoch = None, -1
     for path in glob.glob(os.path.join(glob.escape(folder), "checkpoint_epoch=*.pt")):
         m = _EPOCH_RE.search(os.path.basename(path))
@@ -35,29 +36,25 @@ def latest_checkpoint(folder: str) -> str | None:
     return best
 
 
-def atomic_checkpoints(saver: CheckpointSaver) -> CheckpointSaver:
-    """Make ``saver`` write each checkpoint to a temporary file in its folder and rename it into place.
-
-    MONAI's ``CheckpointSaver`` writes in place (ignite ``DiskSaver(atomic=False)``, for group-read
-    permissions, which ignite's atomic mode now restores too): a run killed mid-write would leave a
-    truncated ``checkpoint_epoch=N.pt`` that the next resume loads.
-    """
-    for name in ("_final_checkpoint", "_key_metric_checkpoint", "_interval_checkpoint"):
-        handler = getattr(getattr(saver, name, None), "save_handler", None)
-        if handler is not None and hasattr(handler, "_atomic"):
-            handler._atomic = True
-    return saver
-
-
 def _is_count(value: object, minimum: int) -> bool:
     """An int (not a bool, not a float) of at least ``minimum``."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-class StageCheckpointSaver(CheckpointSaver):
-    """``CheckpointSaver`` of a stage's full state: every epoch (``checkpoint_epoch=N.pt``, the last one
-    kept) and at the end (``checkpoint_final.pt``, linked to the last epoch's file rather than written
-    twice); the attached trainer joins ``save_dict`` as ``"trainer"``.
+def _atomic_disk(save_dir: str) -> DiskSaver:
+    """Ignite's ``DiskSaver`` writing each file to a temporary name and renaming it into place (only on
+    rank 0), so a run killed mid-write never leaves a truncated checkpoint for the next resume."""
+    return DiskSaver(save_dir, atomic=True, create_dir=True, require_empty=False)
+
+
+class StageCheckpointSaver:
+    """A stage's full state (network, optimizer, scheduler, trainer, ...) saved by Ignite's ``Checkpoint``:
+    every epoch (``checkpoint_epoch=N.pt``, the last ``n_saved`` kept) and at the end or at an error
+    (``checkpoint_final.pt``); the attached trainer joins ``save_dict`` as ``"trainer"``.
+
+    Our own handler around Ignite's because a resumable stage needs three things Ignite's ``Checkpoint``
+    does not do: delete epoch files an earlier (killed) run left, make the final file a link to the last
+    epoch's instead of a second full copy, and save the state at an error.
 
     A config cannot reference the trainer inside the trainer's own handler list (a reference cycle),
     so the trainer is added when the handler is attached.
@@ -65,34 +62,65 @@ class StageCheckpointSaver(CheckpointSaver):
     Args:
         save_dir: the stage's checkpoint folder.
         save_dict: objects to save (network, optimizer, lr_scheduler); the same dict as ``ResumeHandler``'s.
-        kwargs: other ``CheckpointSaver`` arguments.
+        save_final: write ``final_filename`` when the run completes or raises.
+        final_filename: name of the final checkpoint.
+        n_saved: epoch checkpoints kept.
+
+    Example::
+
+        >>> import tempfile
+        >>> from ignite.engine import Engine
+        >>> folder = tempfile.mkdtemp()
+        >>> engine = Engine(lambda e, b: None)
+        >>> StageCheckpointSaver(folder, {"network": torch.nn.Linear(1, 1)}).attach(engine)
+        >>> _ = engine.run([0], max_epochs=2)
+        >>> sorted(os.listdir(folder))
+        ['checkpoint_epoch=2.pt', 'checkpoint_final.pt']
     """
 
-    def __init__(self, save_dir: str, save_dict: dict, **kwargs) -> None:
-        kwargs.setdefault("save_final", True)
-        kwargs.setdefault("final_filename", "checkpoint_final.pt")
-        kwargs.setdefault("save_interval", 1)
-        kwargs.setdefault("n_saved", 1)
-        kwargs.setdefault("epoch_level", True)
-        super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
-        atomic_checkpoints(self)
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: dict,
+        save_final: bool = True,
+        final_filename: str = "checkpoint_final.pt",
+        n_saved: int = 1,
+    ) -> None:
+        if not _is_count(n_saved, 1):
+            raise ValueError(f"n_saved must be an integer >= 1, got {n_saved!r}.")
+        self.save_dir = save_dir
+        self.save_dict = save_dict
+        self.save_final = as_bool(save_final, "save_final")
+        self.final_filename = final_filename
+        self.n_saved = n_saved
+        self.epoch_checkpoint: Checkpoint | None = None
+        self.final_checkpoint: Checkpoint | None = None
 
     def attach(self, engine: Engine) -> None:
         self.save_dict.setdefault("trainer", engine)
-        super().attach(engine)
+        disk = _atomic_disk(self.save_dir)
+        # "checkpoint_epoch=N.pt": several objects are saved under the name "checkpoint", scored by the epoch
+        self.epoch_checkpoint = Checkpoint(
+            self.save_dict, disk, score_function=lambda e: e.state.epoch, score_name="epoch", n_saved=self.n_saved
+        )
+        self.final_checkpoint = Checkpoint(self.save_dict, disk, filename_pattern=self.final_filename, n_saved=1)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        if self.save_final:
+            engine.add_event_handler(Events.COMPLETED, self.completed)
+            engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
 
-    def interval_completed(self, engine: Engine) -> None:
+    def epoch_completed(self, engine: Engine) -> None:
         """Save this epoch's checkpoint, then delete the epoch checkpoints this saver does not keep.
 
-        MONAI's saver only deletes (beyond ``n_saved``) the files it wrote itself: a resumed run would keep
-        the killed run's last ``checkpoint_epoch=N.pt`` (a full checkpoint of disk) next to its own, and a
-        run with ``resume`` off would resume from the older run's later epoch after a crash. The other
-        files go only after the new one is complete, so a kill at any moment leaves one to resume from.
+        Ignite's ``Checkpoint`` only deletes (beyond ``n_saved``) the files it wrote itself: a resumed run
+        would keep the killed run's last ``checkpoint_epoch=N.pt`` (a full checkpoint of disk) next to its
+        own, and a run with ``resume`` off would resume from the older run's later epoch after a crash. The
+        other files go only after the new one is complete, so a kill at any moment leaves one to resume from.
         """
-        super().interval_completed(engine)
-        if idist.get_rank() > 0 or not self.epoch_level or self._interval_checkpoint is None:
+        self.epoch_checkpoint(engine)
+        if idist.get_rank() > 0:
             return
-        kept = {os.path.basename(str(item.filename)) for item in self._interval_checkpoint._saved}
+        kept = {os.path.basename(str(name)) for _, name in self.epoch_checkpoint.state_dict()["_saved"]}
         for path in glob.glob(os.path.join(glob.escape(self.save_dir), "checkpoint_epoch=*.pt")):
             if _EPOCH_RE.search(os.path.basename(path)) and os.path.basename(path) not in kept:
                 os.remove(path)
@@ -104,15 +132,14 @@ class StageCheckpointSaver(CheckpointSaver):
 
         The final state is the last epoch's: writing it again doubled a stage's disk use (660 MB per
         full checkpoint on the MEN layout). The link survives the epoch file's later deletion.
-        Under several processes only rank 0 touches the files (ignite's ``DiskSaver`` saves on rank 0).
+        Under several processes only rank 0 touches the files.
         """
         if idist.get_rank() > 0:
             return
-        last = getattr(self._interval_checkpoint, "last_checkpoint", None)
+        last = self.epoch_checkpoint.last_checkpoint if self.epoch_checkpoint is not None else None
         match = _EPOCH_RE.search(os.path.basename(str(last))) if last else None
-        if not (self.epoch_level and match and int(match.group(1)) == engine.state.epoch and os.path.isfile(last)):
-            self._unlink_final()  # e.g. a resumed stage that had nothing left to train: a fresh save
-            super().completed(engine)
+        if not (match and int(match.group(1)) == engine.state.epoch and os.path.isfile(last)):
+            self._save_final(engine)  # e.g. a resumed stage that had nothing left to train
             return
         final = self._final_path()
         tmp = final + ".tmp"
@@ -126,32 +153,32 @@ class StageCheckpointSaver(CheckpointSaver):
         logger.info("train completed: final checkpoint %s is the epoch-%d checkpoint", final, engine.state.epoch)
 
     def exception_raised(self, engine: Engine, e: Exception) -> None:
-        """Save the state at the failure as a new ``checkpoint_final.pt`` file (MONAI writes in place, which
-        would also change an epoch checkpoint the old final file was linked to)."""
-        if idist.get_rank() == 0:
-            self._unlink_final()
-        super().exception_raised(engine, e)
+        """Save the state at the failure as ``checkpoint_final.pt``, then raise the error again (Ignite
+        re-raises only when no handler listens to ``EXCEPTION_RAISED``)."""
+        self._save_final(engine)
+        raise e
+
+    def _save_final(self, engine: Engine) -> None:
+        # a fresh final save each time (Ignite fires EXCEPTION_RAISED twice for an error inside an epoch);
+        # the atomic rename replaces the file name only, so an epoch file the old final was linked to is kept
+        self.final_checkpoint.reset()
+        self.final_checkpoint(engine)
+        logger.info("final checkpoint %s saved at epoch %d", self._final_path(), engine.state.epoch)
 
     def _final_path(self) -> str:
-        return os.path.join(self.save_dir, self._final_filename or "checkpoint_final.pt")
-
-    def _unlink_final(self) -> None:
-        final = self._final_path()
-        if os.path.lexists(final):
-            os.remove(final)
-        if self._final_checkpoint is not None:
-            # MONAI deletes the final file it tracks before a new save: that file is gone now. Ignite fires
-            # EXCEPTION_RAISED twice for an error inside an epoch, so without this the second call raised
-            # FileNotFoundError over the run's own error.
-            self._final_checkpoint._saved.clear()
+        return os.path.join(self.save_dir, self.final_filename)
 
 
-class BestCheckpointSaver(CheckpointSaver):
+class BestCheckpointSaver:
     """``model_best.pt`` by the evaluator's key metric, whose best-so-far survives a resume.
 
     Put this object in the stage's ``checkpoint_dict`` too (``"best": "@...#best_saver"``): its
     ``state_dict`` (the saved file and its score) then travels with every epoch checkpoint and
     ``ResumeHandler`` restores it, so a resumed run only replaces ``model_best.pt`` with a better score.
+
+    Our own handler because Ignite's ``Checkpoint`` keeps a fixed file name only once (it never replaces
+    a saved name with a better score); the file itself is written by Ignite's ``Checkpoint`` and
+    ``DiskSaver`` (atomic, rank 0, the single object's state dict saved unwrapped).
 
     Validations before ``min_epoch`` (the stage's epoch, which the evaluator carries) are not
     candidates. The first epoch after a stage starts is a warm-up: its validation score on a small
@@ -165,14 +192,14 @@ class BestCheckpointSaver(CheckpointSaver):
         filename: name of the best file.
         min_epoch: first epoch of the stage whose validation can be saved as the best (1: every epoch).
         max_epochs: the stage's number of epochs; with fewer than ``min_epoch`` the last one is eligible.
-        kwargs: other ``CheckpointSaver`` arguments.
+        key_metric_name: metric of ``engine.state.metrics`` to compare; None: the evaluator's key metric.
 
     Example::
 
         >>> import tempfile
         >>> saver = BestCheckpointSaver(tempfile.mkdtemp(), {"network": torch.nn.Linear(1, 1)}, min_epoch=2)
         >>> saver.state_dict()
-        OrderedDict([('_saved', [])])
+        {'_saved': []}
         >>> saver.first_eligible_epoch
         2
     """
@@ -184,43 +211,59 @@ class BestCheckpointSaver(CheckpointSaver):
         filename: str = "model_best.pt",
         min_epoch: int = 1,
         max_epochs: int | None = None,
-        **kwargs,
+        key_metric_name: str | None = None,
     ) -> None:
         if not _is_count(min_epoch, 1):
             raise ValueError(f"best_min_epoch must be an integer >= 1, got {min_epoch!r}.")
         if max_epochs is not None and not _is_count(max_epochs, 0):
             raise ValueError(f"max_epochs must be an integer >= 0 or None, got {max_epochs!r}.")
-        kwargs.setdefault("key_metric_n_saved", 1)
-        super().__init__(
-            save_dir=save_dir, save_dict=save_dict, save_key_metric=True, key_metric_filename=filename, **kwargs
-        )
-        atomic_checkpoints(self)
+        self.save_dir = save_dir
+        self.save_dict = save_dict
         self.filename = filename
+        self.key_metric_name = key_metric_name
         self.min_epoch = min_epoch
         self.first_eligible_epoch = min(min_epoch, max_epochs) if max_epochs else min_epoch
+        self.best_score: float | None = None
+        self._checkpoint = Checkpoint(
+            save_dict, _atomic_disk(save_dir), filename_pattern=filename, score_function=self._score, n_saved=1
+        )
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.metrics_completed)
+
+    def _score(self, engine: Engine) -> float:
+        name = self.key_metric_name or engine.state.key_metric_name
+        if name not in engine.state.metrics:
+            raise ValueError(
+                f"{self.filename}: the metric {name!r} is not among the evaluator's metrics "
+                f"{sorted(engine.state.metrics)}; set key_metric_name to one of them"
+            )
+        return float(engine.state.metrics[name])
 
     def metrics_completed(self, engine: Engine) -> None:
-        """Compare and save as MONAI does, from ``first_eligible_epoch`` on."""
+        """Save ``filename`` when this epoch's key metric beats the best so far, from ``first_eligible_epoch`` on."""
         if engine.state.epoch < self.first_eligible_epoch:
             logger.info(
                 "epoch %d is before best_min_epoch %d: not a candidate for the best checkpoint",
                 engine.state.epoch, self.first_eligible_epoch,
             )
             return
-        before = self._best_score()
-        super().metrics_completed(engine)
-        after = self._best_score()
-        if after is not None and after != before:
-            # MONAI's own "best value ... at epoch" line also counts the epochs that were not candidates
-            logger.info("%s saved: epoch %d, score %.4f", self.filename, engine.state.epoch, after)
-
-    def _best_score(self) -> float | None:
-        saved = self._key_metric_checkpoint._saved
-        return float(saved[-1].priority) if saved else None
+        score = self._score(engine)
+        if self.best_score is not None and not score > self.best_score:
+            return
+        # forget the previous best so Checkpoint writes the same file name again (atomically, in place)
+        self._checkpoint.reset()
+        self._checkpoint(engine)
+        self.best_score = score
+        logger.info("%s saved: epoch %d, score %.4f", self.filename, engine.state.epoch, score)
 
     def state_dict(self) -> dict:
-        """The key-metric tracking list (score and file of the best checkpoint so far)."""
-        return self._key_metric_checkpoint.state_dict()
+        """The best checkpoint so far as ``{"_saved": [(score, file)]}`` (empty before the first save)."""
+        return {"_saved": [] if self.best_score is None else [(self.best_score, self.filename)]}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("_saved", [])
+        self.best_score = float(saved[-1][0]) if saved else None
 
 
 def _fresh_data_iterator(engine: Engine) -> None:
@@ -245,7 +288,7 @@ class ResumeHandler:
 
     Args:
         checkpoint_dir: where the stage's ``checkpoint_epoch=N.pt`` files are saved.
-        load_dict: the objects to restore, the same dict the ``CheckpointSaver`` saved.
+        load_dict: the objects to restore, the same dict the :class:`StageCheckpointSaver` saved.
         enabled: resume at all.
     """
 
