@@ -150,6 +150,70 @@ def test_cmml_trainer_two_iterations_update_and_log(stage):
         assert all(not p.requires_grad for p in net.crta_parameters())
 
 
+def test_epoch_loss_means_are_the_means_of_the_iteration_losses():
+    """Two epochs of three steps, decollated as in the bundle: every output item holds the same 0-d loss
+    tensors, and each epoch's ``train_loss*`` is the mean of that epoch's iteration losses."""
+    net = _net()
+    trainer = CMMLTrainer(device="cpu", max_epochs=2, train_data_loader=_batches(3), network=net,
+                          optimizer=stage_optimizer(net, 2, lr=1e-3), loss_function=CMMLLoss(stage=2), stage=2)
+    EpochLossAverager().attach(trainer)
+    seen: list[dict[str, float]] = []
+    means: list[dict[str, float]] = []
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def record(engine):
+        out = engine.state.output
+        assert isinstance(out, list) and len(out) == 6
+        losses = {k: v for k, v in out[0].items() if k.startswith("loss")}
+        assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in losses.values())
+        assert all(item[k] is v for item in out for k, v in losses.items())  # shared, not copied
+        seen.append({k: float(v) for k, v in losses.items()})
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def epoch_means(engine):
+        means.append({k: v for k, v in engine.state.metrics.items() if k.startswith("train_loss")})
+
+    trainer.run()
+    assert len(seen) == 6 and {"loss", "loss_cls", "loss_align"} <= set(seen[0])
+    for epoch, got in enumerate(means):
+        steps = seen[3 * epoch:3 * epoch + 3]
+        want = {f"train_{k}": sum(step[k] for step in steps) / 3 for k in steps[0]}
+        assert got == pytest.approx(want, rel=1e-6)
+    assert means[0]["train_loss"] != pytest.approx(means[1]["train_loss"])  # epoch 2 is not a running mean
+
+
+class _NanAt:
+    """``CMMLLoss`` whose total loss is NaN at the given call (1-based)."""
+
+    def __init__(self, at: int) -> None:
+        self.loss, self.at, self.calls = CMMLLoss(stage=2), at, 0
+
+    def __call__(self, outputs, label):
+        self.calls += 1
+        terms = self.loss(outputs, label)
+        if self.calls == self.at:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+
+@pytest.mark.parametrize("interval, at, raised_at", [(1, 2, 2), (2, 1, 2), (50, 2, 3), (50, 4, 6)])
+def test_nan_loss_raises_naming_stage_and_iteration(interval, at, raised_at):
+    """Checked every ``interval`` steps and at the last step of an epoch (3 here), before that step's
+    backward: the error names the stage and the iteration of the NaN."""
+    net = _net()
+    steps = []
+    trainer = CMMLTrainer(device="cpu", max_epochs=2, train_data_loader=_batches(3), network=net,
+                          optimizer=stage_optimizer(net, 2, lr=1e-3), loss_function=_NanAt(at), stage=2,
+                          finite_check_interval=interval, decollate=False)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: steps.append(e.state.iteration))
+    with pytest.raises(FloatingPointError, match=rf"^stage 2: the loss is nan at iteration {at}$"):
+        trainer.run()
+    assert trainer.state.iteration == raised_at and steps == list(range(1, raised_at))
+    with pytest.raises(ValueError, match="finite_check_interval"):
+        CMMLTrainer(device="cpu", max_epochs=1, train_data_loader=_batches(1), network=net,
+                    optimizer=stage_optimizer(net, 2), loss_function=CMMLLoss(stage=2), finite_check_interval=0)
+
+
 def test_early_stop_bound_to_trainer_stops_on_plateau():
     from monai.handlers import EarlyStopHandler, ValidationHandler, stopping_fn_from_metric
 

@@ -12,6 +12,7 @@ from monai.engines import SupervisedTrainer
 from ignite.engine import Events
 from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer, SimpleInferer
+from monai.transforms import Decollated
 from monai.utils import CommonKeys as Keys
 from torch.optim.optimizer import Optimizer
 from torch.utils.data import DataLoader
@@ -36,7 +37,15 @@ class CMMLTrainer(SupervisedTrainer):
     ``loss_function(outputs, label) -> dict(loss=..., components...)``.
 
     ``engine.state.output`` holds ``label``, ``pred`` (the logits), ``loss`` and every loss component
-    as a float (e.g. ``loss_rec``), so ``StatsHandler`` / ``EpochLossAverager`` / MLflow can log them.
+    (e.g. ``loss_rec``) as a detached 0-d tensor on the device, so ``EpochLossAverager`` averages them
+    there; every item of a decollated output holds the same tensors.
+
+    A step does not wait for the device: the losses are checked for NaN/inf every ``finite_check_interval``
+    iterations and at the last iteration of each epoch (one device-to-host copy of the losses since the
+    last check), before that iteration's backward. A non-finite loss raises ``FloatingPointError`` naming
+    the stage, the iteration and the value, at most ``finite_check_interval - 1`` optimizer steps later, so
+    no epoch validates or saves its epoch checkpoint after one (an epoch of unknown length is checked at
+    ``EPOCH_COMPLETED``, after the other handlers).
 
     Args:
         device: device of the network.
@@ -49,6 +58,7 @@ class CMMLTrainer(SupervisedTrainer):
         stage: 1 (CRTA synthesis) or 2 (alignment + classification).
         amp: bf16 autocast when running on CUDA; ignored on CPU.
         grad_clip: max gradient norm (0 = off).
+        finite_check_interval: iterations between the checks of the loss for NaN/inf (1 = every step).
         kwargs: the other ``SupervisedTrainer`` arguments (handlers, postprocessing, key metric, ...).
     """
 
@@ -63,6 +73,7 @@ class CMMLTrainer(SupervisedTrainer):
         stage: int = 2,
         amp: bool = False,
         grad_clip: float = 0.0,
+        finite_check_interval: int = 50,
         inferer: Inferer | None = None,
         prepare_batch: Callable | None = None,
         key_train_metric: dict | None = None,
@@ -72,6 +83,9 @@ class CMMLTrainer(SupervisedTrainer):
     ) -> None:
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+        if isinstance(finite_check_interval, bool) or not isinstance(finite_check_interval, int) \
+                or finite_check_interval < 1:
+            raise ValueError(f"finite_check_interval must be an int >= 1, got {finite_check_interval!r}")
         if isinstance(network, torch.nn.parallel.DistributedDataParallel):
             # DDP's hooks run in its forward (the served path); forward_train must go through it
             raise ValueError(
@@ -98,7 +112,13 @@ class CMMLTrainer(SupervisedTrainer):
         self.stage = stage
         self.use_amp = as_bool(amp, "amp")
         self.grad_clip = float(grad_clip)
+        self.finite_check_interval = finite_check_interval
+        self._unchecked: list[tuple[int, torch.Tensor]] = []  # (iteration, loss) since the last check
         self.add_event_handler(Events.STARTED, self._restrict_grads)
+        self.add_event_handler(Events.STARTED, self._forget_unchecked)
+        # an epoch of unknown length, or a run terminated inside an epoch, is checked here (after the
+        # other handlers); an epoch of known length is checked at its last iteration
+        self.add_event_handler(Events.EPOCH_COMPLETED | Events.COMPLETED, self._check_finite)
         if isinstance(network, DistributedTrainNetwork):
             network.attach(self)  # rank 0's buffers to every rank after each optimizer step
 
@@ -107,6 +127,42 @@ class CMMLTrainer(SupervisedTrainer):
         stepped = {id(p) for g in engine.optimizer.param_groups for p in g["params"]}
         for p in engine.network.parameters():
             p.requires_grad_(id(p) in stepped)
+
+    def _forget_unchecked(self, engine: CMMLTrainer) -> None:
+        """Drop losses left unchecked by an earlier run that raised."""
+        engine._unchecked = []
+
+    def _check_finite(self, engine: CMMLTrainer) -> None:
+        """Raise ``FloatingPointError`` at the first non-finite loss since the last check (one host copy)."""
+        if not engine._unchecked:
+            return
+        iterations = [i for i, _ in engine._unchecked]
+        values = torch.stack([v for _, v in engine._unchecked]).tolist()
+        engine._unchecked = []
+        for iteration, value in zip(iterations, values):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"stage {engine.stage}: the loss is {value} at iteration {iteration}")
+
+    def _register_decollate(self) -> None:
+        """MONAI's decollation of ``state.batch`` and ``state.output`` at ``MODEL_COMPLETED``, except that the
+        0-d loss tensors stay tensors in every item: MONAI turns each into a float with ``.item()``, a host
+        sync per term and step."""
+        decollate = Decollated(keys=None, detach=True)
+
+        @self.on(IterationEvents.MODEL_COMPLETED)
+        def _decollate_data(engine: CMMLTrainer) -> None:
+            if isinstance(engine.state.batch, (list, dict)):
+                engine.state.batch = decollate(engine.state.batch)
+            output = engine.state.output
+            if isinstance(output, dict):
+                scalars = {k: v for k, v in output.items() if isinstance(v, torch.Tensor) and v.ndim == 0}
+                items = decollate({k: v for k, v in output.items() if k not in scalars})
+                if isinstance(items, dict):  # nothing with a batch dimension: one item
+                    engine.state.output = {**items, **scalars}
+                else:
+                    engine.state.output = [{**item, **scalars} for item in items]
+            elif isinstance(output, list):
+                engine.state.output = decollate(output)
 
     def _iteration(self, engine: CMMLTrainer, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
         if batchdata is None:
@@ -122,16 +178,17 @@ class CMMLTrainer(SupervisedTrainer):
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             losses = engine.loss_function(outputs, label)
         loss = losses["loss"]
-        terms = {k: v for k, v in losses.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
-        # one device-to-host copy per step for the finiteness check and every logged term
-        values = dict(zip(terms, torch.stack([v.detach().float().reshape(()) for v in terms.values()]).tolist()))
-        if not math.isfinite(values["loss"]):
-            raise FloatingPointError(
-                f"stage {engine.stage}: the loss is {values['loss']} at iteration {engine.state.iteration}"
-            )
+        terms = {k: v.detach().float().reshape(()) for k, v in losses.items()
+                 if isinstance(v, torch.Tensor) and v.numel() == 1}
+        engine._unchecked.append((engine.state.iteration, terms["loss"]))
+        epoch_length = engine.state.epoch_length
+        if engine.state.iteration % engine.finite_check_interval == 0 or (
+            epoch_length is not None and engine.state.iteration % epoch_length == 0
+        ):
+            engine._check_finite(engine)
         engine.state.output[Keys.PRED] = outputs["logits"].detach().float()
-        engine.state.output[Keys.LOSS] = loss.detach()
-        for key, value in values.items():
+        engine.state.output[Keys.LOSS] = terms["loss"]
+        for key, value in terms.items():
             if key != "loss":
                 engine.state.output[key if key.startswith("loss") else f"loss_{key}"] = value
         engine.fire_event(IterationEvents.LOSS_COMPLETED)

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.metrics import Average
 
 __all__ = ["EpochLossAverager"]
 
 
-class EpochLossAverager:
-    """Averages ``loss`` and every ``loss_*`` entry of ``engine.state.output`` over an epoch.
+def _iteration_losses(output: Any) -> dict[str, Any]:
+    """The ``loss*`` entries of one iteration's ``engine.state.output`` (the first item of a decollated list,
+    where every item holds the same scalars)."""
+    if isinstance(output, list):
+        output = output[0] if output else {}
+    if not isinstance(output, dict):
+        return {}
+    return {k: v for k, v in output.items() if isinstance(k, str) and k.startswith("loss")}
 
+
+class EpochLossAverager:
+    """Epoch means of ``loss`` and every ``loss_*`` entry of ``engine.state.output``, by Ignite's ``Average``.
+
+    One ``ignite.metrics.Average`` per entry, created at the first iteration that has the entry (the
+    entries depend on the stage) on the device of its value, so a 0-d device tensor accumulates there
+    and the host reads it once per epoch; under several processes ``Average`` reduces over the ranks.
     At ``EPOCH_COMPLETED`` it stores ``{prefix}loss``, ``{prefix}loss_rec``, ... and ``{prefix}lr`` (the
-    first param group's learning rate) in ``engine.state.metrics``
-    so ``StatsHandler`` prints them and ``MLFlowHandler`` logs them per epoch. Attach it before those.
+    first param group's learning rate) in ``engine.state.metrics`` so ``StatsHandler`` prints them and
+    ``MLFlowHandler`` logs them per epoch. Attach it before those.
 
     Args:
         prefix: name prefix, e.g. ``"train_"``.
@@ -23,34 +37,30 @@ class EpochLossAverager:
 
     def __init__(self, prefix: str = "train_") -> None:
         self.prefix = prefix
-        self._sums: dict[str, float] = defaultdict(float)
-        self._count = 0
+        self._metrics: dict[str, Average] = {}
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._complete)
+        # one set of handlers drives every Average (Metric.started/update/completed): Metric.attach at the
+        # first iteration would append their EPOCH_COMPLETED after StatsHandler's and MLflow's
+        engine.add_event_handler(Events.EPOCH_STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._completed)
 
-    def _reset(self, engine: Engine) -> None:
-        self._sums = defaultdict(float)
-        self._count = 0
+    def _started(self, engine: Engine) -> None:
+        for metric in self._metrics.values():
+            metric.started(engine)
 
-    def _update(self, engine: Engine) -> None:
-        out = engine.state.output
-        if isinstance(out, list):  # decollated by postprocessing: the scalars repeat in every item
-            out = out[0] if out else {}
-        if not isinstance(out, dict):
-            return
-        self._count += 1
-        for key, value in out.items():
-            if isinstance(key, str) and key.startswith("loss"):
-                self._sums[key] += float(value.item() if isinstance(value, torch.Tensor) else value)
+    def _iteration_completed(self, engine: Engine) -> None:
+        for key, value in _iteration_losses(engine.state.output).items():
+            if key not in self._metrics:
+                device = value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
+                self._metrics[key] = Average(device=device)
+            self._metrics[key].update(value)
 
-    def _complete(self, engine: Engine) -> None:
-        if self._count:
-            for key, total in self._sums.items():
-                engine.state.metrics[f"{self.prefix}{key}"] = total / self._count
+    def _completed(self, engine: Engine) -> None:
+        for key, metric in self._metrics.items():
+            if metric.num_examples:  # Average raises on an entry this epoch never had
+                metric.completed(engine, f"{self.prefix}{key}")
         optimizer = getattr(engine, "optimizer", None)
         if optimizer is not None and optimizer.param_groups:
             engine.state.metrics[f"{self.prefix}lr"] = float(optimizer.param_groups[0]["lr"])
-
