@@ -158,6 +158,54 @@ def test_cache_without_deferred_errors_still_raises_the_first(cases):
         ds[0]
 
 
+def test_deferred_errors_with_augmentation_and_a_bounded_cache(cases):
+    """A bad cached item is recorded and raises when read (the augmentation never sees it); a bad item past
+    the cache bound is not recorded (the preflight decodes it) and raises its error when read."""
+    from cmml_monai.data.augmentation import build_augmentation
+    from cmml_monai.data.dataset import item_nbytes
+
+    case_list, schema = cases
+    train = case_list.split("train")
+    _truncate(train[0].paths["derm"])
+    _truncate(train[2].paths["derm"])
+    ds = build_dataset(case_list, "train", schema, spatial_size=SIZE, cache="cache", defer_errors=True,
+                       augment=build_augmentation([3, 3], 2, "default", seed=0),
+                       cache_max_gb=2.5 * item_nbytes(case_list, SIZE) / 1e9)
+    assert ds.cache_num == 2 and list(ds.load_errors) == [0]
+    assert ds[1]["image"].shape == (6, *SIZE)
+    for index, case in ((0, train[0]), (2, train[2]), (-3, train[0])):
+        with pytest.raises(DataError, match=f"case {case.case_id}, modality derm"):
+            ds[index]
+
+
+def test_reload_recomputes_the_cached_item_and_keeps_the_cache_unshared(cases):
+    case_list, schema = cases
+    train = case_list.split("train")
+    good = os.path.join(os.path.dirname(train[0].paths["derm"]), "good.jpg")
+    shutil.copy(train[0].paths["derm"], good)
+    _truncate(train[0].paths["derm"])
+    ds = build_dataset(case_list, "train", schema, spatial_size=SIZE, cache="cache", defer_errors=True)
+    assert list(ds.load_errors) == [0]
+    # a good cached item changed in the data: the cache serves the old item until reloaded
+    ds.data[1]["clinic"] = None
+    assert not ds[1]["image"].isnan().any()
+    ds.reload(1)
+    assert ds[1]["image"][:3].isnan().all() and not ds[1]["image"][3:].isnan().any()
+    # the bad item, marked missing and reloaded: no longer an error
+    ds.data[0]["derm"] = None
+    ds.reload(0)
+    assert ds.load_errors == {}
+    item = ds[0]
+    assert item["image"][3:].isnan().all() and not item["image"][:3].isnan().any()
+    item.pop("label")  # a consumer changing a recomputed item leaves it intact
+    assert "label" in ds[0]
+    # a bad file replaced after the fill is decoded again when read
+    ds2 = build_dataset(case_list, "train", schema, spatial_size=SIZE, cache="cache", defer_errors=True)
+    assert list(ds2.load_errors) == [0]
+    shutil.copy(good, train[0].paths["derm"])
+    assert not ds2[0]["image"].isnan().any()
+
+
 # ------------------------------------------------------------------------------------------ bundle
 @pytest.fixture(scope="module")
 def truncated_test_jpeg(tmp_path_factory):

@@ -15,14 +15,17 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from copy import deepcopy
+from threading import Lock
 from typing import Any
 
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, DistributedSampler, PersistentDataset
 from monai.data.utils import pickle_hashing
-from monai.transforms import Compose, Transform
+from monai.transforms import Compose, RandomizableTrait, Transform, convert_to_contiguous
 
 from cmml_monai.data.cases import SPLITS, Case, CaseList
 from cmml_monai.data.errors import DataError
@@ -68,71 +71,167 @@ def _unwrap_data_error(err: BaseException) -> BaseException:
     return err
 
 
+@contextmanager
+def _plain_errors() -> Iterator[None]:
+    """Raise the DataError behind a MONAI ``RuntimeError`` wrapper as itself (one line for the user)."""
+    try:
+        yield
+    except RuntimeError as err:
+        found = _unwrap_data_error(err)
+        if found is err:
+            raise
+        raise found from None
+
+
 class _PlainErrors:
     """Mixin: surface a DataError raised inside a transform as itself (one line for the user)
     instead of the nested RuntimeErrors that MONAI's ``Compose`` wraps it in."""
 
     def __getitem__(self, index: Any) -> Any:
-        try:
+        with _plain_errors():
             return super().__getitem__(index)  # type: ignore[misc]
-        except RuntimeError as err:
-            found = _unwrap_data_error(err)
-            if found is err:
-                raise
-            raise found from None
 
 
 class CaseDataset(_PlainErrors, Dataset):
     """``monai.data.Dataset`` whose data errors surface as ``DataError``."""
 
 
+class _LoadFailure:
+    """What the cache holds for an item whose cached transforms raised a ``DataError`` while deferred."""
+
+    def __init__(self, error: DataError) -> None:
+        self.error = error
+
+    def __deepcopy__(self, memo: dict) -> _LoadFailure:
+        # CacheDataset deep-copies a cached item before the random transforms; the marker is immutable
+        return self
+
+
+# module-level, so that a dataset stays picklable for spawned loader workers
+_FAILURES_LOCK = Lock()
+
+
+class _DeferringCompose(Compose):
+    """``Compose`` that, while ``deferring`` is on, returns a :class:`_LoadFailure` for an input whose
+    transforms raise a ``DataError`` and records the error under the input's ``id`` in ``failures``.
+
+    A ``_LoadFailure`` input passes through unchanged, so the transforms after the cache (the random
+    augmentation) never run on it and the dataset can raise its error instead.
+    """
+
+    def __init__(self, transform: Sequence[Callable] | Callable) -> None:
+        if type(transform) is Compose:  # same transforms and settings; a Compose subclass stays one step
+            super().__init__(transform.transforms, map_items=transform.map_items, unpack_items=transform.unpack_items,
+                             log_stats=transform.log_stats, lazy=transform.lazy, overrides=transform.overrides)
+        else:
+            super().__init__(transform)
+        self.deferring = False
+        self.failures: dict[int, DataError] = {}
+
+    def __call__(self, input_: Any, start: int = 0, end: int | None = None, threading: bool = False,
+                 lazy: bool | None = None) -> Any:
+        if isinstance(input_, _LoadFailure):
+            return input_
+        if not self.deferring:
+            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
+        try:
+            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
+        except Exception as err:
+            found = _unwrap_data_error(err)
+            if not isinstance(found, DataError):
+                raise
+            with _FAILURES_LOCK:  # the cache fills in a thread pool
+                self.failures[id(input_)] = found
+            return _LoadFailure(found)
+
+
 class CaseCacheDataset(_PlainErrors, CacheDataset):
     """``monai.data.CacheDataset`` whose data errors surface as ``DataError``, also while the cache is
-    filled (in the constructor). Same arguments as ``CacheDataset``, plus ``defer_errors``: a bad item's
-    ``DataError`` is recorded in ``load_errors`` (index -> error) while the cache fills instead of stopping
-    the fill, so the preflight (:mod:`cmml_monai.data.preflight`) lists every bad file at once; such an
-    item stays uncached and raises its error when read."""
+    filled (in the constructor), and whose items are shallow copies (a consumer adding or popping keys
+    cannot change the cache; the tensors are shared, for read-only use).
 
-    def __init__(self, *args: Any, defer_errors: bool = False, **kwargs: Any) -> None:
+    Same arguments as ``CacheDataset``, plus ``defer_errors``: a bad item's ``DataError`` is recorded in
+    ``load_errors`` (index -> error) while the cache fills instead of stopping the fill, so the preflight
+    (:mod:`cmml_monai.data.preflight`) lists every bad file at once; such an item is decoded again when
+    read, raising its error while the file is still bad. ``transform`` is held as a ``Compose`` subclass
+    (same transforms) that records the errors; only MONAI's public API is used.
+    """
+
+    def __init__(self, data: Sequence, transform: Sequence[Callable] | Callable, *args: Any,
+                 defer_errors: bool = False, **kwargs: Any) -> None:
+        if kwargs.get("hash_as_key"):
+            raise ValueError("CaseCacheDataset keys its cache by data index: hash_as_key is not supported")
         self.defer_errors = bool(defer_errors)
         self.load_errors: dict[int, DataError] = {}
-        self._filling = False
-        try:
-            super().__init__(*args, **kwargs)
-        except RuntimeError as err:
-            found = _unwrap_data_error(err)
-            if found is err:
-                raise
-            raise found from None
+        # data index -> item decoded again after the fill (reload, or a deferred error read later), served
+        # instead of the cache entry: MONAI has no public way to replace one cached item. The preflight
+        # reloads only deferred-error items, whose cache entry holds no tensor, so cache_max_gb still holds
+        self._recomputed: dict[int, Any] = {}
+        with _plain_errors():
+            super().__init__(data, _DeferringCompose(transform), *args, **kwargs)
 
     def set_data(self, data: Sequence) -> None:
-        self.load_errors, self._filling = {}, self.defer_errors
+        """Replace the data and fill the cache again (``load_errors`` lists the new data's bad items)."""
+        self.load_errors, self._recomputed = {}, {}
+        self.transform.failures.clear()
+        self.transform.deferring = self.defer_errors
         try:
             super().set_data(data)
         finally:
-            self._filling = False
+            self.transform.deferring = False
+        if self.transform.failures:
+            # the fill hands each data dict itself to the transform, so its identity gives its index
+            # (tests/test_preflight.py fails if a MONAI version stops doing so)
+            for index, item in enumerate(data):
+                if id(item) in self.transform.failures:
+                    self.load_errors[index] = self.transform.failures[id(item)]
+            self.transform.failures.clear()
 
-    def _load_cache_item(self, idx: int) -> Any:
-        try:
-            return super()._load_cache_item(idx)
-        except Exception as err:
-            found = _unwrap_data_error(err)
-            if not (self._filling and isinstance(found, DataError)):
-                raise
-            self.load_errors[idx] = found  # None in the cache: a read recomputes it and raises
-            return None
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, (slice, Sequence)):  # a Subset, whose items come back through here
+            return super().__getitem__(index)
+        index = int(index)
+        position = index + len(self) if index < 0 else index
+        with _plain_errors():
+            if position not in self._recomputed:
+                data = super().__getitem__(position)  # MONAI reads a negative index past cache_num out of bounds
+                if not isinstance(data, _LoadFailure):
+                    return dict(data) if isinstance(data, dict) else data
+                # the fill deferred this item's error: decode it again (raising while its file is still bad)
+                self._recompute(position)
+            return self._after_cache(self._recomputed[position])
 
     def reload(self, index: int) -> None:
-        """Recompute the cached item ``index`` after its data dict changed (e.g. a modality marked missing)."""
-        self.load_errors.pop(index, None)
-        if index < self.cache_num:
-            self._cache[index] = self._load_cache_item(index)
+        """Recompute the cached item ``index`` after its data dict changed (e.g. a modality marked missing).
 
-    def _transform(self, index: int) -> Any:
-        # with no random transform MONAI returns the cached dict itself: hand out a shallow copy so a
-        # consumer adding or popping keys cannot change the cache (the tensors are shared, read-only use)
-        data = super()._transform(index)
-        return dict(data) if isinstance(data, dict) else data
+        Raises:
+            DataError: the item is still bad.
+        """
+        self.load_errors.pop(index, None)
+        self._recomputed.pop(index, None)
+        if index < self.cache_num:
+            with _plain_errors():
+                self._recompute(index)
+
+    def _first_random(self) -> int | None:
+        """Index of the first transform that the cache does not keep (``CacheDataset``'s rule)."""
+        return self.transform.get_index_of_first(
+            lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform)
+        )
+
+    def _recompute(self, index: int) -> None:
+        """Run the cached transforms on ``self.data[index]`` and keep the result; raises a bad item's error."""
+        item = self.transform(self.data[index], end=self._first_random(), threading=True)
+        if self.as_contiguous:
+            item = convert_to_contiguous(item, memory_format=torch.contiguous_format)
+        self._recomputed[index] = item
+
+    def _after_cache(self, data: Any) -> Any:
+        """The transforms after the cache on a kept item, as ``CacheDataset`` runs them on a cached one."""
+        first_random = self._first_random()
+        if first_random is None:
+            return dict(data) if isinstance(data, dict) else data
+        return self.transform(deepcopy(data) if self.copy_cache is True else data, start=first_random)
 
 
 class CasePersistentDataset(_PlainErrors, PersistentDataset):
