@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from monai.engines import SupervisedTrainer
 from ignite.engine import Events
-from monai.engines.utils import IterationEvents
+from monai.engines.utils import IterationEvents, engine_apply_transform
 from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import Decollated
 from monai.utils import CommonKeys as Keys
@@ -30,6 +30,38 @@ def autocast_context(amp: bool, device: torch.device | str) -> contextlib.Abstra
     if amp and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+_DECOLLATE = Decollated(keys=None, detach=True)
+
+
+def _decollate_keeping_losses(engine: SupervisedTrainer) -> None:
+    """MONAI's decollation of ``state.batch`` and ``state.output`` (one item per case), except that the
+    0-d loss tensors stay tensors in every item: MONAI's turns each into a float with ``.item()``, a host
+    sync per term and step."""
+    if isinstance(engine.state.batch, (list, dict)):
+        engine.state.batch = _DECOLLATE(engine.state.batch)
+    output = engine.state.output
+    if isinstance(output, dict):
+        scalars = {k: v for k, v in output.items() if isinstance(v, torch.Tensor) and v.ndim == 0}
+        items = _DECOLLATE({k: v for k, v in output.items() if k not in scalars})
+        if isinstance(items, dict):  # nothing with a batch dimension: one item
+            engine.state.output = {**items, **scalars}
+        else:
+            engine.state.output = [{**item, **scalars} for item in items]
+    elif isinstance(output, list):
+        engine.state.output = _DECOLLATE(output)
+
+
+def _postprocess(engine: SupervisedTrainer, transform: Callable) -> None:
+    """Apply ``transform`` to the (decollated) batch and output, as MONAI's workflows do."""
+    if isinstance(engine.state.batch, list) and isinstance(engine.state.output, list):
+        for i, (b, o) in enumerate(zip(engine.state.batch, engine.state.output)):
+            engine.state.batch[i], engine.state.output[i] = engine_apply_transform(b, o, transform)
+    else:
+        engine.state.batch, engine.state.output = engine_apply_transform(
+            engine.state.batch, engine.state.output, transform
+        )
 
 
 class CMMLTrainer(SupervisedTrainer):
@@ -59,6 +91,9 @@ class CMMLTrainer(SupervisedTrainer):
         amp: bf16 autocast when running on CUDA; ignored on CPU.
         grad_clip: max gradient norm (0 = off).
         finite_check_interval: iterations between the checks of the loss for NaN/inf (1 = every step).
+        postprocessing: transform applied to each decollated item (MONAI's ``postprocessing``).
+        decollate: split batch and output into one item per case after each step (MONAI's default); the
+            0-d loss tensors are shared by every item instead of copied to the host.
         kwargs: the other ``SupervisedTrainer`` arguments (handlers, postprocessing, key metric, ...).
     """
 
@@ -79,6 +114,7 @@ class CMMLTrainer(SupervisedTrainer):
         key_train_metric: dict | None = None,
         train_handlers: Sequence | None = None,
         postprocessing: Callable | None = None,
+        decollate: bool = True,
         **kwargs: Any,
     ) -> None:
         if stage not in (1, 2):
@@ -105,10 +141,16 @@ class CMMLTrainer(SupervisedTrainer):
             prepare_batch=prepare_batch or CMMLPrepareBatch(),
             key_train_metric=key_train_metric,
             train_handlers=train_handlers,
-            postprocessing=postprocessing,
+            # decollation and postprocessing are registered below, through Ignite's public events
+            postprocessing=None,
+            decollate=False,
             amp=False,
             **kwargs,
         )
+        if decollate:
+            self.add_event_handler(IterationEvents.MODEL_COMPLETED, _decollate_keeping_losses)
+        if postprocessing is not None:
+            self.add_event_handler(IterationEvents.MODEL_COMPLETED, _postprocess, postprocessing)
         self.stage = stage
         self.use_amp = as_bool(amp, "amp")
         self.grad_clip = float(grad_clip)
@@ -142,27 +184,6 @@ class CMMLTrainer(SupervisedTrainer):
         for iteration, value in zip(iterations, values):
             if not math.isfinite(value):
                 raise FloatingPointError(f"stage {engine.stage}: the loss is {value} at iteration {iteration}")
-
-    def _register_decollate(self) -> None:
-        """MONAI's decollation of ``state.batch`` and ``state.output`` at ``MODEL_COMPLETED``, except that the
-        0-d loss tensors stay tensors in every item: MONAI turns each into a float with ``.item()``, a host
-        sync per term and step."""
-        decollate = Decollated(keys=None, detach=True)
-
-        @self.on(IterationEvents.MODEL_COMPLETED)
-        def _decollate_data(engine: CMMLTrainer) -> None:
-            if isinstance(engine.state.batch, (list, dict)):
-                engine.state.batch = decollate(engine.state.batch)
-            output = engine.state.output
-            if isinstance(output, dict):
-                scalars = {k: v for k, v in output.items() if isinstance(v, torch.Tensor) and v.ndim == 0}
-                items = decollate({k: v for k, v in output.items() if k not in scalars})
-                if isinstance(items, dict):  # nothing with a batch dimension: one item
-                    engine.state.output = {**items, **scalars}
-                else:
-                    engine.state.output = [{**item, **scalars} for item in items]
-            elif isinstance(output, list):
-                engine.state.output = decollate(output)
 
     def _iteration(self, engine: CMMLTrainer, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
         if batchdata is None:
