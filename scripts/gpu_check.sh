@@ -3,7 +3,7 @@
 #   cuda_tests   tests/test_cuda.py (bf16 autocast, CPU/CUDA agreement, cross-device weights)
 #   bench_step   scripts/benchmark.py: training steps of CMML stage 1 / 2 and zero-fill at Derm7pt size, bf16
 #   bench_e2e    scripts/benchmark.py --e2e: the data pipeline against model-only, inference latency, memory
-#   ddp_smoke    torchrun (one process per GPU, at most 2) of train.json + multi_gpu_train.json: NCCL DDP, both
+#   ddp_smoke    torchrun (one process per GPU, at most 2) of train.json + multi_gpu_train.json: NCCL DDP (SyncBatchNorm), both
 #                stages, tiny synthetic data
 # --full adds the longer checks: the default job with and without bf16, its CUDA-trained checkpoint swept on
 # CPU, the 3D / channels-last benchmarks and the engine/workflow tests on CUDA.
@@ -80,11 +80,14 @@ fi
 
 # DDP: the multi-GPU overlay on tiny synthetic data (NCCL on CUDA, gloo with --cpu), both stages
 ddp_out="$out/ddp_smoke"
+syncbn=()
+[ "$cpu" -eq 0 ] && syncbn=(--sync_batchnorm true)  # SyncBatchNorm needs CUDA
 step ddp_smoke 300 "$py" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m monai.bundle run \
     --config_file "['configs/train.json','configs/multi_gpu_train.json']" --bundle_root . \
     --dataset_dir "$ddp_out/data" --synthetic_cases 30 --output_dir "$ddp_out" --shared_dir "$ddp_out/shared" \
     --spatial_size "[32,32]" --image_encoder resnet10 --feature_dim 16 --batch_size 4 \
-    --stage1_epochs 1 --stage2_epochs 1 --missing_rates "[0.0,0.5]" --progress_bar False --mlflow_enabled False
+    --stage1_epochs 1 --stage2_epochs 1 --missing_rates "[0.0,0.5]" --progress_bar False --mlflow_enabled False \
+    "${syncbn[@]}"
 # the smoke test passes only if rank 0 published the served weights
 [ -f "$ddp_out/models/model.pt" ] || { echo "== ddp_smoke: no $ddp_out/models/model.pt"; failed=1; }
 

@@ -135,3 +135,13 @@ def test_weights_trained_on_cuda_load_on_cpu(tmp_path):
     assert torch.allclose(on_cpu, on_cuda, atol=1e-4, rtol=1e-4)
     # the memory banks (buffers written in stage 1) travel with the weights
     assert any(not torch.equal(b, torch.zeros_like(b)) for n, b in cpu_net.named_buffers() if "memory" in n)
+
+
+def test_sync_batchnorm_on_cuda_converts_the_network():
+    """``multi_gpu_train.json``'s ``sync_batchnorm true``: the DDP training view converts the network's BatchNorms."""
+    from cmml_monai.engines.distributed import DistributedTrainNetwork
+
+    net = _net().to(CUDA)
+    count = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    wrapped = DistributedTrainNetwork(net, sync_batchnorm=True)
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in wrapped.network.modules()) == count > 0

@@ -237,3 +237,28 @@ if __name__ == "__main__":
     parser.add_argument("--no-sync", action="store_true", help="train without DDP (the negative control)")
     args = parser.parse_args()
     worker(*args.worker, no_sync=args.no_sync)
+
+
+def test_sync_batchnorm_conversion_keeps_names_and_eval_outputs():
+    """``convert_sync_batchnorm`` swaps every BatchNorm in place; checkpoints and the served path are unchanged.
+    On CPU ``sync_batchnorm`` is refused with a message (PyTorch synchronises GPU tensors only)."""
+    from functools import partial
+
+    from cmml_monai.engines.distributed import DistributedTrainNetwork, convert_sync_batchnorm
+    from cmml_monai.networks import CMMLNet, MultiModalEncoder
+
+    torch.manual_seed(0)
+    net = CMMLNet(2, 3, 2, 3, feature_dim=16, encoder=partial(MultiModalEncoder, image_encoder="resnet10")).eval()
+    image = torch.randn(2, 6, 32, 32)
+    before, names = net(image), sorted(net.state_dict())
+    batchnorms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert batchnorms > 0
+    assert convert_sync_batchnorm(net) == batchnorms
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in net.modules()) == batchnorms
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in net.modules())
+    assert sorted(net.state_dict()) == names
+    torch.testing.assert_close(net(image), before)
+    with pytest.raises(ValueError, match="not a single BatchNorm"):
+        convert_sync_batchnorm(torch.nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match="sync_batchnorm needs CUDA.*on cpu"):
+        DistributedTrainNetwork(net, sync_batchnorm=True)

@@ -51,6 +51,7 @@ __all__ = [
     "cleanup_distributed",
     "broadcast_buffers",
     "shard_sampler",
+    "convert_sync_batchnorm",
     "DistributedTrainNetwork",
 ]
 
@@ -188,6 +189,29 @@ def shard_sampler(dataset: torch.utils.data.Dataset) -> DistributedSampler | Non
     return DistributedSampler(dataset, even_divisible=False, shuffle=False)
 
 
+def convert_sync_batchnorm(network: torch.nn.Module) -> int:
+    """Replace every BatchNorm layer of ``network`` by ``torch.nn.SyncBatchNorm`` in place; returns how many.
+
+    In training under several processes a ``SyncBatchNorm`` normalises with the statistics of the global
+    batch instead of each rank's share, which matters when a rank holds few cases (3D MRI at batch 2 per
+    GPU). Parameter and buffer names do not change, so the checkpoints load into a plain network; in eval
+    mode (validation, the sweep, the served path) it computes what a ``BatchNorm`` does.
+
+    Example::
+
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+        >>> convert_sync_batchnorm(net), type(net[1]).__name__
+        (1, 'SyncBatchNorm')
+    """
+    if isinstance(network, torch.nn.modules.batchnorm._BatchNorm):
+        raise ValueError("convert_sync_batchnorm converts the layers inside a network, not a single BatchNorm")
+    count = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in network.modules())
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
+    if converted is not network:  # PyTorch replaces the children in place and returns the same object
+        raise RuntimeError("torch.nn.SyncBatchNorm.convert_sync_batchnorm returned a new network")
+    return count
+
+
 class DistributedTrainNetwork(torch.nn.Module):
     """The training view of ``network`` for :class:`~cmml_monai.engines.CMMLTrainer` under several processes.
 
@@ -209,6 +233,8 @@ class DistributedTrainNetwork(torch.nn.Module):
         network: the network (already on this process's device), e.g. ``CMMLNet``.
         find_unused_parameters: let DDP skip trained parameters that a step did not use (a modality absent
             from a batch with ``encode_present_only``, baselines); False is faster when every step uses all.
+        sync_batchnorm: turn the network's BatchNorm layers into ``SyncBatchNorm``
+            (:func:`convert_sync_batchnorm`); CUDA only, since PyTorch synchronises only GPU tensors.
         ddp_kwargs: other ``DistributedDataParallel`` arguments (e.g. ``gradient_as_bucket_view``).
 
     Example::
@@ -217,12 +243,26 @@ class DistributedTrainNetwork(torch.nn.Module):
         >>> CMMLTrainer(..., network=net, optimizer=stage_optimizer(net.network, stage=1))  # doctest: +SKIP
     """
 
-    def __init__(self, network: torch.nn.Module, find_unused_parameters: bool = True, **ddp_kwargs: Any) -> None:
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        find_unused_parameters: bool = True,
+        sync_batchnorm: bool = False,
+        **ddp_kwargs: Any,
+    ) -> None:
         super().__init__()
         if not hasattr(network, "forward_train"):
             raise ValueError(f"network {type(network).__name__} has no forward_train(image, tabular, stage)")
         if isinstance(network, DistributedDataParallel):
             raise ValueError("give the plain network: DistributedTrainNetwork wraps it in DDP itself")
+        if as_bool(sync_batchnorm, "sync_batchnorm"):
+            device = next(network.parameters()).device
+            if device.type != "cuda":
+                raise ValueError(
+                    f"sync_batchnorm needs CUDA (PyTorch's SyncBatchNorm synchronises GPU tensors only), but the "
+                    f"network is on {device}: set sync_batchnorm false for CPU (gloo) training"
+                )
+            logger.info("SyncBatchNorm: %d BatchNorm layers converted", convert_sync_batchnorm(network))
         self.network = network
         self.find_unused_parameters = as_bool(find_unused_parameters, "ddp_find_unused_parameters")
         self.ddp_kwargs = ddp_kwargs
