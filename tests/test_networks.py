@@ -228,9 +228,10 @@ def test_no_nan_table_missing_and_one_image():
     [
         dict(), dict(use_context=False, use_memory=False), dict(share_image_encoder=True), dict(mark_synthesized=True),
         dict(residual_head=False), dict(stage1_head="concat_mlp"), dict(stage1_head="norm_mean"),
+        dict(instance_context=True),
     ],
     ids=["cmml", "no_context_no_memory", "shared_encoder", "mark_synthesized", "no_residual_head", "concat_head",
-         "norm_mean_head"],
+         "norm_mean_head", "instance_context"],
 )
 def test_every_parameter_gets_gradient_from_its_stage(kwargs):
     net = cmml(**kwargs).train()
@@ -305,11 +306,12 @@ def test_memory_write_stage2_keeps_the_banks_on_the_current_features():
         lambda: cmml(residual_head=False),
         lambda: cmml(stage1_head="concat_mlp"),
         lambda: cmml(stage1_head="norm_mean"),
+        lambda: cmml(instance_context=True),
         lambda: cmml(use_stage2=False, use_memory=False, use_context=False),
         lambda: LateFusionNet(2, 3, 2, 5, CARDS, feature_dim=D, encoder=RESNET10, mode="mean_impute"),
     ],
     ids=["cmml_present_only", "mark_synthesized", "no_residual_head", "concat_head", "norm_mean_head",
-         "stage1_no_memory_no_context", "mean_impute"],
+         "instance_context", "stage1_no_memory_no_context", "mean_impute"],
 )
 def test_trace_matches_eager_for_other_patterns(make):
     net = make().eval()
@@ -332,9 +334,10 @@ def test_trace_matches_eager_for_other_patterns(make):
     [
         dict(), dict(use_stage2=False, use_context=False), dict(mark_synthesized=True), dict(residual_head=False),
         dict(stage1_head="concat_mlp"), dict(stage1_head="concat_mlp", use_stage2=False), dict(stage1_head="norm_mean"),
+        dict(instance_context=True),
     ],
     ids=["cmml", "stage1_only", "mark_synthesized", "no_residual_head", "concat_head", "concat_head_stage1_only",
-         "norm_mean_head"],
+         "norm_mean_head", "instance_context"],
 )
 def test_script_matches_eager(kwargs):
     net = cmml(**kwargs).eval()
@@ -356,7 +359,7 @@ def test_served_head_follows_the_trained_stage():
     image, tab = make_batch(all_patterns(3))
     net.eval()
     tokens, present = net.encoder(image, tab)
-    synth, _, _ = net.crta(tokens, present, net._context(tokens.shape[0]))
+    synth, _, _ = net.crta(tokens, present, net._context(tokens, present))
     stage1_logits = net._stage1_head(synth)
     stage2_logits = net._stage2(tokens, present)[0]
     assert not bool(net.stage2_trained)
@@ -536,7 +539,7 @@ def test_residual_head_starts_stage2_from_the_stage1_prediction():
     image, tab = make_batch(all_patterns(3))
     net.stage2_trained.fill_(True)
     tokens, present = net.encoder(image, tab)
-    synth, _, _ = net.crta(tokens, present, net._context(tokens.shape[0]))
+    synth, _, _ = net.crta(tokens, present, net._context(tokens, present))
     with torch.no_grad():
         net.fusion.classifier.weight.zero_()
     assert torch.allclose(net(image, tab), net._stage1_head(synth), atol=1e-6)
@@ -601,7 +604,7 @@ def test_reference_keys_follow_reference_reads_context(reads_context):
         out = net.forward_train(image, tab, stage=2)
         b = image.shape[0]
         tokens, present = net.encoder(image, tab)
-        prior = net.context(b)
+        prior = net.context(b, None)
         synth, context, _ = net.crta(tokens, present, prior)
         completed = net.memory(synth, present)
         keys = torch.cat([context, completed], dim=1) if reads_context else completed
@@ -632,3 +635,29 @@ def test_components_handed_by_reference_keep_the_default_build():
     assert len(cmml(crta=partial(CascadedResidualTransformerAE, num_blocks=1)).crta.blocks) == 1
     with pytest.raises(ValueError, match="crta must be a class or callable .* got 3"):
         cmml(crta=3)
+
+
+def test_instance_context_is_the_prior_shifted_by_the_observed_tokens():
+    """``C_i = C + W mean(present tokens of case i)``: the shared prior at initialisation (W = 0), then a shift
+    that reads only the observed (or, in stage 1, kept) modality tokens; weights of the other setting are refused."""
+    net = cmml(instance_context=True).eval()
+    present = all_patterns(3)
+    image, tab = make_batch(present)
+    tokens, observed = net.encoder(image, tab)
+    torch.testing.assert_close(net._context(tokens, observed), net.context.tokens.expand(len(present), -1, -1))
+    with torch.no_grad():
+        net.context.condition.weight.normal_(std=0.1)
+        net.context.condition.bias.normal_(std=0.1)
+        pooled = torch.stack([tokens[i, observed[i]].mean(0) for i in range(len(present))])
+        expected = net.context.tokens + (pooled @ net.context.condition.weight.T + net.context.condition.bias).view(
+            len(present), *net.context.tokens.shape)
+        torch.testing.assert_close(net._context(tokens, observed), expected)
+        # a modality the mask leaves out is not read, whatever its token holds
+        changed = tokens.clone()
+        changed[~observed] = 100.0
+        torch.testing.assert_close(net._context(changed, observed), expected)
+        assert not torch.allclose(expected[0], expected[1])  # cases with different inputs get different tokens
+    with pytest.raises(RuntimeError, match="network_def#instance_context true"):
+        cmml().load_state_dict(net.state_dict())
+    with pytest.raises(RuntimeError, match="network_def#instance_context false"):
+        net.load_state_dict(cmml().state_dict())

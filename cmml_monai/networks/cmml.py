@@ -18,7 +18,7 @@ from cmml_monai.networks.context import ContextTokens
 from cmml_monai.networks.crta import CascadedResidualTransformerAE
 from cmml_monai.networks.encoders import MultiModalEncoder
 from cmml_monai.networks.memory import ModalityMemoryBank
-from cmml_monai.networks.utils import constructor_args, random_keep_mask
+from cmml_monai.networks.utils import constructor_args, masked_mean, random_keep_mask
 from cmml_monai.utils import as_bool
 
 __all__ = ["CMMLNet", "STAGE1_HEADS"]
@@ -113,6 +113,11 @@ class CMMLNet(nn.Module):
             as well as the completed modality tokens; False reads the modality tokens only, so every
             key carries the case (the refined context tokens start from the shared prior and can make
             the reference nearly the same for every case).
+        instance_context: the context tokens are shifted per case by a linear map (starting at zero) of the
+            mean of the case's observed modality tokens (:class:`ContextTokens` ``conditioned``), so the CRTA
+            and the reference start from the case instead of one prior shared by all; the stage-1 drops are
+            applied first, so dropped modalities are not read. Weights trained with the other setting are
+            refused on load.
 
     The components (``encoder``, ``crta``, ``memory``, ``reference``, ``alignment``) are built where the
     constructor always built them, so a network built from the
@@ -163,6 +168,7 @@ class CMMLNet(nn.Module):
         stage1_head: str = "mean",
         memory_write_stage2: bool = False,
         reference_reads_context: bool = True,
+        instance_context: bool = False,
     ) -> None:
         # before any other local: the arguments as given, for the served model's description
         build_args = constructor_args(locals())
@@ -205,7 +211,8 @@ class CMMLNet(nn.Module):
         )
         k = self.encoder.num_modalities
         self.num_modalities = k
-        self.context = ContextTokens(num_context_tokens, feature_dim) if use_context else None
+        self.instance_context = as_bool(instance_context, "instance_context") and use_context
+        self.context = ContextTokens(num_context_tokens, feature_dim, conditioned=self.instance_context) if use_context else None
         # every part is built in this order (the random initialisation depends on it)
         self.crta = crta(num_modalities=k, feature_dim=feature_dim, num_heads=num_heads, dropout=dropout)
         self.stage1_head = stage1_head
@@ -276,8 +283,11 @@ class CMMLNet(nn.Module):
         raise ValueError(f"stage must be 1 or 2, got {stage}.")
 
     # ----------------------------------------------------------------------------------------
-    def _context(self, batch_size: int) -> torch.Tensor | None:
-        return self.context(batch_size) if self.context is not None else None
+    def _context(self, tokens: torch.Tensor, present: torch.Tensor) -> torch.Tensor | None:
+        """The context tokens for this batch; conditioned ones read the mean of the ``present`` tokens only."""
+        if self.context is None:
+            return None
+        return self.context(tokens.shape[0], masked_mean(tokens, present))
 
     def _stage1_head(self, tokens: torch.Tensor) -> torch.Tensor:
         # the completed modality tokens carry the case; the context tokens (a shared prior) are not read
@@ -293,7 +303,7 @@ class CMMLNet(nn.Module):
 
         Returns logits, the stage-1 head's logits (on the same CRTA output), u, R, pooled, CRTA output.
         """
-        prior = self._context(tokens.shape[0])
+        prior = self._context(tokens, present)
         synth, context, _ = self.crta(tokens, present, prior)
         completed = synth
         if self.memory is not None:
@@ -323,7 +333,7 @@ class CMMLNet(nn.Module):
         if self.use_stage2:
             logits, stage1_logits, _, _, _, _ = self._stage2(tokens, present)
             return torch.where(self.stage2_trained, logits, stage1_logits)
-        completed, _, _ = self.crta(tokens, present, self._context(tokens.shape[0]))
+        completed, _, _ = self.crta(tokens, present, self._context(tokens, present))
         return self._stage1_head(completed)
 
     def _load_from_state_dict(
@@ -354,6 +364,8 @@ class CMMLNet(nn.Module):
         elif prefix + "aux_head.weight" in state_dict:
             # a LayerNorm before the linear head means the layer-normed mean layout
             saved["stage1_head"] = "norm_mean" if prefix + "aux_norm.weight" in state_dict else "mean"
+        if self.use_context:
+            saved["instance_context"] = prefix + "context.condition.weight" in state_dict
         if self.use_stage2:
             flag = state_dict.get(prefix + "residual_head_flag")
             saved["residual_head"] = bool(flag) if flag is not None else False
@@ -376,7 +388,7 @@ class CMMLNet(nn.Module):
         tokens, present = self.encoder(image, tabular)  # the only encoder pass of the step
         if stage == 1:
             keep = random_keep_mask(present, self.stage1_drop_prob)
-            synth, _, cascade = self.crta(tokens, keep, self._context(tokens.shape[0]))
+            synth, _, cascade = self.crta(tokens, keep, self._context(tokens, keep))
             if self.training and self.memory is not None:
                 self.memory.update(tokens, present)
             return {
