@@ -26,6 +26,7 @@ import torch
 from monai.data import CacheDataset, DataLoader, Dataset, DistributedSampler, PersistentDataset
 from monai.data.utils import pickle_hashing
 from monai.transforms import Compose, RandomizableTrait, Transform, convert_to_contiguous
+from torch.utils.data import default_collate
 
 from cmml_monai.data.cases import SPLITS, Case, CaseList
 from cmml_monai.data.errors import DataError
@@ -555,7 +556,10 @@ def split_dataset(
 def collate_cases(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stack batch-contract items: tensors along a new dim 0, ``case_id`` as a list of strings.
 
-    Other keys (if any) are kept as lists.
+    Tensors and arrays go through torch's ``default_collate`` (inside a loader worker it stacks into
+    shared memory), as plain ``torch.Tensor``; other keys (if any) are kept as lists. Not MONAI's
+    ``list_data_collate`` / ``default_collate`` on whole items: they return MetaTensors, fail on
+    ``None`` values (a missing modality's path) and give no clear error for mismatched keys.
 
     Raises:
         ValueError: an empty batch, or items with different keys.
@@ -572,9 +576,10 @@ def collate_cases(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if k == "case_id":
             out[k] = [str(v) for v in values]
         elif all(isinstance(v, torch.Tensor) for v in values):
-            out[k] = torch.stack([v.as_subclass(torch.Tensor) for v in values])
+            # plain tensors in, plain tensor out: a MetaTensor would carry per-item metadata into the batch
+            out[k] = default_collate([v.as_subclass(torch.Tensor) for v in values])
         elif all(isinstance(v, np.ndarray) for v in values):
-            out[k] = torch.as_tensor(np.stack(values))
+            out[k] = default_collate(values)
         else:
             out[k] = values
     return out

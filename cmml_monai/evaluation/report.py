@@ -7,9 +7,11 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
+import pandas as pd
+from pandas.api.types import is_float_dtype
 
 from cmml_monai.data.jsonio import atomic_open
 
@@ -80,20 +82,50 @@ def _training_seed(sweep_csv: str) -> int | None:
     return None
 
 
+def _sweep_frame(rows: Sequence[dict]) -> pd.DataFrame:
+    """``rows`` as a frame (``method, run, rate`` and the metrics, NaN where a row lacks one), in the order of
+    ``_runs_by_method``: methods first-seen, a method's runs first-seen, a run's rows as given. The index
+    is the row's position in ``rows``; ``run_order`` numbers the (method, run) pairs in that order.
+
+    Raises:
+        ValueError: one run giving a rate twice.
+    """
+    keys = [key for key, _ in _METRICS]
+    frame = pd.DataFrame(list(rows)).reindex(columns=["method", "run", "rate", *keys])
+    frame["run"] = frame["run"].fillna("").astype(str)
+    frame[keys] = frame[keys].astype(float)
+    twice = frame[frame.duplicated(["method", "run", "rate"])]
+    if len(twice):
+        first = twice.iloc[0]
+        raise ValueError(f"method {first['method']!r}: rate {first['rate']:g} appears twice in run {first['run']!r}")
+    frame = frame.iloc[np.argsort(pd.factorize(frame["method"])[0], kind="stable")]
+    frame["run_order"] = frame.groupby(["method", "run"], sort=False).ngroup()
+    return frame.sort_values("run_order", kind="stable")
+
+
+def _nanmean(values: pd.Series) -> float:
+    """NumPy's NaN-skipping mean, NaN (quietly) when all are NaN.
+
+    NumPy's summation rather than pandas' compensated one: the floats the tables always had, so no
+    four-decimal cell rounds the other way.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(values.to_numpy(dtype=float)))
+
+
 def _runs_by_method(rows: Sequence[dict]) -> dict[str, dict[str, dict[float, dict]]]:
     """``{method: {run: {rate: row}}}``, methods and runs in first-seen order.
 
     Raises:
         ValueError: one run giving a rate twice.
     """
-    grouped: dict[str, dict[str, dict[float, dict]]] = {}
-    for r in rows:
-        run = str(r.get("run", ""))
-        per_rate = grouped.setdefault(r["method"], {}).setdefault(run, {})
-        if r["rate"] in per_rate:
-            raise ValueError(f"method {r['method']!r}: rate {r['rate']:g} appears twice in run {run!r}")
-        per_rate[r["rate"]] = r
-    return grouped
+    frame = _sweep_frame(rows)
+    return {
+        method: {run: {rows[i]["rate"]: rows[i] for i in group.index}
+                 for run, group in runs.groupby("run", sort=False)}
+        for method, runs in frame.groupby("method", sort=False)
+    }
 
 
 def comparison_table(rows: Sequence[dict]) -> tuple[list[str], list[dict]]:
@@ -109,68 +141,79 @@ def comparison_table(rows: Sequence[dict]) -> tuple[list[str], list[dict]]:
         ValueError: methods (or runs) evaluated at different rates (their AVG AUCs would not be
             comparable), or one run giving a rate twice.
     """
-    rates = sorted({r["rate"] for r in rows})
-    table = []
-    for m, runs in _runs_by_method(rows).items():
-        for run, per_rate in runs.items():
-            if sorted(per_rate) != rates:
-                where = f" (run {run})" if run else ""
-                raise ValueError(
-                    f"method {m!r}{where} was evaluated at rates {sorted(per_rate)}, the others at {rates}"
-                )
-        row: dict = {"method": m}
-        for key, label in _METRICS:
-            values = np.array(
-                [[per_rate[rate].get(key, np.nan) for rate in rates] for per_rate in runs.values()], dtype=float
-            )
-            with warnings.catch_warnings():  # an all-NaN column (old sweeps without ECE) stays NaN, quietly
-                warnings.simplefilter("ignore", RuntimeWarning)
-                for j, rate in enumerate(rates):
-                    row[f"{label}@{rate:g}"] = float(np.nanmean(values[:, j]))
-                averages = np.nanmean(values, axis=1)
-                # runs without the column (a sweep.csv without ece) do not turn the method's average into NaN
-                row[f"AVG {label}"] = float(np.nanmean(averages))
-            if key == "auc":
-                auc_std = float(np.std(averages, ddof=1)) if len(averages) > 1 else 0.0
-        row["runs"] = len(runs)
-        row["AVG AUC std"] = auc_std
-        table.append(row)
+    # runs in order and each run's rates ascending: the means add up in the order they always did
+    frame = _sweep_frame(rows).sort_values(["run_order", "rate"], kind="stable")
+    keys = [key for key, _ in _METRICS]
+    rates = sorted(frame["rate"].unique().tolist())
+    by_run = frame.groupby(["method", "run"], sort=False)
+    for (m, run), got in by_run["rate"].agg(lambda s: sorted(s.tolist())).items():
+        if got != rates:
+            where = f" (run {run})" if run else ""
+            raise ValueError(f"method {m!r}{where} was evaluated at rates {got}, the others at {rates}")
+    methods = frame["method"].unique()
+    # means skip NaN: an old sweep without ECE leaves its cells NaN and does not turn a method's average into NaN
+    per_rate = frame.groupby(["method", "rate"], sort=False)[keys].agg(_nanmean).unstack("rate").reindex(methods)
+    run_avg = by_run[keys].agg(_nanmean)
+    averages = run_avg.groupby(level="method", sort=False).agg(_nanmean).reindex(methods)
+    runs = frame.groupby("method", sort=False)["run"].nunique().reindex(methods)
+    # np.std semantics: a run whose AVG AUC is NaN makes the spread NaN
+    auc_std = run_avg["auc"].groupby(level="method", sort=False).agg(lambda s: s.std(ddof=1, skipna=False))
     columns = ["method"]
-    for _, label in _METRICS:
+    table = pd.DataFrame({"method": methods}, index=methods)
+    for key, label in _METRICS:
+        for rate in rates:
+            table[f"{label}@{rate:g}"] = per_rate[(key, rate)]
+        table[f"AVG {label}"] = averages[key]
         columns += [f"{label}@{rate:g}" for rate in rates] + [f"AVG {label}"]
+    table["runs"] = runs
+    table["AVG AUC std"] = auc_std.reindex(methods).where(runs > 1, 0.0)
     columns += ["runs", "AVG AUC std"]
-    return columns, table
+    return columns, table[columns].to_dict("records")
+
+
+def _formatted(frame: pd.DataFrame) -> pd.DataFrame:
+    """The cells of a table as text: floats with four decimals (NaN as ``nan``), everything else as it prints."""
+    return pd.DataFrame({c: frame[c].map("{:.4f}".format if is_float_dtype(frame[c]) else str) for c in frame},
+                        index=frame.index, columns=frame.columns, dtype=object)
+
+
+def _write_csv(frame: pd.DataFrame, path: str) -> None:
+    """``frame`` as CSV at ``path`` (atomically): four-decimal numbers, NaN as ``nan``, CRLF line ends (``csv``'s)."""
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+        frame.to_csv(f, index=False, float_format="%.4f", na_rep="nan", lineterminator="\r\n")
+
+
+def _write_markdown(header: Sequence[str], cells: pd.DataFrame, path: str) -> None:
+    """A Markdown table of text ``cells`` at ``path`` (atomically).
+
+    Own writer: ``DataFrame.to_markdown`` needs ``tabulate`` (not a dependency) and pads the cells.
+    """
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def write_comparison_table(
-    columns: Sequence[str], table: Sequence[dict], out_dir: str, name: str = "comparison"
+    columns: Sequence[str], table: Iterable[dict], out_dir: str, name: str = "comparison"
 ) -> tuple[str, str]:
     """Write a ``comparison_table`` as ``<name>.csv`` and ``<name>.md`` (best value per column in bold: lowest
     for ECE); returns both paths."""
+    frame = pd.DataFrame(list(table), columns=list(columns))
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, f"{name}.csv")
-    with atomic_open(csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in table:
-            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+    _write_csv(frame, csv_path)
+    cells = _formatted(frame)
     scored = [c for c in columns[1:] if c not in _PLAIN]
-    best = {}
-    for c in scored:
-        values = [r[c] for r in table if not math.isnan(r[c])]
-        if values:
-            lower = c.removeprefix("AVG ").split("@")[0] in _LOWER_IS_BETTER
-            best[c] = min(values) if lower else max(values)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in table:
-        cells = [row["method"]]
-        for c in columns[1:]:
-            text = str(row[c]) if isinstance(row[c], int) else f"{row[c]:.4f}"
-            cells.append(f"**{text}**" if c in best and len(table) > 1 and row[c] == best[c] else text)
-        lines.append("| " + " | ".join(cells) + " |")
+    if len(frame) > 1 and scored:
+        lower = [c for c in scored if c.removeprefix("AVG ").split("@")[0] in _LOWER_IS_BETTER]
+        best = frame[scored].max().astype(float)
+        best[lower] = frame[lower].min()
+        # NaN is never the best: it equals nothing
+        bold = frame[scored].eq(best)
+        cells[scored] = cells[scored].mask(bold, "**" + cells[scored] + "**")
     md_path = os.path.join(out_dir, f"{name}.md")
-    with atomic_open(md_path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    _write_markdown(columns, cells, md_path)
     return csv_path, md_path
 
 
@@ -258,23 +301,16 @@ def paired_table(
 
 
 def write_paired_table(
-    columns: Sequence[str], table: Sequence[dict], out_dir: str, name: str = "comparison",
+    columns: Sequence[str], table: Iterable[dict], out_dir: str, name: str = "comparison",
     confidence: float = 0.95,
 ) -> tuple[str, str]:
     """Write a ``paired_table`` made with ``confidence`` as ``<name>_paired.csv`` and ``<name>_paired.md``;
     returns both paths."""
+    frame = pd.DataFrame(list(table), columns=list(columns))
     os.makedirs(out_dir, exist_ok=True)
-    cells = [{c: (f"{v:.4f}" if isinstance(v, float) else str(v)) for c, v in row.items()} for row in table]
     csv_path = os.path.join(out_dir, f"{name}_paired.csv")
-    with atomic_open(csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(cells)
+    _write_csv(frame, csv_path)
     level = f"{confidence:.0%}"
-    header = [c.replace("CI", f"{level} CI") for c in columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(row[c] for c in columns) + " |" for row in cells]
     md_path = os.path.join(out_dir, f"{name}_paired.md")
-    with atomic_open(md_path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    _write_markdown([c.replace("CI", f"{level} CI") for c in columns], _formatted(frame), md_path)
     return csv_path, md_path
