@@ -228,10 +228,10 @@ def test_no_nan_table_missing_and_one_image():
     [
         dict(), dict(use_context=False, use_memory=False), dict(share_image_encoder=True), dict(mark_synthesized=True),
         dict(residual_head=False), dict(stage1_head="concat_mlp"), dict(stage1_head="norm_mean"),
-        dict(instance_context=True),
+        dict(instance_context=True), dict(crta_reads_context=False),
     ],
     ids=["cmml", "no_context_no_memory", "shared_encoder", "mark_synthesized", "no_residual_head", "concat_head",
-         "norm_mean_head", "instance_context"],
+         "norm_mean_head", "instance_context", "crta_without_context"],
 )
 def test_every_parameter_gets_gradient_from_its_stage(kwargs):
     net = cmml(**kwargs).train()
@@ -262,7 +262,8 @@ def test_every_parameter_gets_gradient_from_its_stage(kwargs):
         assert leaked == [], f"stage {stage}: gradient outside the stage for {leaked}"
     assert {id(p) for p in net.parameters()} == {id(p) for s in (1, 2) for p in net.stage_parameters(s)}
     crta = {id(p) for p in net.crta_parameters()}
-    assert crta <= {id(p) for p in net.stage_parameters(1)} and crta <= {id(p) for p in net.stage_parameters(2)}
+    unread = set() if net.crta_reads_context or net.context is None else {id(p) for p in net.context.parameters()}
+    assert crta - unread <= {id(p) for p in net.stage_parameters(1)} and crta <= {id(p) for p in net.stage_parameters(2)}
 
 
 def test_memory_written_only_in_stage1_training():
@@ -307,11 +308,12 @@ def test_memory_write_stage2_keeps_the_banks_on_the_current_features():
         lambda: cmml(stage1_head="concat_mlp"),
         lambda: cmml(stage1_head="norm_mean"),
         lambda: cmml(instance_context=True),
+        lambda: cmml(crta_reads_context=False),
         lambda: cmml(use_stage2=False, use_memory=False, use_context=False),
         lambda: LateFusionNet(2, 3, 2, 5, CARDS, feature_dim=D, encoder=RESNET10, mode="mean_impute"),
     ],
     ids=["cmml_present_only", "mark_synthesized", "no_residual_head", "concat_head", "norm_mean_head",
-         "instance_context", "stage1_no_memory_no_context", "mean_impute"],
+         "instance_context", "crta_without_context", "stage1_no_memory_no_context", "mean_impute"],
 )
 def test_trace_matches_eager_for_other_patterns(make):
     net = make().eval()
@@ -334,10 +336,10 @@ def test_trace_matches_eager_for_other_patterns(make):
     [
         dict(), dict(use_stage2=False, use_context=False), dict(mark_synthesized=True), dict(residual_head=False),
         dict(stage1_head="concat_mlp"), dict(stage1_head="concat_mlp", use_stage2=False), dict(stage1_head="norm_mean"),
-        dict(instance_context=True),
+        dict(instance_context=True), dict(crta_reads_context=False),
     ],
     ids=["cmml", "stage1_only", "mark_synthesized", "no_residual_head", "concat_head", "concat_head_stage1_only",
-         "norm_mean_head", "instance_context"],
+         "norm_mean_head", "instance_context", "crta_without_context"],
 )
 def test_script_matches_eager(kwargs):
     net = cmml(**kwargs).eval()
@@ -661,3 +663,23 @@ def test_instance_context_is_the_prior_shifted_by_the_observed_tokens():
         cmml().load_state_dict(net.state_dict())
     with pytest.raises(RuntimeError, match="network_def#instance_context false"):
         net.load_state_dict(cmml().state_dict())
+
+
+def test_crta_without_context_completes_from_the_observed_tokens_only():
+    """``crta_reads_context=False``: the completed tokens do not change with the context tokens, the reference
+    still does; stage 1 does not train the context tokens."""
+    net = cmml(crta_reads_context=False).eval()
+    image, tab = make_batch(all_patterns(3))
+    with torch.no_grad():
+        torch.manual_seed(1)  # the same extra drops of the second view in both calls
+        before = net.forward_train(image, tab, stage=2)
+        net.context.tokens.add_(torch.randn_like(net.context.tokens))
+        torch.manual_seed(1)
+        after = net.forward_train(image, tab, stage=2)
+        tokens, present = net.encoder(image, tab)
+        expected, _, _ = net.crta(tokens, present, None)
+    torch.testing.assert_close(after["synth"], before["synth"])
+    torch.testing.assert_close(net.crta(tokens, present, net._crta_context(net._context(tokens, present)))[0], expected)
+    assert not torch.allclose(after["reference"], before["reference"])
+    stage1 = {id(p) for p in net.stage_parameters(1)}
+    assert id(net.context.tokens) not in stage1 and id(net.context.tokens) in {id(p) for p in net.stage_parameters(2)}

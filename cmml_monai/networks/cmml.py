@@ -118,6 +118,10 @@ class CMMLNet(nn.Module):
             and the reference start from the case instead of one prior shared by all; the stage-1 drops are
             applied first, so dropped modalities are not read. Weights trained with the other setting are
             refused on load.
+        crta_reads_context: the CRTA attends to the context tokens as well as the modality tokens; False
+            runs it over the modality tokens only (missing slots are then completed from the case's observed
+            tokens alone) while the reference still queries with the context tokens. The context tokens are
+            then trained in stage 2 only.
 
     The components (``encoder``, ``crta``, ``memory``, ``reference``, ``alignment``) are built where the
     constructor always built them, so a network built from the
@@ -137,7 +141,9 @@ class CMMLNet(nn.Module):
     """
 
     # constant for TorchScript: the stage-2 branch is not compiled when the modules do not exist
-    __constants__ = ["use_stage2", "mark_synthesized", "residual_head", "stage1_head", "reference_reads_context"]
+    __constants__ = [
+        "use_stage2", "mark_synthesized", "residual_head", "stage1_head", "reference_reads_context", "crta_reads_context"
+    ]
 
     def __init__(
         self,
@@ -169,6 +175,7 @@ class CMMLNet(nn.Module):
         memory_write_stage2: bool = False,
         reference_reads_context: bool = True,
         instance_context: bool = False,
+        crta_reads_context: bool = True,
     ) -> None:
         # before any other local: the arguments as given, for the served model's description
         build_args = constructor_args(locals())
@@ -212,6 +219,7 @@ class CMMLNet(nn.Module):
         k = self.encoder.num_modalities
         self.num_modalities = k
         self.instance_context = as_bool(instance_context, "instance_context") and use_context
+        self.crta_reads_context = as_bool(crta_reads_context, "crta_reads_context")
         self.context = ContextTokens(num_context_tokens, feature_dim, conditioned=self.instance_context) if use_context else None
         # every part is built in this order (the random initialisation depends on it)
         self.crta = crta(num_modalities=k, feature_dim=feature_dim, num_heads=num_heads, dropout=dropout)
@@ -268,7 +276,9 @@ class CMMLNet(nn.Module):
         ``residual_head`` is on (docs/method.md §13).
         """
         if stage == 1:
-            return list(self.encoder.parameters()) + self.crta_parameters() + list(self.aux_norm.parameters()) + list(
+            # without the CRTA reading them, nothing in stage 1 reads the context tokens
+            crta = self.crta_parameters() if self.crta_reads_context else list(self.crta.parameters())
+            return list(self.encoder.parameters()) + crta + list(self.aux_norm.parameters()) + list(
                 self.aux_head.parameters()
             )
         if stage == 2:
@@ -289,6 +299,10 @@ class CMMLNet(nn.Module):
             return None
         return self.context(tokens.shape[0], masked_mean(tokens, present))
 
+    def _crta_context(self, prior: torch.Tensor | None) -> torch.Tensor | None:
+        """The context tokens the CRTA attends to (none with ``crta_reads_context=False``)."""
+        return prior if self.crta_reads_context else None
+
     def _stage1_head(self, tokens: torch.Tensor) -> torch.Tensor:
         # the completed modality tokens carry the case; the context tokens (a shared prior) are not read
         if self.stage1_head == "concat_mlp":
@@ -304,7 +318,7 @@ class CMMLNet(nn.Module):
         Returns logits, the stage-1 head's logits (on the same CRTA output), u, R, pooled, CRTA output.
         """
         prior = self._context(tokens, present)
-        synth, context, _ = self.crta(tokens, present, prior)
+        synth, context, _ = self.crta(tokens, present, self._crta_context(prior))
         completed = synth
         if self.memory is not None:
             completed = self.memory(completed, present)
@@ -313,10 +327,12 @@ class CMMLNet(nn.Module):
             # them against real evidence (the baselines' presence indicators do the same)
             synthesized = (~present).unsqueeze(-1).to(completed.dtype)
             completed = completed + self.synth_embedding.to(completed.dtype) * synthesized
-        if self.reference is not None and prior is not None and context is not None:
+        if self.reference is not None and prior is not None:
             # R_i = C + CrossAttn(C, CRTA output of case i): the dataset prior C queries the
             # case's refined context and completed (memory-enriched) modality tokens
-            keys = torch.cat([context, completed], dim=1) if self.reference_reads_context else completed
+            keys = completed
+            if self.reference_reads_context and context is not None:
+                keys = torch.cat([context, completed], dim=1)
             reference = self.reference(prior, keys)
         else:
             reference = completed.mean(dim=1, keepdim=True)
@@ -333,7 +349,7 @@ class CMMLNet(nn.Module):
         if self.use_stage2:
             logits, stage1_logits, _, _, _, _ = self._stage2(tokens, present)
             return torch.where(self.stage2_trained, logits, stage1_logits)
-        completed, _, _ = self.crta(tokens, present, self._context(tokens, present))
+        completed, _, _ = self.crta(tokens, present, self._crta_context(self._context(tokens, present)))
         return self._stage1_head(completed)
 
     def _load_from_state_dict(
@@ -388,7 +404,7 @@ class CMMLNet(nn.Module):
         tokens, present = self.encoder(image, tabular)  # the only encoder pass of the step
         if stage == 1:
             keep = random_keep_mask(present, self.stage1_drop_prob)
-            synth, _, cascade = self.crta(tokens, keep, self._context(tokens, keep))
+            synth, _, cascade = self.crta(tokens, keep, self._crta_context(self._context(tokens, keep)))
             if self.training and self.memory is not None:
                 self.memory.update(tokens, present)
             return {
