@@ -133,13 +133,11 @@ class _DeferringCompose(Compose):
                  lazy: bool | None = None) -> Any:
         if isinstance(input_, _LoadFailure):
             return input_
-        if not self.deferring:
-            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
         try:
             return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
         except Exception as err:
             found = _unwrap_data_error(err)
-            if not isinstance(found, DataError):
+            if not (self.deferring and isinstance(found, DataError)):
                 raise
             with _FAILURES_LOCK:  # the cache fills in a thread pool
                 self.failures[id(input_)] = found

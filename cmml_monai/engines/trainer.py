@@ -94,7 +94,7 @@ class CMMLTrainer(SupervisedTrainer):
         postprocessing: transform applied to each decollated item (MONAI's ``postprocessing``).
         decollate: split batch and output into one item per case after each step (MONAI's default); the
             0-d loss tensors are shared by every item instead of copied to the host.
-        kwargs: the other ``SupervisedTrainer`` arguments (handlers, postprocessing, key metric, ...).
+        kwargs: the other ``SupervisedTrainer`` arguments.
     """
 
     def __init__(

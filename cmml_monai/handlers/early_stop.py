@@ -79,9 +79,10 @@ class ResumableEarlyStopHandler:
         trainer.add_event_handler(Events.STARTED, self._stay_stopped)
 
     def state_dict(self) -> dict[str, Any]:
-        source = self.stopper
-        counter = source.counter if source is not None else self._pending["counter"]
-        best = source.best_score if source is not None else self._pending["best_score"]
+        if self.stopper is not None:
+            counter, best = self.stopper.counter, self.stopper.best_score
+        else:
+            counter, best = self._pending["counter"], self._pending["best_score"]
         return {"counter": int(counter), "best_score": None if best is None else float(best), "stopped": self.stopped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -297,6 +297,8 @@ class CMMLNet(nn.Module):
         """The context tokens for this batch; conditioned ones read the mean of the ``present`` tokens only."""
         if self.context is None:
             return None
+        if not self.instance_context:  # the shared prior: no pooling on every step
+            return self.context(tokens.shape[0])
         return self.context(tokens.shape[0], masked_mean(tokens, present))
 
     def _crta_context(self, prior: torch.Tensor | None) -> torch.Tensor | None:
