@@ -118,6 +118,44 @@ def test_cmml_loss_stage2_classifies_the_dropped_view():
         CMMLLoss(stage=2, w_cls_dropped=-1.0)
 
 
+def test_cmml_loss_distils_the_observed_view_into_the_dropped_view():
+    torch.manual_seed(0)
+    teacher = torch.randn(4, 3, requires_grad=True)
+    student = torch.randn(4, 3, requires_grad=True)
+    label = torch.tensor([0, 2, 1, 0])
+    res = CMMLLoss(stage=2, w_cls_dropped=0.0, w_distill=0.5, distill_temperature=3.0)(
+        {"logits": teacher, "logits_dropped": student}, label
+    )
+    assert set(res) == {"loss", "cls", "distill"}
+    p_t, p_s = torch.softmax(teacher / 3.0, -1), torch.softmax(student / 3.0, -1)
+    expected = 0.5 * 9.0 * (p_t * (p_t.log() - p_s.log())).sum(-1).mean()  # T^2 KL(teacher || student)
+    assert res["distill"].item() == pytest.approx(expected.item(), rel=1e-5)
+    res["distill"].backward()
+    assert teacher.grad is None or torch.count_nonzero(teacher.grad) == 0  # the observed view is the teacher only
+    assert torch.count_nonzero(student.grad) > 0
+    same = CMMLLoss(stage=2, w_distill=1.0)({"logits": teacher, "logits_dropped": teacher.detach().clone()}, label)
+    assert same["distill"].item() == pytest.approx(0.0, abs=1e-6)
+    # off by default, and never in stage 1
+    assert "distill" not in CMMLLoss(stage=2)({"logits": teacher, "logits_dropped": student}, label)
+    assert "distill" not in CMMLLoss(stage=1, w_distill=1.0)({"logits": teacher, "logits_dropped": student}, label)
+    with pytest.raises(ValueError, match="distill_temperature"):
+        CMMLLoss(stage=2, distill_temperature=0.0)
+    with pytest.raises(ValueError, match="w_distill"):
+        CMMLLoss(stage=2, w_distill=-1.0)
+
+
+def test_cmml_loss_distillation_multi_label_is_the_bernoulli_kl():
+    torch.manual_seed(1)
+    teacher, student = torch.randn(5, 4), torch.randn(5, 4)
+    label = (torch.rand(5, 4) > 0.5).float()
+    res = CMMLLoss(stage=2, multi_label=True, w_cls_dropped=0.0, w_distill=1.0, distill_temperature=2.0)(
+        {"logits": teacher, "logits_dropped": student}, label
+    )
+    p_t, p_s = torch.sigmoid(teacher / 2.0), torch.sigmoid(student / 2.0)
+    kl = p_t * (p_t.log() - p_s.log()) + (1 - p_t) * ((1 - p_t).log() - (1 - p_s).log())
+    assert res["distill"].item() == pytest.approx(4.0 * kl.mean().item(), rel=1e-5)
+
+
 def test_cmml_loss_optional_stage2_reconstruction():
     b, k, d = 3, 2, 4
     torch.manual_seed(0)

@@ -28,12 +28,16 @@ class CMMLLoss(nn.Module):
     - ``rec`` (``synth``, ``target``, ``recon_mask``): ``w_rec * ReconstructionLoss``; with
       ``rec_all_blocks`` and ``synth_blocks`` in the outputs, averaged over every CRTA block (deep
       supervision of the cascade).
+    - ``distill`` (stage 2, ``logits`` and ``logits_dropped``): ``w_distill * T^2 * KL(p_T(view 1) || p_T(view 2))``
+      with the first view's predictions detached (sigmoid targets for multi-label): the case as
+      observed teaches the same case with further modalities dropped and completed, so the completed
+      view is trained towards what the full evidence says about this case, not only towards its label.
     - ``align`` (``aligned``, ``reference``, optional ``align_mask``): ``w_align * AlignmentLoss``.
     - ``supcon`` (``proj`` ``[V*B, p]``, ``V`` views stacked view by view): ``w_supcon * SupConLoss``
       with the labels repeated ``V`` times.
 
     Stage 1: ``L = w_aux L_cls + w_rec L_rec``; stage 2:
-    ``L = L_cls + w_cls_dropped L_cls(view 2) + w_align L_align + w_supcon L_supcon``.
+    ``L = L_cls + w_cls_dropped L_cls(view 2) + w_distill L_distill + w_align L_align + w_supcon L_supcon``.
 
     Args:
         stage: 1 or 2.
@@ -44,6 +48,8 @@ class CMMLLoss(nn.Module):
         temperature: SupCon temperature.
         rec_all_blocks: reconstruct from every cascade block (``synth_blocks``), not only the last.
         label_smoothing: smoothing of the classification targets.
+        w_distill: weight of the view-1 -> view-2 distillation term (stage 2; 0 = off).
+        distill_temperature: softmax (sigmoid) temperature ``T`` of the distillation term.
         class_weight: per-class weights of the cross-entropy (single-label) or positive weights of
             the binary cross-entropy (multi-label), e.g. from ``cmml_monai.data.balance.class_weights``;
             ``None``: unweighted.
@@ -73,14 +79,18 @@ class CMMLLoss(nn.Module):
         w_rec_stage2: float = 0.0,
         label_smoothing: float = 0.0,
         class_weight: Sequence[float] | None = None,
+        w_distill: float = 0.0,
+        distill_temperature: float = 2.0,
     ) -> None:
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}.")
         for name, w in (("w_rec", w_rec), ("w_aux", w_aux), ("w_align", w_align), ("w_supcon", w_supcon),
-                        ("w_cls_dropped", w_cls_dropped), ("w_rec_stage2", w_rec_stage2)):
+                        ("w_cls_dropped", w_cls_dropped), ("w_rec_stage2", w_rec_stage2), ("w_distill", w_distill)):
             if w < 0:
                 raise ValueError(f"{name} must be >= 0, got {w}.")
+        if distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be > 0, got {distill_temperature}.")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
         self.label_smoothing = float(label_smoothing)
@@ -95,6 +105,8 @@ class CMMLLoss(nn.Module):
         self.w_rec, self.w_aux, self.w_align, self.w_supcon = w_rec, w_aux, w_align, w_supcon
         self.w_cls_dropped = w_cls_dropped
         self.w_rec_stage2 = w_rec_stage2
+        self.w_distill = float(w_distill)
+        self.distill_temperature = float(distill_temperature)
         self.rec_all_blocks = rec_all_blocks
         self.reconstruction = ReconstructionLoss()
         self.alignment = AlignmentLoss()
@@ -111,6 +123,21 @@ class CMMLLoss(nn.Module):
         if label.dim() == 2 and label.shape[1] == 1:
             label = label[:, 0]
         return F.cross_entropy(logits, label.long(), weight=self._weight(logits), label_smoothing=self.label_smoothing)
+
+    def distillation(self, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+        """``T^2 * KL(p_T(teacher) || p_T(student))`` per case (mean), the teacher detached.
+
+        ``T^2`` keeps the gradient's size independent of ``T`` (Hinton et al., 2015).
+        """
+        t = self.distill_temperature
+        teacher, student = teacher.detach().float() / t, student.float() / t  # full precision under autocast
+        if self.multi_label:
+            # per label, the KL of two Bernoullis = BCE(student, p_teacher) - H(p_teacher)
+            p = torch.sigmoid(teacher)
+            kd = F.binary_cross_entropy_with_logits(student, p) - F.binary_cross_entropy_with_logits(teacher, p)
+        else:
+            kd = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), reduction="batchmean", log_target=True)
+        return t * t * kd
 
     def _weight(self, logits: torch.Tensor) -> torch.Tensor | None:
         if self.class_weight is None:
@@ -129,6 +156,8 @@ class CMMLLoss(nn.Module):
         terms["cls"] = w_cls * self.classification(outputs["logits"], label)
         if self.stage == 2 and "logits_dropped" in outputs and self.w_cls_dropped > 0:
             terms["cls_dropped"] = self.w_cls_dropped * self.classification(outputs["logits_dropped"], label)
+        if self.stage == 2 and "logits_dropped" in outputs and self.w_distill > 0:
+            terms["distill"] = self.w_distill * self.distillation(outputs["logits"], outputs["logits_dropped"])
         w_rec = self.w_rec if self.stage == 1 else self.w_rec_stage2
         if w_rec > 0 and all(k in outputs for k in ("synth", "target", "recon_mask")):
             synth = outputs["synth_blocks"] if self.rec_all_blocks and "synth_blocks" in outputs else outputs["synth"]
