@@ -317,13 +317,16 @@ def test_validation_under_missing_rates(synthetic_dir, tmp_path):
 @pytest.mark.parametrize("method", ["cmml", "zero_fill"])
 def test_derm7pt_overlay_sets_the_stage1_head_of_cmml_only(method, synthetic_dir, tmp_path):
     """The Derm7pt overlay's ``stage1_head`` reaches CMML's network_def; a baseline, which has no such
-    head, builds unchanged whichever order the overlays come in."""
+    head, builds unchanged whichever order the overlays come in. Its ``distill_weight`` reaches the
+    stage-2 loss (a baseline gives no second view, so the term is never computed for it)."""
     dataset = os.path.join(ROOT, "configs", "datasets", "derm7pt.json")
     overlay = os.path.join(ROOT, "configs", "methods", f"{method}.json")
     args = tiny(synthetic_dir, str(tmp_path), synthetic=True, num_workers=0)
     for files in ([TRAIN, dataset, overlay], [TRAIN, overlay, dataset]):
         w = workflow(files, **args)
         net = w.parser.get_parsed_content("network_def")
+        assert w.parser.get_parsed_content("train#loss").w_distill == 1.0
+        assert w.parser.get_parsed_content("stage1#loss").w_distill == 0.0
         if method == "cmml":
             assert net.stage1_head == "concat_mlp"
         else:
