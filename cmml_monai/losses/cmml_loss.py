@@ -56,7 +56,7 @@ class CMMLLoss(nn.Module):
 
     Returns (``forward``):
         dict with ``loss`` and the weighted terms that were computed (``cls``, ``rec``, ``align``,
-        ``supcon``, ``cls_dropped``), all scalars.
+        ``supcon``, ``cls_dropped``, ``distill``), all scalars.
 
     Example::
 
