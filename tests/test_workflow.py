@@ -325,7 +325,7 @@ def test_derm7pt_overlay_sets_the_stage1_head_of_cmml_only(method, synthetic_dir
     for files in ([TRAIN, dataset, overlay], [TRAIN, overlay, dataset]):
         w = workflow(files, **args)
         net = w.parser.get_parsed_content("network_def")
-        assert w.parser.get_parsed_content("train#loss").w_distill == 1.0
+        assert w.parser.get_parsed_content("train#loss").w_distill == 2.0
         assert w.parser.get_parsed_content("stage1#loss").w_distill == 0.0
         if method == "cmml":
             assert net.stage1_head == "concat_mlp"
