@@ -418,7 +418,8 @@ OVERLAYS = {
     "cmml_no_stage2": (CMMLNet, {"memory": ModalityMemoryBank, "context": "set", "use_stage2": False,
                                  "fusion": "absent"}),
     "zero_fill": (LateFusionNet, {"mode": "zero_fill", "use_indicators": True}),
-    "modality_dropout": (LateFusionNet, {"mode": "modality_dropout", "use_indicators": True}),
+    "modality_dropout": (LateFusionNet, {"mode": "modality_dropout", "use_indicators": True, "two_view": False}),
+    "modality_dropout_two_view": (LateFusionNet, {"mode": "modality_dropout", "use_indicators": True, "two_view": True}),
     "mean_impute": (LateFusionNet, {"mode": "mean_impute", "use_indicators": False}),
 }
 

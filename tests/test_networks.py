@@ -452,6 +452,29 @@ def test_late_fusion_baselines(mode):
     assert torch.isfinite(logits).all()
 
 
+def test_modality_dropout_two_view_gives_the_observed_and_the_dropped_view():
+    present = all_patterns(3)
+    image, tab = make_batch(present)
+    torch.manual_seed(0)
+    net = LateFusionNet(2, 3, 2, 4, CARDS, feature_dim=D, encoder=RESNET10, mode="modality_dropout",
+                        dropout_prob=1.0, dropout=0.0, two_view="true").train()
+    out = net.forward_train(image, tab)
+    several = present.sum(1) > 1
+    full = net(image, tab)  # the served path sees the observed case
+    assert torch.allclose(out["logits"], full, atol=1e-6)
+    assert not torch.allclose(out["logits_dropped"][several], full[several])
+    assert torch.allclose(out["logits_dropped"][~several], full[~several], atol=1e-6)
+    # the stage-2 loss classifies both views and distils the observed one into the dropped one
+    label = torch.randint(0, 4, (7,))
+    loss = CMMLLoss(stage=2, w_distill=2.0)(out, label)
+    assert set(loss) == {"loss", "cls", "cls_dropped", "distill"}
+    loss["loss"].backward()
+    assert all(p.grad is not None for p in net.head.parameters())
+    assert set(net.eval().forward_train(image, tab)) == {"logits", "present"}  # one view outside training
+    with pytest.raises(ValueError, match="two_view"):
+        LateFusionNet(2, 3, 2, 4, CARDS, feature_dim=D, encoder=RESNET10, mode="mean_impute", two_view=True)
+
+
 def test_3d_and_densenet_and_pretrained(tmp_path):
     net = CMMLNet(3, 1, 3, 2, None, **SMALL).eval()
     vol = torch.randn(2, 3, 16, 16, 16)

@@ -19,7 +19,7 @@ from bundle_helpers import tiny_overrides, workflow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
 METHODS = ["cmml", "zero_fill", "modality_dropout", "mean_impute", "cmml_no_memory", "cmml_no_context",
-           "cmml_no_stage2"]
+           "cmml_no_stage2", "modality_dropout_two_view"]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from cmml_monai.networks.encoders import MultiModalEncoder
 from cmml_monai.networks.utils import constructor_args, masked_mean, random_keep_mask
+from cmml_monai.utils import as_bool
 
 __all__ = ["LateFusionNet", "LATE_FUSION_MODES"]
 
@@ -20,7 +21,10 @@ class LateFusionNet(nn.Module):
 
     - ``zero_fill``: missing tokens are zeros and the presence indicators are concatenated.
     - ``modality_dropout``: ``zero_fill`` plus, in ``forward_train`` while training, dropping each
-      present modality with ``dropout_prob`` (at least one kept), by masking tokens.
+      present modality with ``dropout_prob`` (at least one kept), by masking tokens. With
+      ``two_view``, training classifies the observed case too (``logits``) and the dropped one as
+      ``logits_dropped``, the two views of CMML's stage 2, so the loss's second-view classification
+      and distillation terms apply to this baseline as they do to CMML.
     - ``mean_impute``: a missing token is replaced by the running mean (EMA buffer, updated in
       ``forward_train`` while training) of that modality's real tokens; no indicators.
 
@@ -29,6 +33,7 @@ class LateFusionNet(nn.Module):
         multi_label, feature_dim, encoder: the shared constructor (see ``CMMLNet``).
         mode: one of ``LATE_FUSION_MODES``.
         dropout_prob: modality dropout probability (``modality_dropout`` only).
+        two_view: ``modality_dropout`` only: train on the observed and the dropped view (see above).
         hidden_dim: MLP hidden width (default ``feature_dim``).
         dropout: dropout in the MLP.
         mean_momentum: EMA momentum of the running means (``mean_impute``).
@@ -55,6 +60,7 @@ class LateFusionNet(nn.Module):
         encoder: Callable[..., nn.Module] = MultiModalEncoder,
         mode: str = "zero_fill",
         dropout_prob: float = 0.3,
+        two_view: bool = False,
         hidden_dim: int | None = None,
         dropout: float = 0.1,
         mean_momentum: float = 0.99,
@@ -74,6 +80,10 @@ class LateFusionNet(nn.Module):
             raise ValueError(f"mean_momentum must be in [0, 1), got {mean_momentum}.")
         self.mode = mode
         self.dropout_prob = dropout_prob
+        # a switch may arrive as a command-line string ("true")
+        self.two_view = as_bool(two_view, "two_view")
+        if self.two_view and mode != "modality_dropout":
+            raise ValueError(f"two_view needs mode='modality_dropout', got mode={mode!r}.")
         self.multi_label = multi_label
         self.mean_momentum = mean_momentum
         if not callable(encoder):
@@ -112,7 +122,7 @@ class LateFusionNet(nn.Module):
     def forward_train(
         self, image: torch.Tensor, tabular: torch.Tensor | None = None, stage: int = 1
     ) -> dict[str, torch.Tensor]:
-        """Returns ``logits`` and ``present`` (``stage`` is ignored)."""
+        """Returns ``logits`` and ``present`` (``stage`` is ignored); with ``two_view``, also ``logits_dropped``."""
         tokens, present = self.encoder(image, tabular)
         used = present
         if self.training and self.mode == "modality_dropout":
@@ -128,4 +138,7 @@ class LateFusionNet(nn.Module):
                 moved = torch.where(self.mean_initialized, moved, mean)
                 self.running_mean.copy_(torch.where(seen, moved, self.running_mean))
                 self.mean_initialized.copy_(self.mean_initialized | seen)
+        if self.training and self.two_view:
+            return {"logits": self._classify(tokens, present), "logits_dropped": self._classify(tokens, used),
+                    "present": present}
         return {"logits": self._classify(tokens, used), "present": present}
