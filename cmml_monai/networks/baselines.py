@@ -33,11 +33,11 @@ class LateFusionNet(nn.Module):
         multi_label, feature_dim, encoder: the shared constructor (see ``CMMLNet``).
         mode: one of ``LATE_FUSION_MODES``.
         dropout_prob: modality dropout probability (``modality_dropout`` only).
-        two_view: ``modality_dropout`` only: train on the observed and the dropped view (see above).
         hidden_dim: MLP hidden width (default ``feature_dim``).
         dropout: dropout in the MLP.
         mean_momentum: EMA momentum of the running means (``mean_impute``).
         num_heads: attention heads of the table encoder (passed to ``encoder``).
+        two_view: ``modality_dropout`` only: train on the observed and the dropped view (see above).
 
     Example::
 
@@ -60,11 +60,11 @@ class LateFusionNet(nn.Module):
         encoder: Callable[..., nn.Module] = MultiModalEncoder,
         mode: str = "zero_fill",
         dropout_prob: float = 0.3,
-        two_view: bool = False,
         hidden_dim: int | None = None,
         dropout: float = 0.1,
         mean_momentum: float = 0.99,
         num_heads: int = 4,
+        two_view: bool = False,
     ) -> None:
         # before any other local: the arguments as given, for the served model's description
         build_args = constructor_args(locals())
