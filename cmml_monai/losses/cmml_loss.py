@@ -105,7 +105,7 @@ class CMMLLoss(nn.Module):
         self.w_rec, self.w_aux, self.w_align, self.w_supcon = w_rec, w_aux, w_align, w_supcon
         self.w_cls_dropped = w_cls_dropped
         self.w_rec_stage2 = w_rec_stage2
-        self.w_distill = float(w_distill)
+        self.w_distill = w_distill
         self.distill_temperature = float(distill_temperature)
         self.rec_all_blocks = rec_all_blocks
         self.reconstruction = ReconstructionLoss()
@@ -154,10 +154,11 @@ class CMMLLoss(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         w_cls = self.w_aux if self.stage == 1 else 1.0
         terms["cls"] = w_cls * self.classification(outputs["logits"], label)
-        if self.stage == 2 and "logits_dropped" in outputs and self.w_cls_dropped > 0:
-            terms["cls_dropped"] = self.w_cls_dropped * self.classification(outputs["logits_dropped"], label)
-        if self.stage == 2 and "logits_dropped" in outputs and self.w_distill > 0:
-            terms["distill"] = self.w_distill * self.distillation(outputs["logits"], outputs["logits_dropped"])
+        dropped = outputs.get("logits_dropped") if self.stage == 2 else None  # the second view
+        if dropped is not None and self.w_cls_dropped > 0:
+            terms["cls_dropped"] = self.w_cls_dropped * self.classification(dropped, label)
+        if dropped is not None and self.w_distill > 0:
+            terms["distill"] = self.w_distill * self.distillation(outputs["logits"], dropped)
         w_rec = self.w_rec if self.stage == 1 else self.w_rec_stage2
         if w_rec > 0 and all(k in outputs for k in ("synth", "target", "recon_mask")):
             synth = outputs["synth_blocks"] if self.rec_all_blocks and "synth_blocks" in outputs else outputs["synth"]
