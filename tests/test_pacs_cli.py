@@ -12,6 +12,7 @@ import time
 import pydicom
 import pytest
 from cmml_monai.deploy.__main__ import main
+from cmml_monai.deploy.listener import OUTBOX
 from cmml_monai.deploy.report import read_sr_result
 from cmml_monai.deploy.study import pseudonym
 
@@ -135,6 +136,11 @@ def test_phi_marker_only_in_the_sr(bundle, tmp_path):
         end = time.monotonic() + 120
         while not pacs.received and time.monotonic() < end and listener.poll() is None:
             time.sleep(0.2)
+        # the listener logs "stored at PACS" after the PACS answered and the SR left its outbox: wait for that
+        outbox = out_net / OUTBOX
+        while outbox.is_dir() and any(outbox.glob("*.dcm")) and time.monotonic() < end and listener.poll() is None:
+            time.sleep(0.2)
+        time.sleep(1.0)
     finally:
         listener.terminate()  # the process this test started, by its handle
         stdout, stderr = listener.communicate(timeout=60)
