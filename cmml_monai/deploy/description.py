@@ -54,7 +54,7 @@ DESCRIPTION_VERSION = 2
 WEIGHTS_NAME = "model.pt"
 _FORMAT = "cmml-monai network description"
 # constructor or component options that point at files of the training machine: the served weights replace them
-_DROPPED_ARGS = ("pretrained_path",)
+_DROPPED_ARGS = ("pretrained_path", "pretrained")
 # a description may only name a network class of this package (it is a data file, not code)
 _NETWORKS_PACKAGE = "cmml_monai.networks"
 # version 1 named a method; its class and fixed flags, so models trained then still load
@@ -229,6 +229,8 @@ def save_description(
     dataset_options: Mapping[str, Any] | None = None,
     tracker: Any = None,
     method: str | None = None,
+    mean: Sequence[float] | None = IMAGENET_MEAN,
+    std: Sequence[float] | None = IMAGENET_STD,
 ) -> str:
     """Write ``<output_dir>/models/network.json`` beside the published ``model.pt`` (train.json's ``run`` list
     calls it after ``publish_model``). The weights' SHA-256 is recorded, so a later load can tell whether
@@ -236,8 +238,9 @@ def save_description(
 
     Args:
         output_dir: the run's output folder.
-        network, case_list, schema, spatial_size, pixdim, reader, series, dataset_options, method: see
-            :func:`describe_network`.
+        network, case_list, schema, spatial_size, pixdim, reader, series, dataset_options, method, mean, std: see
+            :func:`describe_network` (``mean``/``std``: the 2D normalisation the run trained with, which the
+            image encoder's weights expect: ``cmml_monai.networks.input_normalization``).
         tracker: an ``MLflowTracker``; the description is logged beside ``model.pt`` when it is enabled.
 
     Returns:
@@ -248,8 +251,8 @@ def save_description(
         'runs/derm/models/network.json'
     """
     desc = describe_network(
-        network, case_list, schema, spatial_size, pixdim, reader, series, dataset_options=dataset_options,
-        method=method,
+        network, case_list, schema, spatial_size, pixdim, reader, series, mean=mean, std=std,
+        dataset_options=dataset_options, method=method,
     )
     model_dir = os.path.join(output_dir, "models")
     weights = os.path.join(model_dir, WEIGHTS_NAME)

@@ -82,9 +82,10 @@ def stage_parameter_groups(
     crta_prefixes: Sequence[str] = CRTA_PREFIXES,
     encoder_lr_scale: float = 1.0,
 ) -> list[dict]:
-    """Param groups of ``stage``: stage 1 one group; stage 2 the new stage-2 modules at ``lr``, the
-    encoders at ``lr * encoder_lr_scale`` and the CRTA at ``lr * crta_lr_scale`` (left out when
-    ``freeze_crta``).
+    """Param groups of ``stage``: stage 1 one group (the encoders apart at ``lr * encoder_lr_scale`` when it is not
+    1); stage 2 the new stage-2 modules at ``lr``, the encoders at ``lr * encoder_lr_scale`` and the CRTA at
+    ``lr * crta_lr_scale`` (left out when ``freeze_crta``). Frozen parameters (``requires_grad`` off, e.g. a
+    ``freeze_backbone`` encoder) are left out; ``encoder_lr_scale`` 0 freezes the encoders' other parameters.
 
     Raises:
         ValueError: bad stage, negative scale, or a stage with no trainable parameters.
@@ -100,17 +101,21 @@ def stage_parameter_groups(
     crta_ids = {id(p) for p in crta_fn()} if callable(crta_fn) else None
     crta, encoder, rest = [], [], []
     for name, p in network.named_parameters():
-        if id(p) not in chosen:
+        if id(p) not in chosen or not p.requires_grad:  # a frozen backbone is not optimised
             continue
         is_crta = id(p) in crta_ids if crta_ids is not None else name.split(".")[0] in crta_prefixes
         if is_crta:
             crta.append(p)
-        elif crta_ids is not None and name.startswith("encoder."):
+        elif name.startswith("encoder."):
             encoder.append(p)
         else:
             rest.append(p)
-    if stage == 1:
+    if stage == 1 and encoder_lr_scale == 1.0:
         groups = [{"params": crta + encoder + rest, "lr": lr, "name": "all"}]
+    elif stage == 1:
+        groups = [{"params": crta + rest, "lr": lr, "name": "all"}]
+        if encoder and encoder_lr_scale > 0:
+            groups.append({"params": encoder, "lr": lr * encoder_lr_scale, "name": "encoder"})
     else:
         groups = [{"params": rest, "lr": lr, "name": "main"}]
         if encoder and encoder_lr_scale > 0:

@@ -8,7 +8,16 @@ from cmml_monai.networks.baselines import LATE_FUSION_MODES, LateFusionNet
 from cmml_monai.networks.cmml import CMMLNet
 from cmml_monai.networks.context import ContextTokens
 from cmml_monai.networks.crta import CascadedResidualTransformerAE
-from cmml_monai.networks.encoders import IMAGE_ENCODERS, ImageEncoder, MultiModalEncoder, build_image_backbone
+from cmml_monai.networks.encoders import (
+    IMAGE_ENCODERS,
+    ImageEncoder,
+    MultiModalEncoder,
+    attach_feature_cache,
+    build_image_backbone,
+    load_pretrained,
+)
+from cmml_monai.networks.feature_cache import FeatureCache
+from cmml_monai.networks.pretrained import EFFICIENTNET_BN, EFFICIENTNET_LITE, input_normalization
 from cmml_monai.networks.memory import ModalityMemoryBank
 from cmml_monai.networks.tabular import TabularEncoder
 from cmml_monai.networks.utils import masked_mean, presence_from_nan, random_keep_mask
@@ -23,6 +32,12 @@ __all__ = [
     "TabularEncoder",
     "IMAGE_ENCODERS",
     "build_image_backbone",
+    "load_pretrained",
+    "attach_feature_cache",
+    "FeatureCache",
+    "input_normalization",
+    "EFFICIENTNET_LITE",
+    "EFFICIENTNET_BN",
     "ContextTokens",
     "CascadedResidualTransformerAE",
     "ModalityMemoryBank",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -9,13 +10,27 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 from monai.networks.nets import DenseNet121
-from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
+from monai.networks.nets import resnet as monai_resnet
+from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck, get_medicalnet_pretrained_resnet_args
 
+from cmml_monai.networks.feature_cache import FeatureCache
+from cmml_monai.networks.pretrained import (
+    EFFICIENTNET_BN,
+    EFFICIENTNET_LITE,
+    EfficientNetFeatures,
+    efficientnet_backbone,
+    nest_block_keys,
+)
 from cmml_monai.networks.tabular import TabularEncoder
 from cmml_monai.networks.utils import presence_from_nan
 from cmml_monai.utils import as_bool
 
-__all__ = ["IMAGE_ENCODERS", "build_image_backbone", "load_pretrained", "ImageEncoder", "MultiModalEncoder"]
+__all__ = [
+    "IMAGE_ENCODERS", "build_image_backbone", "load_pretrained", "ImageEncoder", "MultiModalEncoder",
+    "attach_feature_cache",
+]
+
+logger = logging.getLogger(__name__)
 
 # name -> (block, layers); all ResNets use MONAI's ResNet with the standard 64..512 widths
 _RESNETS = {
@@ -24,15 +39,15 @@ _RESNETS = {
     "resnet34": (ResNetBlock, [3, 4, 6, 3]),
     "resnet50": (ResNetBottleneck, [3, 4, 6, 3]),
 }
-IMAGE_ENCODERS = tuple(_RESNETS) + ("densenet121",)
+IMAGE_ENCODERS = tuple(_RESNETS) + ("densenet121",) + tuple(EFFICIENTNET_LITE) + EFFICIENTNET_BN
 
 
 class _DenseNetFeatures(nn.Module):
     """MONAI DenseNet121 trunk + ReLU + global average pooling (its classifier is dropped)."""
 
-    def __init__(self, spatial_dims: int, in_channels: int) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, pretrained: bool = False) -> None:
         super().__init__()
-        net = DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1)
+        net = DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1, pretrained=pretrained)
         self.features = net.features
         self.pool = nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
         self.act = nn.ReLU()
@@ -41,13 +56,41 @@ class _DenseNetFeatures(nn.Module):
         return self.pool(self.act(self.features(x))).flatten(1)
 
 
-def build_image_backbone(name: str, spatial_dims: int, in_channels: int) -> tuple[nn.Module, int]:
+def _resnet(name: str, spatial_dims: int, in_channels: int, pretrained: bool, load_weights: bool) -> nn.Module:
+    """MONAI's ResNet; ``pretrained`` (3D only) takes MedicalNet's layout and, with ``load_weights``, its weights."""
+    block, layers = _RESNETS[name]
+    if not pretrained:
+        return ResNet(
+            block, layers, [64, 128, 256, 512], spatial_dims=spatial_dims, n_input_channels=in_channels,
+            conv1_t_size=7, conv1_t_stride=2, feed_forward=False, bias_downsample=False,
+        )
+    if spatial_dims != 3 or in_channels != 1:
+        raise ValueError(
+            f"{name}: MONAI's pretrained ResNets are MedicalNet's 3D single-channel weights, got spatial_dims="
+            f"{spatial_dims}, in_channels={in_channels}; for 2D ImageNet weights use efficientnet-lite0"
+        )
+    bias_downsample, shortcut = get_medicalnet_pretrained_resnet_args(int(name[len("resnet"):]))
+    factory = getattr(monai_resnet, name)
+    return factory(
+        pretrained=load_weights, spatial_dims=3, n_input_channels=1, feed_forward=False, conv1_t_size=7,
+        conv1_t_stride=2, shortcut_type=shortcut, bias_downsample=bias_downsample,
+    )
+
+
+def build_image_backbone(
+    name: str, spatial_dims: int, in_channels: int, pretrained: bool = False, load_weights: bool = True
+) -> tuple[nn.Module, int]:
     """Build a MONAI backbone that maps ``[B, C, *spatial]`` to pooled features ``[B, F]``.
 
     Args:
         name: one of ``IMAGE_ENCODERS``.
         spatial_dims: 2 or 3.
         in_channels: input channels of one modality.
+        pretrained: the published weights of ``name``: EfficientNet-Lite's ImageNet weights from the installed
+            ``[pretrained]`` extra (offline); MONAI's ImageNet weights of ``efficientnet-b*`` and
+            ``densenet121`` and MedicalNet's 3D ResNet weights (MONAI downloads them: a connected machine).
+        load_weights: with ``pretrained``, load the weights; False builds the same layout for a local
+            weights file (``pretrained_path``).
 
     Returns:
         ``(module, F)``.
@@ -60,43 +103,66 @@ def build_image_backbone(name: str, spatial_dims: int, in_channels: int) -> tupl
     """
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+    pretrained = as_bool(pretrained, "pretrained")
     if name in _RESNETS:
-        block, layers = _RESNETS[name]
-        net = ResNet(
-            block, layers, [64, 128, 256, 512], spatial_dims=spatial_dims, n_input_channels=in_channels,
-            conv1_t_size=7, conv1_t_stride=2, feed_forward=False, bias_downsample=False,
-        )
-        return net, 512 * block.expansion
+        return _resnet(name, spatial_dims, in_channels, pretrained, load_weights), 512 * _RESNETS[name][0].expansion
     if name == "densenet121":
-        return _DenseNetFeatures(spatial_dims, in_channels), 1024
+        return _DenseNetFeatures(spatial_dims, in_channels, pretrained and load_weights), 1024
+    if name in EFFICIENTNET_LITE or name in EFFICIENTNET_BN:
+        net = efficientnet_backbone(name, spatial_dims, in_channels, pretrained and load_weights)
+        return net, int(net.width)
     raise ValueError(f"image_encoder must be one of {IMAGE_ENCODERS}, got {name!r}.")
 
 
-def load_pretrained(module: nn.Module, path: str) -> None:
-    """Load a local state dict into ``module`` (keys may carry ``module.`` / ``state_dict``).
-
-    Unmatched keys (e.g. a classifier) are skipped with a warning; nothing is downloaded.
-
-    Raises:
-        ValueError: the file does not exist or none of its keys match the module.
-    """
+def _read_state(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise ValueError(f"pretrained_path {path!r} is not an existing file (weights are only read from local files).")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # MedicalNet, Lightning
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"pretrained_path {path!r} holds a {type(state).__name__}, not a state dict.")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def load_pretrained(module: nn.Module, path: str) -> int:
+    """Load a local state dict into a backbone of :func:`build_image_backbone`; returns the tensors loaded.
+
+    Keys may carry ``module.`` or sit under ``state_dict`` (MedicalNet); EfficientNet files in the flat
+    ``_blocks.<k>`` layout (EfficientNet-PyTorch, MONAI's download) are mapped to MONAI's nested blocks. File
+    tensors the backbone has no place for (a classifier) are skipped; a partial load says how many tensors
+    were loaded. Nothing is downloaded.
+
+    Raises:
+        ValueError: the file does not exist, a tensor's shape differs from the backbone's (named), or no key
+            matches.
+
+    Example:
+        >>> net, _ = build_image_backbone("resnet10", 3, 1)
+        >>> load_pretrained(net, "resnet_10_23dataset.pth")  # doctest: +SKIP
+        63
+    """
+    state = _read_state(path)
     own = module.state_dict()
-    clean = {}
-    for key, value in state.items():
-        key = key[len("module."):] if key.startswith("module.") else key
-        if key in own and own[key].shape == value.shape:
-            clean[key] = value
+    if isinstance(module, EfficientNetFeatures):  # the MONAI EfficientNet sits under "net."
+        state = {f"net.{k}": v for k, v in nest_block_keys(state, module.net).items()}
+    clean = {k: v for k, v in state.items() if k in own}
+    wrong = [f"{k} {tuple(v.shape)} (encoder {tuple(own[k].shape)})" for k, v in clean.items()
+             if v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"pretrained_path {path!r}: {len(wrong)} tensors do not fit the {type(module).__name__} "
+                         f"encoder, e.g. {wrong[:3]}: check image_encoder and its layout.")
     if not clean:
         raise ValueError(f"pretrained_path {path!r}: no key matches the {type(module).__name__} encoder.")
     missing = [k for k in own if k not in clean]
+    unused = [k for k in state if k not in own]
     if missing:
-        warnings.warn(f"pretrained_path {path!r}: {len(missing)} encoder tensors not in the file, e.g. {missing[:3]}.")
+        warnings.warn(f"pretrained_path {path!r}: loaded {len(clean)} of {len(own)} encoder tensors; "
+                      f"{len(missing)} not in the file, e.g. {missing[:3]}.")
+    logger.info("pretrained_path %s: loaded %d of %d encoder tensors (%d file tensors unused, e.g. %s)",
+                path, len(clean), len(own), len(unused), unused[:2])
     module.load_state_dict(clean, strict=False)
+    return len(clean)
 
 
 class ImageEncoder(nn.Module):
@@ -108,6 +174,11 @@ class ImageEncoder(nn.Module):
         in_channels: channels of one modality.
         feature_dim: token width ``d``.
         pretrained_path: optional local state dict for the backbone.
+        pretrained: the backbone's published weights (see :func:`build_image_backbone`); with
+            ``pretrained_path``, the layout of those weights filled from the local file.
+        freeze_backbone: the backbone is not trained and its BatchNorm statistics stay as loaded (it is kept
+            in eval mode); only the projection to the token trains. A :class:`FeatureCache` can then serve
+            its features.
 
     Example::
 
@@ -115,18 +186,36 @@ class ImageEncoder(nn.Module):
         torch.Size([2, 32])
     """
 
+    __jit_ignored_attributes__ = ["feature_cache"]
+
     def __init__(
         self, image_encoder: str, spatial_dims: int, in_channels: int, feature_dim: int,
-        pretrained_path: str | None = None,
+        pretrained_path: str | None = None, pretrained: bool = False, freeze_backbone: bool = False,
     ) -> None:
         super().__init__()
-        self.backbone, width = build_image_backbone(image_encoder, spatial_dims, in_channels)
+        pretrained = as_bool(pretrained, "pretrained")
+        self.backbone, width = build_image_backbone(
+            image_encoder, spatial_dims, in_channels, pretrained, load_weights=not pretrained_path
+        )
         if pretrained_path:
             load_pretrained(self.backbone, pretrained_path)
         self.proj = nn.Sequential(nn.Linear(width, feature_dim), nn.LayerNorm(feature_dim))
+        self.freeze_backbone = as_bool(freeze_backbone, "freeze_backbone")
+        self.feature_cache: FeatureCache | None = None
+        if self.freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> ImageEncoder:
+        super().train(mode)
+        if self.freeze_backbone:  # frozen BatchNorm statistics: the backbone never leaves eval mode
+            self.backbone.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.backbone(x))
+        if torch.jit.is_scripting() or torch.jit.is_tracing() or self.feature_cache is None:
+            return self.proj(self.backbone(x))
+        return self.proj(self.feature_cache(self.backbone, x))
 
 
 def _encode_rows(encoder: nn.Module, x: torch.Tensor, mask: torch.Tensor, dim: int, training: bool) -> torch.Tensor:
@@ -159,6 +248,10 @@ class MultiModalEncoder(nn.Module):
         image_encoder: backbone name.
         share_image_encoder: one backbone for all image modalities (e.g. left/right fundus).
         pretrained_path: optional local state dict loaded into every image backbone.
+        pretrained: every image backbone starts from its published weights (see :func:`build_image_backbone`;
+            ``efficientnet-lite0/1/2`` offline from the ``[pretrained]`` extra).
+        freeze_backbone: the image backbones are not trained, their BatchNorm statistics frozen
+            (:class:`ImageEncoder`); their features can then be cached (:func:`attach_feature_cache`).
         tabular_layers: transformer layers of the table encoder.
         num_heads: attention heads of the table encoder.
         encode_present_only: in eager mode, run each image encoder only on the cases where its
@@ -189,6 +282,8 @@ class MultiModalEncoder(nn.Module):
         tabular_layers: int = 1,
         num_heads: int = 4,
         encode_present_only: bool = False,
+        pretrained: bool = False,
+        freeze_backbone: bool = False,
     ) -> None:
         super().__init__()
         # switches may arrive as command-line strings ("false")
@@ -208,7 +303,10 @@ class MultiModalEncoder(nn.Module):
         n_enc = 1 if share_image_encoder else image_modalities
         self.image_encoders = nn.ModuleList(
             [
-                ImageEncoder(image_encoder, spatial_dims, image_channels, feature_dim, pretrained_path)
+                ImageEncoder(
+                    image_encoder, spatial_dims, image_channels, feature_dim, pretrained_path, pretrained,
+                    freeze_backbone,
+                )
                 for _ in range(n_enc)
             ]
         )
@@ -272,3 +370,29 @@ class MultiModalEncoder(nn.Module):
             image, tabular, self.image_modalities, self.image_channels, self.num_features
         )
         return self.encode(image_clean, tabular_clean, cell_mask, present), present
+
+
+def attach_feature_cache(network: nn.Module, cache_dir: str | None = None) -> nn.Module:
+    """Serve the features of every frozen image backbone of ``network`` from a :class:`FeatureCache`.
+
+    Each image is encoded once per content (per augmentation draw when the images are augmented); with
+    ``cache_dir`` the features are also kept on disk, keyed by the backbone's weights, so later runs with the
+    same frozen backbone (other methods, seeds) reuse them. Trainable backbones are left as they are.
+
+    Args:
+        network: a network of this package (its image encoders are :class:`ImageEncoder`).
+        cache_dir: folder of the on-disk cache (``None``: memory only).
+
+    Returns:
+        ``network`` (for use inside a config expression).
+
+    Example:
+        >>> enc = partial(MultiModalEncoder, image_encoder="efficientnet-lite0", freeze_backbone=True)  # doctest: +SKIP
+        >>> net = attach_feature_cache(CMMLNet(2, 3, 2, 5, encoder=enc), "outputs/features")  # doctest: +SKIP
+    """
+    frozen = [m for m in network.modules() if isinstance(m, ImageEncoder) and m.freeze_backbone]
+    for module in frozen:
+        module.feature_cache = FeatureCache(module.backbone, cache_dir)
+    if frozen:
+        logger.info("feature cache: %d frozen image backbone(s), on disk under %s", len(frozen), cache_dir)
+    return network
