@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from cmml_monai.engines import (
 from cmml_monai.handlers import EpochLossAverager, MacroAUC, latest_checkpoint
 from cmml_monai.losses import CMMLLoss
 from cmml_monai.metrics import classification_metrics, expected_calibration_error, macro_auc
+from cmml_monai.networks import MultiModalEncoder
 
 from bundle_helpers import RESNET10, method_network
 
@@ -117,15 +119,29 @@ def test_stage2_groups_lower_lr_or_freeze_crta():
     assert not encoder & {id(p) for p in by_name["main"]["params"]}
     slow = {g["name"]: g["lr"] for g in stage_parameter_groups(net, 2, lr=1e-3, encoder_lr_scale=0.1)}
     assert slow == pytest.approx({"main": 1e-3, "encoder": 1e-4, "crta": 1e-4})
-    assert [g["name"] for g in stage_parameter_groups(net, 1, lr=1e-3, encoder_lr_scale=0.1)] == ["all"]
+    # the encoders' fraction of the LR holds in stage 1 too (the fine-tuning recipe of a pretrained encoder)
+    slow1 = {g["name"]: g["lr"] for g in stage_parameter_groups(net, 1, lr=1e-3, encoder_lr_scale=0.1)}
+    assert slow1 == pytest.approx({"all": 1e-3, "encoder": 1e-4})
     frozen = stage_parameter_groups(net, 2, lr=1e-3, freeze_crta=True, encoder_lr_scale=0.0)
     assert [g["name"] for g in frozen] == ["main"]
     with pytest.raises(ValueError, match="encoder_lr_scale must be >= 0, got -1"):
         stage_parameter_groups(net, 2, lr=1e-3, encoder_lr_scale=-1)
-    # baselines have one group
-    assert len(stage_parameter_groups(_net("zero_fill"), 2, lr=1e-3)) == 1
+    # baselines: their encoders get the same fraction of the LR as CMML's
+    base = {g["name"]: g["lr"] for g in stage_parameter_groups(_net("zero_fill"), 2, lr=1e-3, encoder_lr_scale=0.1)}
+    assert base == pytest.approx({"main": 1e-3, "encoder": 1e-4})
     with pytest.raises(ValueError, match="stage"):
         stage_parameter_groups(net, 3, lr=1e-3)
+
+
+def test_stage2_groups_hold_the_stage2_parts_after_stage1_and_never_a_frozen_backbone():
+    net = _net(encoder=partial(MultiModalEncoder, image_encoder="resnet10", freeze_backbone=True))
+    stage1 = {id(p) for g in stage_parameter_groups(net, 1, lr=1e-3) for p in g["params"]}
+    for p in net.parameters():  # what the stage-1 trainer does at its start
+        p.requires_grad_(id(p) in stage1)
+    stage2 = {id(p) for g in stage_parameter_groups(net, 2, lr=1e-3) for p in g["params"]}
+    backbones = {id(p) for enc in net.encoder.image_encoders for p in enc.backbone.parameters()}
+    assert not backbones & (stage1 | stage2)
+    assert {id(p) for p in net.parameters()} - backbones == stage2  # fusion, reference, alignment included
 
 
 @pytest.mark.parametrize("stage", [1, 2])

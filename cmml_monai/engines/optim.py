@@ -13,9 +13,13 @@ from collections.abc import Sequence
 
 import torch
 
+from cmml_monai.networks import ImageEncoder
 from cmml_monai.utils import as_bool
 
-__all__ = ["STAGE_PLANS", "stage_epochs", "stage_parameter_groups", "stage_optimizer", "cosine_scheduler"]
+__all__ = [
+    "STAGE_PLANS", "stage_epochs", "frozen_backbone_parameters", "stage_parameter_groups", "stage_optimizer",
+    "cosine_scheduler",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,18 @@ def stage_epochs(stages: Sequence[int], stage1: int, stage2: int) -> list[int]:
     return [total, 0] if plan == (1,) else [0, total]
 
 
+def frozen_backbone_parameters(network: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of the image backbones built with ``freeze_backbone`` (never optimised).
+
+    Example:
+        >>> enc = ImageEncoder("resnet10", 2, 3, 8, freeze_backbone=True)
+        >>> len(frozen_backbone_parameters(enc)) == len(list(enc.backbone.parameters()))
+        True
+    """
+    return [p for m in network.modules() if isinstance(m, ImageEncoder) and m.freeze_backbone
+            for p in m.backbone.parameters()]
+
+
 def _stage_params(network: torch.nn.Module, stage: int) -> list[torch.nn.Parameter]:
     fn = getattr(network, "stage_parameters", None)
     if fn is None:
@@ -84,8 +100,8 @@ def stage_parameter_groups(
 ) -> list[dict]:
     """Param groups of ``stage``: stage 1 one group (the encoders apart at ``lr * encoder_lr_scale`` when it is not
     1); stage 2 the new stage-2 modules at ``lr``, the encoders at ``lr * encoder_lr_scale`` and the CRTA at
-    ``lr * crta_lr_scale`` (left out when ``freeze_crta``). Frozen parameters (``requires_grad`` off, e.g. a
-    ``freeze_backbone`` encoder) are left out; ``encoder_lr_scale`` 0 freezes the encoders' other parameters.
+    ``lr * crta_lr_scale`` (left out when ``freeze_crta``). The backbones of ``freeze_backbone`` encoders are
+    left out (:func:`frozen_backbone_parameters`); ``encoder_lr_scale`` 0 freezes the encoders' other parameters.
 
     Raises:
         ValueError: bad stage, negative scale, or a stage with no trainable parameters.
@@ -97,11 +113,13 @@ def stage_parameter_groups(
             raise ValueError(f"{name} must be >= 0, got {scale!r}")
     freeze_crta = as_bool(freeze_crta, "freeze_crta")
     chosen = {id(p) for p in _stage_params(network, stage)}
+    # not requires_grad: the trainer sets it from the optimizer, so after stage 1 it is off for stage-2 parts
+    frozen = {id(p) for p in frozen_backbone_parameters(network)}
     crta_fn = getattr(network, "crta_parameters", None)
     crta_ids = {id(p) for p in crta_fn()} if callable(crta_fn) else None
     crta, encoder, rest = [], [], []
     for name, p in network.named_parameters():
-        if id(p) not in chosen or not p.requires_grad:  # a frozen backbone is not optimised
+        if id(p) not in chosen or id(p) in frozen:
             continue
         is_crta = id(p) in crta_ids if crta_ids is not None else name.split(".")[0] in crta_prefixes
         if is_crta:

@@ -213,9 +213,16 @@ class ImageEncoder(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or torch.jit.is_tracing() or self.feature_cache is None:
-            return self.proj(self.backbone(x))
-        return self.proj(self.feature_cache(self.backbone, x))
+        if torch.jit.is_scripting():  # TorchScript drops the other branch: the cache is eager only
+            feats = self.backbone(x)
+        else:
+            feats = self._features(x)
+        return self.proj(feats)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feature_cache is None or torch.jit.is_tracing():
+            return self.backbone(x)
+        return self.feature_cache(self.backbone, x)
 
 
 def _encode_rows(encoder: nn.Module, x: torch.Tensor, mask: torch.Tensor, dim: int, training: bool) -> torch.Tensor:

@@ -66,7 +66,7 @@ class FeatureCache:
     def _key(self, row: torch.Tensor) -> str:
         digest = hashlib.blake2b(self.tag.encode(), digest_size=16)
         digest.update(str((tuple(row.shape), str(row.dtype))).encode())
-        digest.update(row.contiguous().numpy().tobytes())
+        digest.update(memoryview(row.contiguous().numpy()).cast("B"))  # no copy of the image
         return digest.hexdigest()
 
     def _lookup(self, key: str) -> torch.Tensor | None:

@@ -88,11 +88,8 @@ def presence_from_nan(
     b = image.shape[0]
     finite = ~torch.isnan(image)
     img_present = finite.reshape(b, image_modalities, -1).any(dim=-1)  # [B, M]
-    # zero NaN cells and every channel of a missing modality (its content must not matter)
-    keep = finite & img_present.repeat_interleave(image_channels, dim=1).reshape(
-        [b, image_modalities * image_channels] + [1] * (image.dim() - 2)
-    )
-    image_clean = torch.where(keep, image, torch.zeros_like(image))
+    # a missing modality is all NaN, so zeroing the NaN cells zeroes it whole: one pass over the image
+    image_clean = image.masked_fill(~finite, 0.0)
     if tabular is None:
         if num_features <= 0:
             return img_present, image_clean, None, None
