@@ -28,6 +28,7 @@ def tiny_overrides(dataset_dir: str, output_dir: str, **extra) -> dict:
         "shared_dir": os.path.join(output_dir, "shared"),
         "spatial_size": [32, 32],
         "image_encoder": "resnet10",
+        "pretrained": False,  # the dataset overlays name a pretrained encoder; resnet10 has no 2D weights
         "feature_dim": 16,
         "batch_size": 8,
         "stage1_epochs": 1,

@@ -67,7 +67,9 @@ def test_odir_overlay_trains_multilabel_and_evaluate_json_rescores_it(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     overlays = [TRAIN, os.path.join(ROOT, "configs", "datasets", "odir.json")]
-    size = ["--dataset_dir", data, "--spatial_size", "[32,32]", *TINY]
+    i = TINY.index("--image_encoder")  # the overlay's own encoder: the ImageNet EfficientNet-Lite0, not TINY's
+    tiny = TINY[:i] + TINY[i + 2:]
+    size = ["--dataset_dir", data, "--spatial_size", "[32,32]", *tiny]
     _bundle(overlays, work, *size)
     out = work / "outputs" / "odir_cmml"
     trained = _rows(out / "sweep" / "sweep.csv")

@@ -322,9 +322,13 @@ def test_derm7pt_overlay_sets_the_stage1_head_of_cmml_only(method, synthetic_dir
     dataset = os.path.join(ROOT, "configs", "datasets", "derm7pt.json")
     overlay = os.path.join(ROOT, "configs", "methods", f"{method}.json")
     args = tiny(synthetic_dir, str(tmp_path), synthetic=True, num_workers=0)
+    for key in ("image_encoder", "pretrained"):  # the overlay's own encoder: the ImageNet EfficientNet-Lite0
+        args.pop(key)
     for files in ([TRAIN, dataset, overlay], [TRAIN, overlay, dataset]):
         w = workflow(files, **args)
         net = w.parser.get_parsed_content("network_def")
+        assert type(net.encoder.image_encoders[0].backbone).__name__ == "EfficientNetFeatures"
+        assert w.parser.get_parsed_content("normalization")["mean"] == [0.5, 0.5, 0.5]
         assert w.parser.get_parsed_content("train#loss").w_distill == 2.0
         assert w.parser.get_parsed_content("stage1#loss").w_distill == 0.0
         if method == "cmml":
