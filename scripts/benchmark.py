@@ -39,7 +39,7 @@ from functools import partial
 import torch
 
 from cmml_monai.losses import CMMLLoss
-from cmml_monai.networks import CMMLNet, LateFusionNet, MultiModalEncoder, random_keep_mask
+from cmml_monai.networks import CMMLNet, LateFusionNet, MultiModalEncoder, attach_feature_cache, random_keep_mask
 
 
 @dataclass
@@ -135,14 +135,15 @@ def run_benchmarks(names: list[str], cfg: BenchConfig) -> dict[str, dict]:
     return results
 
 
-def _net_args(cfg: BenchConfig) -> dict:
+def _net_args(cfg: BenchConfig, **encoder_options) -> dict:
     _, _, _, cards = make_batch(BenchConfig(batch_size=1, image_size=1, spatial_dims=cfg.spatial_dims))
     return dict(
         image_modalities=cfg.image_modalities, image_channels=3 if cfg.spatial_dims == 2 else 1,
         spatial_dims=cfg.spatial_dims, num_classes=cfg.num_classes, tabular_cardinalities=cards,
         feature_dim=cfg.feature_dim,
         encoder=partial(
-            MultiModalEncoder, image_encoder=cfg.image_encoder, encode_present_only=cfg.encode_present_only
+            MultiModalEncoder, image_encoder=cfg.image_encoder, encode_present_only=cfg.encode_present_only,
+            **encoder_options,
         ),
     )
 
@@ -158,6 +159,18 @@ def bench_cmml_stage2(cfg: BenchConfig) -> Callable[[], None]:
     return training_step(CMMLNet(**_net_args(cfg)), 2, cfg)
 
 
+def bench_cmml_stage2_frozen(cfg: BenchConfig) -> Callable[[], None]:
+    """Stage 2 with the image backbones frozen (``freeze_encoder``): no backbone backward, still its forward."""
+    torch.manual_seed(cfg.seed)
+    return training_step(CMMLNet(**_net_args(cfg, freeze_backbone=True)), 2, cfg)
+
+
+def bench_cmml_stage2_frozen_cached(cfg: BenchConfig) -> Callable[[], None]:
+    """The same with the feature cache (the warm-up steps fill it): the backbones' forward is a lookup."""
+    torch.manual_seed(cfg.seed)
+    return training_step(attach_feature_cache(CMMLNet(**_net_args(cfg, freeze_backbone=True))), 2, cfg)
+
+
 def bench_zero_fill(cfg: BenchConfig) -> Callable[[], None]:
     torch.manual_seed(cfg.seed)
     return training_step(LateFusionNet(**_net_args(cfg), mode="zero_fill"), 1, cfg)
@@ -167,6 +180,8 @@ def bench_zero_fill(cfg: BenchConfig) -> Callable[[], None]:
 BENCHMARKS: dict[str, Callable[[BenchConfig], Callable[[], None]]] = {
     "cmml_stage1": bench_cmml_stage1,
     "cmml_stage2": bench_cmml_stage2,
+    "cmml_stage2_frozen": bench_cmml_stage2_frozen,
+    "cmml_stage2_frozen_cached": bench_cmml_stage2_frozen_cached,
     "zero_fill": bench_zero_fill,
 }
 
