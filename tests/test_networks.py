@@ -535,7 +535,8 @@ def test_benchmark_script_smoke(tmp_path):
     report = bench.main(["--batch-size", "2", "--image-size", "16", "--feature-dim", "32", "--image-encoder",
                          "resnet10", "--warmup", "0", "--iters", "1", "--threads", "1", "--json", str(out)])
     torch.set_num_threads(threads)
-    assert set(report["results"]) == {"cmml_stage1", "cmml_stage2", "zero_fill"}
+    assert set(report["results"]) == {"cmml_stage1", "cmml_stage2", "cmml_stage2_frozen", "cmml_stage2_frozen_cached",
+                                      "zero_fill"}
     assert report["results"]["zero_fill"]["ratio_to_zero_fill"] == 1.0
     assert json.loads(out.read_text())["results"]["cmml_stage2"]["median_s"] > 0
 
