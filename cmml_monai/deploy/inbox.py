@@ -119,11 +119,16 @@ class StudyInbox:
             self._touching.setdefault(association, set()).add(key)
         final = os.path.join(folder, f"{name}.{association}{_PART}")
         tmp = os.path.join(folder, f"{_TMP}{uuid.uuid4().hex[:8]}")
-        with open(tmp, "wb") as f:
-            ds.save_as(f, enforce_file_format=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        try:
+            with open(tmp, "wb") as f:
+                ds.save_as(f, enforce_file_format=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         fsync_dir(folder)
         with self._lock:
             self._open[association][final] = key
@@ -158,6 +163,8 @@ class StudyInbox:
         return len(parts)
 
     def _drop_if_empty(self, key: str) -> None:
+        if any(key in keys for keys in self._touching.values()):
+            return  # another association is writing into it
         folder = os.path.join(self.folder, key)
         if os.path.isdir(folder) and not os.listdir(folder):
             os.rmdir(folder)

@@ -129,13 +129,13 @@ def send_dicom(path: str, pacs: PacsNode, calling_ae_title: str = "CMML", timeou
     if assoc.is_rejected:
         raise PacsRefused(f"PACS {pacs} rejected the association (check that it knows AE title "
                           f"{calling_ae_title!r})", whole_association=True)
+    if not assoc.is_established and assoc.rejected_contexts:  # it answered, then no context was accepted
+        raise PacsRefused(f"PACS {pacs} refused SOP class {ds.SOPClassUID.name} (presentation context not "
+                          "accepted)")
     if not assoc.is_established:
         raise PacsUnreachable(f"PACS {pacs} is unreachable (no association: connection refused, timed out, "
                               "aborted or TLS failed)")
     try:
-        if not assoc.accepted_contexts:
-            raise PacsRefused(f"PACS {pacs} refused SOP class {ds.SOPClassUID.name} "
-                              "(presentation context not accepted)")
         status = assoc.send_c_store(ds)
     finally:
         if assoc.is_established:
