@@ -246,7 +246,8 @@ def _verify(
     if case_ids is not None and [str(c) for c in case_ids] != data["case_ids"]:
         raise DataError(
             f"{path}: masks were made for other cases ({len(data['case_ids'])} ids, now {len(case_ids)}) "
-            "or in another order; delete the file to regenerate it"
+            "or in another order; give this dataset its own folder (--shared_dir DIR, or leave shared_dir at its "
+            "default, which is keyed to the cases and their split)"
         )
 
 
