@@ -79,7 +79,7 @@ def _studies(folder: str, n: int, shape: int) -> list[list[list[str]]]:
     """``n`` synthetic MEN DICOM studies: per study, its series, each a list of files."""
     from cmml_monai.data.synthetic import make_synthetic
 
-    make_synthetic("men", folder, cases=max(n, 12), seed=0, dicom=True, shape=(shape, shape, shape))
+    make_synthetic("men", folder, cases=max(n + n // 2 + 2, 12), seed=0, dicom=True, shape=(shape, shape, shape))
     out = []
     for case in sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))):
         case_dir = os.path.join(folder, case)
