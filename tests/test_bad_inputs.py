@@ -541,3 +541,21 @@ def test_study_without_a_matching_series_is_one_error_line(men_bundle, tmp_path,
     assert err[0] == "error: c1: no series matches any of ['t1c', 't1n', 't2w', 't2f']; check the series rules " \
                      "(--rules) or the study"
     assert not out.exists()
+
+
+def test_one_bad_study_of_a_folder_does_not_cost_the_others(men_bundle, tmp_path, capsys):
+    from pacs_helpers import make_study
+
+    good = make_study(str(tmp_path / "in" / "good"), ("T1c",), decoys=False)
+    bad = make_study(str(tmp_path / "in" / "bad"), ("T1c",), decoys=False)
+    f = bad["series"]["T1c"][0]
+    ds = pydicom.dcmread(f)
+    ds.PixelData = ds.PixelData[:10]
+    ds.save_as(f)
+    out = tmp_path / "out"
+    code, err = _deploy([str(tmp_path / "in"), "--each-study", "--bundle", men_bundle, "--out", str(out), "--key",
+                         "k"], capsys)
+    assert code == 2 and err[-1].startswith("error: 1 of 2 studies not processed (the others were written): "
+                                            "series 10 'T1 MPRAGE post Gd' (4 files): a file's pixel data holds 10"), err
+    (sr_file,) = glob.glob(str(out / "*.sr.dcm"))
+    assert pydicom.dcmread(sr_file).StudyInstanceUID == good["uid"]

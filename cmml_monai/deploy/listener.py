@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socketserver
 import ssl
@@ -52,6 +53,9 @@ INCOMING = "incoming"
 STATE = "state"
 #: seconds a study must be quiet before it is processed (Orthanc's default StableAge is 60)
 DEFAULT_STABLE_AGE = 30.0
+_AET = re.compile(r"^[\x20-\x7e]{1,16}$")
+#: seconds after a connection closed before its association, if neither released nor aborted, is discarded
+_CLOSE_GRACE = 5.0
 #: C-STORE statuses: out of resources (the sender may retry), cannot understand (no study UID)
 _OUT_OF_RESOURCES, _CANNOT_UNDERSTAND = 0xA700, 0xC000
 
@@ -121,7 +125,8 @@ class Listener:
         pacs_tls: ssl.SSLContext | None = None,
         keep_incoming: bool = False,
     ) -> None:
-        PacsNode("localhost", 1, ae_title)  # the AE title check of a node
+        if not isinstance(ae_title, str) or not _AET.match(ae_title) or not ae_title.strip():
+            raise ValueError(f"AE title must be 1-16 printable characters, got {ae_title!r}")
         self.pipeline = pipeline
         self.pacs = pacs
         self.ae_title = ae_title
@@ -197,13 +202,20 @@ class Listener:
                         event.assoc.requestor.ae_title, self.inbox.stable_age)
 
     def _on_ended(self, event: Any) -> None:
-        # aborted, or the connection closed without a release: the sender knows it failed and sends again
+        # aborted (a dropped connection is an A-P-ABORT too): the sender knows it failed and sends again
         with self._lock:
             assoc = self._assoc_ids.pop(event.assoc, None)
         if assoc is not None:
             n = self.inbox.discard(assoc)
             logger.warning("association from %s ended without a release: its %d instance(s) are discarded, "
                            "not processed", event.assoc.requestor.ae_title, n)
+
+    def _on_closed(self, event: Any) -> None:
+        # the connection may close before the released/aborted event of its association has run (another
+        # thread): only an association neither released nor aborted a while later is discarded here
+        timer = threading.Timer(_CLOSE_GRACE, self._on_ended, args=(event,))
+        timer.daemon = True
+        timer.start()
 
     # -- processing ------------------------------------------------------------------------------------
     def _state_path(self, key: str) -> str:
@@ -343,7 +355,7 @@ class Listener:
         ae.require_called_aet = True
         ae.require_calling_aet = list(self.access.calling_ae_titles)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_RELEASED, self._on_released),
-                    (evt.EVT_ABORTED, self._on_ended), (evt.EVT_CONN_CLOSE, self._on_ended),
+                    (evt.EVT_ABORTED, self._on_ended), (evt.EVT_CONN_CLOSE, self._on_closed),
                     (evt.EVT_REJECTED, self._on_rejected)]
         self._server = ae.make_server((self.host, self.port), ssl_context=self.tls, evt_handlers=handlers,
                                       server_class=_server_class(self.access, self._on_host_refused))
