@@ -555,7 +555,8 @@ def test_one_bad_study_of_a_folder_does_not_cost_the_others(men_bundle, tmp_path
     out = tmp_path / "out"
     code, err = _deploy([str(tmp_path / "in"), "--each-study", "--bundle", men_bundle, "--out", str(out), "--key",
                          "k"], capsys)
-    assert code == 2 and err[-1].startswith("error: 1 of 2 studies not processed (the others were written): "
-                                            "series 10 'T1 MPRAGE post Gd' (4 files): a file's pixel data holds 10"), err
+    assert code == 2 and err[-1].startswith(
+        "error: 1 of 2 studies not processed (the others were written): series 10 'T1 MPRAGE post Gd' (4 files): "
+        "a file's pixel data holds 10"), err
     (sr_file,) = glob.glob(str(out / "*.sr.dcm"))
     assert pydicom.dcmread(sr_file).StudyInstanceUID == good["uid"]

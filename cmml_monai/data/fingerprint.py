@@ -3,10 +3,10 @@
 The fingerprint is a SHA-256 over the dataset kind, the modality names, the sorted case ids and, when the
 split comes with the data, each case's split, so it changes when a case is added, removed or renamed, moved
 to another split, or a modality is added or dropped, and not when the method or the training seed changes
-(a split the project makes is saved in the folder of the ids' fingerprint and reused). Split and mask files record it, and a folder
-path may hold ``{fingerprint}``: the default ``shared_dir`` is ``outputs/shared/<dataset>-{fingerprint}``,
-so another dataset of the same kind gets its own masks and split while every method and seed of one
-dataset shares them.
+(a split the project makes is saved in the folder of the ids' fingerprint and reused). Split and mask
+files record it, and a folder path may hold ``{fingerprint}``: the default ``shared_dir`` is
+``outputs/shared/<dataset>-{fingerprint}``, so another dataset of the same kind (or the same cases in
+other splits) gets its own masks and split while every method and seed of one dataset shares them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any
 
 from cmml_monai.data.errors import DataError
 
-__all__ = ["FINGERPRINT_FIELD", "case_fingerprint", "fingerprint_of", "ids_fingerprint_of", "resolve_fingerprint_path", "check_fingerprint"]
+__all__ = ["FINGERPRINT_FIELD", "case_fingerprint", "fingerprint_of", "ids_fingerprint_of", "resolve_fingerprint_path",
+           "check_fingerprint"]
 
 FINGERPRINT_FIELD = "{fingerprint}"
 SHORT = 12

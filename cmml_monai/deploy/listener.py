@@ -147,7 +147,7 @@ class Listener:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server: Any = None
-        #: processed studies in order: ``(sr_path, json_path)``; ``("error", message)``; ``("skipped", case)``
+        #: processed studies in order: ``(sr_path, json_path)``; ``("error", message)``; ``("skipped", study key)``
         self.results: list[tuple[str, str]] = []
         #: set after each study is processed (or refused)
         self.processed = threading.Event()

@@ -171,7 +171,8 @@ class StudyPipeline:
             DataError: a bad series, no series matching the model's sequences.
 
         Example:
-            >>> StudyPipeline("bundle", "out").results_for(load_study("/exports/s1"), "c1").dicom_files  # doctest: +SKIP
+            >>> pipe = StudyPipeline("bundle", "out")  # doctest: +SKIP
+            >>> pipe.results_for(load_study("/exports/s1"), "c1").dicom_files
             ['out/c1.sr.dcm']
         """
         name = case_id or self.case_id_for(study)

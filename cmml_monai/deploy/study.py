@@ -439,8 +439,8 @@ def check_series(series: SeriesInfo, allow_uneven: bool = False) -> bool:
         True when the slices are not evenly spaced (only with ``allow_uneven``): the caller resamples them.
 
     Raises:
-        DataError: a file without pixel data or with less pixel data than its header declares, slices of different orientation, pixel spacing or size,
-            slices sharing a position, or (unless ``allow_uneven``) not evenly spaced (a missing slice,
+        DataError: a file without pixel data or with less pixel data than its header declares, slices of
+            different orientation, pixel spacing or size, slices sharing a position, or (unless ``allow_uneven``) not evenly spaced (a missing slice,
             mixed acquisitions).
 
     Example:
