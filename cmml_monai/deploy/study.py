@@ -440,8 +440,8 @@ def check_series(series: SeriesInfo, allow_uneven: bool = False) -> bool:
 
     Raises:
         DataError: a file without pixel data or with less pixel data than its header declares, slices of
-            different orientation, pixel spacing or size, slices sharing a position, or (unless ``allow_uneven``) not evenly spaced (a missing slice,
-            mixed acquisitions).
+            different orientation, pixel spacing or size, slices sharing a position, or (unless
+            ``allow_uneven``) not evenly spaced (a missing slice, mixed acquisitions).
 
     Example:
         >>> check_series(load_study("/exports/study_0001").series[1])  # doctest: +SKIP
