@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Sequence
 
@@ -174,26 +175,60 @@ def trained_men_bundle(tmp_path_factory) -> str:
 
 # -- the DICOM network ------------------------------------------------------------------------------
 class Pacs:
-    """A second Storage SCP acting as the PACS: keeps what it receives."""
+    """A second Storage SCP acting as the PACS: keeps what it receives.
 
-    def __init__(self, port: int = 0, accept_calling: list[str] | None = None) -> None:
+    Args:
+        port: where it listens (0: a free port).
+        accept_calling: the calling AE titles it accepts (None: any).
+        ssl_context: TLS server context.
+        sop_classes: the SOP classes it accepts (default Comprehensive SR).
+        status: the C-STORE status it answers.
+        delay: seconds it waits before answering each C-STORE (a slow PACS: time to kill the sender).
+    """
+
+    def __init__(self, port: int = 0, accept_calling: list[str] | None = None, ssl_context=None,
+                 sop_classes=(ComprehensiveSRStorage,), status: int = 0x0000, delay: float = 0.0) -> None:
         self.received: list[pydicom.Dataset] = []
+        self.entered = threading.Event()
+        self.status, self.delay = status, delay
         ae = AE(ae_title="PACS")
-        ae.add_supported_context(ComprehensiveSRStorage)
+        for sop in sop_classes:
+            ae.add_supported_context(sop)
         if accept_calling is not None:
             ae.require_calling_aet = accept_calling
-        self.server = ae.start_server(("127.0.0.1", port), block=False,
+        self.server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=ssl_context,
                                       evt_handlers=[(evt.EVT_C_STORE, self._store)])
         self.node = PacsNode("127.0.0.1", self.server.server_address[1], "PACS")
 
     def _store(self, event) -> int:
+        self.entered.set()
+        if self.delay:
+            time.sleep(self.delay)
         ds = event.dataset
         ds.file_meta = event.file_meta
-        self.received.append(ds)
-        return 0x0000
+        if self.status == 0x0000:
+            self.received.append(ds)
+        return self.status
+
+    def by_study(self) -> dict[str, set[str]]:
+        """StudyInstanceUID -> the distinct SOP Instance UIDs of the SRs stored for it."""
+        out: dict[str, set[str]] = {}
+        for ds in self.received:
+            out.setdefault(ds.StudyInstanceUID, set()).add(ds.SOPInstanceUID)
+        return out
 
     def stop(self) -> None:
         self.server.shutdown()
+
+
+def wait_until(predicate, seconds: float = 60.0, step: float = 0.1) -> bool:
+    """Poll ``predicate`` until it is true or ``seconds`` have passed; returns its last value."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(step)
+    return bool(predicate())
 
 
 def free_port() -> int:
@@ -202,11 +237,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def send_study(files: list[str], port: int, release: bool = True) -> None:
-    """C-STORE ``files`` to the listener as a modality would."""
-    ae = AE(ae_title="MODALITY")
+def send_study(files: list[str], port: int, release: bool = True, calling: str = "MODALITY", called: str = "CMML",
+               tls=None) -> None:
+    """C-STORE ``files`` to the listener as a modality would (over TLS with ``tls``, an SSLContext)."""
+    ae = AE(ae_title=calling)
     ae.add_requested_context(MRImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title="CMML")
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, tls_args=(tls, "localhost") if tls is not None else None)
     assert assoc.is_established
     for f in files:
         assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0
@@ -216,13 +252,18 @@ def send_study(files: list[str], port: int, release: bool = True) -> None:
         assoc.abort()
 
 
+def series_files(study: dict, names: Sequence[str] | None = None) -> list[list[str]]:
+    """The files of each series (``names``: those sequences), one list per series."""
+    return [files for name, files in study["series"].items() if names is None or name in names]
+
+
 def study_files(study: dict) -> list[str]:
     return [f for files in study["series"].values() for f in files]
 
 
 def wait_for_scp(port: int, seconds: float = 120) -> None:
     """Return once a C-ECHO to 127.0.0.1:``port`` succeeds (a listener started in another process)."""
-    ae = AE(ae_title="PROBE")
+    ae = AE(ae_title="MODALITY")
     ae.add_requested_context(Verification)
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -232,3 +273,34 @@ def wait_for_scp(port: int, seconds: float = 120) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"no DICOM listener on port {port} after {seconds} s")
+
+
+def make_cert(folder: str, name: str = "node") -> tuple[str, str]:
+    """A self-signed certificate for localhost / 127.0.0.1 (cryptography): ``(cert.pem, key.pem)``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    os.makedirs(folder, exist_ok=True)
+    cert_path, key_path = os.path.join(folder, f"{name}.crt"), os.path.join(folder, f"{name}.key")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_path, key_path

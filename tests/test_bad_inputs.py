@@ -459,3 +459,104 @@ def test_class_absent_from_validation_is_warned_and_skipped(tmp_path, caplog):
     probs = np.eye(5)[labels] * 0.6 + 0.08
     auc, skipped = macro_auc(probs, labels)
     assert skipped == [4] and auc == 1.0
+
+
+# ----------------------------------------------------------------------------- DICOM studies (PACS path)
+@pytest.fixture(scope="module")
+def men_bundle(tmp_path_factory) -> str:
+    from pacs_helpers import trained_men_bundle
+
+    return trained_men_bundle(tmp_path_factory)
+
+
+def _deploy(args, capsys) -> tuple[int, list[str]]:
+    from cmml_monai.deploy.__main__ import main
+
+    code = main(args)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+#: Type 2 attributes absent in many exports (and in synthetic DICOM): the SR carries them empty
+TYPE2_REMOVED = ["AccessionNumber", "StudyID", "StudyDate", "StudyTime", "PatientSex", "PatientBirthDate"]
+
+
+@pytest.mark.parametrize("keyword", TYPE2_REMOVED)
+def test_study_lacking_a_type2_attribute_gives_a_valid_sr_with_it_empty(men_bundle, tmp_path, capsys, keyword):
+    from pacs_helpers import make_study
+
+    study = make_study(str(tmp_path / "study"), ("T1c", "T2"), decoys=False)
+    for files in study["series"].values():
+        for f in files:
+            ds = pydicom.dcmread(f)
+            delattr(ds, keyword)
+            ds.save_as(f)
+    out = tmp_path / "out"
+    code, err = _deploy([study["folder"], "--bundle", men_bundle, "--out", str(out), "--key", "k"], capsys)
+    assert code == 0, err
+    (sr_file,) = glob.glob(str(out / "*.sr.dcm"))
+    sr = pydicom.dcmread(sr_file)
+    assert keyword in sr and sr[keyword].value in ("", None)  # present (Type 2), empty
+    assert sr.StudyInstanceUID == study["uid"] and sr.PatientID == "TP001"
+
+
+def test_truncated_pixel_data_is_one_line_naming_the_series(men_bundle, tmp_path, capsys):
+    from pacs_helpers import make_study
+
+    study = make_study(str(tmp_path / "study"), ("T1c", "T2"), decoys=False)
+    f = study["series"]["T2"][2]
+    ds = pydicom.dcmread(f)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+    ds.save_as(f)
+    out = tmp_path / "out"
+    code, err = _deploy([study["folder"], "--bundle", men_bundle, "--out", str(out), "--key", "k"], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: series 11 'T2 TSE axial' (4 files): "), err
+    assert "pixel data holds 170 bytes where its header (Rows 16 x Columns 16" in err[0]
+    assert not out.exists()  # no empty --out left behind
+
+
+def test_header_claiming_a_huge_image_is_refused_before_reading(men_bundle, tmp_path, capsys):
+    from pacs_helpers import make_study
+
+    study = make_study(str(tmp_path / "study"), ("T1c",), decoys=False)
+    f = study["series"]["T1c"][0]
+    ds = pydicom.dcmread(f)
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 20000, 20000, 24
+    ds.save_as(f)
+    code, err = _deploy([study["folder"], "--bundle", men_bundle, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err) == 1 and "Rows 20000 x Columns 20000 x 24 frame(s)" in err[0], err
+    assert "needs 19200000000" in err[0]
+
+
+def test_study_without_a_matching_series_is_one_error_line(men_bundle, tmp_path, capsys):
+    from pacs_helpers import make_study
+
+    study = make_study(str(tmp_path / "study"), ("T1c",), decoys=False)
+    for f in study["series"]["T1c"]:
+        ds = pydicom.dcmread(f)
+        ds.SeriesDescription = ds.ProtocolName = "DWI b1000"
+        ds.save_as(f)
+    out = tmp_path / "out"
+    code, err = _deploy([study["folder"], "--bundle", men_bundle, "--out", str(out), "--case-id", "c1"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == "error: c1: no series matches any of ['t1c', 't1n', 't2w', 't2f']; check the series rules " \
+                     "(--rules) or the study"
+    assert not out.exists()
+
+
+def test_one_bad_study_of_a_folder_does_not_cost_the_others(men_bundle, tmp_path, capsys):
+    from pacs_helpers import make_study
+
+    good = make_study(str(tmp_path / "in" / "good"), ("T1c",), decoys=False)
+    bad = make_study(str(tmp_path / "in" / "bad"), ("T1c",), decoys=False)
+    f = bad["series"]["T1c"][0]
+    ds = pydicom.dcmread(f)
+    ds.PixelData = ds.PixelData[:10]
+    ds.save_as(f)
+    out = tmp_path / "out"
+    code, err = _deploy([str(tmp_path / "in"), "--each-study", "--bundle", men_bundle, "--out", str(out), "--key",
+                         "k"], capsys)
+    assert code == 2 and err[-1].startswith(
+        "error: 1 of 2 studies not processed (the others were written): series 10 'T1 MPRAGE post Gd' (4 files): "
+        "a file's pixel data holds 10"), err
+    (sr_file,) = glob.glob(str(out / "*.sr.dcm"))
+    assert pydicom.dcmread(sr_file).StudyInstanceUID == good["uid"]

@@ -103,7 +103,14 @@ def test_cli_bad_input_is_one_error_line(bundle, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     for args, message in [(["--pacs", "nonsense"], "--pacs: PACS must be HOST:PORT:AET, got 'nonsense'"),
-                          (["--ae-title", "A_TITLE_OF_20_CHARS"], "listen: AE title must be 1-16 printable")]:
+                          (["--allow-any", "--ae-title", "A_TITLE_OF_20_CHARS"],
+                           "listen: AE title must be 1-16 printable"),
+                          ([], "listen: say who may send: --allow AET (repeat it) or --allow-file FILE"),
+                          (["--allow", "A_TITLE_OF_20_CHARS"], "allowlist: allowed AE title must be 1-16"),
+                          (["--allow-file", str(tmp_path / "none.json")], "allowlist "),
+                          (["--allow", "M", "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", "k"],
+                           "TLS certificate "),
+                          (["--allow", "M", "--tls-cert", str(tmp_path / "c.pem")], "TLS needs both")]:
         assert main(["listen", "--bundle", bundle, "--out", str(out), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
@@ -128,7 +135,8 @@ def test_phi_marker_only_in_the_sr(bundle, tmp_path):
     port = free_port()
     listener = subprocess.Popen(
         [sys.executable, "-m", "cmml_monai.deploy", "listen", "--bundle", bundle, "--out", str(out_net), "--port",
-         str(port), "--host", "127.0.0.1", "--pacs", f"127.0.0.1:{pacs.node.port}:PACS", "--verbose"],
+         str(port), "--allow", "MODALITY", "--stable-age", "1", "--retry-interval", "0.5", "--pacs",
+         f"127.0.0.1:{pacs.node.port}:PACS", "--verbose"],
         env=_env(CMML_PSEUDONYM_KEY="k"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_scp(port)

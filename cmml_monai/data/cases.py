@@ -90,6 +90,8 @@ class CaseList:
         dropped: ``(case_id, reason)`` of cases that were dropped (e.g. every modality missing).
         table_types: declared type (``"numeric"`` / ``"categorical"``) of table columns the adapter knows;
             ``TableSchema.fit(..., declared=table_types)`` infers the others.
+        split_made: True when the project made the split (saved in a split file keyed to the case ids), False
+            when it comes with the data (then the case fingerprint covers it).
     """
 
     name: str
@@ -100,6 +102,7 @@ class CaseList:
     cases: list[Case]
     dropped: list[tuple[str, str]] = field(default_factory=list)
     table_types: dict[str, str] = field(default_factory=dict)
+    split_made: bool = False
 
     def __post_init__(self) -> None:
         counts = Counter(c.case_id for c in self.cases)

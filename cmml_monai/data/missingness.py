@@ -241,12 +241,13 @@ def _verify(
     if modality_names is not None and list(modality_names) != data["modalities"]:
         raise DataError(
             f"{path}: masks were made for modalities {data['modalities']}, not {list(modality_names)}; "
-            "delete the file to regenerate it"
+            "give this dataset its own folder (--shared_dir DIR, or leave shared_dir at its default)"
         )
     if case_ids is not None and [str(c) for c in case_ids] != data["case_ids"]:
         raise DataError(
             f"{path}: masks were made for other cases ({len(data['case_ids'])} ids, now {len(case_ids)}) "
-            "or in another order; delete the file to regenerate it"
+            "or in another order; give this dataset its own folder (--shared_dir DIR, or leave shared_dir at its "
+            "default, which is keyed to the cases and their split)"
         )
 
 
@@ -292,11 +293,13 @@ def ensure_masks(
         data = _read_mask_file(path)
         _verify(path, data, case_ids, modality_names, fingerprint)
         if data.get("seed") is not None and data["seed"] != seed:
-            raise DataError(f"{path}: masks were made with seed {data['seed']}, not {seed}; delete it to regenerate")
+            raise DataError(f"{path}: masks were made with seed {data['seed']}, not {seed}; keep mask_seed "
+                            f"at {data['seed']} or give these masks their own folder (--shared_dir DIR)")
         masks = _decode(path, data)
         absent = [r for r in rates if float(r) not in masks]
         if absent:
-            raise DataError(f"{path}: no masks for rates {absent}; delete the file to regenerate it")
+            raise DataError(f"{path}: no masks for rates {absent}; give these rates their own folder "
+                            "(--shared_dir DIR)")
         for r in rates:
             if (masks[float(r)] & ~natural).any():
                 raise DataError(f"{path}: masks for rate {r} mark naturally missing inputs present; delete it")

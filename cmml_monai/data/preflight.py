@@ -216,9 +216,11 @@ def class_coverage(case_list: CaseList, splits: Sequence[str]) -> list[str]:
         cases = case_list.split(split)
         if not cases:
             continue
+        if all(c.label is None for c in cases):
+            continue  # new cases read for inference (labels=False): no AUC is computed, nothing to say
         counts = [0] * len(case_list.class_names)
         for c in cases:
-            if c.label is None:  # a new case read for inference (labels=False)
+            if c.label is None:
                 continue
             if case_list.multi_label:
                 counts = [n + int(v) for n, v in zip(counts, c.label)]  # type: ignore[arg-type]

@@ -4,7 +4,8 @@ It owns what runs a published ``models/model.pt`` outside training: the network 
 beside it (``description``), the inference entry point of the bundle (``inference``,
 ``configs/inference.json``), the TorchScript export (``export``) and the PACS pipeline: a DICOM study as
 the network's batch (``study``), the DICOM SR + JSON result (``report``, highdicom), both together
-(``pipeline``, ``python -m cmml_monai.deploy``) and the DICOM listener (``listener``, pynetdicom), the
+(``pipeline``, ``python -m cmml_monai.deploy``) and the DICOM listener (``listener``, pynetdicom; its
+allowlist and TLS ``access``, its durable study inbox ``inbox`` and crash-safe outbox ``outbox``), the
 MLflow Model Registry entry (``register``, ``python -m cmml_monai.deploy.register``) and MONAI Label's
 request transforms (``label``). It may import every layer below it; no other layer imports it.
 ``report``, ``pipeline``, ``listener``, ``register`` and ``label`` are imported by their module path (they

@@ -3,7 +3,7 @@
 Two commands::
 
     python -m cmml_monai.deploy STUDY_DIR --bundle DIR --out DIR [--case-id ID] [--each-study] [--rules FILE]
-    python -m cmml_monai.deploy listen --bundle DIR --out DIR --port 11112 [--ae-title CMML] [--pacs HOST:PORT:AET]
+    python -m cmml_monai.deploy listen --bundle DIR --out DIR --port 11112 --allow MRI1 [--pacs HOST:PORT:AET]
 
 The first turns a DICOM study folder (or DICOMDIR) into ``<out>/<case>.sr.dcm`` (a DICOM Comprehensive SR)
 and ``<out>/<case>.json``; the second is a DICOM Storage SCP that does the same for each study it receives
@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from cmml_monai.data.errors import DataError
+from cmml_monai.deploy.listener import DEFAULT_STABLE_AGE
 from cmml_monai.deploy.pipeline import KEY_ENV, StudyPipeline, load_rules, set_log_levels
 from cmml_monai.deploy.study import ClinicalSource
 
@@ -64,11 +67,29 @@ def listen_parser() -> argparse.ArgumentParser:
                                 description="DICOM Storage SCP: each received study -> SR (+ JSON), sent to the PACS")
     _common(p)
     p.add_argument("--port", type=int, default=11112, help="port to listen on (default 11112)")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
-    p.add_argument("--ae-title", default="CMML", help="this node's AE title (default CMML)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--ae-title", default="CMML", help="this node's AE title; the called AE title must equal it")
+    p.add_argument("--allow", action="append", default=[], metavar="AET",
+                   help="a calling AE title that may send (repeat it); see --allow-file")
+    p.add_argument("--allow-host", action="append", default=[], metavar="ADDRESS",
+                   help="an address or network (10.0.0.0/24) senders may connect from (repeat it; default any)")
+    p.add_argument("--allow-file", help='JSON allowlist: {"calling_ae_titles": [...], "hosts": [...]}')
+    p.add_argument("--allow-any", action="store_true",
+                   help="accept any calling AE title (a closed test network only)")
+    p.add_argument("--stable-age", type=float, default=DEFAULT_STABLE_AGE,
+                   help=f"seconds a study must be quiet before it is processed (default {DEFAULT_STABLE_AGE:g})")
     p.add_argument("--pacs", help="HOST:PORT:AET to send each SR to (default: keep them in OUT/outbox)")
-    p.add_argument("--retries", type=int, default=3, help="attempts per SR when the PACS is unreachable")
-    p.add_argument("--retry-delay", type=float, default=5.0, help="seconds between attempts")
+    p.add_argument("--retry-interval", type=float, default=30.0,
+                   help="seconds between delivery attempts while the PACS is down (default 30)")
+    p.add_argument("--tls-cert", help="TLS for receiving: this node's certificate (PEM); with --tls-key")
+    p.add_argument("--tls-key", help="TLS for receiving: this node's private key (PEM)")
+    p.add_argument("--tls-ca", help="TLS for receiving: senders must show a certificate signed by this CA")
+    p.add_argument("--pacs-tls", action="store_true", help="TLS for sending to the PACS")
+    p.add_argument("--pacs-ca", help="TLS for sending: the CA the PACS certificate is checked against "
+                                     "(default the system's)")
+    p.add_argument("--pacs-cert", help="TLS for sending: this node's certificate, when the PACS asks for one")
+    p.add_argument("--pacs-key", help="TLS for sending: the key of --pacs-cert")
     return p
 
 
@@ -83,6 +104,33 @@ def _pipeline(args: argparse.Namespace) -> StudyPipeline:
                          irregular=args.irregular)
 
 
+def _listener(args: argparse.Namespace) -> Any:
+    from cmml_monai.deploy.access import client_tls, load_access, server_tls
+    from cmml_monai.deploy.listener import Listener, PacsNode
+
+    try:
+        pacs = PacsNode.parse(args.pacs) if args.pacs else None
+    except ValueError as e:
+        raise DataError(f"--pacs: {e}") from e
+    access = load_access(args.allow_file, args.allow, args.allow_host)
+    if access.open and not args.allow_any:
+        raise DataError("listen: say who may send: --allow AET (repeat it) or --allow-file FILE; "
+                        "--allow-any only on a closed test network")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise DataError("listen: TLS needs both --tls-cert and --tls-key")
+    tls = server_tls(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    pacs_tls = (client_tls(args.pacs_ca, args.pacs_cert, args.pacs_key)
+                if args.pacs_tls or args.pacs_ca or args.pacs_cert else None)
+    try:
+        return Listener(_pipeline(args), pacs, ae_title=args.ae_title, host=args.host, port=args.port,
+                        access=access, stable_age=args.stable_age, retry_interval=args.retry_interval, tls=tls,
+                        pacs_tls=pacs_tls)
+    except ValueError as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"listen: {e}") from e
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; returns the exit status (2: bad input, one ``error:`` line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -91,26 +139,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         if listen:
-            from cmml_monai.deploy.listener import Listener, PacsNode
-
+            node = _listener(args)
             try:
-                pacs = PacsNode.parse(args.pacs) if args.pacs else None
-            except ValueError as e:
-                raise DataError(f"--pacs: {e}") from e
-            try:
-                node = Listener(_pipeline(args), pacs, ae_title=args.ae_title, host=args.host, port=args.port,
-                                retries=args.retries, retry_delay=args.retry_delay)
-            except ValueError as e:
-                if isinstance(e, DataError):
-                    raise
-                raise DataError(f"listen: {e}") from e
-            node.start(block=True)
+                node.start(block=True)
+            except OSError as e:  # the port is taken or the address is not this machine's
+                raise DataError(f"listen: cannot listen on {args.host}:{args.port} ({e.strerror or e})") from e
             return 0
         if args.case_id is not None and not _CASE_ID.match(args.case_id):
             raise DataError(f"--case-id {args.case_id!r}: use 1-64 letters, digits, '.', '_' or '-' "
                             "(it names the output files)")
-        for sr_path, json_path in _pipeline(args).run(args.study, args.case_id, args.each_study):
-            print(f"{sr_path}\n{json_path}")
+        out_existed = os.path.exists(args.out)
+        try:
+            for sr_path, json_path in _pipeline(args).run(args.study, args.case_id, args.each_study):
+                print(f"{sr_path}\n{json_path}")
+        except DataError:
+            if not out_existed and os.path.isdir(args.out) and not os.listdir(args.out):
+                os.rmdir(args.out)  # the folder this run made, empty: leave nothing behind
+            raise
         return 0
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,14 +8,14 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from cmml_monai.data.errors import DataError
 from cmml_monai.deploy.description import load_description, load_network
-from cmml_monai.deploy.report import SR_SERIES_NUMBER, model_identity, predict_case, write_report
+from cmml_monai.deploy.report import SR_SERIES_NUMBER, StudyResult, model_identity, predict_case, write_report
 from cmml_monai.deploy.study import (
     IRREGULAR,
     ClinicalSource,
@@ -158,13 +158,39 @@ class StudyPipeline:
 
     def run_study(self, study: Study, case_id: str | None = None) -> tuple[str, str]:
         """SR and JSON of one study; returns their paths."""
+        result = self.results_for(study, case_id)
+        return result.sr_path, result.json_path
+
+    def results_for(self, study: Study, case_id: str | None = None, version: int = 1,
+                    previous: Sequence[Any] = ()) -> StudyResult:
+        """Every result object of one study: the SR and JSON written to ``out_dir``, and the DICOM files to
+        send (:attr:`StudyResult.dicom_files`). ``version`` > 1 with the ``previous`` SRs (pydicom Datasets)
+        it replaces: the study came again with other content.
+
+        Raises:
+            DataError: a bad series, no series matching the model's sequences.
+
+        Example:
+            >>> pipe = StudyPipeline("bundle", "out")  # doctest: +SKIP
+            >>> pipe.results_for(load_study("/exports/s1"), "c1").dicom_files
+            ['out/c1.sr.dcm']
+        """
         name = case_id or self.case_id_for(study)
         case = study_case(study, self.description, name, self.rules, self.clinical, irregular=self.irregular)
+        if not case.present_images:
+            # an SR references the images it was computed from: without any, stop before running the model
+            raise DataError(f"{name}: no series matches any of {list(case.selection)}; check the series rules "
+                            "(--rules) or the study")
         result = predict_case(self.network, self.description, case)
-        return write_report(case, result, self.out_dir, self.model_name, self.model_version, self.series_number)
+        sr_path, json_path = write_report(case, result, self.out_dir, self.model_name, self.model_version,
+                                          self.series_number, version=version, previous=previous)
+        return StudyResult(name, sr_path, json_path, int(version), [sr_path])
 
     def run(self, path: str, case_id: str | None = None, each_study: bool = False) -> list[tuple[str, str]]:
         """SR and JSON of the study under ``path`` (a folder or DICOMDIR), or of each study with ``each_study``.
+
+        With ``each_study`` a bad study is logged (one line) and the others are still processed; the error is
+        raised at the end.
 
         Raises:
             DataError: no DICOM, several studies without ``each_study``, a bad series; ``case_id`` with
@@ -174,4 +200,16 @@ class StudyPipeline:
         if case_id is not None and len(studies) > 1:
             raise DataError(f"--case-id names one case but {path} holds {len(studies)} studies; "
                             "omit it (each study is named by its pseudonym)")
-        return [self.run_study(s, case_id) for s in studies]
+        done, failed = [], []
+        for study in studies:
+            try:
+                done.append(self.run_study(study, case_id))
+            except DataError as e:
+                if len(studies) == 1:
+                    raise
+                logger.error("a study was not processed: %s", e)
+                failed.append(str(e))
+        if failed:
+            raise DataError(f"{len(failed)} of {len(studies)} studies not processed (the others were written): "
+                            f"{failed[0]}")
+        return done

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 import cmml_monai
+from cmml_monai.data.errors import DataError
 from cmml_monai.data.jsonio import atomic_path, atomic_write_json
 from cmml_monai.deploy.description import completes_missing
 from cmml_monai.deploy.inference import MULTI_LABEL_THRESHOLD, probabilities
@@ -31,6 +32,8 @@ __all__ = [
     "CaseResult",
     "predict_case",
     "model_identity",
+    "TYPE2_ATTRIBUTES",
+    "StudyResult",
     "build_sr",
     "write_report",
     "read_sr_result",
@@ -43,6 +46,10 @@ RESEARCH_USE_ONLY = "RESEARCH USE ONLY - not for diagnostic use"
 CODING_SCHEME = "99CMML"
 SR_SERIES_NUMBER = 9901
 SR_SERIES_DESCRIPTION = "CMML result - research use only"
+#: Type 2 attributes the SR copies from the study (present but possibly empty): many exports and synthetic
+#: studies lack some; the SR carries those as empty values
+TYPE2_ATTRIBUTES = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                    "StudyDate", "StudyTime", "ReferringPhysicianName")
 _PROBABILITY = "Probability of "
 
 
@@ -65,6 +72,26 @@ class CaseResult:
     present: list[str]
     completed: list[str]
     activation: str
+
+
+@dataclass
+class StudyResult:
+    """What one study gave: the files written and the DICOM objects to send.
+
+    Args:
+        case_id: the caller's id or the pseudonym.
+        sr_path: the SR file.
+        json_path: the JSON file.
+        version: 1, or the number of this result when the study was received again with other content.
+        dicom_files: every DICOM object to send to the PACS for the study (the SR first); more objects of a
+            study (e.g. a Secondary Capture) are appended here.
+    """
+
+    case_id: str
+    sr_path: str
+    json_path: str
+    version: int = 1
+    dicom_files: list[str] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -138,12 +165,28 @@ def _code(value: str, meaning: str) -> Any:
     return hd.sr.CodedConcept(value=value, scheme_designator=CODING_SCHEME, meaning=meaning)
 
 
+def _evidence(case: StudyCase, used: Mapping[str, Any]) -> list[Any]:
+    """Headers of every instance of the series used, absent Type 2 attributes set empty (highdicom copies
+    them from the first into the SR's patient and study modules)."""
+    import pydicom
+
+    evidence = [pydicom.dcmread(f, stop_before_pixels=True) for s in used.values() for f in s.files]
+    for ds in evidence:
+        for keyword in TYPE2_ATTRIBUTES:
+            if keyword not in ds or ds[keyword].value in ("", None) or ds[keyword].VM == 0:
+                setattr(ds, keyword, None)
+    return evidence
+
+
 def build_sr(case: StudyCase, result: CaseResult, model_name: str, model_version: str,
-             series_number: int = SR_SERIES_NUMBER) -> Any:
+             series_number: int = SR_SERIES_NUMBER, previous: Sequence[Any] = ()) -> Any:
     """The Comprehensive SR of one result, filed with ``case.study``.
 
+    Args:
+        previous: earlier SRs of the same study this one replaces (Predecessor Documents Sequence).
+
     Raises:
-        ValueError: no series was used (an SR must reference its source images).
+        DataError: no series was used (an SR must reference its source images).
 
     Example:
         >>> sr = build_sr(case, predict_case(net, desc, case), *model_identity(desc))  # doctest: +SKIP
@@ -151,16 +194,16 @@ def build_sr(case: StudyCase, result: CaseResult, model_name: str, model_version
         True
     """
     import highdicom as hd
-    import pydicom
     from highdicom.coding_schemes import CodingSchemeIdentificationItem
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
     used = {m: s for m, s in case.selection.items() if s is not None}
     if not used:
-        raise ValueError(f"{case.case_id}: no series was used; an SR needs source images to reference")
+        raise DataError(f"{case.case_id}: no series matches any of the model's sequences; the SR must reference "
+                        "the images it was computed from: check the series rules (--rules) or the study")
     # headers only: the evidence lists each instance of the series used and gives the patient/study module
-    evidence = [pydicom.dcmread(f, stop_before_pixels=True) for s in used.values() for f in s.files]
+    evidence = _evidence(case, used)
     rel = hd.sr.RelationshipTypeValues
     unit = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
     items = [
@@ -207,22 +250,28 @@ def build_sr(case: StudyCase, result: CaseResult, model_name: str, model_version
         software_versions=model_version[:64],
         coding_schemes=[CodingSchemeIdentificationItem(
             designator=CODING_SCHEME, name="cmml-monai result concepts", responsible_organization="cmml-monai")],
+        previous_versions=list(previous) or None,
     )
 
 
 def write_report(case: StudyCase, result: CaseResult, out_dir: str, model_name: str, model_version: str,
-                 series_number: int = SR_SERIES_NUMBER) -> tuple[str, str]:
+                 series_number: int = SR_SERIES_NUMBER, version: int = 1,
+                 previous: Sequence[Any] = ()) -> tuple[str, str]:
     """Write ``<out_dir>/<case>.sr.dcm`` (the SR) and ``<out_dir>/<case>.json``; returns both paths.
 
-    The JSON names the case by ``result.case_id`` and the series by number and description only.
+    The JSON names the case by ``result.case_id`` and the series by number and description only. A later
+    ``version`` of a study (received again with other content) is written as ``<case>.v<version>.sr.dcm`` /
+    ``.json``, its SR naming the ``previous`` SRs it replaces; nothing earlier is overwritten.
 
     Example:
         >>> write_report(case, result, "out", *model_identity(desc))  # doctest: +SKIP
         ('out/case-001.sr.dcm', 'out/case-001.json')
     """
-    os.makedirs(out_dir, exist_ok=True)
-    sr = build_sr(case, result, model_name, model_version, series_number)
-    stem = os.path.join(out_dir, result.case_id)
+    if int(version) < 1:
+        raise ValueError(f"version must be >= 1, got {version!r}")
+    sr = build_sr(case, result, model_name, model_version, series_number, previous)
+    os.makedirs(out_dir, exist_ok=True)  # only once there is something to write: no empty --out on error
+    stem = os.path.join(out_dir, result.case_id + ("" if int(version) == 1 else f".v{int(version)}"))
     sr_path, json_path = stem + ".sr.dcm", stem + ".json"
     with atomic_path(sr_path) as tmp:
         sr.save_as(tmp, enforce_file_format=True)
@@ -240,6 +289,8 @@ def write_report(case: StudyCase, result: CaseResult, out_dir: str, model_name: 
                    for m, s in case.selection.items()},
         "sr_file": os.path.basename(sr_path),
         "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+        "version": int(version),
+        "replaces": [str(p.SOPInstanceUID) for p in previous],
     }
     atomic_write_json(json_path, record, indent=2)
     logger.info("%s: %s (%s); SR %s", result.case_id, ", ".join(result.prediction) or "no label",

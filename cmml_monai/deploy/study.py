@@ -50,6 +50,7 @@ __all__ = [
     "find_dicom_files",
     "scan_studies",
     "load_study",
+    "MAX_VOXELS",
     "check_series",
     "resample_series",
     "pseudonym",
@@ -398,6 +399,35 @@ def _floats(value: Any) -> tuple[float, ...] | None:
         return None
 
 
+#: the largest image a series file may declare (voxels): a header beyond it is refused before any read
+MAX_VOXELS = 2**31
+
+
+def _check_pixel_length(ds: Any, path: str, series: SeriesInfo) -> None:
+    """Refuse a file whose native pixel data is shorter than Rows x Columns x samples x frames x bytes (a
+    truncated file, or a header claiming more than it holds): decoding it would read memory that is not there."""
+    if "PixelData" not in ds:
+        return
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is not None and getattr(ts, "is_encapsulated", False):
+        return  # compressed: the decoder checks its own frames
+    rows, cols = _int_or_none(ds.get("Rows")) or 0, _int_or_none(ds.get("Columns")) or 0
+    samples = _int_or_none(ds.get("SamplesPerPixel")) or 1
+    frames = max(1, _int_or_none(ds.get("NumberOfFrames")) or 1)
+    bits = _int_or_none(ds.get("BitsAllocated")) or 0
+    voxels = rows * cols * samples * frames
+    expected = (voxels * bits + 7) // 8
+    raw = ds.get_item("PixelData")  # the raw element: its declared length, not its (deferred) value
+    length = raw.length if raw.value is None else len(raw.value)
+    tell = getattr(raw, "value_tell", None)
+    if raw.value is None and tell is not None:
+        length = min(length, max(0, os.path.getsize(path) - tell))  # a file cut short
+    if voxels > MAX_VOXELS or bits == 0 or length < expected:
+        raise DataError(f"{series.label()}: a file's pixel data holds {length} bytes where its header "
+                        f"(Rows {rows} x Columns {cols} x {frames} frame(s) x {samples} sample(s) x {bits} bits) "
+                        f"needs {expected}; the file is truncated or its header is wrong: export the series again")
+
+
 def check_series(series: SeriesInfo, allow_uneven: bool = False) -> bool:
     """Refuse a series the network cannot take as one volume.
 
@@ -409,9 +439,9 @@ def check_series(series: SeriesInfo, allow_uneven: bool = False) -> bool:
         True when the slices are not evenly spaced (only with ``allow_uneven``): the caller resamples them.
 
     Raises:
-        DataError: a file without pixel data, slices of different orientation, pixel spacing or size,
-            slices sharing a position, or (unless ``allow_uneven``) not evenly spaced (a missing slice,
-            mixed acquisitions).
+        DataError: a file without pixel data or with less pixel data than its header declares, slices of
+            different orientation, pixel spacing or size, slices sharing a position, or (unless
+            ``allow_uneven``) not evenly spaced (a missing slice, mixed acquisitions).
 
     Example:
         >>> check_series(load_study("/exports/study_0001").series[1])  # doctest: +SKIP
@@ -425,6 +455,7 @@ def check_series(series: SeriesInfo, allow_uneven: bool = False) -> bool:
         ds = pydicom.dcmread(f, defer_size=1024)
         if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
             raise DataError(f"{series.label()} has a file without pixel data; export the series again with its images")
+        _check_pixel_length(ds, f, series)
         frames += max(1, _int_or_none(ds.get("NumberOfFrames")) or 1)
         iop, ipp = _floats(ds.get("ImageOrientationPatient")), _floats(ds.get("ImagePositionPatient"))
         if iop is not None and len(iop) == 6:

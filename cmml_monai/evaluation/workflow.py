@@ -14,7 +14,7 @@ import torch
 from monai.engines import Workflow
 
 from cmml_monai.data.errors import DataError
-from cmml_monai.data.fingerprint import SHORT, fingerprint_of
+from cmml_monai.data.fingerprint import SHORT, fingerprint_of, ids_fingerprint_of
 from cmml_monai.data.jsonio import atomic_path, atomic_write_json
 from cmml_monai.data.report import summarize
 from cmml_monai.handlers.checkpoint import latest_checkpoint
@@ -82,7 +82,8 @@ def bind_output_dir(output_dir: str, case_list) -> str:
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: unreadable ({e}); delete it if {output_dir} holds a run of this dataset") from e
-        if recorded.get("fingerprint") not in (None, fingerprint):
+        # a folder recorded before the fingerprint covered the split (ids only) is adopted
+        if recorded.get("fingerprint") not in (None, fingerprint, ids_fingerprint_of(case_list)):
             raise DataError(
                 f"{output_dir}: holds a run trained on another dataset ({recorded.get('dataset')}, cases fingerprint "
                 f"{str(recorded.get('fingerprint'))[:SHORT]}, now {fingerprint[:SHORT]}); its checkpoints would be "

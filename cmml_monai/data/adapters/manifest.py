@@ -508,4 +508,5 @@ def load_manifest(
         cases=cases,
         dropped=dropped,
         table_types=declared,
+        split_made=bool(roles.split_column is None and labels),
     )

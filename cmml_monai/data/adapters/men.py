@@ -201,4 +201,5 @@ def load_men(
         cases=kept,
         dropped=dropped + empty,
         table_types={f: ("numeric" if f in _NUMERIC else "categorical") for f in feats if f in ("age", "sex")},
+        split_made=bool(not has_split and labels),
     )

@@ -145,4 +145,5 @@ def load_odir(
         cases=kept,
         dropped=dropped,
         table_types={"Patient Age": "numeric", "Patient Sex": "categorical"} if columns else {},
+        split_made=bool(labels),
     )
