@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from bundle_helpers import ROOT, TRAIN
 
@@ -247,9 +248,9 @@ def test_killed_run_continues_its_mlflow_runs(dataset_dir, tmp_path):
 
     client = mlflow.MlflowClient(tracking_uri="sqlite:///" + os.path.join(out, "mlruns.db"))
     runs = client.search_runs([client.get_experiment_by_name("kill_resume").experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    parents = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
     assert [r.info.run_id for r in parents] == [before["parent"]]
-    children = {r.data.tags["stage"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    children = {r.data.tags["stage"]: r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags}
     assert {k: r.info.run_id for k, r in children.items()} == before["children"]
     assert all(r.info.status == "FINISHED" for r in runs)
     # every stage-2 epoch is in the one history: those before the kill and those after the resume

@@ -11,6 +11,7 @@ import urllib.request
 
 import mlflow
 import pytest
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from monai.bundle import ConfigWorkflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,10 +76,10 @@ def test_training_logs_parent_and_stage_runs_to_server(mlflow_server, tmp_path, 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     exp = client.get_experiment_by_name("cmml_server_test")
     runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    parents = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
     assert len(parents) == 1
     parent = parents[0]
-    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent.info.run_id}
     assert set(children) == {"stage1", "stage2"}
     assert all(r.info.status == "FINISHED" for r in [parent, *children.values()])
     # params: config essentials, dataset summary (counts only), missing rates

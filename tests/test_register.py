@@ -124,3 +124,15 @@ def test_register_errors_are_one_line(trained, tmp_path):
         errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
         assert done.returncode == 2 and len(errors) == 1 and expected in errors[0], done.stderr[-2000:]
         assert "Traceback" not in done.stderr
+
+
+def test_run_metrics_keeps_nan(tmp_path):
+    """A rate whose AUC is NaN (one class present) is registered as NaN, not dropped."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "summary.json").write_text(json.dumps({"avg_auc": 0.7, "split": "test"}))
+    (sweep / "sweep.csv").write_text("method,rate,auc,acc,f1,ece,n\ncmml,0.0,0.7,0.5,0.4,0.1,4\n"
+                                     "cmml,0.5,nan,0.5,0.4,0.1,4\n")
+    metrics = run_metrics(str(tmp_path))
+    assert metrics["auc_rate_0"] == pytest.approx(0.7) and np.isnan(metrics["auc_rate_0.5"])
+    assert metrics["avg_auc_test"] == pytest.approx(0.7) and len(metrics) == 9

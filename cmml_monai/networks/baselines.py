@@ -84,7 +84,6 @@ class LateFusionNet(nn.Module):
         self.two_view = as_bool(two_view, "two_view")
         if self.two_view and mode != "modality_dropout":
             raise ValueError(f"two_view needs mode='modality_dropout', got mode={mode!r}.")
-        self.multi_label = multi_label
         self.mean_momentum = mean_momentum
         if not callable(encoder):
             raise ValueError(f"encoder must be a class or callable that builds the module, got {encoder!r}.")
