@@ -114,7 +114,7 @@ def check_tracking_server(uri: str, output_dir: str = "<output_dir>", timeout: f
             ) from None
 
 
-#: the one line that refuses ``python -m monai.bundle run ... --tracking mlflow``
+#: the one line that refuses MONAI's ``--tracking mlflow`` switch of ``python -m monai.bundle run``
 MONAI_TRACKING_MESSAGE = (
     "--tracking (MONAI's switch, e.g. --tracking mlflow) adds MONAI's own MLFlowHandler, which opens a second "
     "MLflow store with a duplicate run: drop it; this bundle tracks every run with its own tracker (on by "
