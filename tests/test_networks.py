@@ -710,10 +710,11 @@ def test_crta_without_context_completes_from_the_observed_tokens_only():
 
 @pytest.mark.parametrize("make", [
     lambda multi: cmml(multi_label=multi),
-    lambda multi: LateFusionNet(2, 3, 2, 5, CARDS, multi_label=multi, feature_dim=D, encoder=RESNET10, mode="zero_fill"),
+    lambda multi: LateFusionNet(2, 3, 2, 5, CARDS, multi_label=multi, feature_dim=D, encoder=RESNET10,
+                                mode="zero_fill"),
 ])
 def test_multi_label_is_accepted_and_changes_nothing(make):
-    """``multi_label`` stays a constructor argument (the configs pass it) but is not network state: logits either way."""
+    """``multi_label`` stays a constructor argument (the configs pass it), not network state: same logits."""
     torch.manual_seed(0)
     single = make(False).eval()
     torch.manual_seed(0)
