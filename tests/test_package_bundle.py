@@ -181,6 +181,7 @@ def test_verify_data_shape_and_torchscript(zoo):
 # -- the packaged inference.json from elsewhere -------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~45 s, two bundle runs in subprocesses: .ci/run runs it (pytest -m slow -k ...)
 def test_packaged_inference_runs_from_another_working_directory(packaged, tmp_path):
     # the folder, and the zip unpacked somewhere else; neither run's cwd is the bundle or the checkout
     unpacked = tmp_path / "unzipped"

@@ -120,6 +120,7 @@ def test_men_overlay_trains_3d_from_dicom(tmp_path):
     assert sorted(os.listdir(shared)) == ["masks_test.json", "masks_valid.json", "men_split.json"]
 
 
+@pytest.mark.slow  # ~45 s, four trainings: .ci/run runs it (pytest -m slow -k ...)
 def test_compare_trains_methods_with_seeds_on_the_same_masks(tmp_path):
     """README "Compare with the baselines": ``scripts/compare.py --methods ... --seeds ...`` trains and tables."""
     out = tmp_path / "cmp"
