@@ -104,6 +104,7 @@ def test_odir_overlay_trains_multilabel_and_evaluate_json_rescores_it(tmp_path):
         assert all(c["prediction"] == ";".join(n for n in names if float(c[f"prob_{n}"]) >= 0.5) for c in cases)
 
 
+@pytest.mark.slow  # ~40 s: .ci/run runs it (pytest -m slow -k ...)
 def test_men_overlay_trains_3d_from_dicom(tmp_path):
     """docs/datasets.md "Real datasets" (Meningioma) on DICOM series folders, resampled to 1 mm as the overlay says."""
     data = _synthetic("men", tmp_path / "men", "--cases", "24", "--dicom", "--shape", "16", "16", "12")
