@@ -245,7 +245,7 @@ def e2e_pipeline(dataset: str, spatial_size: list[int], cfg: BenchConfig, cases:
         batches = []
         _sync(device)
         start = time.perf_counter()
-        for batch in loader:
+        for batch in loader:  # noqa: F821 (bound above; the 'del loader' below runs after the last call)
             image, label, (tab,), _ = prepare(batch, device, non_blocking=True)
             cmml_step(image, tab, label)
             batches.append((image, tab, label))

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="DICOM keyword matching --id-column and pseudonymised (default PatientID)")
     parser.add_argument("--sequences", nargs="+", default=list(MEN_SEQUENCES),
                         help=f"sequence names, in order (default {' '.join(MEN_SEQUENCES)})")
-    parser.add_argument("--rules", help="JSON file of series rules (see README 'PACS')")
+    parser.add_argument("--rules", help="JSON file of series rules (see docs/pacs.md)")
     parser.add_argument("--key", help=f"pseudonym key (default: the {KEY_ENV} environment variable)")
     parser.add_argument("--irregular", choices=["refuse", "resample"], default="refuse",
                         help="a series whose slices are not evenly spaced: missing (refuse, default) or resampled "

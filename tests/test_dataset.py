@@ -243,7 +243,10 @@ def test_dataloader_collates_and_seeds(derm_like):
     assert b["case_id"] == ["c0", "c1", "c2"] and all(isinstance(c, str) for c in b["case_id"])
     assert tuple(b["image"].shape) == (3, 6, *SIZE_2D) and tuple(b["tabular"].shape) == (3, 2)
     assert b["label"].dtype == torch.int64 and tuple(b["label"].shape) == (3,)
-    order = lambda seed: [c for bb in build_dataloader(ds, 2, shuffle=True, seed=seed) for c in bb["case_id"]]
+
+    def order(seed: int) -> list[str]:
+        return [c for bb in build_dataloader(ds, 2, shuffle=True, seed=seed) for c in bb["case_id"]]
+
     assert order(3) == order(3) and sorted(order(3)) == ["c0", "c1", "c2", "c3"]
     assert any(order(s) != order(3) for s in range(4, 10))
     with pytest.raises(ValueError, match="batch_size"):

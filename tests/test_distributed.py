@@ -133,6 +133,7 @@ def _one_process_auc(data_dir: str, out: str, state: dict) -> tuple[float, int]:
     return auc, len(views)
 
 
+@pytest.mark.slow  # ~40 s, two processes: .ci/run runs it (pytest -m slow -k ...)
 def test_two_processes_match_one(data_dir, tmp_path):
     out = str(tmp_path / "ddp")
     ranks = run_two_processes(out, data_dir)

@@ -90,6 +90,15 @@ def test_expected_calibration_error_values():
         expected_calibration_error(probs, labels, bins=0)
 
 
+def test_macro_auc_refuses_out_of_range_label():
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]])
+    for bad in (3, -1):  # once clipped into a class: scored as a wrong or right guess of a real class
+        with pytest.raises(ValueError, match=rf"label {bad} is outside the 3 classes \[0, 2\]"):
+            macro_auc(probs, np.array([0, 1, bad]))
+        with pytest.raises(ValueError, match=rf"label {bad} is outside"):
+            classification_metrics(probs, np.array([0, 1, bad]))
+
+
 def test_macro_auc_all_skipped_is_nan():
     auc, skipped = macro_auc(np.array([[0.5, 0.5]]), np.array([0]))
     assert math.isnan(auc) and skipped == [0, 1]

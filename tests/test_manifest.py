@@ -213,7 +213,7 @@ def test_evaluates_like_the_native_adapters(trained, data):
 
 @pytest.mark.e2e
 def test_readme_recipe_trains_from_the_command_line(data, tmp_path):
-    """README "Your own data (manifest)": the overlay with roles set on the command line, from a fresh cwd."""
+    """README / docs/datasets.md "Your own data": the overlay with roles set on the command line, from a fresh cwd."""
     tiny = ["--feature_dim", "16", "--image_encoder", "resnet10", "--batch_size", "8", "--val_batch_size", "8",
             "--num_workers", "0", "--stage1_epochs", "1", "--stage2_epochs", "1", "--progress_bar", "false",
             "--mlflow_enabled", "false", "--amp", "false", "--missing_rates", "[0.0]", "--sweep#subsets", "false",

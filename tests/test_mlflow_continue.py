@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import mlflow
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from cmml_monai.handlers import MLflowTracker
 from cmml_monai.handlers.mlflow import RUN_STATE_NAME, TRAINING_RUN_TAG
@@ -79,3 +81,20 @@ def test_unreadable_record_starts_a_new_run(tmp_path, caplog):
     t = tracker(str(out))
     assert t.parent_run_id
     assert json.load(open(out / RUN_STATE_NAME))["parent"] == t.parent_run_id
+
+
+def test_nan_metric_is_logged_as_nan(tmp_path):
+    """An AUC of a split with one class present is NaN: MLflow shows it as NaN instead of no value."""
+    run = tracker(str(tmp_path / "run"))
+    run.log_metrics({"test_auc_rate_0.5": float("nan"), "test_avg_auc": 0.75})
+    run.close()
+    metrics = mlflow.MlflowClient(tracking_uri=run.tracking_uri).get_run(run.parent_run_id).data.metrics
+    assert math.isnan(metrics["test_auc_rate_0.5"]) and metrics["test_avg_auc"] == 0.75
+
+
+def test_stage_runs_carry_mlflow_parent_tag(tmp_path):
+    run = tracker(str(tmp_path / "run"))
+    stage = run.child_run_id("stage1")
+    run.close()
+    tags = mlflow.MlflowClient(tracking_uri=run.tracking_uri).get_run(stage).data.tags
+    assert tags[MLFLOW_PARENT_RUN_ID] == run.parent_run_id

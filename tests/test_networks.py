@@ -707,3 +707,20 @@ def test_crta_without_context_completes_from_the_observed_tokens_only():
     assert not torch.allclose(after["reference"], before["reference"])
     stage1 = {id(p) for p in net.stage_parameters(1)}
     assert id(net.context.tokens) not in stage1 and id(net.context.tokens) in {id(p) for p in net.stage_parameters(2)}
+
+
+@pytest.mark.parametrize("make", [
+    lambda multi: cmml(multi_label=multi),
+    lambda multi: LateFusionNet(2, 3, 2, 5, CARDS, multi_label=multi, feature_dim=D, encoder=RESNET10,
+                                mode="zero_fill"),
+])
+def test_multi_label_is_accepted_and_changes_nothing(make):
+    """``multi_label`` stays a constructor argument (the configs pass it), not network state: same logits."""
+    torch.manual_seed(0)
+    single = make(False).eval()
+    torch.manual_seed(0)
+    multi = make(True).eval()
+    assert not hasattr(single, "multi_label") and not hasattr(multi, "multi_label")
+    image, tab = make_batch(torch.tensor([[1, 1, 1], [1, 0, 1]], dtype=torch.bool))
+    with torch.no_grad():
+        assert torch.equal(single(image, tab), multi(image, tab))

@@ -1,7 +1,7 @@
-"""The README's commands end to end, as a user types them, at tiny sizes (seconds each).
+"""The commands of README.md, docs/datasets.md and docs/evaluation.md end to end, as a user types them.
 
-Each test runs the command line in a subprocess from a fresh working directory on synthetic data
-written by ``scripts/make_synthetic.py``: the ODIR-5K overlay (multi-label) followed by
+Each test runs the command line at tiny sizes (seconds each) in a subprocess from a fresh working
+directory on synthetic data written by ``scripts/make_synthetic.py``: the ODIR-5K overlay (multi-label) followed by
 ``configs/evaluate.json`` on the trained model, the MEN overlay (3D, DICOM series), and
 ``scripts/compare.py`` training two methods with two seeds. The default job itself is the CI's main
 job (``.ci/run``), so it is not repeated here.
@@ -62,7 +62,7 @@ def _shared_folder(work, dataset: str) -> str:
 
 
 def test_odir_overlay_trains_multilabel_and_evaluate_json_rescores_it(tmp_path):
-    """README "Real datasets" (ODIR-5K) then "Evaluation and comparison" on the trained model."""
+    """docs/datasets.md "Real datasets" (ODIR-5K), then docs/evaluation.md "The missing-rate sweep" on the model."""
     data = _synthetic("odir", tmp_path / "odir", "--cases", "48")
     work = tmp_path / "work"
     work.mkdir()
@@ -106,8 +106,9 @@ def test_odir_overlay_trains_multilabel_and_evaluate_json_rescores_it(tmp_path):
         assert all(c["prediction"] == ";".join(n for n in names if float(c[f"prob_{n}"]) >= 0.5) for c in cases)
 
 
+@pytest.mark.slow  # ~40 s: .ci/run runs it (pytest -m slow -k ...)
 def test_men_overlay_trains_3d_from_dicom(tmp_path):
-    """README "Real datasets" (Meningioma) on DICOM series folders, resampled to 1 mm as the overlay says."""
+    """docs/datasets.md "Real datasets" (Meningioma) on DICOM series folders, resampled to 1 mm as the overlay says."""
     data = _synthetic("men", tmp_path / "men", "--cases", "24", "--dicom", "--shape", "16", "16", "12")
     work = tmp_path / "work"
     work.mkdir()
@@ -122,8 +123,9 @@ def test_men_overlay_trains_3d_from_dicom(tmp_path):
     assert sorted(os.listdir(shared)) == ["masks_test.json", "masks_valid.json", "men_split.json"]
 
 
+@pytest.mark.slow  # ~45 s, four trainings: .ci/run runs it (pytest -m slow -k ...)
 def test_compare_trains_methods_with_seeds_on_the_same_masks(tmp_path):
-    """README "Evaluation and comparison": ``scripts/compare.py --methods ... --seeds ...`` trains and tables."""
+    """README "Compare with the baselines": ``scripts/compare.py --methods ... --seeds ...`` trains and tables."""
     out = tmp_path / "cmp"
     proc = _run([os.path.join(ROOT, "scripts", "compare.py"), "--methods", "cmml", "zero_fill", "--seeds", "0", "1",
                  "--out", str(out), "--", "--dataset_dir", str(tmp_path / "syn"), "--synthetic_cases", "30",

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from cmml_monai.deploy import example_inputs, load_description, load_network
+from cmml_monai.deploy.register import main as register_main
 from cmml_monai.deploy.register import register_model, run_metrics
 
 from bundle_helpers import train_tiny_derm7pt
-from test_mlflow_server import mlflow_server  # noqa: F401  (the real server fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
@@ -92,7 +92,7 @@ def test_register_twice_into_the_training_store(trained, monkeypatch):
     _check_loaded(trained["uri"], "cmml-derm-tiny", "1", trained["run"])
 
 
-def test_register_into_a_real_mlflow_server(trained, mlflow_server, tmp_path):  # noqa: F811
+def test_register_into_a_real_mlflow_server(trained, mlflow_server, tmp_path):
     cmd = [sys.executable, "-m", "cmml_monai.deploy.register", trained["run"], "--name", "cmml-derm-server",
            "--tracking_uri", mlflow_server]
     done = subprocess.run(cmd, cwd=str(tmp_path), env=ENV, capture_output=True, text=True, timeout=600)
@@ -106,7 +106,10 @@ def test_register_into_a_real_mlflow_server(trained, mlflow_server, tmp_path):  
     _check_loaded(mlflow_server, "cmml-derm-server", "1", trained["run"])
 
 
-def test_register_errors_are_one_line(trained, tmp_path):
+def test_register_errors_are_one_line(trained, tmp_path, capsys, monkeypatch):
+    """Each bad input is one ``error:`` line and status 2: the first through the command line, the others
+    through the same ``main`` in this process (a subprocess each cost ~15 s of imports)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "models").mkdir()
     moved = tmp_path / "moved"  # a run folder whose recorded sqlite store is not on this machine
     shutil.copytree(os.path.join(trained["run"], "models"), moved / "models")
@@ -118,9 +121,25 @@ def test_register_errors_are_one_line(trained, tmp_path):
         ([trained["run"], "--name", "bad name!"], "model name 'bad name!'"),
         ([trained["run"], "--tracking_uri", str(tmp_path / "store")], "refuses file stores"),
     ]
-    for args, expected in cases:
-        done = subprocess.run([sys.executable, "-m", "cmml_monai.deploy.register", *args], env=ENV,
-                              capture_output=True, text=True, timeout=300)
-        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-        assert done.returncode == 2 and len(errors) == 1 and expected in errors[0], done.stderr[-2000:]
-        assert "Traceback" not in done.stderr
+    for i, (args, expected) in enumerate(cases):
+        if i == 0:
+            done = subprocess.run([sys.executable, "-m", "cmml_monai.deploy.register", *args], env=ENV,
+                                  capture_output=True, text=True, timeout=300)
+            code, stderr = done.returncode, done.stderr
+        else:
+            code, stderr = register_main(args), capsys.readouterr().err
+        errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and expected in errors[0], stderr[-2000:]
+        assert "Traceback" not in stderr
+
+
+def test_run_metrics_keeps_nan(tmp_path):
+    """A rate whose AUC is NaN (one class present) is registered as NaN, not dropped."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "summary.json").write_text(json.dumps({"avg_auc": 0.7, "split": "test"}))
+    (sweep / "sweep.csv").write_text("method,rate,auc,acc,f1,ece,n\ncmml,0.0,0.7,0.5,0.4,0.1,4\n"
+                                     "cmml,0.5,nan,0.5,0.4,0.1,4\n")
+    metrics = run_metrics(str(tmp_path))
+    assert metrics["auc_rate_0"] == pytest.approx(0.7) and np.isnan(metrics["auc_rate_0.5"])
+    assert metrics["avg_auc_test"] == pytest.approx(0.7) and len(metrics) == 9

@@ -36,7 +36,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", required=True,
                         help="folder holding models/model.pt and models/network.json (or that models folder)")
     parser.add_argument("--out", required=True, help="where the SR (.sr.dcm) and JSON files go")
-    parser.add_argument("--rules", help="JSON file of series rules (see README 'PACS'); default: the built-in rules")
+    parser.add_argument("--rules", help="JSON file of series rules (see docs/pacs.md); default: the built-in rules")
     parser.add_argument("--clinical-csv", help="clinical values from this table (default: the DICOM header)")
     parser.add_argument("--id-column", default="case_id", help="the table's id column (default case_id)")
     parser.add_argument("--key-attribute",

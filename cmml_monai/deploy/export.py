@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 TORCHSCRIPT_NAME = "model.ts"
 ONNX_NAME = "model.onnx"
-#: the largest |exported - eager| logit difference accepted on any missing pattern
+#: the largest ``|exported - eager|`` logit difference accepted on any missing pattern
 DEFAULT_ATOL = 1e-4
 
 
@@ -86,7 +86,7 @@ def check_export(
     batch_size: int = 3,
     seed: int = 1,
 ) -> dict[str, float]:
-    """The largest |exported - eager| logit difference on each non-empty subset of modalities.
+    """The largest ``|exported - eager|`` logit difference on each non-empty subset of modalities.
 
     Args:
         exported: the TorchScript module (called as ``exported(image, tabular)``, or ``exported(image)``

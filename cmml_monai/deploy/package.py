@@ -278,7 +278,9 @@ def packaged_inference_config(base: Mapping[str, Any]) -> dict[str, Any]:
         "dataset_name": "$@description['data']['dataset']",
         "dataset_dir": "$os.path.join(@bundle_root, 'data')",
         "output_dir": "$os.path.abspath('predictions')",
-        "case_list": "$cmml_monai.deploy.inference_cases(@description, @dataset_name, @dataset_dir, @dataset_options)",
+        "case_list": (
+            "$cmml_monai.deploy.inference_cases(@description, @dataset_name, @dataset_dir, @dataset_options)"
+        ),
         "network_def": "$cmml_monai.deploy.build_from_description(@description)",
         "inferer": {"_target_": "SimpleInferer"},
         # MONAI Label's BundleInferTask (classification): one image per request -> packed input -> probabilities

@@ -165,7 +165,7 @@ def run_metrics(run_dir: str) -> dict[str, float]:
                 rate = f"{float(row['rate']):g}"
                 for key in ("auc", "acc", "f1", "ece"):
                     value = row.get(key)
-                    if value not in (None, "") and float(value) == float(value):  # NaN: not measured
+                    if value not in (None, ""):  # a NaN (e.g. one class present) stays NaN in MLflow
                         metrics[f"{key}_rate_{rate}"] = float(value)
     return metrics
 

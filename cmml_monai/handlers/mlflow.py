@@ -26,6 +26,7 @@ import mlflow
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 from monai.handlers import MLFlowHandler
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from monai.utils import path_to_sqlite_uri
 
 from cmml_monai.data.errors import DataError
@@ -37,7 +38,7 @@ __all__ = ["resolve_tracking_uri", "check_tracking_server", "MLflowTracker", "St
 
 logger = logging.getLogger(__name__)
 
-PARENT_TAG = "mlflow.parentRunId"
+PARENT_TAG = MLFLOW_PARENT_RUN_ID
 #: in ``output_dir``: the ids of the parent and stage runs, so a restarted run continues them
 RUN_STATE_NAME = "mlflow_run.json"
 #: tag of an evaluation run: the id of the training run it evaluates
@@ -113,7 +114,7 @@ def check_tracking_server(uri: str, output_dir: str = "<output_dir>", timeout: f
             ) from None
 
 
-#: the one line that refuses ``python -m monai.bundle run ... --tracking mlflow``
+#: the one line that refuses MONAI's ``--tracking mlflow`` switch of ``python -m monai.bundle run``
 MONAI_TRACKING_MESSAGE = (
     "--tracking (MONAI's switch, e.g. --tracking mlflow) adds MONAI's own MLFlowHandler, which opens a second "
     "MLflow store with a duplicate run: drop it; this bundle tracks every run with its own tracker (on by "
@@ -329,11 +330,12 @@ class MLflowTracker:
             self.client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0, child: str | None = None) -> None:
+        """Log metrics to the parent or a child run; a NaN (e.g. an AUC with one class present) is logged as NaN."""
         run_id = self._run(child)
         if run_id is None:
             return
         ts = int(time.time() * 1000)
-        ms = [mlflow.entities.Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if v == v]
+        ms = [mlflow.entities.Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
         if ms:
             self.client.log_batch(run_id, metrics=ms)
 

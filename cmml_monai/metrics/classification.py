@@ -53,11 +53,23 @@ def macro_auc(probs: Any, labels: Any, multi_label: bool = False) -> tuple[float
 
     Returns:
         ``(auc, skipped)``; ``auc`` is NaN when every class was skipped or there are no cases.
+
+    Raises:
+        ValueError: a single-label class index outside ``[0, C)``.
+
+    Example:
+        >>> macro_auc([[0.8, 0.2], [0.3, 0.7]], [0, 1])
+        (1.0, [])
     """
     p, y = to_numpy_probs_labels(probs, labels, multi_label)
     if p.shape[0] == 0:
         return float("nan"), list(range(p.shape[1]))
-    onehot = y if multi_label else np.eye(p.shape[1], dtype=np.int64)[np.clip(y, 0, p.shape[1] - 1)]
+    if not multi_label:
+        bad = y[(y < 0) | (y >= p.shape[1])]
+        if bad.size:
+            raise ValueError(f"AUC: label {int(bad[0])} is outside the {p.shape[1]} classes [0, {p.shape[1] - 1}]: "
+                             "check the label column and num_classes")
+    onehot = y if multi_label else np.eye(p.shape[1], dtype=np.int64)[y]
     aucs, skipped = [], []
     for c in range(p.shape[1]):
         col = onehot[:, c]

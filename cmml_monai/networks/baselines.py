@@ -28,9 +28,10 @@ class LateFusionNet(nn.Module):
     - ``mean_impute``: a missing token is replaced by the running mean (EMA buffer, updated in
       ``forward_train`` while training) of that modality's real tokens; no indicators.
 
+    ``image_modalities``, ``image_channels``, ``spatial_dims``, ``num_classes``, ``tabular_cardinalities``,
+    ``multi_label``, ``feature_dim`` and ``encoder`` are the shared constructor's (see ``CMMLNet``).
+
     Args:
-        image_modalities, image_channels, spatial_dims, num_classes, tabular_cardinalities,
-        multi_label, feature_dim, encoder: the shared constructor (see ``CMMLNet``).
         mode: one of ``LATE_FUSION_MODES``.
         dropout_prob: modality dropout probability (``modality_dropout`` only).
         hidden_dim: MLP hidden width (default ``feature_dim``).
@@ -84,7 +85,6 @@ class LateFusionNet(nn.Module):
         self.two_view = as_bool(two_view, "two_view")
         if self.two_view and mode != "modality_dropout":
             raise ValueError(f"two_view needs mode='modality_dropout', got mode={mode!r}.")
-        self.multi_label = multi_label
         self.mean_momentum = mean_momentum
         if not callable(encoder):
             raise ValueError(f"encoder must be a class or callable that builds the module, got {encoder!r}.")

@@ -66,7 +66,8 @@ class CMMLNet(nn.Module):
         spatial_dims: 2 or 3.
         num_classes: number of classes (single-label) or labels (multi-label).
         tabular_cardinalities: table feature cardinalities (0 = numeric), None for no table.
-        multi_label: labels are multi-hot (kept for the shared constructor; the loss uses it).
+        multi_label: accepted so every method shares one constructor (configs pass it); the network returns
+            logits either way, and the loss and the activation read ``multi_label`` themselves.
         feature_dim: token width ``d``.
         encoder: builds the encoders of every modality: called as ``encoder(image_modalities=M,
             image_channels=C, spatial_dims=..., tabular_cardinalities=..., feature_dim=d, num_heads=...)``;
@@ -203,7 +204,6 @@ class CMMLNet(nn.Module):
             if not callable(factory):
                 raise ValueError(f"{name} must be a class or callable that builds the module, got {factory!r}.")
         self.num_classes = num_classes
-        self.multi_label = multi_label
         self.use_memory = use_memory
         self.use_context = use_context
         self.use_stage2 = use_stage2

@@ -167,7 +167,9 @@ def load_derm7pt(
                 if pos_i != float(pos):
                     raise ValueError
             except (TypeError, ValueError):
-                raise DataError(f"{ipath}: index {v!r} is not a whole number; indexes are 0-based row positions")
+                raise DataError(
+                    f"{ipath}: index {v!r} is not a whole number; indexes are 0-based row positions"
+                ) from None
             if not 0 <= pos_i < len(meta):
                 raise DataError(f"{ipath}: index {pos_i} is outside meta.csv's {len(meta)} rows (0-based positions)")
             if pos_i in split_of and split_of[pos_i] != split:

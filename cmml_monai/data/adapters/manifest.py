@@ -444,7 +444,7 @@ def load_manifest(
     if roles.table_columns:
         modalities.append(ModalitySpec(TABLE_MODALITY, "table", 0))
     cases, dropped, absent, empty, split_of = [], [], [], [], {}
-    for pos, (cid, row) in enumerate(zip(ids, rows)):
+    for cid, row in zip(ids, rows):
         paths: dict[str, str | None] = {}
         reasons: dict[str, str] = {}
         for name, col in roles.image_columns.items():
