@@ -44,6 +44,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="a series whose slices are not evenly spaced: refuse it (default) or resample it "
                              "to an even gap (said in the log)")
     parser.add_argument("--verbose", action="store_true", help="log the series selection of each case")
+    parser.add_argument("--explain", action="store_true",
+                        help="also write the case page (PNG) and its DICOM Secondary Capture, referenced from the SR "
+                             "and sent with it (see docs/explain.md)")
 
 
 def study_parser() -> argparse.ArgumentParser:
@@ -80,7 +83,7 @@ def _setup_logging(verbose: bool) -> None:
 def _pipeline(args: argparse.Namespace) -> StudyPipeline:
     clinical = ClinicalSource(csv=args.clinical_csv, id_column=args.id_column, key_attribute=args.key_attribute)
     return StudyPipeline(args.bundle, args.out, load_rules(args.rules), clinical, key=args.key, device=args.device,
-                         irregular=args.irregular)
+                         irregular=args.irregular, explain=args.explain)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,8 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.case_id is not None and not _CASE_ID.match(args.case_id):
             raise DataError(f"--case-id {args.case_id!r}: use 1-64 letters, digits, '.', '_' or '-' "
                             "(it names the output files)")
-        for sr_path, json_path in _pipeline(args).run(args.study, args.case_id, args.each_study):
+        pipeline = _pipeline(args)
+        for sr_path, json_path in pipeline.run(args.study, args.case_id, args.each_study):
             print(f"{sr_path}\n{json_path}")
+            if sr_path in pipeline.captures:
+                print(pipeline.captures[sr_path])
         return 0
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

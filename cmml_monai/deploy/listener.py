@@ -225,6 +225,9 @@ class Listener:
                     self.results.append(("error", str(e)))
                     continue
                 shutil.copyfile(sr_path, os.path.join(self.outbox, os.path.basename(sr_path)))
+                sc_path = self.pipeline.captures.get(sr_path)  # issue 32: the case page's SC goes with its SR
+                if sc_path is not None:
+                    shutil.copyfile(sc_path, os.path.join(self.outbox, os.path.basename(sc_path)))
                 self.results.append((sr_path, json_path))
         finally:
             if not self.keep_incoming:

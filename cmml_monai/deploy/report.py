@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,8 +139,10 @@ def _code(value: str, meaning: str) -> Any:
 
 
 def build_sr(case: StudyCase, result: CaseResult, model_name: str, model_version: str,
-             series_number: int = SR_SERIES_NUMBER) -> Any:
+             series_number: int = SR_SERIES_NUMBER, pages: Sequence[Any] = ()) -> Any:
     """The Comprehensive SR of one result, filed with ``case.study``.
+
+    ``pages``: Secondary Captures of the case page (:mod:`cmml_monai.deploy.capture`) the SR references.
 
     Raises:
         ValueError: no series was used (an SR must reference its source images).
@@ -188,6 +190,12 @@ def build_sr(case: StudyCase, result: CaseResult, model_name: str, model_version
     for name in result.completed:
         items.append(hd.sr.TextContentItem(_code("input-completed", "Input completed by model"), name,
                                            relationship_type=rel.CONTAINS))
+    # -- issue 32: the case page's Secondary Capture, referenced as an image (and listed as evidence) --
+    for page in pages:
+        items.append(hd.sr.ImageContentItem(_code("case-page", "Case page (research use only)"),
+                                            page.SOPClassUID, page.SOPInstanceUID, relationship_type=rel.CONTAINS))
+    evidence += list(pages)
+    # -- end issue 32 --
     root = hd.sr.ContainerContentItem(_code("cmml-report", "CMML multimodal diagnosis (research use only)"))
     root.ContentSequence = hd.sr.ContentSequence(items)
     return hd.sr.ComprehensiveSR(
@@ -211,7 +219,7 @@ def build_sr(case: StudyCase, result: CaseResult, model_name: str, model_version
 
 
 def write_report(case: StudyCase, result: CaseResult, out_dir: str, model_name: str, model_version: str,
-                 series_number: int = SR_SERIES_NUMBER) -> tuple[str, str]:
+                 series_number: int = SR_SERIES_NUMBER, pages: Sequence[Any] = ()) -> tuple[str, str]:
     """Write ``<out_dir>/<case>.sr.dcm`` (the SR) and ``<out_dir>/<case>.json``; returns both paths.
 
     The JSON names the case by ``result.case_id`` and the series by number and description only.
@@ -221,7 +229,7 @@ def write_report(case: StudyCase, result: CaseResult, out_dir: str, model_name: 
         ('out/case-001.sr.dcm', 'out/case-001.json')
     """
     os.makedirs(out_dir, exist_ok=True)
-    sr = build_sr(case, result, model_name, model_version, series_number)
+    sr = build_sr(case, result, model_name, model_version, series_number, pages)  # pages: issue 32
     stem = os.path.join(out_dir, result.case_id)
     sr_path, json_path = stem + ".sr.dcm", stem + ".json"
     with atomic_path(sr_path) as tmp:

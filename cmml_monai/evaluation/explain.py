@@ -13,6 +13,7 @@ is marked :data:`MISSING_COMPLETED` for a method that fills it in (CMML's CRTA, 
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -132,8 +133,8 @@ class Explainer:
         table_name: the table modality's name (None: no table).
         method: ``"auto"`` (Grad-CAM where the encoder has a known convolutional stage, else occlusion),
             ``"gradcam"`` or ``"occlusion"``.
-        mask_size: occlusion patch size per spatial dimension (default: an eighth of each side in 2D, a quarter
-            in 3D).
+        mask_size: occlusion patch size per spatial dimension (default: a sixth of each side in 2D, windows
+            overlapping by half; a quarter in 3D, overlapping by a quarter).
 
     Raises:
         ValueError: an unknown ``method``, or ``"gradcam"`` for a network without hookable image encoders.
@@ -224,10 +225,13 @@ class Explainer:
         start = sum(c for _, c in self.modalities[:index])
         channels = self.modalities[index][1]
         spatial = image.shape[2:]
-        size = self.mask_size or tuple(max(1, s // (8 if len(spatial) == 2 else 4)) for s in spatial)
+        flat = len(spatial) == 2
+        size = self.mask_size or tuple(max(1, s // (6 if flat else 4)) for s in spatial)
         view = _ModalityView(self.network, image, tabular, start, channels)
-        occ = OcclusionSensitivity(view, mask_size=size, n_batch=8, verbose=False, mode="mean_img", overlap=0.25,
-                                   activate=torch.sigmoid if self.multi_label else True)
+        # the activation is given: MONAI's default picks sigmoid for a one-channel image, whatever the classes
+        activate = torch.sigmoid if self.multi_label else functools.partial(torch.softmax, dim=1)
+        occ = OcclusionSensitivity(view, mask_size=size, n_batch=8, verbose=False, mode="mean_img",
+                                   overlap=0.5 if flat else 0.25, activate=activate)
         with torch.no_grad(), warnings.catch_warnings():
             # MONAI's sliding window indexes with a list, which this torch version warns about on every patch
             warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
