@@ -3,9 +3,9 @@
 A viewer displays images, not SRs: the page (:mod:`cmml_monai.evaluation.casepage`: the series used with
 their saliency maps, the clinical values given, the probabilities, the completed inputs, "RESEARCH USE ONLY"
 drawn into the pixels) becomes an RGB Secondary Capture in the study's StudyInstanceUID, in its own series.
-Its patient and study attributes are copied from one instance of the study by highdicom
-(``SCImage.from_ref_dataset``: patient name, id, birth date and sex, study UID, date, time, id, accession
-number, referring physician); nothing else of the source header. The PNG beside it carries no patient
+Its patient and study attributes are copied from one instance of the study (:data:`STUDY_KEYWORDS`: patient
+name, id, birth date and sex, study UID, date, time, id, accession number, referring physician; through
+highdicom's ``SCImage.from_ref_dataset``); nothing else of the source header (no institution, station or staff). The PNG beside it carries no patient
 attribute: the page names the case by its pseudonym.
 """
 
@@ -22,9 +22,11 @@ import torch
 from cmml_monai.data.jsonio import atomic_path
 from cmml_monai.deploy.inference import case_explainer
 from cmml_monai.deploy.study import StudyCase
-from cmml_monai.evaluation.casepage import RESEARCH_USE_ONLY, save_page, write_index
+from cmml_monai.deploy.report import RESEARCH_USE_ONLY
+from cmml_monai.evaluation.casepage import save_page, write_index
 
-__all__ = ["SC_SERIES_NUMBER", "SC_SERIES_DESCRIPTION", "build_capture", "StudyExplainer", "update_index"]
+__all__ = ["SC_SERIES_NUMBER", "SC_SERIES_DESCRIPTION", "STUDY_KEYWORDS", "study_attributes", "build_capture",
+           "StudyExplainer", "update_index"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,28 @@ SC_SERIES_NUMBER = 9902
 SC_SERIES_DESCRIPTION = "CMML case page - research use only"
 #: the run's list of case pages in the output folder
 INDEX_NAME = "index.html"
+
+
+#: what the SC takes from the study: its patient and general study modules, nothing of the equipment or staff
+STUDY_KEYWORDS = ("SpecificCharacterSet", "StudyInstanceUID", "PatientName", "PatientID", "PatientBirthDate",
+                  "PatientSex", "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+
+def study_attributes(ds: Any) -> Any:
+    """A dataset holding only ``ds``'s :data:`STUDY_KEYWORDS` (highdicom's ``from_ref_dataset`` would copy the
+    acquisition equipment - institution, station - of a full header too).
+
+    Example:
+        >>> sorted(e.keyword for e in study_attributes(pydicom.dcmread(path)))  # doctest: +SKIP
+        ['AccessionNumber', 'PatientBirthDate', 'PatientID', 'PatientName', ...]
+    """
+    from pydicom import Dataset
+
+    out = Dataset()
+    for keyword in STUDY_KEYWORDS:
+        if keyword in ds:
+            setattr(out, keyword, ds.data_element(keyword).value)
+    return out
 
 
 def build_capture(page: np.ndarray, ref_dataset: Any, model_name: str, model_version: str,
@@ -52,7 +76,7 @@ def build_capture(page: np.ndarray, ref_dataset: Any, model_name: str, model_ver
     if page.ndim != 3 or page.shape[2] != 3 or page.dtype != np.uint8:
         raise ValueError(f"page must be an [H, W, 3] uint8 array, got {page.dtype} {tuple(page.shape)}")
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=ref_dataset,
+        ref_dataset=study_attributes(ref_dataset),
         pixel_array=page,
         photometric_interpretation="RGB",
         bits_allocated=8,
@@ -71,7 +95,7 @@ def build_capture(page: np.ndarray, ref_dataset: Any, model_name: str, model_ver
     )
     sc.PatientOrientation = None
     sc.BurnedInAnnotation = "YES"
-    sc.ImageComments = RESEARCH_USE_ONLY
+    sc.ImageComments = RESEARCH_USE_ONLY  # plain ASCII: the default character set has no dash
     return sc
 
 

@@ -384,7 +384,7 @@ class Predictor:
         logger.info("predictions for %d case(s): %s", len(rows), path)
         if explainer is not None:
             index = write_index(pages, os.path.join(case_dir, PAGES_INDEX_NAME))
-            logger.info("case pages (%s maps) for %d case(s): %s", explainer.method, len(pages), index)
+            logger.info("case pages (%s maps) for %d case(s): %s", explainer.method_name, len(pages), index)
         return path
 
     def _page(self, explainer: Explainer, batch: Mapping[str, Any], i: int, table: Mapping[str, Any] | None,

@@ -173,6 +173,8 @@ class Explainer:
                              "use 'occlusion' (or 'auto') for a TorchScript module")
         self.method = "occlusion" if method == "occlusion" or layers is None else "gradcam"
         self.layers = layers
+        #: how the page names the maps
+        self.method_name = "Grad-CAM" if self.method == "gradcam" else "occlusion"
         # MONAI's hooks stay on the module they are put on: a copy keeps them off the served network
         self.network = copy.deepcopy(network).eval() if self.method == "gradcam" else network
         self._cams: dict[str, GradCAM] = {}
@@ -283,7 +285,7 @@ class Explainer:
             case_id=str(case_id),
             probabilities={c: float(p) for c, p in zip(self.class_names, probs)},
             target=self.class_names[target],
-            method="Grad-CAM" if self.method == "gradcam" else "occlusion",
+            method=self.method_name,
             maps=maps,
             spatial_dims=image.dim() - 2,
             table=None if self.table_name is None else dict(table_values or {}),
