@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from monai.visualize import GradCAM, OcclusionSensitivity
+from monai.visualize import GradCAM, ModelWithHooks, OcclusionSensitivity
 
 __all__ = [
     "PRESENT",
@@ -113,6 +113,18 @@ class _ModalityView(nn.Module):
         return self.network(full, self.tabular.expand(n, -1))
 
 
+class _OnePassHooks(ModelWithHooks):
+    """MONAI's hooks on several layers, run once per case: GradCAM then reads each layer from that one pass
+    (``last`` is reset by the caller before each case)."""
+
+    last: tuple[Any, Any, Any] | None = None
+
+    def __call__(self, x: torch.Tensor, class_idx: Any = None, retain_graph: bool = False, **kwargs: Any) -> Any:
+        if self.last is None:
+            self.last = super().__call__(x, class_idx=class_idx, retain_graph=retain_graph, **kwargs)
+        return self.last
+
+
 def _unit(x: torch.Tensor) -> np.ndarray:
     """``x`` scaled to [0, 1] by its maximum (all zeros stay zeros)."""
     x = torch.nan_to_num(x.detach().float().clamp_min(0))
@@ -177,7 +189,7 @@ class Explainer:
         self.method_name = "Grad-CAM" if self.method == "gradcam" else "occlusion"
         # MONAI's hooks stay on the module they are put on: a copy keeps them off the served network
         self.network = copy.deepcopy(network).eval() if self.method == "gradcam" else network
-        self._cams: dict[str, GradCAM] = {}
+        self._cams: dict[tuple[str, ...], GradCAM] = {}
 
     @staticmethod
     def _target_layers(network: nn.Module) -> list[str] | None:
@@ -208,19 +220,28 @@ class Explainer:
             out = self.network(image) if tabular is None else self.network(image, tabular)
         return out.float()
 
-    def _gradcam(self, image: torch.Tensor, tabular: torch.Tensor | None, index: int, target: int,
-                 present: list[bool]) -> np.ndarray:
-        layer = self.layers[index]
-        if layer not in self._cams:  # one per layer: hooks are registered once, not per case
-            self._cams[layer] = GradCAM(self.network, target_layers=layer, postprocessing=lambda x: x)
+    def _gradcam(self, image: torch.Tensor, tabular: torch.Tensor | None,
+                 present: list[bool]) -> tuple[torch.Tensor, dict[int, np.ndarray]]:
+        """One forward and one backward pass: the logits and the map of every present modality (the predicted
+        class's)."""
+        wanted = [i for i, p in enumerate(present) if p]
+        layers = tuple(dict.fromkeys(self.layers[i] for i in wanted))
+        if layers not in self._cams:  # hooks go on once per pattern of present modalities, not once per case
+            hooks = _OnePassHooks(self.network, layers, register_forward=True, register_backward=True)
+            self._cams[layers] = GradCAM(hooks, target_layers=layers, postprocessing=lambda m: m)
+        cam = self._cams[layers]
+        cam.nn_module.last = None
         # the input needs a gradient path even when the weights are frozen
         x = image.detach().clone().requires_grad_(True)
         kwargs = {} if tabular is None else {"tabular": tabular}
+        out = {}
         with torch.enable_grad():
-            maps = self._cams[layer](x, class_idx=target, **kwargs)
-        # a shared encoder sees the modalities as one batch (all of them, or the present ones only)
-        row = 0 if maps.shape[0] == 1 else index if maps.shape[0] == len(present) else sum(present[:index])
-        return _unit(maps[row, 0])
+            for i in wanted:
+                maps = cam(x, class_idx=None, layer_idx=layers.index(self.layers[i]), **kwargs)
+                # a shared encoder sees the modalities as one batch (all of them, or the present ones only)
+                row = 0 if maps.shape[0] == 1 else i if maps.shape[0] == len(present) else sum(present[:i])
+                out[i] = _unit(maps[row, 0])
+        return cam.nn_module.last[0].detach().float(), out
 
     def _occlusion(self, image: torch.Tensor, tabular: torch.Tensor | None, index: int, target: int,
                    prob: float) -> np.ndarray:
@@ -259,15 +280,19 @@ class Explainer:
         device = next(iter(self.network.parameters())).device
         image = image.to(device)
         tabular = None if tabular is None else tabular.to(device)
-        logits = self._logits(image, tabular)
+        present = self._present(image)
+        saliency: dict[int, np.ndarray] = {}
+        if self.method == "gradcam" and any(present):
+            logits, saliency = self._gradcam(image, tabular, present)  # explains the argmax of these logits
+        else:
+            logits = self._logits(image, tabular)
         probs = (torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1))[0].cpu()
         target = int(probs.argmax())
-        present = self._present(image)
         marking = missing_marking(self.completes)
         maps, start = [], 0
         for i, (name, channels) in enumerate(self.modalities):
             if present[i]:
-                sal = (self._gradcam(image, tabular, i, target, present) if self.method == "gradcam"
+                sal = (saliency[i] if self.method == "gradcam"
                        else self._occlusion(image, tabular, i, target, float(probs[target])))
                 pixels = image[0, start:start + channels].detach().cpu().numpy().astype(np.float32)
                 maps.append(ModalityMap(name, pixels, sal, PRESENT))
