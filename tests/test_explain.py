@@ -42,9 +42,8 @@ from pacs_helpers import MARKER, MARKER_DATE, PHI, ROOT, free_port, make_study, 
 INFERENCE = os.path.join(ROOT, "configs", "inference.json")
 S = 64  # image side: resnet10's last stage is 2 x 2, one cell per quadrant
 NAN = float("nan")
-SMALL_CMML = dict(crta=partial(CascadedResidualTransformerAE, num_blocks=1), memory=partial(ModalityMemoryBank,
-                                                                                           num_slots=4),
-                  projection_dim=8)
+SMALL_CMML = dict(crta=partial(CascadedResidualTransformerAE, num_blocks=1),
+                  memory=partial(ModalityMemoryBank, num_slots=4), projection_dim=8)
 
 
 # -- (a) the maps follow the evidence ------------------------------------------------------------------------

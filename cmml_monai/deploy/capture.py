@@ -5,8 +5,8 @@ their saliency maps, the clinical values given, the probabilities, the completed
 drawn into the pixels) becomes an RGB Secondary Capture in the study's StudyInstanceUID, in its own series.
 Its patient and study attributes are copied from one instance of the study (:data:`STUDY_KEYWORDS`: patient
 name, id, birth date and sex, study UID, date, time, id, accession number, referring physician; through
-highdicom's ``SCImage.from_ref_dataset``); nothing else of the source header (no institution, station or staff). The PNG beside it carries no patient
-attribute: the page names the case by its pseudonym.
+highdicom's ``SCImage.from_ref_dataset``); nothing else of the source header (no institution, station or
+staff). The PNG beside it carries no patient attribute: the page names the case by its pseudonym.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 
 from cmml_monai.data.jsonio import atomic_path
 from cmml_monai.deploy.inference import case_explainer
-from cmml_monai.deploy.study import StudyCase
 from cmml_monai.deploy.report import RESEARCH_USE_ONLY
+from cmml_monai.deploy.study import StudyCase
 from cmml_monai.evaluation.casepage import save_page, write_index
 
 __all__ = ["SC_SERIES_NUMBER", "SC_SERIES_DESCRIPTION", "STUDY_KEYWORDS", "study_attributes", "build_capture",
