@@ -69,8 +69,10 @@ def _missing(ax: Any, name: str, status: str, square: bool) -> None:
 
 
 def _slices(picture: np.ndarray, saliency: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """The three orthogonal slices through the map's maximum: (label, picture [C, a, b], map [a, b])."""
-    peak = np.unravel_index(int(np.argmax(saliency)), saliency.shape)
+    """The three orthogonal slices through the map's maximum (the centre for an empty map): (label,
+    picture [C, a, b], map [a, b])."""
+    peak = (np.unravel_index(int(np.argmax(saliency)), saliency.shape) if saliency.max() > 0
+            else tuple(s // 2 for s in saliency.shape))
     out = []
     for axis, label in enumerate(("sagittal", "coronal", "axial")):
         index = [slice(None)] * 3
