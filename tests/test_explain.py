@@ -32,7 +32,14 @@ from cmml_monai.deploy import completes_missing, save_description
 from cmml_monai.deploy.__main__ import main
 from cmml_monai.deploy.listener import Listener, PacsNode
 from cmml_monai.deploy.pipeline import StudyPipeline
-from cmml_monai.evaluation.casepage import PAGE_SIZE, RESEARCH_USE_ONLY, read_page, save_page, write_index
+from cmml_monai.evaluation.casepage import (
+    PAGE_SIZE,
+    RESEARCH_USE_ONLY,
+    orthogonal_slices,
+    read_page,
+    save_page,
+    write_index,
+)
 from cmml_monai.evaluation.explain import MISSING_COMPLETED, MISSING_NOT_USED, PRESENT, Explainer
 from cmml_monai.networks import CascadedResidualTransformerAE, CMMLNet, LateFusionNet, ModalityMemoryBank
 
@@ -187,6 +194,17 @@ def test_page_png_has_the_page_size_and_no_text_chunk(square_net, tmp_path):
                           "page": "case-7.png"}], str(tmp_path / "index.html"))
     text = open(index, encoding="utf-8").read()
     assert "case-&lt;7&gt;" in text and 'href="case-7.png"' in text and RESEARCH_USE_ONLY in text
+
+
+def test_3d_slices_go_through_the_map_maximum():
+    picture = np.random.default_rng(0).random((1, 10, 12, 8)).astype(np.float32)
+    saliency = np.zeros((10, 12, 8), np.float32)
+    saliency[3, 9, 6] = 1.0
+    slices = orthogonal_slices(picture, saliency)
+    assert [label for label, _, _ in slices] == ["sagittal 3", "coronal 9", "axial 6"]
+    assert all(sal.max() == 1.0 for _, _, sal in slices)
+    # shown superior up: the sagittal picture is [z, y] with z flipped
+    assert np.array_equal(slices[0][1][0], picture[0, 3].T[::-1])
 
 
 def _served(tmp_path, dataset: str, method: str, spatial: tuple[int, ...], **synthetic) -> tuple[str, str]:

@@ -23,7 +23,8 @@ from PIL import Image
 from cmml_monai.data.jsonio import atomic_path, atomic_write_text
 from cmml_monai.evaluation.explain import PRESENT, CaseExplanation
 
-__all__ = ["PAGE_SIZE", "RESEARCH_USE_ONLY", "render_page", "save_page", "read_page", "write_index"]
+__all__ = ["PAGE_SIZE", "RESEARCH_USE_ONLY", "orthogonal_slices", "render_page", "save_page", "read_page",
+           "write_index"]
 
 #: (width, height) of every page in pixels
 PAGE_SIZE = (1400, 1000)
@@ -68,9 +69,14 @@ def _missing(ax: Any, name: str, status: str, square: bool) -> None:
     ax.set_yticks([])
 
 
-def _slices(picture: np.ndarray, saliency: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def orthogonal_slices(picture: np.ndarray, saliency: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """The three orthogonal slices through the map's maximum (the centre for an empty map): (label,
-    picture [C, a, b], map [a, b])."""
+    picture [C, a, b], map [a, b]), superior up.
+
+    Example:
+        >>> [label for label, _, _ in orthogonal_slices(np.zeros((1, 8, 8, 4)), np.zeros((8, 8, 4)))]
+        ['sagittal 4', 'coronal 4', 'axial 2']
+    """
     peak = (np.unravel_index(int(np.argmax(saliency)), saliency.shape) if saliency.max() > 0
             else tuple(s // 2 for s in saliency.shape))
     out = []
@@ -93,7 +99,7 @@ def _image_panels(fig: Figure, grid: Any, explanation: CaseExplanation, mean: An
                 _missing(fig.add_subplot(sub[r, :]), m.name, m.status, False)
                 continue
             picture = _display(m.image, None, None)
-            for c, (label, pic, sal) in enumerate(_slices(picture, m.saliency)):
+            for c, (label, pic, sal) in enumerate(orthogonal_slices(picture, m.saliency)):
                 _overlay(fig.add_subplot(sub[r, c]), pic, sal, f"{m.name} \u00b7 {label}")
         return
     cols = min(3, len(maps))

@@ -153,7 +153,7 @@ class Explainer:
 
     Example:
         >>> ex = Explainer(net, [("clinic", 3), ("derm", 3)], completes=True, class_names=["a", "b"])  # doctest: +SKIP
-        >>> ex(batch["image"][:1], batch["tabular"][:1], "case-1").maps[0].saliency.shape
+        >>> ex(batch["image"][:1], batch["tabular"][:1], "case-1").maps[0].saliency.shape  # doctest: +SKIP
         (224, 224)
     """
 
