@@ -67,7 +67,7 @@ def build_capture(page: np.ndarray, ref_dataset: Any, model_name: str, model_ver
 
     Example:
         >>> sc = build_capture(read_page("out/c1.png"), pydicom.dcmread(series_file), "cmml", "0.1.0")  # doctest: +SKIP
-        >>> sc.StudyInstanceUID == pydicom.dcmread(series_file).StudyInstanceUID
+        >>> sc.StudyInstanceUID == pydicom.dcmread(series_file).StudyInstanceUID  # doctest: +SKIP
         True
     """
     import highdicom as hd
@@ -131,7 +131,7 @@ class StudyExplainer:
 
     Example:
         >>> ex = StudyExplainer(load_network("bundle"), load_description("bundle"))  # doctest: +SKIP
-        >>> png, sc_path, sc = ex.write(case, "results", "cmml", "0.1.0")
+        >>> png, sc_path, sc = ex.write(case, "results", "cmml", "0.1.0")  # doctest: +SKIP
     """
 
     def __init__(self, network: torch.nn.Module, description: Mapping[str, Any]) -> None:
