@@ -322,7 +322,8 @@ def test_cli_explain_writes_the_sc_beside_the_sr_without_phi_elsewhere(men_bundl
     assert "case page (Grad-CAM maps)" in caplog.text
 
 
-def test_listener_sends_the_sc_with_the_sr(men_bundle, tmp_path):
+def test_listener_sends_the_sc_with_the_sr(men_bundle, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     pacs = TwoClassPacs()
     pipeline = StudyPipeline(men_bundle, str(tmp_path / "out"), key="k", explain=True)
     node = Listener(pipeline, pacs.node, port=free_port(), retries=1, retry_delay=0.1)
@@ -346,3 +347,5 @@ def test_listener_sends_the_sc_with_the_sr(men_bundle, tmp_path):
     assert np.array_equal(sc.pixel_array, read_page(png))
     refs = [item for item in sr.ContentSequence if item.ValueType == "IMAGE"]
     assert refs[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sc.SOPInstanceUID
+    assert "case page (Grad-CAM maps)" in caplog.text and "stored at PACS" in caplog.text
+    assert MARKER not in caplog.text and MARKER_DATE not in caplog.text
