@@ -57,10 +57,10 @@ def _json(path: str) -> dict:
         return json.load(f)
 
 
-def _predict(config: str, bundle_root: str, data: str, cwd: str) -> dict[str, dict[str, str]]:
+def _predict(config: str, bundle_root: str, data: str, cwd: str, *extra: str) -> dict[str, dict[str, str]]:
     """Run ``config`` with ``python -m monai.bundle run`` in ``cwd``; the rows of ./predictions/predictions.csv."""
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", bundle_root,
-           "--dataset_dir", data, "--progress_bar", "false"]
+           "--dataset_dir", data, "--progress_bar", "false", *extra]
     done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(os.path.join(cwd, "predictions", "predictions.csv"), newline="") as f:
@@ -205,6 +205,25 @@ def test_packaged_inference_runs_from_another_working_directory(packaged, tmp_pa
     for case_id, row in reference.items():
         got = [float(runs[0][case_id][f"prob_{c}"]) for c in CLASSES]
         assert got == pytest.approx([float(row[f"prob_{c}"]) for c in CLASSES], abs=1e-5), case_id
+
+
+def test_packaged_inference_writes_case_pages_on_request(packaged, tmp_path):
+    """Issue #32: ``--explain true`` on the packaged inference.json: one page per predicted case and the index."""
+    from PIL import Image
+
+    from cmml_monai.evaluation.casepage import PAGE_SIZE
+
+    rows = _predict(os.path.join(packaged["bundle"], "configs", "inference.json"), packaged["bundle"],
+                    packaged["data"], str(tmp_path), "--explain", "true", "--split", "test")
+    cases = tmp_path / "predictions" / "cases"
+    pages = sorted(p.name for p in cases.glob("*.png"))
+    assert pages == sorted(f"{c}.png" for c in rows) and rows
+    with Image.open(cases / pages[0]) as im:
+        assert im.size == PAGE_SIZE
+    index = (cases / "index.html").read_text(encoding="utf-8")
+    assert all(f'href="{p}"' in index for p in pages)
+    card = open(os.path.join(packaged["bundle"], "docs", "README.md"), encoding="utf-8").read()
+    assert "--explain true" in card and "do not show where a lesion is" in card
 
 
 def test_packaged_evaluate_scores_labelled_cases(packaged, tmp_path, monkeypatch):

@@ -47,6 +47,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="a series whose slices are not evenly spaced: refuse it (default) or resample it "
                              "to an even gap (said in the log)")
     parser.add_argument("--verbose", action="store_true", help="log the series selection of each case")
+    parser.add_argument("--explain", action="store_true",
+                        help="also write the case page (PNG) and its DICOM Secondary Capture, referenced from the SR "
+                             "and sent with it (see docs/explain.md)")
 
 
 def study_parser() -> argparse.ArgumentParser:
@@ -101,7 +104,7 @@ def _setup_logging(verbose: bool) -> None:
 def _pipeline(args: argparse.Namespace) -> StudyPipeline:
     clinical = ClinicalSource(csv=args.clinical_csv, id_column=args.id_column, key_attribute=args.key_attribute)
     return StudyPipeline(args.bundle, args.out, load_rules(args.rules), clinical, key=args.key, device=args.device,
-                         irregular=args.irregular)
+                         irregular=args.irregular, explain=args.explain)
 
 
 def _listener(args: argparse.Namespace) -> Any:
@@ -149,9 +152,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DataError(f"--case-id {args.case_id!r}: use 1-64 letters, digits, '.', '_' or '-' "
                             "(it names the output files)")
         out_existed = os.path.exists(args.out)
+        pipeline = _pipeline(args)
         try:
-            for sr_path, json_path in _pipeline(args).run(args.study, args.case_id, args.each_study):
+            for sr_path, json_path in pipeline.run(args.study, args.case_id, args.each_study):
                 print(f"{sr_path}\n{json_path}")
+                if sr_path in pipeline.captures:
+                    print(pipeline.captures[sr_path])
         except DataError:
             if not out_existed and os.path.isdir(args.out) and not os.listdir(args.out):
                 os.rmdir(args.out)  # the folder this run made, empty: leave nothing behind

@@ -29,14 +29,19 @@ from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.data.preflight import run_preflight
 from cmml_monai.data.table import TableSchema, is_empty_cell, normalise_category
 from cmml_monai.deploy.description import completes_missing, description_schema
+from cmml_monai.evaluation.casepage import save_page, write_index
+from cmml_monai.evaluation.explain import Explainer
 from cmml_monai.metrics import classification_metrics
 
 __all__ = ["inference_cases", "check_cases", "unseen_categories", "manifest_defaults", "score_predictions",
-           "METRICS_NAME", "inference_dataset", "probabilities", "Predictor", "PREDICTIONS_NAME"]
+           "METRICS_NAME", "inference_dataset", "probabilities", "Predictor", "PREDICTIONS_NAME", "PAGES_INDEX_NAME",
+           "case_explainer"]
 
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_NAME = "predictions.csv"
+#: the run's list of case pages (``cases/index.html``), written with ``explain``
+PAGES_INDEX_NAME = "index.html"
 METRICS_NAME = "metrics.json"
 #: a multi-label prediction lists the labels whose probability reaches this
 MULTI_LABEL_THRESHOLD = 0.5
@@ -212,6 +217,23 @@ def probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
     return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
 
 
+def case_explainer(network: torch.nn.Module, description: Mapping[str, Any], method: str = "auto") -> Explainer:
+    """The :class:`~cmml_monai.evaluation.explain.Explainer` of a served network (eager: Grad-CAM on a copy;
+    TorchScript: occlusion), with the modalities, classes and completion of its description.
+
+    Example:
+        >>> case_explainer(load_network("bundle/models"), load_description("bundle/models")).method  # doctest: +SKIP
+        'gradcam'
+    """
+    data = description["data"]
+    mods = data["modalities"]
+    # a TorchScript module has lost its class: ask its description which method it was built by
+    completes = completes_missing(description if isinstance(network, torch.jit.ScriptModule) else network)
+    return Explainer(network, [(m["name"], int(m["channels"])) for m in mods if m["kind"] != "table"], completes,
+                     [str(c) for c in data["class_names"]], bool(data["multi_label"]),
+                     next((m["name"] for m in mods if m["kind"] == "table"), None), method)
+
+
 def _file_name(case_id: str, used: set[str]) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", case_id).strip(".") or "case"
     name, n = stem, 1
@@ -242,6 +264,11 @@ class Predictor:
         write_cases: write the per-case JSON files.
         inferer: a MONAI inferer called as ``inferer(image, network, tabular)`` (e.g. ``SimpleInferer``, what
             a model-zoo ``inference.json`` names); None calls ``network(image, tabular)``.
+        explain: also write ``cases/<case_id>.png`` (the case page: the inputs with their saliency maps, the
+            table given, the probabilities, the completed inputs; :mod:`cmml_monai.evaluation.casepage`) and
+            ``cases/index.html`` listing them. Costs a backward pass per present image modality and case.
+        case_list: the cases (:func:`inference_cases`), for the raw table values the pages show (without it a
+            page says only which cells were given).
 
     Example:
         >>> Predictor(net, inference_dataset(desc, cases), desc, "outputs/predictions").run()  # doctest: +SKIP
@@ -259,6 +286,8 @@ class Predictor:
         progress: bool = True,
         write_cases: bool = True,
         inferer: Any = None,
+        explain: bool = False,
+        case_list: CaseList | None = None,
     ) -> None:
         self.network = network
         self.dataset = dataset
@@ -276,6 +305,10 @@ class Predictor:
         self.image_modalities = [(m["name"], int(m["channels"])) for m in mods if m["kind"] != "table"]
         self.table_name = next((m["name"] for m in mods if m["kind"] == "table"), None)
         self.completes = completes_missing(network)
+        self.explain = bool(explain)
+        self.case_list = case_list
+        self.columns = list(data.get("table_columns") or [])
+        self.preprocessing = description.get("preprocessing") or {}
 
     def _present(self, image: torch.Tensor, tabular: torch.Tensor | None) -> list[list[str]]:
         out = []
@@ -300,8 +333,11 @@ class Predictor:
         """Predict and write the files; returns the path of ``predictions.csv``."""
         os.makedirs(self.output_dir, exist_ok=True)
         case_dir = os.path.join(self.output_dir, "cases")
-        if self.write_cases:
+        if self.write_cases or self.explain:
             os.makedirs(case_dir, exist_ok=True)
+        explainer = case_explainer(self.network, self.description) if self.explain else None
+        tables = {c.case_id: c.table for c in self.case_list.cases} if self.case_list is not None else {}
+        pages: list[dict[str, Any]] = []
         loader = build_dataloader(self.dataset, self.batch_size, shuffle=False, num_workers=self.num_workers)
         device = next(self.network.parameters()).device
         self.network.eval()
@@ -331,8 +367,13 @@ class Predictor:
                     "logits": [float(v) for v in logits[i].cpu()],
                 }
                 rows.append([case_id, *p, record["prediction"], ";".join(present[i]), ";".join(completed)])
+                name = _file_name(case_id, used) if self.write_cases or self.explain else ""
                 if self.write_cases:
-                    atomic_write_json(os.path.join(case_dir, _file_name(case_id, used)), record, indent=2)
+                    atomic_write_json(os.path.join(case_dir, name), record, indent=2)
+                if explainer is not None:
+                    page = name[: -len(".json")] + ".png"
+                    self._page(explainer, batch, i, tables.get(case_id), os.path.join(case_dir, page))
+                    pages.append({**record, "page": page})
         path = os.path.join(self.output_dir, PREDICTIONS_NAME)
         tmp = path + ".tmp"
         with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -341,7 +382,24 @@ class Predictor:
             writer.writerows(rows)
         os.replace(tmp, path)
         logger.info("predictions for %d case(s): %s", len(rows), path)
+        if explainer is not None:
+            index = write_index(pages, os.path.join(case_dir, PAGES_INDEX_NAME))
+            logger.info("case pages (%s maps) for %d case(s): %s", explainer.method_name, len(pages), index)
         return path
+
+    def _page(self, explainer: Explainer, batch: Mapping[str, Any], i: int, table: Mapping[str, Any] | None,
+              path: str) -> None:
+        """Explain case ``i`` of ``batch`` and write its page to ``path``."""
+        tabular = batch.get("tabular")
+        tabular = None if tabular is None else tabular[i : i + 1]
+        values = None
+        if self.columns:
+            given = [False] * len(self.columns) if tabular is None else (~torch.isnan(tabular[0])).tolist()
+            # the raw cells when the cases are known; otherwise only whether each was given
+            values = {c: (table.get(c) if table is not None else "(given)" if g else None)
+                      for c, g in zip(self.columns, given)}
+        explanation = explainer(batch["image"][i : i + 1], tabular, batch["case_id"][i], values)
+        save_page(explanation, path, self.preprocessing.get("mean"), self.preprocessing.get("std"))
 
 
 def score_predictions(

@@ -394,6 +394,9 @@ def model_card(description: Mapping[str, Any], metadata: Mapping[str, Any], run_
         "Score labelled cases (predictions plus `./evaluation/metrics.json`: AUC, accuracy, F1, ECE overall and "
         "per pattern of present modalities): add `BUNDLE/configs/evaluate.json` to `--config_file`.",
         "",
+        "Add `--explain true` for one picture per case (`./predictions/cases/<case_id>.png` and `index.html`): the "
+        "inputs with a Grad-CAM map each, the table given, the probabilities and the inputs the model completed.",
+        "",
         "`models/model.ts` is TorchScript with both inputs: `torch.jit.load(path)(image, tabular)` returns logits.",
         "",
         "## Limitations",
@@ -405,6 +408,10 @@ def model_card(description: Mapping[str, Any], metadata: Mapping[str, Any], run_
         "- Metrics come from the run's own test split" + (f" of {sweep[0].get('n', '?')} cases" if sweep else "")
         + "; small test sets give wide confidence intervals.",
         "- The outputs are logits; probabilities are not recalibrated (see ECE above).",
+        "- The case pages' maps (Grad-CAM, `--explain true`) show which parts of each image moved the predicted "
+        "class's score in this network, coarsely (one cell of the encoder's last stage spans many pixels) and "
+        "relative within each image; they do not show where a lesion is, that the prediction is right, or anything "
+        "about an input the model completed (it has no map).",
         "",
         "## Changelog",
         "",

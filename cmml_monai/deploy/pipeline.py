@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from cmml_monai.data.errors import DataError
+from cmml_monai.deploy.capture import StudyExplainer, update_index
 from cmml_monai.deploy.description import load_description, load_network
 from cmml_monai.deploy.report import SR_SERIES_NUMBER, StudyResult, model_identity, predict_case, write_report
 from cmml_monai.deploy.study import (
@@ -122,6 +123,8 @@ class StudyPipeline:
         series_number: SeriesNumber of the SR series.
         irregular: a series with unevenly spaced slices: ``"refuse"`` or ``"resample"``
             (:func:`~cmml_monai.deploy.study.study_case`).
+        explain: also write the case page ``<case>.png``, its Secondary Capture ``<case>.sc.dcm`` (referenced
+            from the SR; :mod:`cmml_monai.deploy.capture`) and ``index.html``.
 
     Example:
         >>> StudyPipeline("outputs/men_cmml", "results").run("/exports/study_0001")  # doctest: +SKIP
@@ -138,6 +141,7 @@ class StudyPipeline:
         device: str | torch.device = "cpu",
         series_number: int = SR_SERIES_NUMBER,
         irregular: str = "refuse",
+        explain: bool = False,
     ) -> None:
         if irregular not in IRREGULAR:
             raise ValueError(f"irregular must be one of {IRREGULAR}, got {irregular!r}")
@@ -151,6 +155,10 @@ class StudyPipeline:
         self.key = pseudonym_key(key)
         self.series_number = int(series_number)
         self.irregular = irregular
+        # -- issue 32: the case page as a Secondary Capture beside the SR (``explain``) --
+        self.explainer = StudyExplainer(self.network, self.description) if explain else None
+        #: SR path -> the SC path written with it (the listener sends both)
+        self.captures: dict[str, str] = {}
 
     def case_id_for(self, study: Study) -> str:
         """The pseudonym of ``study`` (keyed hash of its StudyInstanceUID), or a random id without a key."""
@@ -182,9 +190,16 @@ class StudyPipeline:
             raise DataError(f"{name}: no series matches any of {list(case.selection)}; check the series rules "
                             "(--rules) or the study")
         result = predict_case(self.network, self.description, case)
+        pages, captures = [], []
+        if self.explainer is not None:  # the case page and its SC first, so the SR can reference the SC
+            _, sc_path, sc = self.explainer.write(case, self.out_dir, self.model_name, self.model_version)
+            pages, captures = [sc], [sc_path]
         sr_path, json_path = write_report(case, result, self.out_dir, self.model_name, self.model_version,
-                                          self.series_number, version=version, previous=previous)
-        return StudyResult(name, sr_path, json_path, int(version), [sr_path])
+                                          self.series_number, version=version, previous=previous, pages=pages)
+        if captures:
+            self.captures[sr_path] = captures[0]
+            update_index(self.out_dir)
+        return StudyResult(name, sr_path, json_path, int(version), [sr_path, *captures])
 
     def run(self, path: str, case_id: str | None = None, each_study: bool = False) -> list[tuple[str, str]]:
         """SR and JSON of the study under ``path`` (a folder or DICOMDIR), or of each study with ``each_study``.

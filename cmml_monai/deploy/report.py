@@ -179,11 +179,12 @@ def _evidence(case: StudyCase, used: Mapping[str, Any]) -> list[Any]:
 
 
 def build_sr(case: StudyCase, result: CaseResult, model_name: str, model_version: str,
-             series_number: int = SR_SERIES_NUMBER, previous: Sequence[Any] = ()) -> Any:
+             series_number: int = SR_SERIES_NUMBER, previous: Sequence[Any] = (), pages: Sequence[Any] = ()) -> Any:
     """The Comprehensive SR of one result, filed with ``case.study``.
 
     Args:
         previous: earlier SRs of the same study this one replaces (Predecessor Documents Sequence).
+        pages: Secondary Captures of the case page (:mod:`cmml_monai.deploy.capture`) the SR references.
 
     Raises:
         DataError: no series was used (an SR must reference its source images).
@@ -231,6 +232,12 @@ def build_sr(case: StudyCase, result: CaseResult, model_name: str, model_version
     for name in result.completed:
         items.append(hd.sr.TextContentItem(_code("input-completed", "Input completed by model"), name,
                                            relationship_type=rel.CONTAINS))
+    # -- issue 32: the case page's Secondary Capture, referenced as an image (and listed as evidence) --
+    for page in pages:
+        items.append(hd.sr.ImageContentItem(_code("case-page", "Case page (research use only)"),
+                                            page.SOPClassUID, page.SOPInstanceUID, relationship_type=rel.CONTAINS))
+    evidence += list(pages)
+    # -- end issue 32 --
     root = hd.sr.ContainerContentItem(_code("cmml-report", "CMML multimodal diagnosis (research use only)"))
     root.ContentSequence = hd.sr.ContentSequence(items)
     return hd.sr.ComprehensiveSR(
@@ -256,7 +263,7 @@ def build_sr(case: StudyCase, result: CaseResult, model_name: str, model_version
 
 def write_report(case: StudyCase, result: CaseResult, out_dir: str, model_name: str, model_version: str,
                  series_number: int = SR_SERIES_NUMBER, version: int = 1,
-                 previous: Sequence[Any] = ()) -> tuple[str, str]:
+                 previous: Sequence[Any] = (), pages: Sequence[Any] = ()) -> tuple[str, str]:
     """Write ``<out_dir>/<case>.sr.dcm`` (the SR) and ``<out_dir>/<case>.json``; returns both paths.
 
     The JSON names the case by ``result.case_id`` and the series by number and description only. A later
@@ -269,7 +276,7 @@ def write_report(case: StudyCase, result: CaseResult, out_dir: str, model_name: 
     """
     if int(version) < 1:
         raise ValueError(f"version must be >= 1, got {version!r}")
-    sr = build_sr(case, result, model_name, model_version, series_number, previous)
+    sr = build_sr(case, result, model_name, model_version, series_number, previous, pages)
     os.makedirs(out_dir, exist_ok=True)  # only once there is something to write: no empty --out on error
     stem = os.path.join(out_dir, result.case_id + ("" if int(version) == 1 else f".v{int(version)}"))
     sr_path, json_path = stem + ".sr.dcm", stem + ".json"
