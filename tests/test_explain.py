@@ -41,7 +41,13 @@ from cmml_monai.evaluation.casepage import (
     write_index,
 )
 from cmml_monai.evaluation.explain import MISSING_COMPLETED, MISSING_NOT_USED, PRESENT, Explainer
-from cmml_monai.networks import CascadedResidualTransformerAE, CMMLNet, LateFusionNet, ModalityMemoryBank
+from cmml_monai.networks import (
+    CascadedResidualTransformerAE,
+    CMMLNet,
+    LateFusionNet,
+    ModalityMemoryBank,
+    MultiModalEncoder,
+)
 
 from bundle_helpers import RESNET10
 from pacs_helpers import MARKER, MARKER_DATE, PHI, ROOT, free_port, make_study, send_study, study_files
@@ -152,6 +158,19 @@ def test_a_missing_modality_has_no_map_and_its_marking(method, marking, spatial)
                for m in (e.maps[0], e.maps[2]))
     assert e.completed == (["t2", "table"] if marking == MISSING_COMPLETED else [])
     assert sum(e.probabilities.values()) == pytest.approx(1.0)
+
+
+@pytest.mark.usefixtures("one_thread", "seeded")
+def test_the_pretrained_frozen_efficientnet_of_the_derm7pt_overlays_gets_gradcam_maps():
+    enc = partial(MultiModalEncoder, image_encoder="efficientnet-lite0", pretrained=True, freeze_backbone=True)
+    net = CMMLNet(2, 3, 2, 3, tabular_cardinalities=[0, 2], feature_dim=8, encoder=enc, **SMALL_CMML).eval()
+    explainer = Explainer(net, [("clinic", 3), ("derm", 3)], True, ["a", "b", "c"], table_name="table")
+    assert explainer.method == "gradcam" and explainer.layers[0].endswith("backbone.net._bn1")
+    image = torch.randn(1, 6, 64, 64)
+    image[:, 3:] = NAN
+    e = explainer(image, torch.randn(1, 2), "case-1", {"age": 1.0, "sex": "f"})
+    assert [m.status for m in e.maps] == [PRESENT, MISSING_COMPLETED]
+    assert e.maps[0].saliency.shape == (64, 64) and e.maps[0].saliency.std() > 0
 
 
 @pytest.mark.usefixtures("one_thread", "seeded")

@@ -1,7 +1,7 @@
 """What the model looked at, per case: a saliency map for each present image modality.
 
 The map of a modality is MONAI's :class:`~monai.visualize.GradCAM` on that modality's image encoder (the last
-convolutional stage of its MONAI ResNet or DenseNet backbone), for the predicted class, computed on a copy of
+convolutional stage of its MONAI ResNet, DenseNet or EfficientNet backbone), for the predicted class, computed on a copy of
 the served eager network at batch 1. A TorchScript module has no submodules to hook, so it gets MONAI's
 :class:`~monai.visualize.OcclusionSensitivity` instead (black box: the modality's image is occluded patch by
 patch, the other inputs stay as they are; many forward passes, so slower). A missing modality gets no map and
@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 from monai.visualize import GradCAM, ModelWithHooks, OcclusionSensitivity
+
+from cmml_monai.networks import EfficientNetFeatures
 
 __all__ = [
     "PRESENT",
@@ -201,8 +203,10 @@ class Explainer:
         names = []
         for i in range(int(network.encoder.image_modalities)):
             backbone = getattr(encoders[0 if shared else i], "backbone", None)
-            # ResNet: layer4; DenseNet features: the ReLU after the last norm (before pooling)
-            stage = "layer4" if hasattr(backbone, "layer4") else "act" if hasattr(backbone, "features") else None
+            # ResNet: layer4; DenseNet features: the ReLU after the last norm (before pooling); EfficientNet: the
+            # head's BatchNorm (its activation module also serves the stem, so a hook there would fire twice)
+            stage = ("layer4" if hasattr(backbone, "layer4") else "act" if hasattr(backbone, "features")
+                     else "net._bn1" if isinstance(backbone, EfficientNetFeatures) else None)
             if stage is None:
                 return None
             names.append(f"encoder.image_encoders.{0 if shared else i}.backbone.{stage}")
