@@ -75,17 +75,33 @@ class CMMLDiagnosisApp(Application):
         device = _env("CMML_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
         network, description = load_torchscript(str(context.model_path), device=device)
         name, version = model_identity(description, description["model_dir"])
-        clinical = ClinicalSource(csv=_env("CMML_CLINICAL_CSV"), id_column=_env("CMML_ID_COLUMN", "case_id"),
-                                  key_attribute=_env("CMML_KEY_ATTRIBUTE"))
-        loader = StudyLoaderOperator(self, CountCondition(self, 1), input_folder=str(context.input_path),
-                                     each_study=_env("CMML_EACH_STUDY", "0").lower() in _TRUE, name="study_loader")
-        selector = SeriesSelectorOperator(self, description=description, rules=load_rules(_env("CMML_SERIES_RULES")),
-                                          clinical=clinical, key=pseudonym_key(None),
-                                          irregular=_env("CMML_IRREGULAR", "refuse"), name="series_selector")
-        inference = TorchScriptInferenceOperator(self, network=network, description=description,
-                                                 name="torchscript_inference")
-        writer = SRWriterOperator(self, output_folder=str(context.output_path), model_name=name,
-                                  model_version=version, name="sr_writer")
+        clinical = ClinicalSource(
+            csv=_env("CMML_CLINICAL_CSV"),
+            id_column=_env("CMML_ID_COLUMN", "case_id"),
+            key_attribute=_env("CMML_KEY_ATTRIBUTE"),
+        )
+        loader = StudyLoaderOperator(
+            self,
+            CountCondition(self, 1),
+            input_folder=str(context.input_path),
+            each_study=_env("CMML_EACH_STUDY", "0").lower() in _TRUE,
+            name="study_loader",
+        )
+        selector = SeriesSelectorOperator(
+            self,
+            description=description,
+            rules=load_rules(_env("CMML_SERIES_RULES")),
+            clinical=clinical,
+            key=pseudonym_key(None),
+            irregular=_env("CMML_IRREGULAR", "refuse"),
+            name="series_selector",
+        )
+        inference = TorchScriptInferenceOperator(
+            self, network=network, description=description, name="torchscript_inference"
+        )
+        writer = SRWriterOperator(
+            self, output_folder=str(context.output_path), model_name=name, model_version=version, name="sr_writer"
+        )
         self.add_flow(loader, selector, {("studies", "studies")})
         self.add_flow(selector, inference, {("cases", "cases")})
         self.add_flow(inference, writer, {("results", "results")})

@@ -49,8 +49,9 @@ class StudyLoaderOperator(Operator):
         ...                              name="loader")  # doctest: +SKIP
     """
 
-    def __init__(self, fragment: Fragment, *args: Any, input_folder: str, each_study: bool = False,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, fragment: Fragment, *args: Any, input_folder: str, each_study: bool = False, **kwargs: Any
+    ) -> None:
         self.input_folder = os.fspath(input_folder)
         self.each_study = bool(each_study)
         super().__init__(fragment, *args, **kwargs)
@@ -84,9 +85,17 @@ class SeriesSelectorOperator(Operator):
         >>> selector = SeriesSelectorOperator(app, description=desc, key="site-key", name="selector")  # doctest: +SKIP
     """
 
-    def __init__(self, fragment: Fragment, *args: Any, description: Mapping[str, Any],
-                 rules: SeriesRules | None = None, clinical: ClinicalSource | None = None, key: str | None = None,
-                 irregular: str = "refuse", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args: Any,
+        description: Mapping[str, Any],
+        rules: SeriesRules | None = None,
+        clinical: ClinicalSource | None = None,
+        key: str | None = None,
+        irregular: str = "refuse",
+        **kwargs: Any,
+    ) -> None:
         if irregular not in IRREGULAR:
             raise ValueError(f"irregular must be one of {IRREGULAR}, got {irregular!r}")
         self.served_description = description
@@ -101,8 +110,12 @@ class SeriesSelectorOperator(Operator):
         spec.output("cases")
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        cases = [study_case(s, self.served_description, case_name(s, self.key), self.rules, self.clinical,
-                            irregular=self.irregular) for s in op_input.receive("studies")]
+        cases = [
+            study_case(
+                s, self.served_description, case_name(s, self.key), self.rules, self.clinical, irregular=self.irregular
+            )
+            for s in op_input.receive("studies")
+        ]
         op_output.emit(cases, "cases")
 
 
@@ -120,8 +133,9 @@ class TorchScriptInferenceOperator(Operator):
         >>> infer = TorchScriptInferenceOperator(app, network=net, description=desc, name="inference")
     """
 
-    def __init__(self, fragment: Fragment, *args: Any, network: torch.nn.Module, description: Mapping[str, Any],
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, fragment: Fragment, *args: Any, network: torch.nn.Module, description: Mapping[str, Any], **kwargs: Any
+    ) -> None:
         self.network = network
         self.served_description = description
         super().__init__(fragment, *args, **kwargs)
@@ -152,8 +166,16 @@ class SRWriterOperator(Operator):
         ...                           name="sr_writer")  # doctest: +SKIP
     """
 
-    def __init__(self, fragment: Fragment, *args: Any, output_folder: str, model_name: str, model_version: str,
-                 series_number: int = SR_SERIES_NUMBER, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args: Any,
+        output_folder: str,
+        model_name: str,
+        model_version: str,
+        series_number: int = SR_SERIES_NUMBER,
+        **kwargs: Any,
+    ) -> None:
         self.output_folder = os.fspath(output_folder)
         self.model_name = model_name
         self.model_version = model_version

@@ -69,12 +69,17 @@ def make_batch(cfg: BenchConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     image = torch.randn(shape, generator=g)
     cards = [0, 4, 0]  # age-like, a categorical, another numeric
     tab = torch.stack(
-        [torch.randn(cfg.batch_size, generator=g), torch.randint(0, 4, (cfg.batch_size,), generator=g).float(),
-         torch.randn(cfg.batch_size, generator=g)], dim=1)
+        [
+            torch.randn(cfg.batch_size, generator=g),
+            torch.randint(0, 4, (cfg.batch_size,), generator=g).float(),
+            torch.randn(cfg.batch_size, generator=g),
+        ],
+        dim=1,
+    )
     torch.manual_seed(cfg.seed)
     present = random_keep_mask(torch.ones(cfg.batch_size, cfg.image_modalities + 1, dtype=torch.bool), cfg.missing_rate)
     for i in range(cfg.image_modalities):
-        image[~present[:, i], i * channels:(i + 1) * channels] = float("nan")
+        image[~present[:, i], i * channels : (i + 1) * channels] = float("nan")
     tab[~present[:, -1]] = float("nan")
     label = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=g)
     return image, tab, label, cards
@@ -138,11 +143,16 @@ def run_benchmarks(names: list[str], cfg: BenchConfig) -> dict[str, dict]:
 def _net_args(cfg: BenchConfig, **encoder_options) -> dict:
     _, _, _, cards = make_batch(BenchConfig(batch_size=1, image_size=1, spatial_dims=cfg.spatial_dims))
     return dict(
-        image_modalities=cfg.image_modalities, image_channels=3 if cfg.spatial_dims == 2 else 1,
-        spatial_dims=cfg.spatial_dims, num_classes=cfg.num_classes, tabular_cardinalities=cards,
+        image_modalities=cfg.image_modalities,
+        image_channels=3 if cfg.spatial_dims == 2 else 1,
+        spatial_dims=cfg.spatial_dims,
+        num_classes=cfg.num_classes,
+        tabular_cardinalities=cards,
         feature_dim=cfg.feature_dim,
         encoder=partial(
-            MultiModalEncoder, image_encoder=cfg.image_encoder, encode_present_only=cfg.encode_present_only,
+            MultiModalEncoder,
+            image_encoder=cfg.image_encoder,
+            encode_present_only=cfg.encode_present_only,
             **encoder_options,
         ),
     )
@@ -208,12 +218,13 @@ def _batch_step(net: torch.nn.Module, stage: int, multi_label: bool, cfg: BenchC
     return step
 
 
-def e2e_pipeline(dataset: str, spatial_size: list[int], cfg: BenchConfig, cases: int, workers: int, root: str,
-                 rounds: int = 2) -> dict:
+def e2e_pipeline(
+    dataset: str, spatial_size: list[int], cfg: BenchConfig, cases: int, workers: int, root: str, rounds: int = 2
+) -> dict:
     """One dataset's end-to-end numbers (see the module docstring); ``rounds`` timed epochs after a warm-up."""
+    from cmml_monai.data import DatasetInfo, fit_schema, load_cases
     from cmml_monai.data.dataset import build_dataloader, build_dataset
     from cmml_monai.data.synthetic import make_synthetic
-    from cmml_monai.data import DatasetInfo, fit_schema, load_cases
     from cmml_monai.engines import CMMLPrepareBatch
 
     device = torch.device(cfg.device)
@@ -227,12 +238,24 @@ def e2e_pipeline(dataset: str, spatial_size: list[int], cfg: BenchConfig, cases:
     t0 = time.perf_counter()
     ds = build_dataset(case_list, "train", schema, spatial_size=spatial_size, cache="cache", num_workers=workers)
     cache_s = time.perf_counter() - t0
-    loader = build_dataloader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, seed=cfg.seed,
-                              drop_last=len(ds) > cfg.batch_size, pin_memory=device.type == "cuda")
+    loader = build_dataloader(
+        ds,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=workers,
+        seed=cfg.seed,
+        drop_last=len(ds) > cfg.batch_size,
+        pin_memory=device.type == "cuda",
+    )
     args = dict(
-        image_modalities=info.image_modalities, image_channels=info.image_channels, spatial_dims=info.spatial_dims,
-        num_classes=info.num_classes, tabular_cardinalities=info.tabular_cardinalities, multi_label=info.multi_label,
-        feature_dim=cfg.feature_dim, encoder=partial(MultiModalEncoder, image_encoder=cfg.image_encoder),
+        image_modalities=info.image_modalities,
+        image_channels=info.image_channels,
+        spatial_dims=info.spatial_dims,
+        num_classes=info.num_classes,
+        tabular_cardinalities=info.tabular_cardinalities,
+        multi_label=info.multi_label,
+        feature_dim=cfg.feature_dim,
+        encoder=partial(MultiModalEncoder, image_encoder=cfg.image_encoder),
     )
     torch.manual_seed(cfg.seed)
     cmml = CMMLNet(**args).to(device)
@@ -285,11 +308,20 @@ def e2e_pipeline(dataset: str, spatial_size: list[int], cfg: BenchConfig, cases:
                 latencies.append(1000.0 * (time.perf_counter() - start))
     del loader  # ends the persistent workers
     result = {
-        "dataset": dataset, "spatial_size": list(spatial_size), "train_cases": len(ds),
-        "batches_per_epoch": len(batches), "rounds": max(1, rounds), "workers": workers, "cache_fill_s": cache_s,
-        "e2e_epoch_s": e2e_s, "model_epoch_s": model_s, "zero_fill_epoch_s": zf_s,
-        "e2e_over_model": e2e_s / model_s, "cmml_over_zero_fill": model_s / zf_s,
-        "infer_ms_p50": statistics.median(latencies), "infer_cases": len(latencies),
+        "dataset": dataset,
+        "spatial_size": list(spatial_size),
+        "train_cases": len(ds),
+        "batches_per_epoch": len(batches),
+        "rounds": max(1, rounds),
+        "workers": workers,
+        "cache_fill_s": cache_s,
+        "e2e_epoch_s": e2e_s,
+        "model_epoch_s": model_s,
+        "zero_fill_epoch_s": zf_s,
+        "e2e_over_model": e2e_s / model_s,
+        "cmml_over_zero_fill": model_s / zf_s,
+        "infer_ms_p50": statistics.median(latencies),
+        "infer_cases": len(latencies),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     }
     if device.type == "cuda":
@@ -304,8 +336,10 @@ def run_e2e(cfg: BenchConfig, cases: int, workers: int, volume_size: int, rounds
             "2d": e2e_pipeline("derm7pt", [cfg.image_size] * 2, cfg, cases, workers, root, rounds),
             "3d": e2e_pipeline("men", [volume_size] * 3, cfg, cases, workers, root, rounds),
         }
-    out: dict = {key: {dims: r[key] for dims, r in per.items()}
-                 for key in ("e2e_over_model", "cmml_over_zero_fill", "infer_ms_p50", "peak_rss_mb")}
+    out: dict = {
+        key: {dims: r[key] for dims, r in per.items()}
+        for key in ("e2e_over_model", "cmml_over_zero_fill", "infer_ms_p50", "peak_rss_mb")
+    }
     if torch.device(cfg.device).type == "cuda":
         out["gpu_max_allocated_mb"] = {dims: r["gpu_max_allocated_mb"] for dims, r in per.items()}
     out["pipelines"] = per
@@ -340,19 +374,32 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = BenchConfig(
-        device=args.device, amp=args.amp, channels_last=args.channels_last, batch_size=args.batch_size,
-        image_size=args.image_size, image_modalities=args.image_modalities, spatial_dims=args.spatial_dims,
-        feature_dim=args.feature_dim, image_encoder=args.image_encoder, missing_rate=args.missing_rate,
+        device=args.device,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        image_modalities=args.image_modalities,
+        spatial_dims=args.spatial_dims,
+        feature_dim=args.feature_dim,
+        image_encoder=args.image_encoder,
+        missing_rate=args.missing_rate,
         encode_present_only=args.encode_present_only,
-        warmup=args.warmup, iters=args.iters,
+        warmup=args.warmup,
+        iters=args.iters,
     )
     if args.e2e:
-        report = {"config": asdict(cfg), "torch_threads": torch.get_num_threads(),
-                  **run_e2e(cfg, args.e2e_cases, args.workers, args.volume_size, args.e2e_rounds)}
+        report = {
+            "config": asdict(cfg),
+            "torch_threads": torch.get_num_threads(),
+            **run_e2e(cfg, args.e2e_cases, args.workers, args.volume_size, args.e2e_rounds),
+        }
         for dims, r in report["pipelines"].items():
-            print(f"{dims}: e2e/model {r['e2e_over_model']:.3f}  cmml/zero-fill {r['cmml_over_zero_fill']:.3f}  "
-                  f"infer p50 {r['infer_ms_p50']:.1f} ms/case  peak RSS {r['peak_rss_mb']:.0f} MB"
-                  + (f"  GPU {r['gpu_max_allocated_mb']:.0f} MB" if "gpu_max_allocated_mb" in r else ""))
+            print(
+                f"{dims}: e2e/model {r['e2e_over_model']:.3f}  cmml/zero-fill {r['cmml_over_zero_fill']:.3f}  "
+                f"infer p50 {r['infer_ms_p50']:.1f} ms/case  peak RSS {r['peak_rss_mb']:.0f} MB"
+                + (f"  GPU {r['gpu_max_allocated_mb']:.0f} MB" if "gpu_max_allocated_mb" in r else "")
+            )
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=2)

@@ -55,23 +55,33 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     out = tempfile.mkdtemp()
     for name, s in SETUPS.items():
-        net = CMMLNet(s["m"], s["c"], len(s["spatial"]), s["classes"], [0, 3], feature_dim=256,
-                      encoder=partial(MultiModalEncoder, image_encoder=args.encoder)).eval()
+        net = CMMLNet(
+            s["m"],
+            s["c"],
+            len(s["spatial"]),
+            s["classes"],
+            [0, 3],
+            feature_dim=256,
+            encoder=partial(MultiModalEncoder, image_encoder=args.encoder),
+        ).eval()
         image = torch.randn(1, s["m"] * s["c"], *s["spatial"])
-        image[:, s["c"]:2 * s["c"]] = float("nan")  # one modality missing: completed by CMML, no map
+        image[:, s["c"] : 2 * s["c"]] = float("nan")  # one modality missing: completed by CMML, no map
         tabular = torch.tensor([[0.3, 1.0]])
         mods = [(f"m{i}", s["c"]) for i in range(s["m"])]
         runs = [("Grad-CAM", net, "auto")]
         if args.occlusion and len(s["spatial"]) == 2:
             runs.append(("occlusion (TorchScript)", torch.jit.trace(net, (image.nan_to_num(), tabular)), "auto"))
         for label, model, method in runs:
-            explainer = Explainer(model, mods, True, [str(k) for k in range(s["classes"])], table_name="table",
-                                  method=method)
+            explainer = Explainer(
+                model, mods, True, [str(k) for k in range(s["classes"])], table_name="table", method=method
+            )
+            # each timed callable binds this iteration's objects (default arguments), not the loop's last ones
             with torch.no_grad():
-                predict = _median_time(lambda: model(image, tabular), args.cases)
+                predict = _median_time(lambda m=model, x=image, t=tabular: m(x, t), args.cases)
             explanation = explainer(image, tabular, "bench")  # warm-up (hooks, first allocation)
-            maps = _median_time(lambda: explainer(image, tabular, "bench"), args.cases)
-            page = _median_time(lambda: save_page(explanation, os.path.join(out, "bench.png")), args.cases)
+            maps = _median_time(lambda e=explainer, x=image, t=tabular: e(x, t, "bench"), args.cases)
+            page_path = os.path.join(out, "bench.png")
+            page = _median_time(lambda e=explanation, p=page_path: save_page(e, p), args.cases)
             print(f"| {name} | {label} | {predict:.3f} | {maps:.3f} | {page:.3f} | {maps + page:.3f} |")
 
 

@@ -46,11 +46,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _train(method: str, configs: list[str], out: str, extra: list[str], seed: int | None = None) -> str:
     output_dir = os.path.join(out, method if seed is None else f"{method}_seed{seed}")
-    files = [os.path.join(ROOT, "configs", "train.json"), *configs,
-             os.path.join(ROOT, "configs", "methods", f"{method}.json")]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files),
-           "--bundle_root", ROOT, "--output_dir", output_dir, "--shared_dir", os.path.join(out, "shared"),
-           "--logging_file", os.path.join(ROOT, "configs", "logging.conf"), *extra]
+    files = [
+        os.path.join(ROOT, "configs", "train.json"),
+        *configs,
+        os.path.join(ROOT, "configs", "methods", f"{method}.json"),
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        repr(files),
+        "--bundle_root",
+        ROOT,
+        "--output_dir",
+        output_dir,
+        "--shared_dir",
+        os.path.join(out, "shared"),
+        "--logging_file",
+        os.path.join(ROOT, "configs", "logging.conf"),
+        *extra,
+    ]
     if seed is not None:
         cmd += ["--seed", str(seed)]
     print("+", " ".join(cmd), flush=True)
@@ -79,21 +96,25 @@ def _pool(specs: list[str], out: str, name: str) -> int:
             comparisons[label], paired[label] = read_comparison_folder(folder, name)
         columns, table = pooled_comparison_table(comparisons)
         paired_columns, pooled = pooled_paired_table(paired)
-        paths = [*write_comparison_table(columns, table, out, f"{name}_pooled"),
-                 *write_paired_table(paired_columns, pooled, out, f"{name}_pooled")]
+        paths = [
+            *write_comparison_table(columns, table, out, f"{name}_pooled"),
+            *write_paired_table(paired_columns, pooled, out, f"{name}_pooled"),
+        ]
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"\nAVG AUC over {len(comparisons)} strata ({', '.join(comparisons)}):")
     for row in table:
-        print(f"{row['method']}: mean {row['mean over strata']:.4f}, "
-              f"best in {row['strata best']} of {len(comparisons)}")
+        print(
+            f"{row['method']}: mean {row['mean over strata']:.4f}, best in {row['strata best']} of {len(comparisons)}"
+        )
     if pooled:
-        print(f"\npooled seed-paired AVG AUC difference against {pooled[0]['reference']} "
-              "(95% CI; strata where ahead):")
+        print(f"\npooled seed-paired AVG AUC difference against {pooled[0]['reference']} (95% CI; strata where ahead):")
     for row in pooled:
-        print(f"{row['method']}: {row['AVG AUC diff']:+.4f} [{row['CI low']:+.4f}, {row['CI high']:+.4f}]"
-              f" ahead in {row['strata ahead']} of {row['strata']} strata ({row['pairs']} pairs)")
+        print(
+            f"{row['method']}: {row['AVG AUC diff']:+.4f} [{row['CI low']:+.4f}, {row['CI high']:+.4f}]"
+            f" ahead in {row['strata ahead']} of {row['strata']} strata ({row['pairs']} pairs)"
+        )
     print(f"\nwritten: {', '.join(paths)}")
     return 0
 
@@ -105,27 +126,47 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1 :]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="*", default=[],
-                        help="finished output dirs (or sweep.csv files) to collect; LABEL=PATH renames the method")
+    parser.add_argument(
+        "--runs",
+        nargs="*",
+        default=[],
+        help="finished output dirs (or sweep.csv files) to collect; LABEL=PATH renames the method",
+    )
     parser.add_argument("--methods", nargs="*", default=[], help="methods to train and sweep (configs/methods/*.json)")
-    parser.add_argument("--seeds", nargs="*", type=int, default=None,
-                        help="train each method once per seed (runs of one method are averaged)")
+    parser.add_argument(
+        "--seeds",
+        nargs="*",
+        type=int,
+        default=None,
+        help="train each method once per seed (runs of one method are averaged)",
+    )
     parser.add_argument("--config", nargs="*", default=[], help="overlays after train.json (e.g. a dataset overlay)")
     parser.add_argument("--out", required=True, help="output folder of the table (and of the trained runs)")
     parser.add_argument("--name", default="comparison", help="file name stem of the table")
-    parser.add_argument("--reference", default=None,
-                        help="method the seed-paired table measures the others against (default: the first)")
-    parser.add_argument("--pool", nargs="*", default=[],
-                        help="pool finished compare.py output folders (one per dataset draw, site or fold; "
-                             "LABEL=FOLDER names it) into <name>_pooled tables, against the reference the "
-                             "folders were compared with; trains nothing")
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="method the seed-paired table measures the others against (default: the first)",
+    )
+    parser.add_argument(
+        "--pool",
+        nargs="*",
+        default=[],
+        help="pool finished compare.py output folders (one per dataset draw, site or fold; "
+        "LABEL=FOLDER names it) into <name>_pooled tables, against the reference the "
+        "folders were compared with; trains nothing",
+    )
     args = parser.parse_args(argv)
     if args.pool:
         if args.runs or args.methods:
             parser.error("--pool collects finished compare.py folders: give it without --runs / --methods")
         return _pool(args.pool, args.out, args.name)
     from cmml_monai.evaluation.report import (
-        comparison_table, paired_table, read_sweep, write_comparison_table, write_paired_table,
+        comparison_table,
+        paired_table,
+        read_sweep,
+        write_comparison_table,
+        write_paired_table,
     )
 
     runs: list[tuple[str | None, str]] = [_label_and_path(spec) for spec in args.runs]
@@ -155,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         for row in paired:
             if row["pairs"]:
                 interval = f" [{row['CI low']:+.4f}, {row['CI high']:+.4f}]" if row["pairs"] > 1 else " (one pair)"
-                print(f"{row['method']}: {row['AVG AUC diff']:+.4f}{interval}"
-                      f" ahead in {row['ahead']} of {row['pairs']}")
+                print(
+                    f"{row['method']}: {row['AVG AUC diff']:+.4f}{interval} ahead in {row['ahead']} of {row['pairs']}"
+                )
     elif len(table) > 1:
         print("\nno seed-paired table: no two methods have runs with a recorded training seed in common")
     print(f"\nwritten: {', '.join([csv_path, md_path, *paired_paths])}")

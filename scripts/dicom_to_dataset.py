@@ -158,8 +158,15 @@ def convert(
             fill = [c for c in HEADER_FILLED if table is None or c not in table.columns]
             row.update(header_clinical_values(study.header, fill))
             rows.append(row)
-            report.append({"case_id": case, "present": present, "missing": missing, "resampled": resampled,
-                           "clinical_row": in_sheet})
+            report.append(
+                {
+                    "case_id": case,
+                    "present": present,
+                    "missing": missing,
+                    "resampled": resampled,
+                    "clinical_row": in_sheet,
+                }
+            )
         columns = list(dict.fromkeys(k for r in rows for k in r))
         with open(os.path.join(work, CLINICAL_NAME), "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
@@ -192,29 +199,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the new MEN-layout folder (must not exist or be empty)")
     parser.add_argument("--clinical", help="clinical sheet (CSV/XLSX), one row per --id-column value")
     parser.add_argument("--id-column", default="patient_id", help="the sheet's id column (default patient_id)")
-    parser.add_argument("--id-attribute", default="PatientID",
-                        help="DICOM keyword matching --id-column and pseudonymised (default PatientID)")
-    parser.add_argument("--sequences", nargs="+", default=list(MEN_SEQUENCES),
-                        help=f"sequence names, in order (default {' '.join(MEN_SEQUENCES)})")
+    parser.add_argument(
+        "--id-attribute",
+        default="PatientID",
+        help="DICOM keyword matching --id-column and pseudonymised (default PatientID)",
+    )
+    parser.add_argument(
+        "--sequences",
+        nargs="+",
+        default=list(MEN_SEQUENCES),
+        help=f"sequence names, in order (default {' '.join(MEN_SEQUENCES)})",
+    )
     parser.add_argument("--rules", help="JSON file of series rules (see docs/pacs.md)")
     parser.add_argument("--key", help=f"pseudonym key (default: the {KEY_ENV} environment variable)")
-    parser.add_argument("--irregular", choices=["refuse", "resample"], default="refuse",
-                        help="a series whose slices are not evenly spaced: missing (refuse, default) or resampled "
-                             "to an even gap (listed under 'resampled' in the report)")
+    parser.add_argument(
+        "--irregular",
+        choices=["refuse", "resample"],
+        default="refuse",
+        help="a series whose slices are not evenly spaced: missing (refuse, default) or resampled "
+        "to an even gap (listed under 'resampled' in the report)",
+    )
     args = parser.parse_args(argv)
     key = args.key or os.environ.get(KEY_ENV)
     try:
         if not key:
             raise DataError(f"no pseudonym key: set {KEY_ENV} (or --key); keep it to map the ids back")
-        summary = convert(args.export_dir, args.clinical, args.out, key, args.id_column, args.id_attribute,
-                          args.sequences, load_rules(args.rules), args.irregular)
+        summary = convert(
+            args.export_dir,
+            args.clinical,
+            args.out,
+            key,
+            args.id_column,
+            args.id_attribute,
+            args.sequences,
+            load_rules(args.rules),
+            args.irregular,
+        )
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     lacking = ", ".join(f"{s} {n}" for s, n in summary["studies_lacking"].items() if n) or "none"
-    print(f"{summary['n_cases']} case(s) in {args.out}; studies lacking a sequence: {lacking}; "
-          f"without a clinical row: {summary['cases_without_clinical_row']}; "
-          f"sheet rows without a study: {summary['sheet_rows_without_study']} (see {REPORT_NAME})")
+    print(
+        f"{summary['n_cases']} case(s) in {args.out}; studies lacking a sequence: {lacking}; "
+        f"without a clinical row: {summary['cases_without_clinical_row']}; "
+        f"sheet rows without a study: {summary['sheet_rows_without_study']} (see {REPORT_NAME})"
+    )
     return 0
 
 

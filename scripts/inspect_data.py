@@ -63,8 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         roles = None
         if args.dataset == MANIFEST_NAME:
             # the roles first: a user checks (and copies into the overlay) what was inferred
-            role_keys = set(adapter_options(MANIFEST_NAME)) - {"table_types", "class_names", "split_file",
-                                                               "split_fractions", "split_seed"}
+            role_keys = set(adapter_options(MANIFEST_NAME)) - {
+                "table_types",
+                "class_names",
+                "split_file",
+                "split_fractions",
+                "split_seed",
+            }
             roles = manifest_roles(args.dataset_dir, **{k: v for k, v in options.items() if k in role_keys})
         case_list = load_dataset(args.dataset, args.dataset_dir, **options)
         summary = summarize(case_list)

@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", type=int, nargs=3, default=None, help="MEN: volume shape (default 40 40 24)")
     args = parser.parse_args(argv)
     try:
-        manifest = make_synthetic(args.dataset, args.out, cases=args.cases, seed=args.seed, dicom=args.dicom,
-                                  shape=args.shape)
+        manifest = make_synthetic(
+            args.dataset, args.out, cases=args.cases, seed=args.seed, dicom=args.dicom, shape=args.shape
+        )
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

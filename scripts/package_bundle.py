@@ -37,9 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     args = parser.parse_args(argv)
     try:
-        out = package_bundle(args.run_dir, args.out, version=args.version,
-                             changelog={args.version: args.changelog} if args.changelog else None,
-                             license_file=args.license, make_zip=args.zip, overwrite=args.overwrite)
+        out = package_bundle(
+            args.run_dir,
+            args.out,
+            version=args.version,
+            changelog={args.version: args.changelog} if args.changelog else None,
+            license_file=args.license,
+            make_zip=args.zip,
+            overwrite=args.overwrite,
+        )
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

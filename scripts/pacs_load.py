@@ -41,20 +41,30 @@ def _cert(folder: str, name: str) -> tuple[str, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     paths = os.path.join(folder, f"{name}.crt"), os.path.join(folder, f"{name}.key")
     with open(paths[0], "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
     with open(paths[1], "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     return paths
 
 
@@ -83,8 +93,11 @@ def _studies(folder: str, n: int, shape: int) -> list[list[list[str]]]:
     out = []
     for case in sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))):
         case_dir = os.path.join(folder, case)
-        series = [sorted(os.path.join(case_dir, s, f) for f in os.listdir(os.path.join(case_dir, s)))
-                  for s in sorted(os.listdir(case_dir)) if os.path.isdir(os.path.join(case_dir, s))]
+        series = [
+            sorted(os.path.join(case_dir, s, f) for f in os.listdir(os.path.join(case_dir, s)))
+            for s in sorted(os.listdir(case_dir))
+            if os.path.isdir(os.path.join(case_dir, s))
+        ]
         if series:
             out.append(series)
     return out[:n]
@@ -139,13 +152,32 @@ def run(args: argparse.Namespace) -> dict:
     pacs_ae = AE(ae_title="PACS")
     pacs_ae.add_supported_context(ComprehensiveSRStorage)
     pacs_ae.require_calling_aet = ["CMML"]
-    pacs = pacs_ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)],
-                                ssl_context=server_tls(pacs_cert, pacs_key) if args.tls else None)
+    pacs = pacs_ae.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        ssl_context=server_tls(pacs_cert, pacs_key) if args.tls else None,
+    )
     port = _free_port()
     senders = [f"SENDER{i + 1}" for i in range(args.senders)]
-    cmd = [sys.executable, "-m", "cmml_monai.deploy", "listen", "--bundle", args.bundle, "--out",
-           os.path.join(work, "out"), "--port", str(port), "--stable-age", str(args.stable_age),
-           "--retry-interval", "2", "--pacs", f"127.0.0.1:{pacs.server_address[1]}:PACS"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cmml_monai.deploy",
+        "listen",
+        "--bundle",
+        args.bundle,
+        "--out",
+        os.path.join(work, "out"),
+        "--port",
+        str(port),
+        "--stable-age",
+        str(args.stable_age),
+        "--retry-interval",
+        "2",
+        "--pacs",
+        f"127.0.0.1:{pacs.server_address[1]}:PACS",
+    ]
     cmd += [a for s in senders for a in ("--allow", s)]
     if args.tls:
         cmd += ["--tls-cert", node_cert, "--tls-key", node_key, "--pacs-tls", "--pacs-ca", pacs_cert]
@@ -200,10 +232,15 @@ def run(args: argparse.Namespace) -> dict:
     latencies = [min(t for t, _ in stored[u]) - last_sent[u] for u in last_sent if u in stored]
     last_sr = max((t for v in stored.values() for t, _ in v), default=t0)
     result = {
-        "senders": args.senders, "studies_per_sender": args.studies, "studies_sent": len(last_sent),
+        "senders": args.senders,
+        "studies_per_sender": args.studies,
+        "studies_sent": len(last_sent),
         "one_series_per_association": sum(1 for k in range(args.studies) if k % args.split_every == 0) * args.senders,
-        "files_per_study": sum(len(s) for s in studies[0]), "tls": bool(args.tls), "allowlist": senders,
-        "stable_age_s": args.stable_age, "send_errors": errors,
+        "files_per_study": sum(len(s) for s in studies[0]),
+        "tls": bool(args.tls),
+        "allowlist": senders,
+        "stable_age_s": args.stable_age,
+        "send_errors": errors,
         "studies_with_sr": len(stored),
         "studies_with_exactly_one_sr": sum(1 for u in last_sent if len({s for _, s in stored.get(u, [])}) == 1),
         "sr_duplicates": sum(len(v) - 1 for v in stored.values()),
@@ -211,8 +248,11 @@ def run(args: argparse.Namespace) -> dict:
         "studies_per_minute": round(60 * len(stored) / max(1e-9, last_sr - t0), 2),
         "latency_s_median": round(statistics.median(latencies), 2) if latencies else None,
         "latency_s_max": round(max(latencies), 2) if latencies else None,
-        "rss_mb_idle": round(idle_rss, 0), "rss_mb_max": round(max(rss), 0) if rss else None,
-        "rss_mb_end": round(rss[-1], 0) if rss else None, "cpus": os.cpu_count(), "work": work,
+        "rss_mb_idle": round(idle_rss, 0),
+        "rss_mb_max": round(max(rss), 0) if rss else None,
+        "rss_mb_end": round(rss[-1], 0) if rss else None,
+        "cpus": os.cpu_count(),
+        "work": work,
     }
     return result
 
@@ -222,8 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", required=True, help="a 3D MEN run folder (models/model.pt + network.json)")
     p.add_argument("--senders", type=int, default=4)
     p.add_argument("--studies", type=int, default=5, help="studies per sender")
-    p.add_argument("--split-every", type=int, default=2,
-                   help="every k-th study of a sender is sent one series per association (default 2)")
+    p.add_argument(
+        "--split-every",
+        type=int,
+        default=2,
+        help="every k-th study of a sender is sent one series per association (default 2)",
+    )
     p.add_argument("--shape", type=int, default=16, help="voxels per side of the synthetic volumes")
     p.add_argument("--stable-age", type=float, default=3.0)
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the SRs after the last send")

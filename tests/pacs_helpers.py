@@ -48,8 +48,14 @@ PHI = {
     "StudyID": MARKER[:16],
     "StationName": MARKER,
 }
-PLAIN_PATIENT = {"PatientName": "Test^Patient", "PatientID": "TP001", "PatientBirthDate": "19700101",
-                 "AccessionNumber": "ACC001", "ReferringPhysicianName": "Ref^Doc", "StudyID": "1"}
+PLAIN_PATIENT = {
+    "PatientName": "Test^Patient",
+    "PatientID": "TP001",
+    "PatientBirthDate": "19700101",
+    "AccessionNumber": "ACC001",
+    "ReferringPhysicianName": "Ref^Doc",
+    "StudyID": "1",
+}
 
 
 def _slices(source: str, n: int, size: int) -> tuple[pydicom.Dataset, list[np.ndarray]]:
@@ -65,7 +71,7 @@ def _slices(source: str, n: int, size: int) -> tuple[pydicom.Dataset, list[np.nd
         # a different window of the real image per slice: a volume with structure, not n copies
         r0 = min(rows - size * step, (k * 7 * step) % max(1, rows - size * step + 1))
         c0 = min(cols - size * step, (k * 5 * step) % max(1, cols - size * step + 1))
-        plane = arr[r0: r0 + size * step: step, c0: c0 + size * step: step]
+        plane = arr[r0 : r0 + size * step : step, c0 : c0 + size * step : step]
         out.append(np.clip(plane, -32768, 32767).astype(np.int16))
     return ds, out
 
@@ -133,20 +139,31 @@ LOCALIZER_SRC = [os.path.join(DICOMDIR_TESTS, "98892001", "CT2N", f) for f in ("
 DERIVED_SRC = [os.path.join(DICOMDIR_TESTS, "98892003", "MR700", f) for f in ("4467", "4528", "4558")]
 
 
-def make_study(folder: str, sequences: Sequence[str] = ("T1c", "T1", "T2", "FLAIR"), patient: dict | None = None,
-               decoys: bool = True, **study_extra) -> dict:
+def make_study(
+    folder: str,
+    sequences: Sequence[str] = ("T1c", "T1", "T2", "FLAIR"),
+    patient: dict | None = None,
+    decoys: bool = True,
+    **study_extra,
+) -> dict:
     """A study folder (one sub-folder per series, as PACS exports do) with the given sequences plus, with
     ``decoys``, a localizer described as a T1 post-contrast and a derived FLAIR projection, both numbered
     before the real series. Returns ``{"uid", "series": {name: [paths]}, "folder"}``."""
     study = {"uid": generate_uid(), "frame": generate_uid(), "patient": dict(patient or PLAIN_PATIENT), **study_extra}
-    named = {"T1c": ("T1 MPRAGE post Gd", T1C_SRC), "T1": ("T1 SE axial", T1_SRC),
-             "T2": ("T2 TSE axial", T2_SRC), "FLAIR": ("FLAIR axial", FLAIR_SRC)}
+    named = {
+        "T1c": ("T1 MPRAGE post Gd", T1C_SRC),
+        "T1": ("T1 SE axial", T1_SRC),
+        "T2": ("T2 TSE axial", T2_SRC),
+        "FLAIR": ("FLAIR axial", FLAIR_SRC),
+    }
     series = {}
     if decoys:
-        series["localizer"] = write_series(os.path.join(folder, "S1"), LOCALIZER_SRC, "T1 post contrast", study, 1,
-                                           n=2, image_type=None)
-        series["derived"] = write_series(os.path.join(folder, "S2"), DERIVED_SRC, "FLAIR MIP", study, 2, n=3,
-                                         image_type=None)
+        series["localizer"] = write_series(
+            os.path.join(folder, "S1"), LOCALIZER_SRC, "T1 post contrast", study, 1, n=2, image_type=None
+        )
+        series["derived"] = write_series(
+            os.path.join(folder, "S2"), DERIVED_SRC, "FLAIR MIP", study, 2, n=3, image_type=None
+        )
     for i, name in enumerate(sequences):
         desc, src = named[name]
         series[name] = write_series(os.path.join(folder, f"S{10 + i}"), src, desc, study, 10 + i)
@@ -164,9 +181,20 @@ def trained_men_bundle(tmp_path_factory) -> str:
         return out
     data = str(root / "men")
     make_synthetic("men", data, cases=16, seed=0, shape=(8, 8, 8))
-    args = tiny_overrides(data, out, synthetic=False, spatial_size=[8, 8, 8], pixdim=[2.0, 2.0, 2.0],
-                          run_sweep=False, missing_rates=[0.0], feature_dim=8, batch_size=4, val_batch_size=4,
-                          num_workers=0, device="cpu")
+    args = tiny_overrides(
+        data,
+        out,
+        synthetic=False,
+        spatial_size=[8, 8, 8],
+        pixdim=[2.0, 2.0, 2.0],
+        run_sweep=False,
+        missing_rates=[0.0],
+        feature_dim=8,
+        batch_size=4,
+        val_batch_size=4,
+        num_workers=0,
+        device="cpu",
+    )
     w = workflow([TRAIN, MEN_CONFIG], **args)
     w.run()
     w.finalize()
@@ -186,8 +214,15 @@ class Pacs:
         delay: seconds it waits before answering each C-STORE (a slow PACS: time to kill the sender).
     """
 
-    def __init__(self, port: int = 0, accept_calling: list[str] | None = None, ssl_context=None,
-                 sop_classes=(ComprehensiveSRStorage,), status: int = 0x0000, delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        port: int = 0,
+        accept_calling: list[str] | None = None,
+        ssl_context=None,
+        sop_classes=(ComprehensiveSRStorage,),
+        status: int = 0x0000,
+        delay: float = 0.0,
+    ) -> None:
         self.received: list[pydicom.Dataset] = []
         self.entered = threading.Event()
         self.status, self.delay = status, delay
@@ -196,8 +231,9 @@ class Pacs:
             ae.add_supported_context(sop)
         if accept_calling is not None:
             ae.require_calling_aet = accept_calling
-        self.server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=ssl_context,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.server = ae.start_server(
+            ("127.0.0.1", port), block=False, ssl_context=ssl_context, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
         self.node = PacsNode("127.0.0.1", self.server.server_address[1], "PACS")
 
     def _store(self, event) -> int:
@@ -237,8 +273,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def send_study(files: list[str], port: int, release: bool = True, calling: str = "MODALITY", called: str = "CMML",
-               tls=None) -> None:
+def send_study(
+    files: list[str], port: int, release: bool = True, calling: str = "MODALITY", called: str = "CMML", tls=None
+) -> None:
     """C-STORE ``files`` to the listener as a modality would (over TLS with ``tls``, an SSLContext)."""
     ae = AE(ae_title=calling)
     ae.add_requested_context(MRImageStorage)
@@ -288,19 +325,29 @@ def make_cert(folder: str, name: str = "node") -> tuple[str, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     os.makedirs(folder, exist_ok=True)
     cert_path, key_path = os.path.join(folder, f"{name}.crt"), os.path.join(folder, f"{name}.key")
     with open(cert_path, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
     with open(key_path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     return cert_path, key_path

@@ -101,8 +101,9 @@ def test_derm7pt_bad_inputs(synthetic_dataset, tmp_path):
     with pytest.raises(DataError, match="duplicated case ids.*3"):
         load_dataset("derm7pt", dst)
     meta.to_csv(meta_path, index=False)
-    pd.DataFrame({"indexes": [DERM_N + 5]}).to_csv(os.path.join(dst, "release_v0", "meta", "valid_indexes.csv"),
-                                                       index=False)
+    pd.DataFrame({"indexes": [DERM_N + 5]}).to_csv(
+        os.path.join(dst, "release_v0", "meta", "valid_indexes.csv"), index=False
+    )
     with pytest.raises(DataError, match="outside"):
         load_dataset("derm7pt", dst)
 

@@ -10,9 +10,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from cmml_monai.data.jsonio import atomic_open, atomic_path, atomic_write_json, atomic_write_text
-from cmml_monai.handlers.checkpoint import BestCheckpointSaver, StageCheckpointSaver
-
 from cmml_monai.evaluation.report import write_comparison_table
+from cmml_monai.handlers.checkpoint import BestCheckpointSaver, StageCheckpointSaver
 
 
 class Interrupted(RuntimeError):

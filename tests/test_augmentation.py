@@ -56,7 +56,9 @@ def test_bad_arguments_raise_value_error() -> None:
 
 
 def _case_list(labels: list, multi_label: bool = False) -> CaseList:
-    cases = [Case(case_id=str(i), split="train", paths={}, label=lab, table={"x": float(i)}) for i, lab in enumerate(labels)]
+    cases = [
+        Case(case_id=str(i), split="train", paths={}, label=lab, table={"x": float(i)}) for i, lab in enumerate(labels)
+    ]
     names = ["a", "b", "c"]
     return CaseList("toy", [ModalitySpec("table", "table", 1)], names, multi_label, ["x"], cases)
 

@@ -32,8 +32,8 @@ from cmml_monai.data.dataset import build_dataset
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.preflight import run_preflight
 from cmml_monai.data.readers import load_image
-from cmml_monai.data.table import TableSchema
 from cmml_monai.data.setup import load_cases
+from cmml_monai.data.table import TableSchema
 from cmml_monai.metrics import macro_auc
 
 SPLITS = ("train", "valid", "test")
@@ -63,13 +63,23 @@ def derm_layout(root, n: int = 15) -> str:
         _photo(os.path.join(rel, "images", clinic), 2 * i)
         _photo(os.path.join(rel, "images", derm), 2 * i + 1)
         row = dict.fromkeys(DERM7PT_COLUMNS, "")
-        row.update(case_num=i + 1, diagnosis=DIAGNOSES[i % 5], seven_point_score=i % 4, elevation="flat",
-                   location="back", sex="fm"[i % 2], clinic=clinic, derm=derm, case_id=f"X{i}")
+        row.update(
+            case_num=i + 1,
+            diagnosis=DIAGNOSES[i % 5],
+            seven_point_score=i % 4,
+            elevation="flat",
+            location="back",
+            sex="fm"[i % 2],
+            clinic=clinic,
+            derm=derm,
+            case_id=f"X{i}",
+        )
         rows.append(row)
     pd.DataFrame(rows, columns=DERM7PT_COLUMNS).to_csv(os.path.join(rel, "meta", "meta.csv"), index=False)
     for s, split in enumerate(SPLITS):
-        pd.DataFrame({"indexes": list(range(s, n, 3))}).to_csv(os.path.join(rel, "meta", f"{split}_indexes.csv"),
-                                                               index=False)
+        pd.DataFrame({"indexes": list(range(s, n, 3))}).to_csv(
+            os.path.join(rel, "meta", f"{split}_indexes.csv"), index=False
+        )
     return str(root)
 
 
@@ -84,8 +94,9 @@ def men_layout(root, n: int = 9, shape=(8, 8, 6)) -> str:
             vol = np.random.default_rng(10 * i + j).random(shape).astype(np.float32)
             path = os.path.join(root, f"c{i}", f"c{i}-{seq}.nii.gz")
             nib.save(nib.Nifti1Image(vol, np.diag([2.0, 2.0, 3.0, 1.0])), path)
-        rows.append({"case_id": f"c{i}", "grade": 1 + i % 2, "age": 40.0 + i, "sex": "FM"[i % 2],
-                     "split": SPLITS[i % 3]})
+        rows.append(
+            {"case_id": f"c{i}", "grade": 1 + i % 2, "age": 40.0 + i, "sex": "FM"[i % 2], "split": SPLITS[i % 3]}
+        )
     pd.DataFrame(rows).to_csv(os.path.join(root, "clinical.csv"), index=False)
     return root
 
@@ -103,8 +114,11 @@ def _image(root, name: str) -> str:
 
 def assert_nothing_half_written(*folders) -> None:
     for folder in folders:
-        left = [p for p in glob.glob(os.path.join(str(folder), "**", "*"), recursive=True)
-                if os.path.basename(p).startswith(".tmp-") or p.endswith((".tmp", ".part"))]
+        left = [
+            p
+            for p in glob.glob(os.path.join(str(folder), "**", "*"), recursive=True)
+            if os.path.basename(p).startswith(".tmp-") or p.endswith((".tmp", ".part"))
+        ]
         assert not left, left
 
 
@@ -119,10 +133,12 @@ def preflight(case_list, out, size=(16, 16), mode: str = "fail"):
     """The bundle's preflight over the three splits (in-memory cache: the fill is the check)."""
     schema = None
     if case_list.has_table:
-        schema = TableSchema.fit([c.table for c in case_list.split("train")], case_list.table_columns,
-                                 case_list.table_types)
-    datasets = {s: build_dataset(case_list, s, schema, spatial_size=size, cache="cache", defer_errors=True)
-                for s in SPLITS}
+        schema = TableSchema.fit(
+            [c.table for c in case_list.split("train")], case_list.table_columns, case_list.table_types
+        )
+    datasets = {
+        s: build_dataset(case_list, s, schema, spatial_size=size, cache="cache", defer_errors=True) for s in SPLITS
+    }
     return run_preflight(case_list, datasets, mode, num_workers=2, output_dir=out, progress=False), datasets
 
 
@@ -215,8 +231,9 @@ def test_very_large_photo_is_decoded_at_reduced_scale_with_bounded_memory(tmp_pa
         "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print(json.dumps({'shape': list(out.shape), 'growth_mb': (after - before) / 1024}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, path, str(tmp_path / "warm.jpg")], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, path, str(tmp_path / "warm.jpg")], capture_output=True, text=True, timeout=120
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["shape"] == [3, 64, 64]
     assert result["growth_mb"] < 150, result  # full-resolution decoding measured ~450 MB
@@ -399,16 +416,18 @@ def test_xlsx_with_extra_sheets(tmp_path):
         pd.DataFrame({"note": ["exported 2024"]}).to_excel(writer, sheet_name="README", index=False)
         table.to_excel(writer, sheet_name="patients", index=False)
         table.head(2).to_excel(writer, sheet_name="old", index=False)
-    with pytest.raises(DataError, match=r"clinical.xlsx: missing required column 'case_id'.* in sheet 0 of sheets "
-                                        r"\['README', 'patients', 'old'\]: set the sheet option"):
+    with pytest.raises(
+        DataError,
+        match=r"clinical.xlsx: missing required column 'case_id'.* in sheet 0 of sheets "
+        r"\['README', 'patients', 'old'\]: set the sheet option",
+    ):
         load_dataset("men", root, **MEN_OPTS)
     assert len(load_dataset("men", root, sheet="patients", **MEN_OPTS).cases) == 9
 
 
 def test_split_files_pointing_past_the_table(tmp_path):
     root = derm_layout(tmp_path / "derm")
-    pd.DataFrame({"indexes": [2, 15]}).to_csv(os.path.join(root, "release_v0", "meta", "test_indexes.csv"),
-                                              index=False)
+    pd.DataFrame({"indexes": [2, 15]}).to_csv(os.path.join(root, "release_v0", "meta", "test_indexes.csv"), index=False)
     with pytest.raises(DataError, match=r"test_indexes.csv: index 15 is outside meta.csv's 15 rows"):
         load_dataset("derm7pt", root)
     men = men_layout(tmp_path / "men")
@@ -427,8 +446,11 @@ def test_dataset_empty_after_filtering(tmp_path):
     table = pd.read_csv(os.path.join(root, "clinical.csv"))
     table["grade"] = np.nan
     table.to_csv(os.path.join(root, "clinical.csv"), index=False)
-    with pytest.raises(DataError, match=r"has no 'train' cases; every split is needed \(dropped: "
-                                        r"\{'grade empty': 9\}; 0 usable cases\)"):
+    with pytest.raises(
+        DataError,
+        match=r"has no 'train' cases; every split is needed \(dropped: "
+        r"\{'grade empty': 9\}; 0 usable cases\)",
+    ):
         load_cases("men", root, options=MEN_OPTS)
 
 
@@ -452,8 +474,9 @@ def test_class_absent_from_validation_is_warned_and_skipped(tmp_path, caplog):
     case_list = load_dataset("derm7pt", root)
     caplog.set_level("WARNING")
     report, _ = preflight(case_list, tmp_path / "out")
-    assert report.warnings == ["valid split: no case of class(es) ['SK']; its AUC averages over the other classes "
-                               "(move some cases into it)"]
+    assert report.warnings == [
+        "valid split: no case of class(es) ['SK']; its AUC averages over the other classes (move some cases into it)"
+    ]
     assert "no case of class(es) ['SK']" in caplog.text
     labels = [c.label for c in case_list.split("valid")]
     probs = np.eye(5)[labels] * 0.6 + 0.08
@@ -538,8 +561,10 @@ def test_study_without_a_matching_series_is_one_error_line(men_bundle, tmp_path,
     out = tmp_path / "out"
     code, err = _deploy([study["folder"], "--bundle", men_bundle, "--out", str(out), "--case-id", "c1"], capsys)
     assert code == 2 and len(err) == 1, err
-    assert err[0] == "error: c1: no series matches any of ['t1c', 't1n', 't2w', 't2f']; check the series rules " \
-                     "(--rules) or the study"
+    assert (
+        err[0] == "error: c1: no series matches any of ['t1c', 't1n', 't2w', 't2f']; check the series rules "
+        "(--rules) or the study"
+    )
     assert not out.exists()
 
 
@@ -553,10 +578,12 @@ def test_one_bad_study_of_a_folder_does_not_cost_the_others(men_bundle, tmp_path
     ds.PixelData = ds.PixelData[:10]
     ds.save_as(f)
     out = tmp_path / "out"
-    code, err = _deploy([str(tmp_path / "in"), "--each-study", "--bundle", men_bundle, "--out", str(out), "--key",
-                         "k"], capsys)
+    code, err = _deploy(
+        [str(tmp_path / "in"), "--each-study", "--bundle", men_bundle, "--out", str(out), "--key", "k"], capsys
+    )
     assert code == 2 and err[-1].startswith(
         "error: 1 of 2 studies not processed (the others were written): series 10 'T1 MPRAGE post Gd' (4 files): "
-        "a file's pixel data holds 10"), err
+        "a file's pixel data holds 10"
+    ), err
     (sr_file,) = glob.glob(str(out / "*.sr.dcm"))
     assert pydicom.dcmread(sr_file).StudyInstanceUID == good["uid"]

@@ -32,10 +32,25 @@ def test_bundle_run_with_missing_dataset_dir_prints_one_line(tmp_path, show_trac
         env["CMML_TRACEBACK"] = "1"
     missing = tmp_path / "no_such_release_v0"
     proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-         "['configs/train.json','configs/datasets/derm7pt.json']", "--dataset_dir", str(missing),
-         "--bundle_root", str(tmp_path), "--mlflow_enabled", "false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "['configs/train.json','configs/datasets/derm7pt.json']",
+            "--dataset_dir",
+            str(missing),
+            "--bundle_root",
+            str(tmp_path),
+            "--mlflow_enabled",
+            "false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]

@@ -17,9 +17,20 @@ def test_verify_metadata_offline(tmp_path):
     local_schema = tmp_path / "schema.json"
     shutil.copy(SCHEMA, local_schema)
     proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_metadata",
-         "--meta_file", str(ROOT / "configs" / "metadata.json"), "--filepath", str(local_schema)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_metadata",
+            "--meta_file",
+            str(ROOT / "configs" / "metadata.json"),
+            "--filepath",
+            str(local_schema),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "metadata is verified with no error" in proc.stdout + proc.stderr

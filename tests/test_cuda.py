@@ -39,8 +39,16 @@ def _exact_float32():
 
 def _net(method: str = "cmml") -> torch.nn.Module:
     torch.manual_seed(0)
-    return method_network(method, image_modalities=2, image_channels=3, spatial_dims=2, num_classes=CLASSES,
-                          tabular_cardinalities=[0, 3], feature_dim=16, encoder=RESNET10)
+    return method_network(
+        method,
+        image_modalities=2,
+        image_channels=3,
+        spatial_dims=2,
+        num_classes=CLASSES,
+        tabular_cardinalities=[0, 3],
+        feature_dim=16,
+        encoder=RESNET10,
+    )
 
 
 def _batches(n_batches: int = 2, seed: int = 0) -> list[dict]:
@@ -67,9 +75,17 @@ def test_trainer_runs_the_head_in_bf16_under_amp_and_keeps_float32_weights(stage
     linear = next(m for m in head.modules() if isinstance(m, torch.nn.Linear))
     hook = linear.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
     before = [p.detach().clone() for p in net.parameters()]
-    trainer = CMMLTrainer(device=CUDA, max_epochs=1, train_data_loader=_batches(), network=net,
-                          optimizer=stage_optimizer(net, stage, lr=1e-3, freeze_crta=(stage == 2)),
-                          loss_function=CMMLLoss(stage=stage), stage=stage, amp=amp, decollate=False)
+    trainer = CMMLTrainer(
+        device=CUDA,
+        max_epochs=1,
+        train_data_loader=_batches(),
+        network=net,
+        optimizer=stage_optimizer(net, stage, lr=1e-3, freeze_crta=(stage == 2)),
+        loss_function=CMMLLoss(stage=stage),
+        stage=stage,
+        amp=amp,
+        decollate=False,
+    )
     trainer.run()
     hook.remove()
     assert seen and set(seen) == {torch.bfloat16 if amp else torch.float32}
@@ -109,8 +125,14 @@ def test_evaluator_scores_bf16_predictions_like_float32_ones():
 
     def auc(amp: bool) -> float:
         metric = MacroAUC(activation="softmax", output_transform=lambda o: (o["pred"], o["label"]))
-        ev = CMMLEvaluator(device=CUDA, val_data_loader=_batches(3), network=net, amp=amp, decollate=False,
-                           key_val_metric={"val_auc": metric})
+        ev = CMMLEvaluator(
+            device=CUDA,
+            val_data_loader=_batches(3),
+            network=net,
+            amp=amp,
+            decollate=False,
+            key_val_metric={"val_auc": metric},
+        )
         ev.run()
         return ev.state.metrics["val_auc"]
 
@@ -120,9 +142,17 @@ def test_evaluator_scores_bf16_predictions_like_float32_ones():
 
 def test_weights_trained_on_cuda_load_on_cpu(tmp_path):
     net = _net().to(CUDA)
-    CMMLTrainer(device=CUDA, max_epochs=1, train_data_loader=_batches(), network=net,
-                optimizer=stage_optimizer(net, 1, lr=1e-3), loss_function=CMMLLoss(stage=1), stage=1, amp=True,
-                decollate=False).run()
+    CMMLTrainer(
+        device=CUDA,
+        max_epochs=1,
+        train_data_loader=_batches(),
+        network=net,
+        optimizer=stage_optimizer(net, 1, lr=1e-3),
+        loss_function=CMMLLoss(stage=1),
+        stage=1,
+        amp=True,
+        decollate=False,
+    ).run()
     torch.save({"network": net.state_dict()}, tmp_path / "checkpoint_epoch=1.pt")
     cpu_net = _net()
     loader = LoadNetworkHandler(str(tmp_path), cpu_net, required=True)  # how stage 2 starts from stage 1

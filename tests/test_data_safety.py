@@ -35,8 +35,13 @@ def _torch_loads(folder: str) -> list[tuple[str, int, ast.Call]]:
                 path = os.path.join(dirpath, name)
                 for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
                     func = getattr(node, "func", None)
-                    if isinstance(node, ast.Call) and isinstance(func, ast.Attribute) and func.attr == "load" \
-                            and isinstance(func.value, ast.Name) and func.value.id == "torch":
+                    if (
+                        isinstance(node, ast.Call)
+                        and isinstance(func, ast.Attribute)
+                        and func.attr == "load"
+                        and isinstance(func.value, ast.Name)
+                        and func.value.id == "torch"
+                    ):
                         calls.append((path, node.lineno, node))
     return calls
 
@@ -44,9 +49,14 @@ def _torch_loads(folder: str) -> list[tuple[str, int, ast.Call]]:
 def test_every_torch_load_in_the_package_and_scripts_is_weights_only():
     calls = _torch_loads(os.path.join(ROOT, "cmml_monai")) + _torch_loads(os.path.join(ROOT, "scripts"))
     assert len(calls) >= 4  # the sweep, publish_model, LoadNetworkHandler, load_pretrained
-    unsafe = [f"{path}:{line}" for path, line, call in calls
-              if not any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
-                         for k in call.keywords)]
+    unsafe = [
+        f"{path}:{line}"
+        for path, line, call in calls
+        if not any(
+            k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+            for k in call.keywords
+        )
+    ]
     assert not unsafe, f"torch.load without weights_only=True: {unsafe}"
 
 

@@ -71,9 +71,7 @@ def _assert_same_items(a, b):
 def test_2d_chain_resizes_scales_and_normalises(tmp_path):
     white = str(tmp_path / "white.png")
     Image.fromarray(np.full((30, 40, 3), 255, np.uint8)).save(white)
-    out = image_transforms("image2d", (8, 10), mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))(
-        load_image(white, "image2d")
-    )
+    out = image_transforms("image2d", (8, 10), mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))(load_image(white, "image2d"))
     assert tuple(out.shape) == (3, 8, 10) and out.dtype == torch.float32
     np.testing.assert_allclose(out[:, 0, 0].numpy(), [2.0, 1.0, 0.5], rtol=1e-5)  # (1 - 0.5) / std
     raw = image_transforms("image2d", (8, 10), mean=None, std=None)(load_image(white, "image2d"))
@@ -128,8 +126,9 @@ def test_pack_nan_exactly_in_missing_channels_and_cells():
     schema = TableSchema.fit([{"sex": "f", "age": 40}, {"sex": "m", "age": 60}], ["sex", "age"], {"sex": "categorical"})
     pack = PackModalitiesd(["x", "y", "z"], 2, (3, 4), schema=schema)
     y = torch.randn(2, 3, 4)
-    out = pack({"case_id": 5, "x": torch.zeros(2, 3, 4), "y": y, "z": None,
-                "table": {"sex": "m", "age": None}, "label": 1})
+    out = pack(
+        {"case_id": 5, "x": torch.zeros(2, 3, 4), "y": y, "z": None, "table": {"sex": "m", "age": None}, "label": 1}
+    )
     img = out["image"]
     assert tuple(img.shape) == (6, 3, 4) and img.dtype == torch.float32
     nan_channels = [bool(img[c].isnan().all()) for c in range(6)]
@@ -255,8 +254,11 @@ def test_dataloader_collates_and_seeds(derm_like):
     from monai.data import DistributedSampler
 
     shards = [
-        [c for bb in build_dataloader(ds, 2, sampler=DistributedSampler(ds, num_replicas=2, rank=r, shuffle=False))
-         for c in bb["case_id"]]
+        [
+            c
+            for bb in build_dataloader(ds, 2, sampler=DistributedSampler(ds, num_replicas=2, rank=r, shuffle=False))
+            for c in bb["case_id"]
+        ]
         for r in range(2)
     ]
     assert sorted(shards[0] + shards[1]) == ["c0", "c1", "c2", "c3"] and len(shards[0]) == len(shards[1]) == 2
@@ -311,10 +313,13 @@ def test_3d_dataset_with_missing_sequence(tmp_path):
     assert b["image"][1].isnan().all() and not b["image"][0].isnan().any()
 
 
-@pytest.mark.parametrize("dataset, dicom, size, pixdim", [
-    ("derm7pt", False, (24, 24), None),
-    ("men", True, (16, 16, 12), (6.0, 6.0, 6.0)),
-])
+@pytest.mark.parametrize(
+    "dataset, dicom, size, pixdim",
+    [
+        ("derm7pt", False, (24, 24), None),
+        ("men", True, (16, 16, 12), (6.0, 6.0, 6.0)),
+    ],
+)
 def test_real_adapters_on_synthetic_data(synthetic_dataset, dataset, dicom, size, pixdim):
     from cmml_monai.data.adapters import load_dataset
 
@@ -378,9 +383,23 @@ def test_persistent_cache_over_its_bound_is_refused_before_writing(derm_like, tm
     one = item_nbytes(case_list, SIZE_2D)
     cache_dir = tmp_path / "pcache"
     with pytest.raises(DataError, match=r"persistent cache of split train needs about .* GB \(3 items\), more than"):
-        build_dataset(case_list, "train", schema, spatial_size=SIZE_2D, cache="persistent", cache_dir=str(cache_dir),
-                      cache_max_gb=2 * one / 1e9)
+        build_dataset(
+            case_list,
+            "train",
+            schema,
+            spatial_size=SIZE_2D,
+            cache="persistent",
+            cache_dir=str(cache_dir),
+            cache_max_gb=2 * one / 1e9,
+        )
     assert not cache_dir.exists()  # nothing written
-    ds = build_dataset(case_list, "train", schema, spatial_size=SIZE_2D, cache="persistent", cache_dir=str(cache_dir),
-                       cache_max_gb=4 * one / 1e9)
+    ds = build_dataset(
+        case_list,
+        "train",
+        schema,
+        spatial_size=SIZE_2D,
+        cache="persistent",
+        cache_dir=str(cache_dir),
+        cache_max_gb=4 * one / 1e9,
+    )
     assert len(_items(ds)) == 3

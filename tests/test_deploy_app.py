@@ -113,20 +113,26 @@ def deploy_venv() -> str:
         # what pip reads: a changed comment does not build another environment
         requirements = "\n".join(line.split("#", 1)[0].strip() for line in f if line.split("#", 1)[0].strip())
     deps = _install_requires()
-    key = hashlib.sha256(b"\0".join([requirements.encode(), "\n".join(deps).encode(), TORCH_PIN.encode(),
-                                     sys.version.split()[0].encode()])).hexdigest()[:16]
-    cache = os.environ.get("CMML_DEPLOY_VENV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                      "cmml-monai", "deploy-venv")
+    key = hashlib.sha256(
+        b"\0".join(
+            [requirements.encode(), "\n".join(deps).encode(), TORCH_PIN.encode(), sys.version.split()[0].encode()]
+        )
+    ).hexdigest()[:16]
+    cache = os.environ.get("CMML_DEPLOY_VENV_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "cmml-monai", "deploy-venv"
+    )
     venv = os.path.join(cache, key)
     if os.path.isfile(os.path.join(venv, ".complete")):
         return venv
     shutil.rmtree(venv, ignore_errors=True)
     os.makedirs(cache, exist_ok=True)
     py = _venv_python(venv)
-    for cmd in ([sys.executable, "-m", "venv", venv],
-                [py, "-m", "pip", "install", "-q", TORCH_PIN],
-                # torch first, and again here, so that no package of the SDK pulls another build
-                [py, "-m", "pip", "install", "-q", TORCH_PIN, "-r", REQUIREMENTS, *deps]):
+    for cmd in (
+        [sys.executable, "-m", "venv", venv],
+        [py, "-m", "pip", "install", "-q", TORCH_PIN],
+        # torch first, and again here, so that no package of the SDK pulls another build
+        [py, "-m", "pip", "install", "-q", TORCH_PIN, "-r", REQUIREMENTS, *deps],
+    ):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         if done.returncode != 0:
             raise AssertionError(f"building the SDK's environment failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
@@ -144,9 +150,14 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def run_app(venv: str, study: str, out: str, model: str, cwd: str) -> subprocess.CompletedProcess:
-    return subprocess.run([_venv_python(venv), APP, "-i", study, "-o", out, "-m", model], cwd=cwd,
-                          env=_env(CMML_PSEUDONYM_KEY="k", CMML_DEVICE="cpu", CMML_VERBOSE="1"), capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [_venv_python(venv), APP, "-i", study, "-o", out, "-m", model],
+        cwd=cwd,
+        env=_env(CMML_PSEUDONYM_KEY="k", CMML_DEVICE="cpu", CMML_VERBOSE="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
@@ -169,9 +180,13 @@ def test_app_in_its_own_venv_matches_the_cli(bundle, tmp_path):
         # the SDK's executor ran the operators' graph
         assert "Graph execution finished" in logs[name] and "1 study(ies) under the input folder" in logs[name]
         assert "t1c <- series 10" in logs[name]  # every log line on (CMML_VERBOSE) for the PHI check below
-        cli = subprocess.run([sys.executable, "-m", "cmml_monai.deploy", study["folder"], "--bundle", bundle, "--out",
-                              str(out_cli)], env=_env(CMML_PSEUDONYM_KEY="k"), capture_output=True, text=True,
-                             timeout=600)
+        cli = subprocess.run(
+            [sys.executable, "-m", "cmml_monai.deploy", study["folder"], "--bundle", bundle, "--out", str(out_cli)],
+            env=_env(CMML_PSEUDONYM_KEY="k"),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert cli.returncode == 0, cli.stderr[-3000:]
         # the same case name (the keyed hash of the StudyInstanceUID), an SR and a JSON each
         assert sorted(os.listdir(out_app)) == sorted(os.listdir(out_cli))
@@ -179,8 +194,9 @@ def test_app_in_its_own_venv_matches_the_cli(bundle, tmp_path):
         app_sr, cli_sr = pydicom.dcmread(out_app / sr_name), pydicom.dcmread(out_cli / sr_name)
         got, want = read_sr_result(app_sr), read_sr_result(cli_sr)
         assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
-        assert {k: v for k, v in got.items() if k != "probabilities"} == \
-            {k: v for k, v in want.items() if k != "probabilities"}
+        assert {k: v for k, v in got.items() if k != "probabilities"} == {
+            k: v for k, v in want.items() if k != "probabilities"
+        }
         assert got["completed"] == ([] if name == "full" else ["t1n"])
         assert app_sr.StudyInstanceUID == study["uid"] and app_sr.ContentQualification == "RESEARCH"
         assert app_sr.PatientID == cli_sr.PatientID == (MARKER if name == "full" else "TP001")
@@ -188,14 +204,16 @@ def test_app_in_its_own_venv_matches_the_cli(bundle, tmp_path):
         app_json, cli_json = (json.loads((d / json_name).read_text()) for d in (out_app, out_cli))
         assert app_json["probabilities"] == pytest.approx(cli_json["probabilities"], abs=1e-5)
         drop = ("probabilities", "sr_sop_instance_uid")
-        assert {k: v for k, v in app_json.items() if k not in drop} == \
-            {k: v for k, v in cli_json.items() if k not in drop}
+        assert {k: v for k, v in app_json.items() if k not in drop} == {
+            k: v for k, v in cli_json.items() if k not in drop
+        }
         assert app_json["sr_sop_instance_uid"] == str(app_sr.SOPInstanceUID)
         # the marker (and the birth date) in the SR only: not in the JSON, nor in the app's logs
         for path in out_app.iterdir():
             data = path.read_bytes()
-            assert (MARKER.encode() in data or MARKER_DATE.encode() in data) == (name == "full" and
-                                                                                 path.name.endswith(".sr.dcm"))
+            assert (MARKER.encode() in data or MARKER_DATE.encode() in data) == (
+                name == "full" and path.name.endswith(".sr.dcm")
+            )
     for name, text in logs.items():
         assert MARKER not in text and MARKER_DATE not in text, name
     # bad input: exit status 2, the last line names the folder, nothing written

@@ -14,10 +14,23 @@ TRAIN = os.path.join(ROOT, "configs", "train.json")
 def _train(tmp_path, name: str, seed: int) -> str:
     out = str(tmp_path / name)
     w = ConfigWorkflow(
-        config_file=TRAIN, workflow_type="train", bundle_root=ROOT, dataset_dir=str(tmp_path / "syn"),
-        synthetic_cases=30, output_dir=out, shared_dir=str(tmp_path / "shared"), seed=seed, device="cpu",
-        spatial_size=[32, 32], feature_dim=16, batch_size=8, stage1_epochs=1, stage2_epochs=1,
-        progress_bar=False, missing_rates=[0.0, 0.5], mlflow_enabled=False,
+        config_file=TRAIN,
+        workflow_type="train",
+        bundle_root=ROOT,
+        dataset_dir=str(tmp_path / "syn"),
+        synthetic_cases=30,
+        output_dir=out,
+        shared_dir=str(tmp_path / "shared"),
+        seed=seed,
+        device="cpu",
+        spatial_size=[32, 32],
+        feature_dim=16,
+        batch_size=8,
+        stage1_epochs=1,
+        stage2_epochs=1,
+        progress_bar=False,
+        missing_rates=[0.0, 0.5],
+        mlflow_enabled=False,
         **{"sweep#subsets": False, "sweep#roc": False},
     )
     w.initialize()

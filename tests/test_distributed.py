@@ -67,7 +67,7 @@ def worker(out: str, data_dir: str, no_sync: bool) -> None:
     bank = seeded_bank()
     _, features, present = bank_batch()
     half = features.shape[0] // world
-    bank.update(features[rank * half:(rank + 1) * half], present[rank * half:(rank + 1) * half])
+    bank.update(features[rank * half : (rank + 1) * half], present[rank * half : (rank + 1) * half])
     w.run()
     evaluator = w.parser.get_parsed_content("validate#evaluator")
     result = {
@@ -90,11 +90,29 @@ def _free_port() -> int:
 
 def run_two_processes(out: str, data_dir: str, no_sync: bool = False) -> list[dict]:
     # the CPU (gloo) form on every machine: two processes would need two GPUs for NCCL
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           os.path.abspath(__file__), "--worker", out, data_dir] + (["--no-sync"] if no_sync else [])
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        os.path.abspath(__file__),
+        "--worker",
+        out,
+        data_dir,
+    ] + (["--no-sync"] if no_sync else [])
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(2)]
@@ -183,6 +201,8 @@ def test_overlay_run_list_follows_train_json():
 
 def test_one_process_without_group(monkeypatch):
     """Without a process group the helpers are no-ops; the DDP parts refuse with a message, not a hang."""
+    from functools import partial
+
     from cmml_monai.engines import CMMLTrainer
     from cmml_monai.engines.distributed import (
         DistributedTrainNetwork,
@@ -194,8 +214,6 @@ def test_one_process_without_group(monkeypatch):
         is_main_process,
         shard_sampler,
     )
-    from functools import partial
-
     from cmml_monai.networks import CMMLNet, ModalityMemoryBank, MultiModalEncoder
 
     RESNET10 = partial(MultiModalEncoder, image_encoder="resnet10")
@@ -216,8 +234,15 @@ def test_one_process_without_group(monkeypatch):
     with pytest.raises(ValueError, match="forward_train"):
         DistributedTrainNetwork(torch.nn.Linear(2, 2))
     # the trainer attaches the buffer sync to the optimizer step
-    trainer = CMMLTrainer(device="cpu", max_epochs=1, train_data_loader=[], network=wrapped,
-                          optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=lambda o, y: {}, stage=1)
+    trainer = CMMLTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=[],
+        network=wrapped,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        loss_function=lambda o, y: {},
+        stage=1,
+    )
     from monai.engines.utils import IterationEvents
 
     assert trainer.has_event_handler(wrapped.sync_buffers, IterationEvents.MODEL_COMPLETED)

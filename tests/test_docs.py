@@ -46,8 +46,12 @@ def test_every_user_page_is_linked_from_the_readme():
 
 
 def test_relative_links_point_to_existing_files():
-    dead = {(page, target) for page in ["README.md", "bundle/docs/README.md", *_pages()]
-            for target in _links(page) if not os.path.exists(os.path.join(ROOT, target)) and target not in PENDING}
+    dead = {
+        (page, target)
+        for page in ["README.md", "bundle/docs/README.md", *_pages()]
+        for target in _links(page)
+        if not os.path.exists(os.path.join(ROOT, target)) and target not in PENDING
+    }
     assert not dead, f"dead links (page, target): {sorted(dead)}"
 
 

@@ -28,8 +28,15 @@ from bundle_helpers import RESNET10, method_network
 
 def _net(method: str = "cmml", **kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    args = dict(image_modalities=2, image_channels=3, spatial_dims=2, num_classes=3, tabular_cardinalities=[0, 3],
-                feature_dim=16, encoder=RESNET10)
+    args = dict(
+        image_modalities=2,
+        image_channels=3,
+        spatial_dims=2,
+        num_classes=3,
+        tabular_cardinalities=[0, 3],
+        feature_dim=16,
+        encoder=RESNET10,
+    )
     args.update(kw)
     return method_network(method, **args)
 
@@ -157,9 +164,18 @@ def test_stage2_groups_hold_the_stage2_parts_after_stage1_and_never_a_frozen_bac
 def test_cmml_trainer_two_iterations_update_and_log(stage):
     net = _net()
     opt = stage_optimizer(net, stage, lr=1e-3, freeze_crta=(stage == 2))
-    trainer = CMMLTrainer(device="cpu", max_epochs=1, train_data_loader=_batches(), network=net, optimizer=opt,
-                          loss_function=CMMLLoss(stage=stage), stage=stage, amp=True, grad_clip=1.0,
-                          decollate=False)
+    trainer = CMMLTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=_batches(),
+        network=net,
+        optimizer=opt,
+        loss_function=CMMLLoss(stage=stage),
+        stage=stage,
+        amp=True,
+        grad_clip=1.0,
+        decollate=False,
+    )
     EpochLossAverager().attach(trainer)
     head = (net.aux_head if stage == 1 else net.fusion).parameters().__next__()
     before = head.detach().clone()
@@ -179,8 +195,15 @@ def test_epoch_loss_means_are_the_means_of_the_iteration_losses():
     """Two epochs of three steps, decollated as in the bundle: every output item holds the same 0-d loss
     tensors, and each epoch's ``train_loss*`` is the mean of that epoch's iteration losses."""
     net = _net()
-    trainer = CMMLTrainer(device="cpu", max_epochs=2, train_data_loader=_batches(3), network=net,
-                          optimizer=stage_optimizer(net, 2, lr=1e-3), loss_function=CMMLLoss(stage=2), stage=2)
+    trainer = CMMLTrainer(
+        device="cpu",
+        max_epochs=2,
+        train_data_loader=_batches(3),
+        network=net,
+        optimizer=stage_optimizer(net, 2, lr=1e-3),
+        loss_function=CMMLLoss(stage=2),
+        stage=2,
+    )
     EpochLossAverager().attach(trainer)
     seen: list[dict[str, float]] = []
     means: list[dict[str, float]] = []
@@ -201,7 +224,7 @@ def test_epoch_loss_means_are_the_means_of_the_iteration_losses():
     trainer.run()
     assert len(seen) == 6 and {"loss", "loss_cls", "loss_align"} <= set(seen[0])
     for epoch, got in enumerate(means):
-        steps = seen[3 * epoch:3 * epoch + 3]
+        steps = seen[3 * epoch : 3 * epoch + 3]
         want = {f"train_{k}": sum(step[k] for step in steps) / 3 for k in steps[0]}
         assert got == pytest.approx(want, rel=1e-6)
     assert means[0]["train_loss"] != pytest.approx(means[1]["train_loss"])  # epoch 2 is not a running mean
@@ -227,16 +250,31 @@ def test_nan_loss_raises_naming_stage_and_iteration(interval, at, raised_at):
     backward: the error names the stage and the iteration of the NaN."""
     net = _net()
     steps = []
-    trainer = CMMLTrainer(device="cpu", max_epochs=2, train_data_loader=_batches(3), network=net,
-                          optimizer=stage_optimizer(net, 2, lr=1e-3), loss_function=_NanAt(at), stage=2,
-                          finite_check_interval=interval, decollate=False)
+    trainer = CMMLTrainer(
+        device="cpu",
+        max_epochs=2,
+        train_data_loader=_batches(3),
+        network=net,
+        optimizer=stage_optimizer(net, 2, lr=1e-3),
+        loss_function=_NanAt(at),
+        stage=2,
+        finite_check_interval=interval,
+        decollate=False,
+    )
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: steps.append(e.state.iteration))
     with pytest.raises(FloatingPointError, match=rf"^stage 2: the loss is nan at iteration {at}$"):
         trainer.run()
     assert trainer.state.iteration == raised_at and steps == list(range(1, raised_at))
     with pytest.raises(ValueError, match="finite_check_interval"):
-        CMMLTrainer(device="cpu", max_epochs=1, train_data_loader=_batches(1), network=net,
-                    optimizer=stage_optimizer(net, 2), loss_function=CMMLLoss(stage=2), finite_check_interval=0)
+        CMMLTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=_batches(1),
+            network=net,
+            optimizer=stage_optimizer(net, 2),
+            loss_function=CMMLLoss(stage=2),
+            finite_check_interval=0,
+        )
 
 
 def test_early_stop_bound_to_trainer_stops_on_plateau():
@@ -244,15 +282,24 @@ def test_early_stop_bound_to_trainer_stops_on_plateau():
 
     net = _net("zero_fill")
     stop = EarlyStopHandler(patience=1, score_function=stopping_fn_from_metric("val_const"), trainer=None)
+
     class ConstantMetric:  # a validation score that never improves
         def attach(self, engine):
             engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_const=0.5))
 
-    ev = CMMLEvaluator(device="cpu", val_data_loader=_batches(1), network=net, decollate=False,
-                       val_handlers=[ConstantMetric(), stop])
-    trainer = CMMLTrainer(device="cpu", max_epochs=5, train_data_loader=_batches(1), network=net,
-                          optimizer=stage_optimizer(net, 2), loss_function=CMMLLoss(stage=2), decollate=False,
-                          train_handlers=[ValidationHandler(interval=1, validator=ev)])
+    ev = CMMLEvaluator(
+        device="cpu", val_data_loader=_batches(1), network=net, decollate=False, val_handlers=[ConstantMetric(), stop]
+    )
+    trainer = CMMLTrainer(
+        device="cpu",
+        max_epochs=5,
+        train_data_loader=_batches(1),
+        network=net,
+        optimizer=stage_optimizer(net, 2),
+        loss_function=CMMLLoss(stage=2),
+        decollate=False,
+        train_handlers=[ValidationHandler(interval=1, validator=ev)],
+    )
     stop.set_trainer(trainer)
     trainer.run()
     assert trainer.state.epoch == 2  # no improvement after epoch 1, patience 1
@@ -267,9 +314,14 @@ def test_autocast_is_a_noop_on_cpu():
 
 def test_evaluator_macro_auc_metric_on_served_path():
     net = _net("zero_fill")
-    ev = CMMLEvaluator(device="cpu", val_data_loader=_batches(2), network=net, amp=True, decollate=False,
-                       key_val_metric={"val_auc": MacroAUC(activation="softmax",
-                                                           output_transform=lambda o: (o["pred"], o["label"]))})
+    ev = CMMLEvaluator(
+        device="cpu",
+        val_data_loader=_batches(2),
+        network=net,
+        amp=True,
+        decollate=False,
+        key_val_metric={"val_auc": MacroAUC(activation="softmax", output_transform=lambda o: (o["pred"], o["label"]))},
+    )
     ev.run()
     auc = ev.state.metrics["val_auc"]
     assert 0.0 <= auc <= 1.0
@@ -352,11 +404,13 @@ def test_cosine_scheduler_warmup_then_cosine_values():
     # without warm-up: the plain cosine over all epochs, as before
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     assert _epoch_lrs(cosine_scheduler(opt, 4, eta_min_ratio=0.0), opt, 4) == pytest.approx(
-        [(1 + math.cos(math.pi * t / 4)) / 2 for t in range(4)], abs=1e-6)
+        [(1 + math.cos(math.pi * t / 4)) / 2 for t in range(4)], abs=1e-6
+    )
 
 
-@pytest.mark.parametrize("kwargs", [{"warmup_epochs": -1}, {"warmup_epochs": 4}, {"warmup_epochs": 1,
-                                                                                   "warmup_start_factor": 0.0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"warmup_epochs": -1}, {"warmup_epochs": 4}, {"warmup_epochs": 1, "warmup_start_factor": 0.0}]
+)
 def test_cosine_scheduler_bad_warmup(kwargs):
     from cmml_monai.engines.optim import cosine_scheduler
 

@@ -42,8 +42,15 @@ def _evaluate(method: str, shared: dict) -> tuple[ConfigWorkflow, str]:
     out = str(shared["base"] / method)
     w = ConfigWorkflow(
         config_file=[TRAIN, EVALUATE, os.path.join(ROOT, "configs", "methods", f"{method}.json")],
-        workflow_type="train", bundle_root=ROOT, dataset_dir=shared["dataset_dir"], synthetic_cases=30,
-        output_dir=out, shared_dir=shared["shared_dir"], spatial_size=[32, 32], feature_dim=16, batch_size=8,
+        workflow_type="train",
+        bundle_root=ROOT,
+        dataset_dir=shared["dataset_dir"],
+        synthetic_cases=30,
+        output_dir=out,
+        shared_dir=shared["shared_dir"],
+        spatial_size=[32, 32],
+        feature_dim=16,
+        batch_size=8,
         mlflow_enabled=False,
     )
     w.initialize()
@@ -108,15 +115,19 @@ def test_second_method_reuses_the_same_masks_and_compares(shared):
 
 
 def test_comparison_rejects_different_rates():
-    rows = [{"method": "a", "rate": 0.0, "auc": 0.5, "acc": 0.5, "f1": 0.5, "n": 1},
-            {"method": "b", "rate": 0.3, "auc": 0.5, "acc": 0.5, "f1": 0.5, "n": 1}]
+    rows = [
+        {"method": "a", "rate": 0.0, "auc": 0.5, "acc": 0.5, "f1": 0.5, "n": 1},
+        {"method": "b", "rate": 0.3, "auc": 0.5, "acc": 0.5, "f1": 0.5, "n": 1},
+    ]
     with pytest.raises(ValueError, match="rates"):
         comparison_table(rows)
 
 
 def _sweep_rows(method: str, run: str, aucs: list[float], ece: float = 0.1) -> list[dict]:
-    return [{"method": method, "rate": rate, "auc": auc, "acc": 0.5, "f1": 0.5, "ece": ece, "n": 10, "run": run}
-            for rate, auc in zip([0.0, 0.5], aucs)]
+    return [
+        {"method": method, "rate": rate, "auc": auc, "acc": 0.5, "f1": 0.5, "ece": ece, "n": 10, "run": run}
+        for rate, auc in zip([0.0, 0.5], aucs)
+    ]
 
 
 def test_comparison_ece_columns_bold_the_lowest_and_tolerate_old_sweeps(tmp_path):
@@ -138,14 +149,18 @@ def test_comparison_ece_columns_bold_the_lowest_and_tolerate_old_sweeps(tmp_path
     mixed = [dict(r, method="cmml") for r in old_rows] + _sweep_rows("cmml", "a", [0.9, 0.7], ece=0.05)
     (row,) = comparison_table(mixed)[1]
     assert row["AVG ECE"] == pytest.approx(0.05) and row["AVG AUC"] == pytest.approx((0.7 + 0.8) / 2)
-    _, md_path = write_comparison_table(*comparison_table(old_rows + _sweep_rows("cmml", "a", [0.9, 0.7], ece=0.05)),
-                                        str(tmp_path), "mixed")
+    _, md_path = write_comparison_table(
+        *comparison_table(old_rows + _sweep_rows("cmml", "a", [0.9, 0.7], ece=0.05)), str(tmp_path), "mixed"
+    )
     assert "**0.0500**" in open(md_path).read().splitlines()[3]
 
 
 def test_comparison_averages_runs_of_one_method():
-    rows = (_sweep_rows("cmml", "seed0", [0.9, 0.7]) + _sweep_rows("cmml", "seed1", [0.8, 0.6])
-            + _sweep_rows("zero_fill", "seed0", [0.7, 0.5]))
+    rows = (
+        _sweep_rows("cmml", "seed0", [0.9, 0.7])
+        + _sweep_rows("cmml", "seed1", [0.8, 0.6])
+        + _sweep_rows("zero_fill", "seed0", [0.7, 0.5])
+    )
     columns, table = comparison_table(rows)
     assert columns[-2:] == ["runs", "AVG AUC std"]
     cmml, zero = table
@@ -173,8 +188,14 @@ def _finished_run(out, method: str, aucs: list[float], seed: int | None, n: int 
 
 def test_paired_table_differences_interval_and_errors(tmp_path):
     # per seed, AVG AUC cmml 0.80 / 0.70 / 0.90, zero_fill 0.75 / 0.70 / 0.80: differences -0.05, 0, -0.10
-    runs = {("cmml", 0): [0.9, 0.7], ("cmml", 1): [0.8, 0.6], ("cmml", 2): [1.0, 0.8],
-            ("zero_fill", 0): [0.8, 0.7], ("zero_fill", 1): [0.8, 0.6], ("zero_fill", 2): [0.9, 0.7]}
+    runs = {
+        ("cmml", 0): [0.9, 0.7],
+        ("cmml", 1): [0.8, 0.6],
+        ("cmml", 2): [1.0, 0.8],
+        ("zero_fill", 0): [0.8, 0.7],
+        ("zero_fill", 1): [0.8, 0.6],
+        ("zero_fill", 2): [0.9, 0.7],
+    }
     rows = [r for (m, s), a in runs.items() for r in read_sweep(_finished_run(tmp_path / f"{m}{s}", m, a, s))]
     assert {r["seed"] for r in rows} == {0, 1, 2}
     columns, (row,) = paired_table(rows)
@@ -253,12 +274,17 @@ def test_compare_pools_strata_stratified_mean_and_welch_interval(tmp_path):
     compare = _compare_script()
     # AVG AUC per seed; draw a: cmml - zero_fill = -0.05, 0, -0.10 (mean -0.05, std 0.05)
     # draw b: +0.02, +0.04, +0.03 (mean +0.03, std 0.01)
-    draws = {"a": {"cmml": [0.80, 0.70, 0.90], "zero_fill": [0.75, 0.70, 0.80]},
-             "b": {"cmml": [0.60, 0.70, 0.80], "zero_fill": [0.62, 0.74, 0.83]}}
+    draws = {
+        "a": {"cmml": [0.80, 0.70, 0.90], "zero_fill": [0.75, 0.70, 0.80]},
+        "b": {"cmml": [0.60, 0.70, 0.80], "zero_fill": [0.62, 0.74, 0.83]},
+    }
     folders = []
     for draw, methods in draws.items():
-        runs = [_finished_run(tmp_path / draw / f"{m}{s}", m, [avg + 0.05, avg - 0.05], s)
-                for m, avgs in methods.items() for s, avg in enumerate(avgs)]
+        runs = [
+            _finished_run(tmp_path / draw / f"{m}{s}", m, [avg + 0.05, avg - 0.05], s)
+            for m, avgs in methods.items()
+            for s, avg in enumerate(avgs)
+        ]
         folder = str(tmp_path / f"compare_{draw}")
         assert compare.main(["--runs", *runs, "--out", folder]) == 0
         folders.append(f"draw_{draw}={folder}")
@@ -269,10 +295,15 @@ def test_compare_pools_strata_stratified_mean_and_welch_interval(tmp_path):
     assert (zero["mean over strata"], cmml["strata best"], zero["strata best"]) == ("0.7400", "1", "1")
     (row,) = _read(os.path.join(out, "comparison_pooled_paired.csv"))
     assert (row["method"], row["reference"], row["strata"], row["pairs"], row["strata ahead"]) == (
-        "zero_fill", "cmml", "2", "6", "1")
+        "zero_fill",
+        "cmml",
+        "2",
+        "6",
+        "1",
+    )
     assert float(row["AVG AUC diff"]) == pytest.approx(-0.01)
     # variance (0.05^2/3 + 0.01^2/3) / 2^2; Welch-Satterthwaite df = 0.0026^2 / ((0.0025^2 + 0.0001^2) / 2)
-    se, df = math.sqrt(0.0026 / 3) / 2, 0.0026 ** 2 / ((0.0025 ** 2 + 0.0001 ** 2) / 2)
+    se, df = math.sqrt(0.0026 / 3) / 2, 0.0026**2 / ((0.0025**2 + 0.0001**2) / 2)
     assert float(row["df"]) == pytest.approx(df, abs=1e-4) and df == pytest.approx(2.1597, abs=1e-4)
     half = stats.t.ppf(0.975, df) * se
     assert float(row["CI low"]) == pytest.approx(-0.01 - half, abs=1e-4)
@@ -307,14 +338,29 @@ def test_pooled_tables_refuse_strata_that_do_not_pool():
     with pytest.raises(ValueError, match="confidence"):
         pooled_paired_table({"a": rows()}, confidence=95)
     with pytest.raises(ValueError, match=r"stratum 'b' has no runs of \['mean_impute'\]"):
-        pooled_comparison_table({"a": [{"method": "cmml", "AVG AUC": 0.8}, {"method": "mean_impute", "AVG AUC": 0.7}],
-                                 "b": [{"method": "cmml", "AVG AUC": 0.8}]})
+        pooled_comparison_table(
+            {
+                "a": [{"method": "cmml", "AVG AUC": 0.8}, {"method": "mean_impute", "AVG AUC": 0.7}],
+                "b": [{"method": "cmml", "AVG AUC": 0.8}],
+            }
+        )
 
 
 def test_executed_config_rebuilt_from_command_line(tmp_path):
-    argv = ["monai.bundle", "run", "--config_file", repr([TRAIN, os.path.join(ROOT, "configs", "methods",
-                                                                           "zero_fill.json")]),
-            "--stage1_epochs", "4", "--spatial_size", "[48, 48]", "--logging_file", "x.conf", "--freeze_crta", "true"]
+    argv = [
+        "monai.bundle",
+        "run",
+        "--config_file",
+        repr([TRAIN, os.path.join(ROOT, "configs", "methods", "zero_fill.json")]),
+        "--stage1_epochs",
+        "4",
+        "--spatial_size",
+        "[48, 48]",
+        "--logging_file",
+        "x.conf",
+        "--freeze_crta",
+        "true",
+    ]
     path = save_executed_config(str(tmp_path / "c.json"), argv)
     cfg = json.load(open(path))
     assert cfg["method"] == "zero_fill" and cfg["stage1_epochs"] == 4 and cfg["spatial_size"] == [48, 48]

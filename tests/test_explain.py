@@ -55,8 +55,11 @@ from pacs_helpers import MARKER, MARKER_DATE, PHI, ROOT, free_port, make_study, 
 INFERENCE = os.path.join(ROOT, "configs", "inference.json")
 S = 64  # image side: resnet10's last stage is 2 x 2, one cell per quadrant
 NAN = float("nan")
-SMALL_CMML = dict(crta=partial(CascadedResidualTransformerAE, num_blocks=1),
-                  memory=partial(ModalityMemoryBank, num_slots=4), projection_dim=8)
+SMALL_CMML = dict(
+    crta=partial(CascadedResidualTransformerAE, num_blocks=1),
+    memory=partial(ModalityMemoryBank, num_slots=4),
+    projection_dim=8,
+)
 
 
 # -- (a) the maps follow the evidence ------------------------------------------------------------------------
@@ -72,14 +75,14 @@ def draw(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torc
             r0, c0 = int(quad[b]) // 2 * S // 2, int(quad[b]) % 2 * S // 2
             r = r0 + int(torch.randint(2, S // 2 - w - 2, (1,), generator=gen))
             c = c0 + int(torch.randint(2, S // 2 - w - 2, (1,), generator=gen))
-            image[b, 0, r:r + w, c:c + w] += 2.0
+            image[b, 0, r : r + w, c : c + w] += 2.0
     return image, label, quad
 
 
 def quadrant_mass(saliency: np.ndarray, quad: int) -> float:
     h = S // 2
     r0, c0 = quad // 2 * h, quad % 2 * h
-    return float(saliency[r0:r0 + h, c0:c0 + h].sum() / max(saliency.sum(), 1e-12))
+    return float(saliency[r0 : r0 + h, c0 : c0 + h].sum() / max(saliency.sum(), 1e-12))
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +110,7 @@ def test_map_mass_falls_in_the_deciding_square(square_net):
     explainer = Explainer(square_net, [("a", 1), ("b", 1)], completes=False, class_names=["none", "square"])
     masses = []
     for b in torch.nonzero(label == 1).flatten().tolist():
-        e = explainer(image[b:b + 1], None, f"c{b}")
+        e = explainer(image[b : b + 1], None, f"c{b}")
         assert e.method == "Grad-CAM" and e.target == "square"
         masses.append(quadrant_mass(e.maps[0].saliency, int(quad[b])))
     # a quarter of the image holds the square: chance is 0.25
@@ -122,40 +125,58 @@ def test_map_mass_falls_in_the_deciding_square(square_net):
 def test_map_moves_when_its_modality_image_changes(square_net):
     image, label, quad = draw(48, torch.Generator().manual_seed(1))
     explainer = Explainer(square_net, [("a", 1), ("b", 1)], completes=False, class_names=["none", "square"])
-    b = next(i for i in torch.nonzero(label == 1).flatten().tolist()
-             if quadrant_mass(explainer(image[i:i + 1], None, "c").maps[0].saliency, int(quad[i])) > 0.6)
-    before = explainer(image[b:b + 1], None, "c")
-    moved = image[b:b + 1].clone()
+    b = next(
+        i
+        for i in torch.nonzero(label == 1).flatten().tolist()
+        if quadrant_mass(explainer(image[i : i + 1], None, "c").maps[0].saliency, int(quad[i])) > 0.6
+    )
+    before = explainer(image[b : b + 1], None, "c")
+    moved = image[b : b + 1].clone()
     moved[0, 0] = torch.flip(moved[0, 0], dims=(0, 1))  # the square to the opposite quadrant
     after = explainer(moved, None, "c")
     assert quadrant_mass(after.maps[0].saliency, 3 - int(quad[b])) > 0.5
     assert np.abs(after.maps[0].saliency - before.maps[0].saliency).mean() > 0.1
     # the other modality's image changed: modality a's map stays (its own encoder; zero fill)
-    other = image[b:b + 1].clone()
+    other = image[b : b + 1].clone()
     other[0, 1] = torch.randn(S, S) * 0.3
     assert np.abs(explainer(other, None, "c").maps[0].saliency - before.maps[0].saliency).max() < 0.2
 
 
 # -- (b) missing modalities ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,marking", [("cmml", MISSING_COMPLETED), ("mean_impute", MISSING_COMPLETED),
-                                            ("zero_fill", MISSING_NOT_USED),
-                                            ("modality_dropout", MISSING_NOT_USED)])
+@pytest.mark.parametrize(
+    "method,marking",
+    [
+        ("cmml", MISSING_COMPLETED),
+        ("mean_impute", MISSING_COMPLETED),
+        ("zero_fill", MISSING_NOT_USED),
+        ("modality_dropout", MISSING_NOT_USED),
+    ],
+)
 @pytest.mark.parametrize("spatial", [(32, 32), (16, 16, 16)])
 @pytest.mark.usefixtures("one_thread", "seeded")
 def test_a_missing_modality_has_no_map_and_its_marking(method, marking, spatial):
     sd = len(spatial)
-    args = dict(image_modalities=3, image_channels=1, spatial_dims=sd, num_classes=3, tabular_cardinalities=[0, 2],
-                feature_dim=8, encoder=RESNET10)
+    args = dict(
+        image_modalities=3,
+        image_channels=1,
+        spatial_dims=sd,
+        num_classes=3,
+        tabular_cardinalities=[0, 2],
+        feature_dim=8,
+        encoder=RESNET10,
+    )
     net = (CMMLNet(**args, **SMALL_CMML) if method == "cmml" else LateFusionNet(**args, mode=method)).eval()
-    explainer = Explainer(net, [("t1", 1), ("t2", 1), ("flair", 1)], completes_missing(net), ["a", "b", "c"],
-                          table_name="table")
+    explainer = Explainer(
+        net, [("t1", 1), ("t2", 1), ("flair", 1)], completes_missing(net), ["a", "b", "c"], table_name="table"
+    )
     image = torch.randn(1, 3, *spatial)
     image[:, 1] = NAN
     e = explainer(image, torch.full((1, 2), NAN), "case-1", {"age": None, "sex": None})
     assert [m.status for m in e.maps] == [PRESENT, marking, PRESENT] and e.table_status == marking
     assert e.maps[1].saliency is None and e.maps[1].image is None
-    assert all(m.saliency.shape == spatial and m.saliency.min() >= 0 and m.saliency.max() <= 1
-               for m in (e.maps[0], e.maps[2]))
+    assert all(
+        m.saliency.shape == spatial and m.saliency.min() >= 0 and m.saliency.max() <= 1 for m in (e.maps[0], e.maps[2])
+    )
     assert e.completed == (["t2", "table"] if marking == MISSING_COMPLETED else [])
     assert sum(e.probabilities.values()) == pytest.approx(1.0)
 
@@ -179,15 +200,24 @@ def test_torchscript_gets_occlusion_and_a_shared_encoder_its_own_row(square_net)
     b = int(torch.nonzero(label == 1)[0])
     traced = torch.jit.trace(square_net, (image[:1],))
     # patches larger than the square: hiding part of it leaves the rest to decide
-    e = Explainer(traced, [("a", 1), ("b", 1)], completes=False, class_names=["none", "square"],
-                  mask_size=(24, 24))(image[b:b + 1], None, "c")
+    e = Explainer(traced, [("a", 1), ("b", 1)], completes=False, class_names=["none", "square"], mask_size=(24, 24))(
+        image[b : b + 1], None, "c"
+    )
     assert e.method == "occlusion" and e.maps[0].saliency.shape == (S, S)
     assert quadrant_mass(e.maps[0].saliency, int(quad[b])) > 0.5  # hiding the square is what costs the class
     with pytest.raises(ValueError, match="occlusion"):
         Explainer(traced, [("a", 1), ("b", 1)], False, ["none", "square"], method="gradcam")
-    shared = LateFusionNet(2, 1, 2, 2, None, feature_dim=8, mode="zero_fill",
-                           encoder=partial(RESNET10, share_image_encoder=True, encode_present_only=True)).eval()
-    x = image[b:b + 1].clone()
+    shared = LateFusionNet(
+        2,
+        1,
+        2,
+        2,
+        None,
+        feature_dim=8,
+        mode="zero_fill",
+        encoder=partial(RESNET10, share_image_encoder=True, encode_present_only=True),
+    ).eval()
+    x = image[b : b + 1].clone()
     x[0, 0] = NAN  # the shared backbone then sees modality b alone
     e = Explainer(shared, [("a", 1), ("b", 1)], completes=False, class_names=["none", "square"])(x, None, "c")
     assert e.maps[0].saliency is None and e.maps[1].saliency.shape == (S, S)
@@ -198,8 +228,9 @@ def test_torchscript_gets_occlusion_and_a_shared_encoder_its_own_row(square_net)
 def test_page_png_has_the_page_size_and_no_text_chunk(square_net, tmp_path):
     image, label, _ = draw(4, torch.Generator().manual_seed(2))
     image[:, 1] = NAN
-    e = Explainer(square_net, [("a", 1), ("b", 1)], completes=True, class_names=["none", "square"])(image[:1], None,
-                                                                                                   "case-7")
+    e = Explainer(square_net, [("a", 1), ("b", 1)], completes=True, class_names=["none", "square"])(
+        image[:1], None, "case-7"
+    )
     path = str(tmp_path / "case-7.png")
     pixels = save_page(e, path)
     assert pixels.shape == (PAGE_SIZE[1], PAGE_SIZE[0], 3) and pixels.dtype == np.uint8
@@ -208,9 +239,11 @@ def test_page_png_has_the_page_size_and_no_text_chunk(square_net, tmp_path):
     assert np.array_equal(read_page(path), pixels)
     # "RESEARCH USE ONLY" is drawn in its red at the top right and across the bottom
     red = np.all(np.abs(pixels.astype(int) - [192, 57, 43]) < 30, axis=-1)
-    assert red[-60:].sum() > 500 and red[:70, PAGE_SIZE[0] // 2:].sum() > 300
-    index = write_index([{"case_id": "case-<7>", "prediction": "square", "present": ["a"], "completed": ["b"],
-                          "page": "case-7.png"}], str(tmp_path / "index.html"))
+    assert red[-60:].sum() > 500 and red[:70, PAGE_SIZE[0] // 2 :].sum() > 300
+    index = write_index(
+        [{"case_id": "case-<7>", "prediction": "square", "present": ["a"], "completed": ["b"], "page": "case-7.png"}],
+        str(tmp_path / "index.html"),
+    )
     text = open(index, encoding="utf-8").read()
     assert "case-&lt;7&gt;" in text and 'href="case-7.png"' in text and RESEARCH_USE_ONLY in text
 
@@ -233,29 +266,60 @@ def _served(tmp_path, dataset: str, method: str, spatial: tuple[int, ...], **syn
     cases = load_dataset(dataset, data)
     schema = fit_schema(cases)
     info = DatasetInfo(cases, schema)
-    args = dict(image_modalities=info.image_modalities, image_channels=info.image_channels,
-                spatial_dims=info.spatial_dims, num_classes=info.num_classes,
-                tabular_cardinalities=info.tabular_cardinalities, feature_dim=8, encoder=RESNET10)
+    args = dict(
+        image_modalities=info.image_modalities,
+        image_channels=info.image_channels,
+        spatial_dims=info.spatial_dims,
+        num_classes=info.num_classes,
+        tabular_cardinalities=info.tabular_cardinalities,
+        feature_dim=8,
+        encoder=RESNET10,
+    )
     torch.manual_seed(0)
     net = CMMLNet(**args, **SMALL_CMML) if method == "cmml" else LateFusionNet(**args, mode=method)
     run = str(tmp_path / "run")
     os.makedirs(os.path.join(run, "models"))
     torch.save(net.state_dict(), os.path.join(run, "models", "model.pt"))
-    save_description(run, net, cases, schema, spatial_size=spatial, pixdim=(2.0,) * 3 if len(spatial) == 3 else None,
-                     method=method)
+    save_description(
+        run, net, cases, schema, spatial_size=spatial, pixdim=(2.0,) * 3 if len(spatial) == 3 else None, method=method
+    )
     return run, data
 
 
-@pytest.mark.parametrize("dataset,method,spatial,synthetic", [
-    ("derm7pt", "cmml", (32, 32), {}),
-    ("men", "zero_fill", (8, 8, 8), {"shape": (8, 8, 8)}),
-])
+@pytest.mark.parametrize(
+    "dataset,method,spatial,synthetic",
+    [
+        ("derm7pt", "cmml", (32, 32), {}),
+        ("men", "zero_fill", (8, 8, 8), {"shape": (8, 8, 8)}),
+    ],
+)
 def test_inference_config_explain_writes_one_page_per_case(tmp_path, dataset, method, spatial, synthetic):
     run, data = _served(tmp_path, dataset, method, spatial, **synthetic)
     pred = str(tmp_path / "pred")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFERENCE, "--bundle_root", ROOT,
-           "--model_dir", os.path.join(run, "models"), "--dataset_dir", data, "--dataset", dataset, "--output_dir",
-           pred, "--progress_bar", "false", "--device", "cpu", "--explain", "true"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        INFERENCE,
+        "--bundle_root",
+        ROOT,
+        "--model_dir",
+        os.path.join(run, "models"),
+        "--dataset_dir",
+        data,
+        "--dataset",
+        dataset,
+        "--output_dir",
+        pred,
+        "--progress_bar",
+        "false",
+        "--device",
+        "cpu",
+        "--explain",
+        "true",
+    ]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -300,8 +364,14 @@ class TwoClassPacs:
 
 
 #: the attributes highdicom copies from the study (the SC may carry the marker there, nowhere else)
-STUDY_ATTRIBUTES = {"PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyID",
-                    "ReferringPhysicianName"}
+STUDY_ATTRIBUTES = {
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+}
 
 
 def _check_sc(sc_path: str, png_path: str, study_uid: str, sr: pydicom.Dataset) -> None:
@@ -320,8 +390,10 @@ def test_cli_explain_writes_the_sc_beside_the_sr_without_phi_elsewhere(men_bundl
     study = make_study(str(tmp_path / "study"), ("T1c", "T2", "FLAIR"), patient=PHI)
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO):
-        assert main([study["folder"], "--bundle", men_bundle, "--out", str(out), "--key", "k", "--explain",
-                     "--verbose"]) == 0
+        assert (
+            main([study["folder"], "--bundle", men_bundle, "--out", str(out), "--key", "k", "--explain", "--verbose"])
+            == 0
+        )
     printed = capsys.readouterr()
     sr_path, json_path, sc_path = printed.out.split()
     png_path = sc_path[: -len(".sc.dcm")] + ".png"

@@ -97,8 +97,11 @@ def test_description_rebuilds_the_served_network_alone(trained, tmp_path):
     desc = load_description(served)
     args = desc["network"]["args"]
     assert desc["network"]["target"] == "cmml_monai.networks.CMMLNet" and desc["network"]["method"] == "cmml"
-    assert args["crta"] == {"_target_": "cmml_monai.networks.CascadedResidualTransformerAE", "num_blocks": NUM_BLOCKS,
-                            "mlp_ratio": 2.0}
+    assert args["crta"] == {
+        "_target_": "cmml_monai.networks.CascadedResidualTransformerAE",
+        "num_blocks": NUM_BLOCKS,
+        "mlp_ratio": 2.0,
+    }
     assert args["feature_dim"] == 16
     assert desc["data"]["class_names"] == ["BCC", "NEV", "MEL", "MISC", "SK"]
     assert [m["name"] for m in desc["data"]["modalities"]] == ["clinic", "derm", "table"]
@@ -146,7 +149,8 @@ def test_describe_overlay_writes_the_description_of_an_older_run(trained, tmp_pa
     w = workflow([TRAIN, DESCRIBE], **train_args(trained["data"], old))
     w.run()
     assert load_description(os.path.join(old, "models")) == {
-        **load_description(trained["models"]), "model_dir": os.path.join(old, "models")
+        **load_description(trained["models"]),
+        "model_dir": os.path.join(old, "models"),
     }
 
 
@@ -173,9 +177,28 @@ def _incomplete_copy(trained: dict, dest: str) -> tuple[str, str, str]:
 def test_inference_bundle_predicts_image_only_and_table_only_cases(trained, tmp_path):
     data, image_only, table_only = _incomplete_copy(trained, str(tmp_path / "new_cases"))
     pred = str(tmp_path / "pred")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFERENCE, "--bundle_root", ROOT,
-           "--model_dir", trained["models"], "--dataset_dir", data, "--dataset", "derm7pt", "--output_dir", pred,
-           "--split", "test", "--progress_bar", "false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        INFERENCE,
+        "--bundle_root",
+        ROOT,
+        "--model_dir",
+        trained["models"],
+        "--dataset_dir",
+        data,
+        "--dataset",
+        "derm7pt",
+        "--output_dir",
+        pred,
+        "--split",
+        "test",
+        "--progress_bar",
+        "false",
+    ]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -203,9 +226,24 @@ def test_inference_bundle_without_description_prints_one_line(trained, tmp_path)
     old_run = tmp_path / "models"
     old_run.mkdir()
     shutil.copy(os.path.join(trained["models"], "model.pt"), old_run)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFERENCE, "--bundle_root", ROOT,
-           "--model_dir", str(old_run), "--dataset_dir", trained["data"], "--dataset", "derm7pt",
-           "--output_dir", str(tmp_path / "pred")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        INFERENCE,
+        "--bundle_root",
+        ROOT,
+        "--model_dir",
+        str(old_run),
+        "--dataset_dir",
+        trained["data"],
+        "--dataset",
+        "derm7pt",
+        "--output_dir",
+        str(tmp_path / "pred"),
+    ]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
@@ -237,7 +275,13 @@ def test_torchscript_export_takes_image_and_table_and_matches_eager(trained, tmp
     diffs = check_export(exported, net, desc, batch_size=5, seed=3)
     # 2^3 - 1 patterns of clinic, derm, table, each named in the printed report too
     assert len(diffs) == 7 and set(diffs) == {
-        "clinic+derm+table", "clinic+derm", "clinic+table", "derm+table", "clinic", "derm", "table"
+        "clinic+derm+table",
+        "clinic+derm",
+        "clinic+table",
+        "derm+table",
+        "clinic",
+        "derm",
+        "table",
     }
     assert max(diffs.values()) <= 1e-4, diffs
     assert all(f"  {p}: " in printed for p in diffs)
@@ -343,8 +387,9 @@ def test_multi_label_inference_uses_a_sigmoid_per_label(tmp_path):
     df = pd.read_excel(xlsx)
     df.drop(columns=ODIR_LABELS + [c for c in df.columns if "Keywords" in c]).to_excel(xlsx, index=False)
     cases = inference_cases(desc, "odir", data)
-    path = Predictor(load_network(models), inference_dataset(desc, cases), desc, str(tmp_path / "pred"),
-                     progress=False).run()
+    path = Predictor(
+        load_network(models), inference_dataset(desc, cases), desc, str(tmp_path / "pred"), progress=False
+    ).run()
     with open(path, newline="") as f:
         rows = {r["case_id"]: r for r in csv.DictReader(f)}
     assert set(reference) <= set(rows)
@@ -364,9 +409,13 @@ def test_a_version_1_description_still_loads(trained, tmp_path):
     desc.pop("model_dir")
     now = desc["network"]["args"]
     # version 1 wrote the CRTA and memory options flat, beside the method's name
-    args = {"method": "cmml", "num_blocks": now["crta"]["num_blocks"], "memory_slots": now["memory"]["num_slots"],
-            "image_encoder": now["encoder"]["image_encoder"],
-            **{k: v for k, v in now.items() if k not in ("encoder", "crta", "memory", "reference", "alignment")}}
+    args = {
+        "method": "cmml",
+        "num_blocks": now["crta"]["num_blocks"],
+        "memory_slots": now["memory"]["num_slots"],
+        "image_encoder": now["encoder"]["image_encoder"],
+        **{k: v for k, v in now.items() if k not in ("encoder", "crta", "memory", "reference", "alignment")},
+    }
     v1 = dict(desc, version=1, network={"builder": "cmml_monai.engines.build_network", "args": args})
     (served / DESCRIPTION_NAME).write_text(json.dumps(v1))
     old, new = load_network(str(served)), load_network(trained["models"])
@@ -430,15 +479,22 @@ def test_3d_preprocessing_follows_the_description(tmp_path):
     cases = load_dataset("men", data)
     schema = fit_schema(cases)
     info = DatasetInfo(cases, schema)
-    net = LateFusionNet(image_modalities=info.image_modalities, image_channels=info.image_channels,
-                        spatial_dims=info.spatial_dims, num_classes=info.num_classes,
-                        tabular_cardinalities=info.tabular_cardinalities, feature_dim=8, encoder=RESNET10,
-                        mode="zero_fill")
+    net = LateFusionNet(
+        image_modalities=info.image_modalities,
+        image_channels=info.image_channels,
+        spatial_dims=info.spatial_dims,
+        num_classes=info.num_classes,
+        tabular_cardinalities=info.tabular_cardinalities,
+        feature_dim=8,
+        encoder=RESNET10,
+        mode="zero_fill",
+    )
     models = str(tmp_path / "run" / "models")
     os.makedirs(models)
     torch.save(net.state_dict(), os.path.join(models, "model.pt"))
-    save_description(str(tmp_path / "run"), net, cases, schema, spatial_size=(8, 8, 8), pixdim=(2.0, 2.0, 2.0),
-                     method="zero_fill")
+    save_description(
+        str(tmp_path / "run"), net, cases, schema, spatial_size=(8, 8, 8), pixdim=(2.0, 2.0, 2.0), method="zero_fill"
+    )
     desc = load_description(models)
     assert desc["preprocessing"]["pixdim"] == [2.0, 2.0, 2.0] and desc["preprocessing"]["mean"] is None
     train_items = build_dataset(cases, None, schema, spatial_size=(8, 8, 8), pixdim=(2.0, 2.0, 2.0))

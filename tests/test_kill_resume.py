@@ -42,11 +42,21 @@ KILL_POINTS = {
 def command(dataset_dir: str, out: str, *extra: str) -> list[str]:
     """The training command with tiny overrides (32 px, feature_dim 16, 2 + 3 epochs, 30 synthetic cases)."""
     args = {
-        "bundle_root": ROOT, "dataset_dir": dataset_dir, "output_dir": out, "shared_dir": os.path.join(out, "shared"),
-        "spatial_size": "[32,32]", "feature_dim": "16", "batch_size": "8", "synthetic_cases": "30",
-        "stage1_epochs": str(EPOCHS["stage 1"]), "stage2_epochs": str(EPOCHS["stage 2"]),
-        "progress_bar": "False", "missing_rates": "[0.0,0.5]",
-        "sweep#subsets": "False", "sweep#roc": "False", "mlflow_enabled": "False",
+        "bundle_root": ROOT,
+        "dataset_dir": dataset_dir,
+        "output_dir": out,
+        "shared_dir": os.path.join(out, "shared"),
+        "spatial_size": "[32,32]",
+        "feature_dim": "16",
+        "batch_size": "8",
+        "synthetic_cases": "30",
+        "stage1_epochs": str(EPOCHS["stage 1"]),
+        "stage2_epochs": str(EPOCHS["stage 2"]),
+        "progress_bar": "False",
+        "missing_rates": "[0.0,0.5]",
+        "sweep#subsets": "False",
+        "sweep#roc": "False",
+        "mlflow_enabled": "False",
     }
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", TRAIN]
     for key, value in args.items():
@@ -60,16 +70,18 @@ def environment() -> dict:
 
 def run(cmd: list[str]) -> str:
     """Run ``cmd`` to the end; its output (stdout and stderr)."""
-    done = subprocess.run(cmd, cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-4000:]
     return done.stdout
 
 
 def run_and_kill(cmd: list[str], stage: str, trigger: str) -> str:
     """Start ``cmd``, SIGKILL it as soon as ``trigger`` is logged while ``stage`` trains; the output up to then."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines, current = [], None
     try:
         for line in proc.stdout:
@@ -155,8 +167,10 @@ def test_kill_and_rerun_matches_uninterrupted_run(point, dataset_dir, reference,
     # resumed from the last complete epoch: at most one epoch of training is lost
     reached, restored = trained_epochs(killed), resumed_epochs(rerun)
     lost = {stage: reached.get(stage, 0) - restored[stage] for stage in EPOCHS}
-    print(f"{point}: trained before the kill {reached}, resumed at {restored}, epochs lost {lost}, "
-          f"temporary files after the kill {temporaries}")
+    print(
+        f"{point}: trained before the kill {reached}, resumed at {restored}, epochs lost {lost}, "
+        f"temporary files after the kill {temporaries}"
+    )
     assert all(0 <= n <= 1 for n in lost.values()), (point, reached, restored)
     # the rerun trains exactly the epochs after the restored ones, each stage in order
     expected = [e for stage in EPOCHS for e in range(restored[stage] + 1, EPOCHS[stage] + 1)]
@@ -186,8 +200,13 @@ def test_error_inside_an_epoch_keeps_its_message_and_a_resumable_state(dataset_d
     from bundle_helpers import tiny_overrides, workflow
 
     out = str(tmp_path / "run")
-    overrides = tiny_overrides(dataset_dir, out, synthetic_cases=30, stage1_epochs=2,
-                               run=["$cmml_monai.evaluation.run_stage(@stage1#trainer, 'stage 1')"])
+    overrides = tiny_overrides(
+        dataset_dir,
+        out,
+        synthetic_cases=30,
+        stage1_epochs=2,
+        run=["$cmml_monai.evaluation.run_stage(@stage1#trainer, 'stage 1')"],
+    )
     w = workflow(TRAIN, **overrides)
     trainer = w.parser.get_parsed_content("stage1#trainer")
 

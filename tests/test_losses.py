@@ -94,7 +94,9 @@ def test_cmml_loss_stage2_terms_multi_label():
         "align_mask": torch.ones(b, k, dtype=torch.bool),
         "proj": F.normalize(torch.randn(2 * b, p), dim=1),
         # stage-1 keys are ignored in stage 2
-        "synth": torch.randn(b, k, p), "target": torch.randn(b, k, p), "recon_mask": torch.ones(b, k, dtype=torch.bool),
+        "synth": torch.randn(b, k, p),
+        "target": torch.randn(b, k, p),
+        "recon_mask": torch.ones(b, k, dtype=torch.bool),
     }
     res = CMMLLoss(stage=2, multi_label=True)(out, label)
     assert set(res) == {"loss", "cls", "align", "supcon"}
@@ -159,8 +161,12 @@ def test_cmml_loss_distillation_multi_label_is_the_bernoulli_kl():
 def test_cmml_loss_optional_stage2_reconstruction():
     b, k, d = 3, 2, 4
     torch.manual_seed(0)
-    out = {"logits": torch.randn(b, 2), "synth": torch.randn(b, k, d), "target": torch.randn(b, k, d),
-           "recon_mask": torch.tensor([[True, False], [False, False], [False, True]])}
+    out = {
+        "logits": torch.randn(b, 2),
+        "synth": torch.randn(b, k, d),
+        "target": torch.randn(b, k, d),
+        "recon_mask": torch.tensor([[True, False], [False, False], [False, True]]),
+    }
     label = torch.tensor([0, 1, 1])
     assert "rec" not in CMMLLoss(stage=2)(out, label)  # off by default (the design's stage-2 loss)
     res = CMMLLoss(stage=2, w_rec_stage2=0.5)(out, label)
@@ -171,8 +177,9 @@ def test_cmml_loss_optional_stage2_reconstruction():
 
 
 def test_cmml_loss_baseline_and_checks():
-    res = CMMLLoss(stage=2)({"logits": torch.zeros(2, 4), "present": torch.ones(2, 3, dtype=torch.bool)},
-                            torch.tensor([1, 3]))
+    res = CMMLLoss(stage=2)(
+        {"logits": torch.zeros(2, 4), "present": torch.ones(2, 3, dtype=torch.bool)}, torch.tensor([1, 3])
+    )
     assert set(res) == {"loss", "cls"} and res["loss"].item() == pytest.approx(math.log(4))
     with pytest.raises(ValueError, match="stage"):
         CMMLLoss(stage=0)
@@ -188,8 +195,13 @@ def test_reconstruction_over_the_cascade():
     mask = torch.tensor([[True, False, True, False], [False, False, False, True]])
     per_block = [ReconstructionLoss()(blocks[i], target, mask) for i in range(3)]
     assert ReconstructionLoss()(blocks, target, mask).item() == pytest.approx(sum(per_block).item() / 3, rel=1e-5)
-    out = {"logits": torch.zeros(2, 3), "synth": blocks[-1], "synth_blocks": blocks, "target": target,
-           "recon_mask": mask}
+    out = {
+        "logits": torch.zeros(2, 3),
+        "synth": blocks[-1],
+        "synth_blocks": blocks,
+        "target": target,
+        "recon_mask": mask,
+    }
     label = torch.tensor([0, 1])
     last = CMMLLoss(stage=1)(out, label)["rec"].item()
     deep = CMMLLoss(stage=1, rec_all_blocks=True)(out, label)["rec"].item()
@@ -207,7 +219,8 @@ def test_cmml_loss_label_smoothing_values():
     assert plain.item() == pytest.approx(-log_p[0].item())
     # multi-label: each binary target moves toward 1/2
     multi = CMMLLoss(stage=2, multi_label=True, label_smoothing=eps)(
-        {"logits": torch.tensor([[1.0, -1.0]])}, torch.tensor([[1, 0]]))["cls"]
+        {"logits": torch.tensor([[1.0, -1.0]])}, torch.tensor([[1, 0]])
+    )["cls"]
     expected = F.binary_cross_entropy_with_logits(torch.tensor([1.0, -1.0]), torch.tensor([1 - eps / 2, eps / 2]))
     assert multi.item() == pytest.approx(expected.item())
     with pytest.raises(ValueError, match="label_smoothing must be in"):

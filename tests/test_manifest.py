@@ -24,9 +24,9 @@ from cmml_monai.data.setup import load_cases
 from cmml_monai.data.synthetic import make_synthetic
 from cmml_monai.data.table import read_table
 from cmml_monai.deploy import inference_cases, load_description
+from cmml_monai.deploy.description import description_schema
 from cmml_monai.deploy.export import main as export_main
 from cmml_monai.deploy.inference import unseen_categories
-from cmml_monai.deploy.description import description_schema
 
 from bundle_helpers import tiny_overrides, workflow
 
@@ -72,8 +72,9 @@ def data(tmp_path_factory) -> dict:
 
 
 def _train_args(data: dict, out: str) -> dict:
-    return tiny_overrides(data["manifest"], out, spatial_size=[16, 16, 16], run_sweep=False, missing_rates=[0.0],
-                          num_workers=0)
+    return tiny_overrides(
+        data["manifest"], out, spatial_size=[16, 16, 16], run_sweep=False, missing_rates=[0.0], num_workers=0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +91,9 @@ def _write(frame: pd.DataFrame, path: str, base: str | None = None) -> str:
     if base is not None:
         frame = frame.copy()
         for col in SEQUENCES:
-            frame[col] = [p if not isinstance(p, str) or not p or os.path.isabs(p) else os.path.join(base, p)
-                          for p in frame[col]]
+            frame[col] = [
+                p if not isinstance(p, str) or not p or os.path.isabs(p) else os.path.join(base, p) for p in frame[col]
+            ]
     frame.to_csv(path, index=False)
     return path
 
@@ -120,11 +122,16 @@ def test_2d_xlsx_manifest_with_label_columns(tmp_path):
     root = str(tmp_path / "derm")
     make_synthetic("derm7pt", root, cases=20, seed=0)
     meta = pd.read_csv(os.path.join(root, "release_v0", "meta", "meta.csv"))
-    frame = pd.DataFrame({
-        "ID": meta["case_num"], "clinic": meta["clinic"], "derm": meta["derm"], "sex": meta["sex"],
-        "melanoma": meta["diagnosis"].str.startswith("melanoma").astype(int),
-        "nevus": meta["diagnosis"].str.contains("nevus").astype(int),
-    })
+    frame = pd.DataFrame(
+        {
+            "ID": meta["case_num"],
+            "clinic": meta["clinic"],
+            "derm": meta["derm"],
+            "sex": meta["sex"],
+            "melanoma": meta["diagnosis"].str.startswith("melanoma").astype(int),
+            "nevus": meta["diagnosis"].str.contains("nevus").astype(int),
+        }
+    )
     images = os.path.join(root, "release_v0", "images")
     frame.to_excel(os.path.join(images, "cases.xlsx"), index=False)
     # the synthetic set lists some files it did not write: a manifest names them as errors, all at once
@@ -137,13 +144,16 @@ def test_2d_xlsx_manifest_with_label_columns(tmp_path):
     frame.to_excel(os.path.join(images, "cases.xlsx"), index=False)
     cases = load_dataset("manifest", images, label_columns=["melanoma", "nevus"], table_columns=["sex"])
     assert cases.multi_label and cases.class_names == ["melanoma", "nevus"]
-    assert [(m.name, m.kind, m.channels) for m in cases.image_modalities] == [("clinic", "image2d", 3),
-                                                                            ("derm", "image2d", 3)]
+    assert [(m.name, m.kind, m.channels) for m in cases.image_modalities] == [
+        ("clinic", "image2d", 3),
+        ("derm", "image2d", 3),
+    ]
     first = cases.cases[0]
     assert first.case_id == "1" and first.paths["clinic"] is None and first.missing_reason["clinic"] == "no file listed"
     assert all(set(c.label) <= {0, 1} and len(c.label) == 2 for c in cases.cases)
-    renamed = load_dataset("manifest", images, label_columns=["melanoma", "nevus"],
-                           image_columns={"photo": "clinic", "dermoscopy": "derm"})
+    renamed = load_dataset(
+        "manifest", images, label_columns=["melanoma", "nevus"], image_columns={"photo": "clinic", "dermoscopy": "derm"}
+    )
     assert renamed.modality_names == ["photo", "dermoscopy", "table"] and renamed.table_columns == ["sex"]
     with pytest.raises(DataError, match="no synthetic stand-in.*--synthetic false"):
         load_cases("manifest", images, synthetic=True)
@@ -178,11 +188,29 @@ def test_trains_infers_and_exports(trained, data, tmp_path):
     work.mkdir()
     manifest = _write(new, str(work / "new_cases.csv"), data["base"])
     pred = str(tmp_path / "pred")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFERENCE, "--bundle_root", ROOT,
-           "--model_dir", trained["models"], "--dataset_dir", manifest, "--output_dir", pred,
-           "--progress_bar", "false", "--preflight", "off"]
-    done = subprocess.run(cmd, cwd=str(work), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        INFERENCE,
+        "--bundle_root",
+        ROOT,
+        "--model_dir",
+        trained["models"],
+        "--dataset_dir",
+        manifest,
+        "--output_dir",
+        pred,
+        "--progress_bar",
+        "false",
+        "--preflight",
+        "off",
+    ]
+    done = subprocess.run(
+        cmd, cwd=str(work), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     with open(os.path.join(pred, "predictions.csv"), newline="") as f:
         rows = {r["case_id"]: r for r in csv.DictReader(f)}
@@ -214,13 +242,51 @@ def test_evaluates_like_the_native_adapters(trained, data):
 @pytest.mark.e2e
 def test_readme_recipe_trains_from_the_command_line(data, tmp_path):
     """README / docs/datasets.md "Your own data": the overlay with roles set on the command line, from a fresh cwd."""
-    tiny = ["--feature_dim", "16", "--image_encoder", "resnet10", "--batch_size", "8", "--val_batch_size", "8",
-            "--num_workers", "0", "--stage1_epochs", "1", "--stage2_epochs", "1", "--progress_bar", "false",
-            "--mlflow_enabled", "false", "--amp", "false", "--missing_rates", "[0.0]", "--sweep#subsets", "false",
-            "--sweep#roc", "false"]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr([TRAIN, OVERLAY]),
-           "--dataset_dir", data["manifest"], "--spatial_size", "[16,16,16]",
-           "--dataset_options#image_columns", "['t1c','t2w']", "--dataset_options#label_columns", "grade", *tiny]
+    tiny = [
+        "--feature_dim",
+        "16",
+        "--image_encoder",
+        "resnet10",
+        "--batch_size",
+        "8",
+        "--val_batch_size",
+        "8",
+        "--num_workers",
+        "0",
+        "--stage1_epochs",
+        "1",
+        "--stage2_epochs",
+        "1",
+        "--progress_bar",
+        "false",
+        "--mlflow_enabled",
+        "false",
+        "--amp",
+        "false",
+        "--missing_rates",
+        "[0.0]",
+        "--sweep#subsets",
+        "false",
+        "--sweep#roc",
+        "false",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        repr([TRAIN, OVERLAY]),
+        "--dataset_dir",
+        data["manifest"],
+        "--spatial_size",
+        "[16,16,16]",
+        "--dataset_options#image_columns",
+        "['t1c','t2w']",
+        "--dataset_options#label_columns",
+        "grade",
+        *tiny,
+    ]
     done = subprocess.run(cmd, cwd=str(tmp_path), env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     desc = load_description(str(tmp_path / "outputs" / "manifest_cmml" / "models"))
@@ -279,12 +345,31 @@ def test_bad_manifests(data, tmp_path):
 
 def test_inspect_data_prints_the_inferred_roles(data):
     script = os.path.join(ROOT, "scripts", "inspect_data.py")
-    done = subprocess.run([sys.executable, script, "--dataset", "manifest", "--dataset_dir", data["manifest"]],
-                          env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, script, "--dataset", "manifest", "--dataset_dir", data["manifest"]],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "column roles" in done.stdout and '"image_columns": {"t1c": "t1c", "t2w": "t2w"}' in done.stdout
-    bad = subprocess.run([sys.executable, script, "--dataset", "manifest", "--dataset_dir", data["manifest"],
-                          "--table_columns", '["sexx"]'], env=ENV, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            script,
+            "--dataset",
+            "manifest",
+            "--dataset_dir",
+            data["manifest"],
+            "--table_columns",
+            '["sexx"]',
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
     assert bad.returncode == 2 and len(errors) == 1 and "did you mean 'sex'" in errors[0]
     assert "Traceback" not in bad.stderr

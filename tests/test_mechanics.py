@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from monai.bundle import ConfigParser
 from sklearn.metrics import roc_auc_score
 
-from cmml_monai.data.dataset import build_dataset
 from cmml_monai.data import DatasetInfo, fit_schema, load_cases
+from cmml_monai.data.dataset import build_dataset
 from cmml_monai.evaluation import MissingRateSweep
-from cmml_monai.metrics import expected_calibration_error
 from cmml_monai.losses import AlignmentLoss, CMMLLoss, SupConLoss
+from cmml_monai.metrics import expected_calibration_error
 from cmml_monai.networks import CascadedResidualTransformerAE, CMMLNet, LateFusionNet, ModalityMemoryBank
 
 from bundle_helpers import RESNET10
@@ -42,8 +42,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
 NAN = float("nan")
 D = 16
-SMALL = dict(feature_dim=D, encoder=RESNET10, crta=partial(CascadedResidualTransformerAE, num_blocks=2),
-             memory=partial(ModalityMemoryBank, num_slots=8), projection_dim=8, num_context_tokens=4, dropout=0.0)
+SMALL = dict(
+    feature_dim=D,
+    encoder=RESNET10,
+    crta=partial(CascadedResidualTransformerAE, num_blocks=2),
+    memory=partial(ModalityMemoryBank, num_slots=8),
+    projection_dim=8,
+    num_context_tokens=4,
+    dropout=0.0,
+)
 SWEEP_RATES = [0.0, 0.3, 0.7]
 MASK_SEED = 3
 # a synthetic test case has a location unseen in training (encoded as a missing cell): expected here
@@ -70,7 +77,7 @@ def mask_inputs(
     for i in range(present.shape[0]):
         for j in range(m):
             if not present[i, j]:
-                image[i, j * channels:(j + 1) * channels] = NAN
+                image[i, j * channels : (j + 1) * channels] = NAN
         if tabular is not None and not present[i, m]:
             tabular[i] = NAN
     return image, tabular
@@ -81,8 +88,10 @@ def batch_inputs(present: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, to
     g = torch.Generator().manual_seed(seed)
     b = present.shape[0]
     image = torch.randn(b, 6, 32, 32, generator=g)
-    tab = torch.stack([torch.randn(b, generator=g), torch.randint(0, 4, (b,), generator=g).float(),
-                       torch.randn(b, generator=g)], dim=1)
+    tab = torch.stack(
+        [torch.randn(b, generator=g), torch.randint(0, 4, (b,), generator=g).float(), torch.randn(b, generator=g)],
+        dim=1,
+    )
     return mask_inputs(image, tab, present.numpy(), 3)
 
 
@@ -134,8 +143,11 @@ def derm(tmp_path_factory) -> dict:
         "case_list": case_list,
         "dataset": dataset,
         "net_args": dict(
-            image_modalities=info.image_modalities, image_channels=info.image_channels, spatial_dims=info.spatial_dims,
-            num_classes=info.num_classes, tabular_cardinalities=info.tabular_cardinalities,
+            image_modalities=info.image_modalities,
+            image_channels=info.image_channels,
+            spatial_dims=info.spatial_dims,
+            num_classes=info.num_classes,
+            tabular_cardinalities=info.tabular_cardinalities,
         ),
         "image": torch.stack([torch.as_tensor(it["image"]) for it in items]),
         "tabular": torch.stack([torch.as_tensor(it["tabular"]) for it in items]),
@@ -163,12 +175,30 @@ def expected_metrics(net: torch.nn.Module, derm: dict, present: np.ndarray) -> d
     }
 
 
-def run_sweep(net: torch.nn.Module, derm: dict, name: str, rates: list[float], checkpoint: str | None = None,
-              predictions: bool = False) -> list:
+def run_sweep(
+    net: torch.nn.Module,
+    derm: dict,
+    name: str,
+    rates: list[float],
+    checkpoint: str | None = None,
+    predictions: bool = False,
+) -> list:
     sweep = MissingRateSweep(
-        net, derm["case_list"], derm["dataset"], str(derm["base"] / name), str(derm["base"] / f"{name}_masks"),
-        method=name, split="test", rates=rates, seed=MASK_SEED, subsets=False, roc=False, checkpoint=checkpoint,
-        device="cpu", amp=False, batch_size=5,  # 5: the 12 test cases span several batches
+        net,
+        derm["case_list"],
+        derm["dataset"],
+        str(derm["base"] / name),
+        str(derm["base"] / f"{name}_masks"),
+        method=name,
+        split="test",
+        rates=rates,
+        seed=MASK_SEED,
+        subsets=False,
+        roc=False,
+        checkpoint=checkpoint,
+        device="cpu",
+        amp=False,
+        batch_size=5,  # 5: the 12 test cases span several batches
         predictions=predictions,
     )
     return sweep.run()
@@ -179,7 +209,7 @@ def derm_natural(derm: dict) -> np.ndarray:
     c = derm["net_args"]["image_channels"]
     image, tab = derm["image"], derm["tabular"]
     m = image.shape[1] // c
-    cols = [~torch.isnan(image[:, j * c:(j + 1) * c]).flatten(1).all(dim=1) for j in range(m)]
+    cols = [~torch.isnan(image[:, j * c : (j + 1) * c]).flatten(1).all(dim=1) for j in range(m)]
     cols.append(~torch.isnan(tab).all(dim=1))
     return torch.stack(cols, dim=1).numpy()
 
@@ -368,8 +398,12 @@ def test_crta_missing_slot_is_completed_from_each_present_token(with_context):
 def test_memory_read_is_softmax_of_cosine_over_tau_times_slots():
     torch.manual_seed(0)
     bank = ModalityMemoryBank(2, 4, num_slots=3, tau=0.2)
-    slots = torch.tensor([[[2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0], [-1.0, 0.0, 0.0, 3.0]],
-                          [[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 4.0, 0.0], [1.0, -1.0, 1.0, -1.0]]])
+    slots = torch.tensor(
+        [
+            [[2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0], [-1.0, 0.0, 0.0, 3.0]],
+            [[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 4.0, 0.0], [1.0, -1.0, 1.0, -1.0]],
+        ]
+    )
     bank.memory.copy_(slots)  # unnormalised slots: the read mixes the raw slots, weighted by cosine
     q = torch.tensor([[[1.0, 0.5, 0.0, 0.0], [0.0, 0.0, 2.0, 0.1]], [[0.0, 1.0, 1.0, 1.0], [3.0, -1.0, 0.0, 0.0]]])
     qn, mn = q.double().numpy(), slots.double().numpy()
@@ -413,13 +447,20 @@ def test_stage2_served_logits_read_the_memory_for_synthesised_slots_only():
 OVERLAYS = {
     "cmml": (CMMLNet, {"memory": ModalityMemoryBank, "context": "set", "use_stage2": True, "fusion": "set"}),
     "cmml_no_memory": (CMMLNet, {"memory": None, "context": "set", "use_stage2": True, "fusion": "set"}),
-    "cmml_no_context": (CMMLNet, {"memory": ModalityMemoryBank, "context": None, "reference": None,
-                                  "use_stage2": True, "fusion": "set"}),
-    "cmml_no_stage2": (CMMLNet, {"memory": ModalityMemoryBank, "context": "set", "use_stage2": False,
-                                 "fusion": "absent"}),
+    "cmml_no_context": (
+        CMMLNet,
+        {"memory": ModalityMemoryBank, "context": None, "reference": None, "use_stage2": True, "fusion": "set"},
+    ),
+    "cmml_no_stage2": (
+        CMMLNet,
+        {"memory": ModalityMemoryBank, "context": "set", "use_stage2": False, "fusion": "absent"},
+    ),
     "zero_fill": (LateFusionNet, {"mode": "zero_fill", "use_indicators": True}),
     "modality_dropout": (LateFusionNet, {"mode": "modality_dropout", "use_indicators": True, "two_view": False}),
-    "modality_dropout_two_view": (LateFusionNet, {"mode": "modality_dropout", "use_indicators": True, "two_view": True}),
+    "modality_dropout_two_view": (
+        LateFusionNet,
+        {"mode": "modality_dropout", "use_indicators": True, "two_view": True},
+    ),
     "mean_impute": (LateFusionNet, {"mode": "mean_impute", "use_indicators": False}),
 }
 
@@ -434,11 +475,18 @@ def overlay_dirs(tmp_path_factory) -> dict:
 def test_method_overlay_builds_the_network_it_names(method, overlay_dirs):
     parser = ConfigParser()
     parser.read_config([TRAIN, os.path.join(ROOT, "configs", "methods", f"{method}.json")])
-    parser.update({
-        "bundle_root": ROOT, "dataset_dir": overlay_dirs["dataset_dir"], "synthetic_cases": 30,
-        "output_dir": str(overlay_dirs["base"] / method), "shared_dir": str(overlay_dirs["base"] / "shared"),
-        "feature_dim": D, "spatial_size": [32, 32], "mlflow_enabled": False,
-    })
+    parser.update(
+        {
+            "bundle_root": ROOT,
+            "dataset_dir": overlay_dirs["dataset_dir"],
+            "synthetic_cases": 30,
+            "output_dir": str(overlay_dirs["base"] / method),
+            "shared_dir": str(overlay_dirs["base"] / "shared"),
+            "feature_dim": D,
+            "spatial_size": [32, 32],
+            "mlflow_enabled": False,
+        }
+    )
     net = parser.get_parsed_content("network_def")
     cls, want = OVERLAYS[method]
     assert parser.get_parsed_content("method") == method

@@ -14,8 +14,13 @@ from cmml_monai.handlers.mlflow import RUN_STATE_NAME, TRAINING_RUN_TAG
 
 
 def tracker(out: str, **kwargs) -> MLflowTracker:
-    return MLflowTracker(output_dir=out, experiment_name="continue", run_name=kwargs.pop("run_name", "train_1"),
-                         params={"seed": 0}, **kwargs)
+    return MLflowTracker(
+        output_dir=out,
+        experiment_name="continue",
+        run_name=kwargs.pop("run_name", "train_1"),
+        params={"seed": 0},
+        **kwargs,
+    )
 
 
 def test_restart_continues_parent_and_stage_runs(tmp_path):

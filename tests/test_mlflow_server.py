@@ -19,10 +19,22 @@ def test_training_logs_parent_and_stage_runs_to_server(mlflow_server, tmp_path, 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = str(tmp_path / "run")
     w = ConfigWorkflow(
-        config_file=TRAIN, workflow_type="train", bundle_root=ROOT, dataset_dir=str(tmp_path / "syn"),
-        synthetic_cases=24, output_dir=out, shared_dir=os.path.join(out, "shared"), spatial_size=[32, 32],
-        feature_dim=16, batch_size=8, stage1_epochs=1, stage2_epochs=1, progress_bar=False,
-        missing_rates=[0.0, 0.5], tracking_uri=mlflow_server, experiment_name="cmml_server_test",
+        config_file=TRAIN,
+        workflow_type="train",
+        bundle_root=ROOT,
+        dataset_dir=str(tmp_path / "syn"),
+        synthetic_cases=24,
+        output_dir=out,
+        shared_dir=os.path.join(out, "shared"),
+        spatial_size=[32, 32],
+        feature_dim=16,
+        batch_size=8,
+        stage1_epochs=1,
+        stage2_epochs=1,
+        progress_bar=False,
+        missing_rates=[0.0, 0.5],
+        tracking_uri=mlflow_server,
+        experiment_name="cmml_server_test",
         **{"sweep#subsets": False},
     )
     w.initialize()

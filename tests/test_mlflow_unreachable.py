@@ -41,10 +41,21 @@ def test_tracker_refuses_a_closed_port_with_one_line(closed_port_uri, tmp_path):
 def test_bundle_stops_before_the_first_epoch(closed_port_uri, tmp_path):
     out = tmp_path / "run"
     w = ConfigWorkflow(
-        config_file=TRAIN, workflow_type="train", bundle_root=ROOT, dataset_dir=str(tmp_path / "derm7pt"),
-        synthetic_cases=30, output_dir=str(out), shared_dir=str(out / "shared"), spatial_size=[32, 32],
-        feature_dim=16, batch_size=8, stage1_epochs=1, stage2_epochs=1, progress_bar=False,
-        tracking_uri=closed_port_uri, mlflow_enabled=True,
+        config_file=TRAIN,
+        workflow_type="train",
+        bundle_root=ROOT,
+        dataset_dir=str(tmp_path / "derm7pt"),
+        synthetic_cases=30,
+        output_dir=str(out),
+        shared_dir=str(out / "shared"),
+        spatial_size=[32, 32],
+        feature_dim=16,
+        batch_size=8,
+        stage1_epochs=1,
+        stage2_epochs=1,
+        progress_bar=False,
+        tracking_uri=closed_port_uri,
+        mlflow_enabled=True,
     )
     w.initialize()
     with pytest.raises(Exception) as raised:

@@ -25,7 +25,6 @@ import time
 
 import pytest
 
-
 from bundle_helpers import train_tiny_derm7pt
 
 pytestmark = pytest.mark.slow
@@ -38,10 +37,10 @@ MARKER = os.path.join(VENV, "cmml-label-ready.json")
 CONSTRAINTS = "torch==2.13.0\ntorchvision==0.28.0\nnumpy<2\n"
 STUB = {
     "__init__.py": '"""Stand-in: PyPI\'s torchvision is a CUDA build that cannot load beside the CPU torch."""\n'
-                   '__version__ = "0.0.0+stub"\n',
+    '__version__ = "0.0.0+stub"\n',
     "utils.py": "def _unavailable(*args, **kwargs):\n"
-                "    raise RuntimeError('torchvision is a stand-in in this venv (no CPU build on PyPI)')\n\n\n"
-                "make_grid = save_image = _unavailable\n",
+    "    raise RuntimeError('torchvision is a stand-in in this venv (no CPU build on PyPI)')\n\n\n"
+    "make_grid = save_image = _unavailable\n",
 }
 CHECK = """
 import json, sys
@@ -60,8 +59,9 @@ def _venv_python() -> str:
 
 
 def _pip(*args: str) -> None:
-    done = subprocess.run([_venv_python(), "-m", "pip", "install", "-q", *args], capture_output=True, text=True,
-                          timeout=1800)
+    done = subprocess.run(
+        [_venv_python(), "-m", "pip", "install", "-q", *args], capture_output=True, text=True, timeout=1800
+    )
     assert done.returncode == 0, f"pip install {args}: {done.stderr[-3000:]}"
 
 
@@ -77,8 +77,12 @@ def label_venv(tmp_path_factory) -> str:
         _pip("-c", str(constraints), "monailabel==0.8.5")
         _pip("-c", str(constraints), "-e", ROOT)
         subprocess.run([_venv_python(), "-m", "pip", "uninstall", "-y", "-q", "torchvision"], check=True, timeout=300)
-        purelib = subprocess.run([_venv_python(), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
+        purelib = subprocess.run(
+            [_venv_python(), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         os.makedirs(os.path.join(purelib, "torchvision"), exist_ok=True)
         for name, text in STUB.items():
             with open(os.path.join(purelib, "torchvision", name), "w", encoding="utf-8") as f:
@@ -95,8 +99,9 @@ def bundle(tmp_path_factory) -> dict:
     w.finalize()
     out = str(root / "bundle" / "derm7pt_tiny")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, SCRIPT, run, "--out", out], cwd=str(root), env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, SCRIPT, run, "--out", out], cwd=str(root), env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     image = sorted(os.path.join(d, f) for d, _, fs in os.walk(data) for f in fs if f.endswith(".jpg"))[0]
     return {"root": root, "bundle": out, "image": image}
@@ -112,16 +117,34 @@ def _inference_json(bundle: dict, image: str) -> dict[str, float]:
         writer.writerow(["case_id", "clinic", "derm", "elevation", "location", "sex"])
         writer.writerow(["q1", "", image, "", "", ""])
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                           os.path.join(bundle["bundle"], "configs", "inference.json"), "--bundle_root",
-                           bundle["bundle"], "--dataset_name", "manifest", "--dataset_dir", str(manifest),
-                           "--progress_bar", "false"], cwd=str(work), env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            os.path.join(bundle["bundle"], "configs", "inference.json"),
+            "--bundle_root",
+            bundle["bundle"],
+            "--dataset_name",
+            "manifest",
+            "--dataset_dir",
+            str(manifest),
+            "--progress_bar",
+            "false",
+        ],
+        cwd=str(work),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     with open(work / "predictions" / "predictions.csv", newline="", encoding="utf-8") as f:
         (row,) = list(csv.DictReader(f))
     assert row["present"] == "derm" and row["completed"] == "clinic;table"
-    return {k[len("prob_"):]: float(v) for k, v in row.items() if k.startswith("prob_")}
+    return {k[len("prob_") :]: float(v) for k, v in row.items() if k.startswith("prob_")}
 
 
 def test_monai_label_bundle_infer_task_answers_an_image_only_request(label_venv, bundle, tmp_path):
@@ -130,11 +153,17 @@ def test_monai_label_bundle_infer_task_answers_an_image_only_request(label_venv,
     # PYTHONPATH: this checkout's cmml_monai, whatever checkout the reused venv was built from
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     start = time.time()
-    done = subprocess.run([label_venv, str(script), bundle["bundle"], bundle["image"], "derm"], cwd=str(tmp_path),
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [label_venv, str(script), bundle["bundle"], bundle["image"], "derm"],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     (line,) = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    result = json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT ") :])
     print(f"monailabel request: {time.time() - start:.1f} s")
     assert result["type"] == "classification" and result["label"] is None  # no label file: a classification
     assert result["labels"] == {"bcc": 0, "nev": 1, "mel": 2, "misc": 3, "sk": 4}

@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import pytest
-
 from monai.bundle import ConfigWorkflow
 
 from cmml_monai.data.errors import DataError, find_data_error
@@ -25,9 +24,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
 EVALUATE = os.path.join(ROOT, "configs", "evaluate.json")
 CHECK = "$cmml_monai.handlers.refuse_monai_tracking(@save_execute_config)"
-TINY = ["--spatial_size", "[32,32]", "--feature_dim", "16", "--image_encoder", "resnet10", "--batch_size", "8",
-        "--num_workers", "0", "--stage1_epochs", "1", "--stage2_epochs", "1", "--progress_bar", "false",
-        "--missing_rates", "[0.0]", "--synthetic_cases", "24"]
+TINY = [
+    "--spatial_size",
+    "[32,32]",
+    "--feature_dim",
+    "16",
+    "--image_encoder",
+    "resnet10",
+    "--batch_size",
+    "8",
+    "--num_workers",
+    "0",
+    "--stage1_epochs",
+    "1",
+    "--stage2_epochs",
+    "1",
+    "--progress_bar",
+    "false",
+    "--missing_rates",
+    "[0.0]",
+    "--synthetic_cases",
+    "24",
+]
 
 
 def _wired(path: str) -> bool:
@@ -51,8 +69,10 @@ def _wiring(*configs: str) -> str:
         with open(path, encoding="utf-8") as f:
             merged.update(json.load(f))
     if merged.get("save_execute_config") is not False or CHECK not in (merged.get("initialize") or []):
-        return (f"{', '.join(os.path.basename(c) for c in configs)}: wiring missing (top-level "
-                f"\"save_execute_config\": false and, in initialize after install_data_error_hook(), {CHECK})")
+        return (
+            f"{', '.join(os.path.basename(c) for c in configs)}: wiring missing (top-level "
+            f'"save_execute_config": false and, in initialize after install_data_error_hook(), {CHECK})'
+        )
     return ""
 
 
@@ -64,9 +84,23 @@ def test_monai_tracking_switch_is_refused_before_anything_runs(tmp_path, configs
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(configs), "--bundle_root", ROOT,
-           "--dataset_dir", str(tmp_path / "syn"), "--output_dir", str(work / "out"), *TINY,
-           "--tracking", "mlflow"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        repr(configs),
+        "--bundle_root",
+        ROOT,
+        "--dataset_dir",
+        str(tmp_path / "syn"),
+        "--output_dir",
+        str(work / "out"),
+        *TINY,
+        "--tracking",
+        "mlflow",
+    ]
     done = subprocess.run(cmd, cwd=str(work), env=env, capture_output=True, text=True, timeout=600)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert done.returncode != 0 and len(errors) == 1, done.stderr[-3000:]
@@ -81,8 +115,15 @@ def test_monai_tracking_switch_is_refused_before_anything_runs(tmp_path, configs
 def test_monai_tracking_argument_of_the_python_api_is_refused(tmp_path):
     if _wiring(TRAIN):
         pytest.skip(_wiring(TRAIN))
-    w = ConfigWorkflow(config_file=TRAIN, workflow_type="train", tracking="mlflow", bundle_root=ROOT,
-                       dataset_dir=str(tmp_path / "syn"), output_dir=str(tmp_path / "out"), mlflow_enabled=False)
+    w = ConfigWorkflow(
+        config_file=TRAIN,
+        workflow_type="train",
+        tracking="mlflow",
+        bundle_root=ROOT,
+        dataset_dir=str(tmp_path / "syn"),
+        output_dir=str(tmp_path / "out"),
+        mlflow_enabled=False,
+    )
     with pytest.raises(Exception) as raised:
         w.initialize()
     error = find_data_error(raised.value)

@@ -25,8 +25,14 @@ from bundle_helpers import RESNET10
 NAN = float("nan")
 D = 32
 CARDS = [0, 3, 0]  # numeric, categorical (3 codes), numeric
-SMALL = dict(feature_dim=D, encoder=RESNET10, crta=partial(CascadedResidualTransformerAE, num_blocks=2),
-             memory=partial(ModalityMemoryBank, num_slots=8), projection_dim=16, dropout=0.0)
+SMALL = dict(
+    feature_dim=D,
+    encoder=RESNET10,
+    crta=partial(CascadedResidualTransformerAE, num_blocks=2),
+    memory=partial(ModalityMemoryBank, num_slots=8),
+    projection_dim=16,
+    dropout=0.0,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
@@ -38,7 +44,7 @@ def make_batch(present: torch.Tensor, spatial=(16, 16), channels: int = 3, table
     m = k - 1 if table else k
     image = torch.randn(b, m * channels, *spatial)
     for i in range(m):
-        image[~present[:, i], i * channels:(i + 1) * channels] = NAN
+        image[~present[:, i], i * channels : (i + 1) * channels] = NAN
     if not table:
         return image, None
     tab = torch.stack([torch.randn(b), torch.randint(0, 3, (b,)).float(), torch.randn(b)], dim=1)
@@ -152,8 +158,9 @@ def test_encoder_output_independent_of_missing_content():
 @pytest.mark.parametrize("share", [False, True])
 def test_encode_present_only_matches_vectorised(share):
     dense = MultiModalEncoder(2, 3, 2, CARDS, feature_dim=D, image_encoder="resnet10", share_image_encoder=share)
-    sparse = MultiModalEncoder(2, 3, 2, CARDS, feature_dim=D, image_encoder="resnet10", share_image_encoder=share,
-                               encode_present_only=True)
+    sparse = MultiModalEncoder(
+        2, 3, 2, CARDS, feature_dim=D, image_encoder="resnet10", share_image_encoder=share, encode_present_only=True
+    )
     sparse.load_state_dict(dense.state_dict())
     present = torch.tensor([[False, True, True], [True, True, False], [True, False, True], [True, False, True]])
     image, tab = make_batch(present)
@@ -180,7 +187,7 @@ def test_stage1_synthesis_ignores_dropped_content():
     out = net.forward_train(image, tab, stage=1)
     dropped = 0 if not out["keep"][0, 0] else 1
     changed = image.clone()
-    changed[0, dropped * 3:(dropped + 1) * 3] += 3.0
+    changed[0, dropped * 3 : (dropped + 1) * 3] += 3.0
     set_determinism(seed=1)
     out2 = net.forward_train(changed, tab, stage=1)
     assert torch.equal(out["keep"], out2["keep"])
@@ -226,12 +233,27 @@ def test_no_nan_table_missing_and_one_image():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(), dict(use_context=False, use_memory=False), dict(share_image_encoder=True), dict(mark_synthesized=True),
-        dict(residual_head=False), dict(stage1_head="concat_mlp"), dict(stage1_head="norm_mean"),
-        dict(instance_context=True), dict(crta_reads_context=False),
+        dict(),
+        dict(use_context=False, use_memory=False),
+        dict(share_image_encoder=True),
+        dict(mark_synthesized=True),
+        dict(residual_head=False),
+        dict(stage1_head="concat_mlp"),
+        dict(stage1_head="norm_mean"),
+        dict(instance_context=True),
+        dict(crta_reads_context=False),
     ],
-    ids=["cmml", "no_context_no_memory", "shared_encoder", "mark_synthesized", "no_residual_head", "concat_head",
-         "norm_mean_head", "instance_context", "crta_without_context"],
+    ids=[
+        "cmml",
+        "no_context_no_memory",
+        "shared_encoder",
+        "mark_synthesized",
+        "no_residual_head",
+        "concat_head",
+        "norm_mean_head",
+        "instance_context",
+        "crta_without_context",
+    ],
 )
 def test_every_parameter_gets_gradient_from_its_stage(kwargs):
     net = cmml(**kwargs).train()
@@ -242,28 +264,36 @@ def test_every_parameter_gets_gradient_from_its_stage(kwargs):
     # Without context tokens the reference is one token (the mean of the completed tokens), and
     # attention over a single key weighs it 1 whatever the query: the alignment's query path has no
     # effect. Its gradient is exactly 0 or rounding noise, depending on the CPU's attention kernel.
-    query_path = ("alignment.attn.norm_q.weight", "alignment.attn.norm_q.bias", "alignment.attn.q.weight",
-                  "alignment.attn.q.bias")
+    query_path = (
+        "alignment.attn.norm_q.weight",
+        "alignment.attn.norm_q.bias",
+        "alignment.attn.q.weight",
+        "alignment.attn.q.bias",
+    )
     dead = set() if kwargs.get("use_context", True) else set(query_path)
     for stage in (1, 2):
         net.zero_grad(set_to_none=True)
         loss = CMMLLoss(stage=stage)(net.forward_train(image, tab, stage=stage), label)["loss"]
         loss.backward()
         own = {id(p) for p in net.stage_parameters(stage)}
-        no_grad = [names[id(p)] for p in net.stage_parameters(stage)
-                   if names[id(p)] not in dead and (p.grad is None or p.grad.abs().sum() == 0)]
+        no_grad = [
+            names[id(p)]
+            for p in net.stage_parameters(stage)
+            if names[id(p)] not in dead and (p.grad is None or p.grad.abs().sum() == 0)
+        ]
         assert no_grad == [], f"stage {stage}: no gradient for {no_grad}"
         alive = [n for n, p in net.named_parameters() if n in dead and p.grad is not None and p.grad.abs().max() > 1e-6]
         assert alive == [], f"stage {stage}: {alive} were expected to have no effect with a one-token reference"
         leaked = [
-            n for n, p in net.named_parameters()
-            if id(p) not in own and p.grad is not None and p.grad.abs().sum() > 0
+            n for n, p in net.named_parameters() if id(p) not in own and p.grad is not None and p.grad.abs().sum() > 0
         ]
         assert leaked == [], f"stage {stage}: gradient outside the stage for {leaked}"
     assert {id(p) for p in net.parameters()} == {id(p) for s in (1, 2) for p in net.stage_parameters(s)}
     crta = {id(p) for p in net.crta_parameters()}
     unread = set() if net.crta_reads_context or net.context is None else {id(p) for p in net.context.parameters()}
-    assert crta - unread <= {id(p) for p in net.stage_parameters(1)} and crta <= {id(p) for p in net.stage_parameters(2)}
+    assert crta - unread <= {id(p) for p in net.stage_parameters(1)} and crta <= {
+        id(p) for p in net.stage_parameters(2)
+    }
 
 
 def test_memory_written_only_in_stage1_training():
@@ -312,8 +342,17 @@ def test_memory_write_stage2_keeps_the_banks_on_the_current_features():
         lambda: cmml(use_stage2=False, use_memory=False, use_context=False),
         lambda: LateFusionNet(2, 3, 2, 5, CARDS, feature_dim=D, encoder=RESNET10, mode="mean_impute"),
     ],
-    ids=["cmml_present_only", "mark_synthesized", "no_residual_head", "concat_head", "norm_mean_head",
-         "instance_context", "crta_without_context", "stage1_no_memory_no_context", "mean_impute"],
+    ids=[
+        "cmml_present_only",
+        "mark_synthesized",
+        "no_residual_head",
+        "concat_head",
+        "norm_mean_head",
+        "instance_context",
+        "crta_without_context",
+        "stage1_no_memory_no_context",
+        "mean_impute",
+    ],
 )
 def test_trace_matches_eager_for_other_patterns(make):
     net = make().eval()
@@ -334,12 +373,27 @@ def test_trace_matches_eager_for_other_patterns(make):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(), dict(use_stage2=False, use_context=False), dict(mark_synthesized=True), dict(residual_head=False),
-        dict(stage1_head="concat_mlp"), dict(stage1_head="concat_mlp", use_stage2=False), dict(stage1_head="norm_mean"),
-        dict(instance_context=True), dict(crta_reads_context=False),
+        dict(),
+        dict(use_stage2=False, use_context=False),
+        dict(mark_synthesized=True),
+        dict(residual_head=False),
+        dict(stage1_head="concat_mlp"),
+        dict(stage1_head="concat_mlp", use_stage2=False),
+        dict(stage1_head="norm_mean"),
+        dict(instance_context=True),
+        dict(crta_reads_context=False),
     ],
-    ids=["cmml", "stage1_only", "mark_synthesized", "no_residual_head", "concat_head", "concat_head_stage1_only",
-         "norm_mean_head", "instance_context", "crta_without_context"],
+    ids=[
+        "cmml",
+        "stage1_only",
+        "mark_synthesized",
+        "no_residual_head",
+        "concat_head",
+        "concat_head_stage1_only",
+        "norm_mean_head",
+        "instance_context",
+        "crta_without_context",
+    ],
 )
 def test_script_matches_eager(kwargs):
     net = cmml(**kwargs).eval()
@@ -429,8 +483,9 @@ def test_ablations_build_and_run(kwargs):
 
 @pytest.mark.parametrize("mode", ["zero_fill", "modality_dropout", "mean_impute"])
 def test_late_fusion_baselines(mode):
-    net = LateFusionNet(2, 3, 2, 4, CARDS, multi_label=True, feature_dim=D, encoder=RESNET10, mode=mode,
-                        dropout_prob=0.5)
+    net = LateFusionNet(
+        2, 3, 2, 4, CARDS, multi_label=True, feature_dim=D, encoder=RESNET10, mode=mode, dropout_prob=0.5
+    )
     present = all_patterns(3)
     image, tab = make_batch(present)
     out = net.train().forward_train(image, tab, stage=2)
@@ -442,8 +497,9 @@ def test_late_fusion_baselines(mode):
     if mode == "mean_impute":
         assert net.mean_initialized.all() and net.running_mean.abs().sum() > 0
     if mode == "modality_dropout":  # training drops tokens: rows with several modalities change
-        net = LateFusionNet(2, 3, 2, 4, CARDS, feature_dim=D, encoder=RESNET10, mode=mode, dropout_prob=1.0,
-                            dropout=0.0).train()
+        net = LateFusionNet(
+            2, 3, 2, 4, CARDS, feature_dim=D, encoder=RESNET10, mode=mode, dropout_prob=1.0, dropout=0.0
+        ).train()
         dropped, full = net.forward_train(image, tab)["logits"], net(image, tab)
         several = present.sum(1) > 1
         assert not torch.allclose(dropped[several], full[several])
@@ -456,8 +512,19 @@ def test_modality_dropout_two_view_gives_the_observed_and_the_dropped_view():
     present = all_patterns(3)
     image, tab = make_batch(present)
     torch.manual_seed(0)
-    net = LateFusionNet(2, 3, 2, 4, CARDS, feature_dim=D, encoder=RESNET10, mode="modality_dropout",
-                        dropout_prob=1.0, dropout=0.0, two_view="true").train()
+    net = LateFusionNet(
+        2,
+        3,
+        2,
+        4,
+        CARDS,
+        feature_dim=D,
+        encoder=RESNET10,
+        mode="modality_dropout",
+        dropout_prob=1.0,
+        dropout=0.0,
+        two_view="true",
+    ).train()
     out = net.forward_train(image, tab)
     several = present.sum(1) > 1
     full = net(image, tab)  # the served path sees the observed case
@@ -532,11 +599,34 @@ def test_benchmark_script_smoke(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
     threads = torch.get_num_threads()
-    report = bench.main(["--batch-size", "2", "--image-size", "16", "--feature-dim", "32", "--image-encoder",
-                         "resnet10", "--warmup", "0", "--iters", "1", "--threads", "1", "--json", str(out)])
+    report = bench.main(
+        [
+            "--batch-size",
+            "2",
+            "--image-size",
+            "16",
+            "--feature-dim",
+            "32",
+            "--image-encoder",
+            "resnet10",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     torch.set_num_threads(threads)
-    assert set(report["results"]) == {"cmml_stage1", "cmml_stage2", "cmml_stage2_frozen", "cmml_stage2_frozen_cached",
-                                      "zero_fill"}
+    assert set(report["results"]) == {
+        "cmml_stage1",
+        "cmml_stage2",
+        "cmml_stage2_frozen",
+        "cmml_stage2_frozen_cached",
+        "zero_fill",
+    }
     assert report["results"]["zero_fill"]["ratio_to_zero_fill"] == 1.0
     assert json.loads(out.read_text())["results"]["cmml_stage2"]["median_s"] > 0
 
@@ -650,10 +740,17 @@ def test_components_handed_by_reference_keep_the_default_build():
     default = CMMLNet(2, 3, 2, 5, CARDS, feature_dim=D)
     torch.manual_seed(0)
     composed = CMMLNet(
-        2, 3, 2, 5, CARDS, feature_dim=D, encoder=partial(MultiModalEncoder, image_encoder="resnet18"),
+        2,
+        3,
+        2,
+        5,
+        CARDS,
+        feature_dim=D,
+        encoder=partial(MultiModalEncoder, image_encoder="resnet18"),
         crta=partial(CascadedResidualTransformerAE, num_blocks=3, mlp_ratio=2.0),
         memory=partial(ModalityMemoryBank, num_slots=64, tau=0.1, momentum=0.9),
-        reference=InstanceAdaptiveReference, alignment=CrossModalAlignment,
+        reference=InstanceAdaptiveReference,
+        alignment=CrossModalAlignment,
     )
     a, b = default.state_dict(), composed.state_dict()
     assert list(a) == list(b)
@@ -676,7 +773,8 @@ def test_instance_context_is_the_prior_shifted_by_the_observed_tokens():
         net.context.condition.bias.normal_(std=0.1)
         pooled = torch.stack([tokens[i, observed[i]].mean(0) for i in range(len(present))])
         expected = net.context.tokens + (pooled @ net.context.condition.weight.T + net.context.condition.bias).view(
-            len(present), *net.context.tokens.shape)
+            len(present), *net.context.tokens.shape
+        )
         torch.testing.assert_close(net._context(tokens, observed), expected)
         # a modality the mask leaves out is not read, whatever its token holds
         changed = tokens.clone()
@@ -709,11 +807,15 @@ def test_crta_without_context_completes_from_the_observed_tokens_only():
     assert id(net.context.tokens) not in stage1 and id(net.context.tokens) in {id(p) for p in net.stage_parameters(2)}
 
 
-@pytest.mark.parametrize("make", [
-    lambda multi: cmml(multi_label=multi),
-    lambda multi: LateFusionNet(2, 3, 2, 5, CARDS, multi_label=multi, feature_dim=D, encoder=RESNET10,
-                                mode="zero_fill"),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda multi: cmml(multi_label=multi),
+        lambda multi: LateFusionNet(
+            2, 3, 2, 5, CARDS, multi_label=multi, feature_dim=D, encoder=RESNET10, mode="zero_fill"
+        ),
+    ],
+)
 def test_multi_label_is_accepted_and_changes_nothing(make):
     """``multi_label`` stays a constructor argument (the configs pass it), not network state: same logits."""
     torch.manual_seed(0)

@@ -46,8 +46,14 @@ def packaged(tmp_path_factory) -> dict:
     data, run, w = train_tiny_derm7pt(root, **{"sweep#subsets": True})
     w.finalize()
     out = str(root / "bundle" / NAME)
-    done = subprocess.run([sys.executable, SCRIPT, run, "--out", out, "--zip", "--version", "1.0.0", "--changelog",
-                           "first tiny bundle"], cwd=str(root), env=ENV, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, SCRIPT, run, "--out", out, "--zip", "--version", "1.0.0", "--changelog", "first tiny bundle"],
+        cwd=str(root),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return {"run": run, "data": data, "bundle": out, "zip": out + ".zip"}
 
@@ -59,8 +65,21 @@ def _json(path: str) -> dict:
 
 def _predict(config: str, bundle_root: str, data: str, cwd: str, *extra: str) -> dict[str, dict[str, str]]:
     """Run ``config`` with ``python -m monai.bundle run`` in ``cwd``; the rows of ./predictions/predictions.csv."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", bundle_root,
-           "--dataset_dir", data, "--progress_bar", "false", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        config,
+        "--bundle_root",
+        bundle_root,
+        "--dataset_dir",
+        data,
+        "--progress_bar",
+        "false",
+        *extra,
+    ]
     done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(os.path.join(cwd, "predictions", "predictions.csv"), newline="") as f:
@@ -73,9 +92,17 @@ def _predict(config: str, bundle_root: str, data: str, cwd: str, *extra: str) ->
 def test_bundle_layout_metadata_and_model_card(packaged):
     b = packaged["bundle"]
     files = sorted(os.path.relpath(os.path.join(d, f), b) for d, _, fs in os.walk(b) for f in fs)
-    assert files == ["LICENSE", "configs/evaluate.json", "configs/inference.json", "configs/logging.conf",
-                     "configs/metadata.json",
-                     "docs/README.md", "models/model.pt", "models/model.ts", "models/network.json"]
+    assert files == [
+        "LICENSE",
+        "configs/evaluate.json",
+        "configs/inference.json",
+        "configs/logging.conf",
+        "configs/metadata.json",
+        "docs/README.md",
+        "models/model.pt",
+        "models/model.ts",
+        "models/network.json",
+    ]
     meta = _json(os.path.join(b, "configs", "metadata.json"))
     assert meta["version"] == "1.0.0" and meta["changelog"] == {"1.0.0": "first tiny bundle"}
     fmt = meta["network_data_format"]
@@ -110,8 +137,13 @@ def test_version_must_be_in_the_changelog(packaged):
 
 def test_package_errors_are_one_line(packaged, tmp_path):
     (tmp_path / "models").mkdir()
-    bad = subprocess.run([sys.executable, SCRIPT, str(tmp_path), "--out", str(tmp_path / "b")], env=ENV,
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, SCRIPT, str(tmp_path), "--out", str(tmp_path / "b")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
     assert bad.returncode == 2 and len(errors) == 1 and "network.json" in errors[0] and "Traceback" not in bad.stderr
     # the same main prints any DataError / ValueError as that one line: here the library's refusal alone
@@ -146,15 +178,21 @@ def test_verify_metadata_format_offline(zoo):
     # verify_metadata downloads the schema unless the file is already at filepath (model-zoo: eval/schema.json)
     os.makedirs(os.path.join(zoo, "eval"))
     shutil.copy(SCHEMA, os.path.join(zoo, "eval", "schema.json"))
-    verify_metadata(meta_file=os.path.join(zoo, "configs", "metadata.json"),
-                    filepath=os.path.join(zoo, "eval", "schema.json"))
+    verify_metadata(
+        meta_file=os.path.join(zoo, "configs", "metadata.json"), filepath=os.path.join(zoo, "eval", "schema.json")
+    )
 
 
 def test_verify_inference_properties(zoo, packaged):
-    w = create_workflow(workflow_type="inference", config_file=os.path.join(zoo, "configs", "inference.json"),
-                        bundle_root=zoo, logging_file=os.path.join(zoo, "configs", "logging.conf"),
-                        meta_file=os.path.join(zoo, "configs", "metadata.json"), dataset_dir=packaged["data"],
-                        progress_bar=False)
+    w = create_workflow(
+        workflow_type="inference",
+        config_file=os.path.join(zoo, "configs", "inference.json"),
+        bundle_root=zoo,
+        logging_file=os.path.join(zoo, "configs", "logging.conf"),
+        meta_file=os.path.join(zoo, "configs", "metadata.json"),
+        dataset_dir=packaged["data"],
+        progress_bar=False,
+    )
     assert not w.check_properties()  # every required inference and metadata property is there
     assert w.version == "1.0.0" and isinstance(w.network_def, torch.nn.Module)
 
@@ -166,12 +204,24 @@ def test_verify_data_shape_and_torchscript(zoo):
     desc = load_description(os.path.join(zoo, "models"))
     image, tabular = example_inputs(desc, batch_size=1)
     device = "cuda:0" if torch.cuda.is_available() else "cpu"  # verify_net_in_out's own default
-    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, bundle_root=zoo, device=device,
-                      extra_forward_args={"tabular": tabular.to(device)})
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=meta,
+        config_file=config,
+        bundle_root=zoo,
+        device=device,
+        extra_forward_args={"tabular": tabular.to(device)},
+    )
     # ckpt_export scripts network_def with the bundle's weights; the provided model.ts must load
     out = os.path.join(zoo, "models", "verify_model.ts")
-    ckpt_export(net_id="network_def", filepath=out, ckpt_file=os.path.join(zoo, "models", "model.pt"),
-                meta_file=meta, config_file=config, bundle_root=zoo)
+    ckpt_export(
+        net_id="network_def",
+        filepath=out,
+        ckpt_file=os.path.join(zoo, "models", "model.pt"),
+        meta_file=meta,
+        config_file=config,
+        bundle_root=zoo,
+    )
     scripted = torch.jit.load(out, map_location="cpu")
     provided = torch.jit.load(os.path.join(zoo, "models", "model.ts"), map_location="cpu")
     with torch.no_grad():
@@ -194,10 +244,17 @@ def test_packaged_inference_runs_from_another_working_directory(packaged, tmp_pa
         runs.append(_predict(os.path.join(bundle, "configs", "inference.json"), bundle, packaged["data"], str(cwd)))
     assert runs[0] == runs[1] and len(runs[0]) == 29  # the synthetic set's one empty case gets no prediction
     # the same numbers as the project's inference.json on the run's own models/
-    w = create_workflow(workflow_type="inference", config_file=INFERENCE, bundle_root=ROOT,
-                        model_dir=os.path.join(packaged["run"], "models"), dataset_dir=packaged["data"],
-                        output_dir=str(tmp_path / "reference"), progress_bar=False, logging_file=False,
-                        meta_file=os.path.join(ROOT, "configs", "metadata.json"))
+    w = create_workflow(
+        workflow_type="inference",
+        config_file=INFERENCE,
+        bundle_root=ROOT,
+        model_dir=os.path.join(packaged["run"], "models"),
+        dataset_dir=packaged["data"],
+        output_dir=str(tmp_path / "reference"),
+        progress_bar=False,
+        logging_file=False,
+        meta_file=os.path.join(ROOT, "configs", "metadata.json"),
+    )
     w.run()
     with open(tmp_path / "reference" / "predictions.csv", newline="") as f:
         reference = {r["case_id"]: r for r in csv.DictReader(f)}
@@ -213,8 +270,16 @@ def test_packaged_inference_writes_case_pages_on_request(packaged, tmp_path):
 
     from cmml_monai.evaluation.casepage import PAGE_SIZE
 
-    rows = _predict(os.path.join(packaged["bundle"], "configs", "inference.json"), packaged["bundle"],
-                    packaged["data"], str(tmp_path), "--explain", "true", "--split", "test")
+    rows = _predict(
+        os.path.join(packaged["bundle"], "configs", "inference.json"),
+        packaged["bundle"],
+        packaged["data"],
+        str(tmp_path),
+        "--explain",
+        "true",
+        "--split",
+        "test",
+    )
     cases = tmp_path / "predictions" / "cases"
     pages = sorted(p.name for p in cases.glob("*.png"))
     assert pages == sorted(f"{c}.png" for c in rows) and rows
@@ -229,10 +294,15 @@ def test_packaged_inference_writes_case_pages_on_request(packaged, tmp_path):
 def test_packaged_evaluate_scores_labelled_cases(packaged, tmp_path, monkeypatch):
     b = packaged["bundle"]
     monkeypatch.chdir(tmp_path)  # outputs go to ./evaluation of the working directory
-    w = create_workflow(workflow_type="inference", bundle_root=b, logging_file=False, dataset_dir=packaged["data"],
-                        split="test", progress_bar=False,
-                        config_file=[os.path.join(b, "configs", "inference.json"),
-                                     os.path.join(b, "configs", "evaluate.json")])
+    w = create_workflow(
+        workflow_type="inference",
+        bundle_root=b,
+        logging_file=False,
+        dataset_dir=packaged["data"],
+        split="test",
+        progress_bar=False,
+        config_file=[os.path.join(b, "configs", "inference.json"), os.path.join(b, "configs", "evaluate.json")],
+    )
     w.run()
     metrics = _json(str(tmp_path / "evaluation" / "metrics.json"))
     with open(os.path.join(packaged["run"], "sweep", "sweep.csv"), newline="") as f:
@@ -263,9 +333,16 @@ def test_packaged_monai_label_keys_answer_an_image_only_request(packaged, tmp_pa
     # inference.json on the same case given as a manifest row with only that image
     manifest = tmp_path / "cases.csv"
     manifest.write_text(f"case_id,clinic,derm,elevation,location,sex\nq1,,{image},,,\n")
-    w = create_workflow(workflow_type="inference", config_file=os.path.join(b, "configs", "inference.json"),
-                        bundle_root=b, dataset_name="manifest", dataset_dir=str(manifest), logging_file=False,
-                        output_dir=str(tmp_path / "pred"), progress_bar=False)
+    w = create_workflow(
+        workflow_type="inference",
+        config_file=os.path.join(b, "configs", "inference.json"),
+        bundle_root=b,
+        dataset_name="manifest",
+        dataset_dir=str(manifest),
+        logging_file=False,
+        output_dir=str(tmp_path / "pred"),
+        progress_bar=False,
+    )
     w.run()
     with open(tmp_path / "pred" / "predictions.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))

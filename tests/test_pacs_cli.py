@@ -11,6 +11,7 @@ import time
 
 import pydicom
 import pytest
+
 from cmml_monai.deploy.__main__ import main
 from cmml_monai.deploy.listener import OUTBOX
 from cmml_monai.deploy.report import read_sr_result
@@ -46,8 +47,9 @@ def _env(**extra: str) -> dict:
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cmml_monai.deploy", *args], env=_env(**env), capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "cmml_monai.deploy", *args], env=_env(**env), capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_writes_sr_and_json_for_full_and_missing_studies(bundle, tmp_path):
@@ -71,8 +73,9 @@ def test_cli_writes_sr_and_json_for_full_and_missing_studies(bundle, tmp_path):
         assert sr.ContentQualification == "RESEARCH" and sr.PatientID == "TP001"
         assert record["research_use_only"] is True and record["case_id"] == case
         assert got["probabilities"] == pytest.approx(record["probabilities"], abs=1e-9)
-        assert got["prediction"] == record["prediction"] == [max(record["probabilities"],
-                                                                  key=record["probabilities"].get)]
+        assert (
+            got["prediction"] == record["prediction"] == [max(record["probabilities"], key=record["probabilities"].get)]
+        )
         assert got["model_name"] == record["model"]["name"] and got["model_version"] == record["model"]["version"]
         assert record["model"]["version"].startswith("0.1.0 (weights ")
         expected_present = ["t1c", "t1n", "t2w", "t2f"] if name == "full" else ["t1c", "t2w", "t2f"]
@@ -80,8 +83,11 @@ def test_cli_writes_sr_and_json_for_full_and_missing_studies(bundle, tmp_path):
         assert record["completed"] == got["completed"] == ([] if name == "full" else ["t1n"])
         assert record["series"]["t1c"] == {"number": 10, "description": "T1 MPRAGE post Gd", "files": 4}
         # the evidence is exactly the instances of the series used
-        refs = {r.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence[0]
-                .ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
+        refs = {
+            r.ReferencedSOPInstanceUID
+            for s in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+            for r in s.ReferencedSOPSequence
+        }
         used = {pydicom.dcmread(f).SOPInstanceUID for s in sequences for f in study["series"][s]}
         assert refs == used
 
@@ -102,15 +108,15 @@ def test_cli_bad_input_is_one_error_line(bundle, tmp_path, capsys):
         assert main([*args, "--bundle", bundle, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
-    for args, message in [(["--pacs", "nonsense"], "--pacs: PACS must be HOST:PORT:AET, got 'nonsense'"),
-                          (["--allow-any", "--ae-title", "A_TITLE_OF_20_CHARS"],
-                           "listen: AE title must be 1-16 printable"),
-                          ([], "listen: say who may send: --allow AET (repeat it) or --allow-file FILE"),
-                          (["--allow", "A_TITLE_OF_20_CHARS"], "allowlist: allowed AE title must be 1-16"),
-                          (["--allow-file", str(tmp_path / "none.json")], "allowlist "),
-                          (["--allow", "M", "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", "k"],
-                           "TLS certificate "),
-                          (["--allow", "M", "--tls-cert", str(tmp_path / "c.pem")], "TLS needs both")]:
+    for args, message in [
+        (["--pacs", "nonsense"], "--pacs: PACS must be HOST:PORT:AET, got 'nonsense'"),
+        (["--allow-any", "--ae-title", "A_TITLE_OF_20_CHARS"], "listen: AE title must be 1-16 printable"),
+        ([], "listen: say who may send: --allow AET (repeat it) or --allow-file FILE"),
+        (["--allow", "A_TITLE_OF_20_CHARS"], "allowlist: allowed AE title must be 1-16"),
+        (["--allow-file", str(tmp_path / "none.json")], "allowlist "),
+        (["--allow", "M", "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", "k"], "TLS certificate "),
+        (["--allow", "M", "--tls-cert", str(tmp_path / "c.pem")], "TLS needs both"),
+    ]:
         assert main(["listen", "--bundle", bundle, "--out", str(out), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
@@ -134,10 +140,32 @@ def test_phi_marker_only_in_the_sr(bundle, tmp_path):
     pacs = Pacs()
     port = free_port()
     listener = subprocess.Popen(
-        [sys.executable, "-m", "cmml_monai.deploy", "listen", "--bundle", bundle, "--out", str(out_net), "--port",
-         str(port), "--allow", "MODALITY", "--stable-age", "1", "--retry-interval", "0.5", "--pacs",
-         f"127.0.0.1:{pacs.node.port}:PACS", "--verbose"],
-        env=_env(CMML_PSEUDONYM_KEY="k"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "cmml_monai.deploy",
+            "listen",
+            "--bundle",
+            bundle,
+            "--out",
+            str(out_net),
+            "--port",
+            str(port),
+            "--allow",
+            "MODALITY",
+            "--stable-age",
+            "1",
+            "--retry-interval",
+            "0.5",
+            "--pacs",
+            f"127.0.0.1:{pacs.node.port}:PACS",
+            "--verbose",
+        ],
+        env=_env(CMML_PSEUDONYM_KEY="k"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for_scp(port)
         send_study(study_files(study), port)

@@ -24,8 +24,9 @@ KEY = "test-key"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("dicom_to_dataset", os.path.join(ROOT, "scripts",
-                                                                                    "dicom_to_dataset.py"))
+    spec = importlib.util.spec_from_file_location(
+        "dicom_to_dataset", os.path.join(ROOT, "scripts", "dicom_to_dataset.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -36,8 +37,9 @@ def converted(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("export")
     studies = {
         "p1": make_study(str(root / "pacs" / "a"), ("T1c", "T1", "T2", "FLAIR"), patient=PHI),
-        "p2": make_study(str(root / "pacs" / "b"), ("T1c", "T2"), patient={**PLAIN_PATIENT, "PatientID": "P2"},
-                         sex="F"),
+        "p2": make_study(
+            str(root / "pacs" / "b"), ("T1c", "T2"), patient={**PLAIN_PATIENT, "PatientID": "P2"}, sex="F"
+        ),
     }
     # p2's T2 slices differ in orientation: refused, so that sequence is missing too
     bad = studies["p2"]["series"]["T2"][1]
@@ -45,9 +47,13 @@ def converted(tmp_path_factory) -> dict:
     ds.ImageOrientationPatient = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
     ds.save_as(bad)
     sheet = root / "sheet.csv"
-    pd.DataFrame([{"patient_id": MARKER, "grade": 2, "age": 61},
-                  {"patient_id": "P2", "grade": 1, "age": 50},
-                  {"patient_id": "P9", "grade": 1, "age": 40}]).to_csv(sheet, index=False)
+    pd.DataFrame(
+        [
+            {"patient_id": MARKER, "grade": 2, "age": 61},
+            {"patient_id": "P2", "grade": 1, "age": 50},
+            {"patient_id": "P9", "grade": 1, "age": 40},
+        ]
+    ).to_csv(sheet, index=False)
     out = root / "men"
     module = _script()
     os.environ[module.KEY_ENV] = KEY
@@ -71,8 +77,9 @@ def test_layout_report_and_pseudonyms(converted):
     report = {r["case_id"]: r for r in summary["cases"]}
     assert report[c1]["missing"] == {} and report[c2]["present"] == ["t1c"] and report[c1]["resampled"] == []
     assert list(report[c2]["missing"]) == ["t1n", "t2w", "t2f"] and report[c2]["missing"]["t1n"] == "no matching series"
-    assert report[c2]["missing"]["t2w"].startswith("refused: series 11 'T2 TSE axial' (4 files): its slices differ in "
-                                                   "orientation")
+    assert report[c2]["missing"]["t2w"].startswith(
+        "refused: series 11 'T2 TSE axial' (4 files): its slices differ in orientation"
+    )
     assert summary["n_cases"] == 2 and summary["studies_lacking"] == {"t1c": 0, "t1n": 1, "t2w": 1, "t2f": 1}
     assert summary["sheet_rows_without_study"] == 1 and summary["cases_without_clinical_row"] == 0
     # no patient identifier in any file written

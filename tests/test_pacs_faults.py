@@ -15,8 +15,17 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage
 
-from pacs_helpers import ROOT, Pacs, free_port, make_study, send_study, study_files, trained_men_bundle, wait_for_scp
-from pacs_helpers import wait_until
+from pacs_helpers import (
+    ROOT,
+    Pacs,
+    free_port,
+    make_study,
+    send_study,
+    study_files,
+    trained_men_bundle,
+    wait_for_scp,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -36,10 +45,32 @@ class Node:
         env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [env.get("PYTHONPATH")])])
         self.log = open(log, "a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cmml_monai.deploy", "listen", "--bundle", bundle, "--out", out, "--port",
-             str(self.port), "--allow", "MODALITY", "--allow", "PROBE", "--stable-age", str(stable_age),
-             "--retry-interval", "0.5", "--pacs", f"127.0.0.1:{pacs_port}:PACS"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "cmml_monai.deploy",
+                "listen",
+                "--bundle",
+                bundle,
+                "--out",
+                out,
+                "--port",
+                str(self.port),
+                "--allow",
+                "MODALITY",
+                "--allow",
+                "PROBE",
+                "--stable-age",
+                str(stable_age),
+                "--retry-interval",
+                "0.5",
+                "--pacs",
+                f"127.0.0.1:{pacs_port}:PACS",
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         wait_for_scp(self.port)
 
     def kill(self) -> None:

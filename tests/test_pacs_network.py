@@ -62,8 +62,11 @@ def test_listener_receives_a_study_and_the_pacs_receives_its_sr(bundle, tmp_path
     (sr,) = pacs.received
     assert sr.SOPClassUID == ComprehensiveSRStorage and sr.Modality == "SR"
     assert sr.StudyInstanceUID == study["uid"] and sr.PatientID == "TP001"  # filed with the study
-    refs = {r.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
-            for r in s.ReferencedSOPSequence}
+    refs = {
+        r.ReferencedSOPInstanceUID
+        for s in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for r in s.ReferencedSOPSequence
+    }
     used = {pydicom.dcmread(f).SOPInstanceUID for name in ("T1c", "T2") for f in study["series"][name]}
     assert refs == used  # every instance of the series used, nothing of the localizer or derived
     got = read_sr_result(sr)
@@ -124,8 +127,13 @@ def test_a_study_received_again_is_skipped_or_a_new_version(bundle, tmp_path, ca
     assert [os.path.basename(p) for p in node.results[2]] == [f"{case}.v2.sr.dcm", f"{case}.v2.json"]
     assert os.path.isfile(out / f"{case}.sr.dcm")  # version 1 kept, never overwritten
     # the new SR names the one it replaces
-    assert second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
-        .ReferencedSOPInstanceUID == first.SOPInstanceUID
+    assert (
+        second.PredecessorDocumentsSequence[0]
+        .ReferencedSeriesSequence[0]
+        .ReferencedSOPSequence[0]
+        .ReferencedSOPInstanceUID
+        == first.SOPInstanceUID
+    )
     assert json.load(open(out / f"{case}.v2.json"))["replaces"] == [first.SOPInstanceUID]
     assert "t2f" in read_sr_result(second)["present"]
     lines = _lines(caplog)
@@ -190,7 +198,7 @@ def test_tls_both_ways(bundle, tmp_path):
 def test_damaged_outbox_entries_are_quarantined_and_the_rest_delivered(bundle, tmp_path, caplog):
     study = make_study(str(tmp_path / "study"), ("T1c",), decoys=False)
     out = tmp_path / "out"
-    (sr_path, _), = StudyPipeline(bundle, str(out), key="k").run(study["folder"])
+    ((sr_path, _),) = StudyPipeline(bundle, str(out), key="k").run(study["folder"])
     box = out / OUTBOX
     box.mkdir()
     (box / "a-empty.sr.dcm").write_bytes(b"")
@@ -240,7 +248,7 @@ def test_pacs_down_then_up_is_delivered_without_a_new_study(bundle, tmp_path, ca
 
 def test_a_refusing_pacs_is_reported_with_its_status(bundle, tmp_path, caplog):
     study = make_study(str(tmp_path / "study"), ("T1c",), decoys=False)
-    (sr_path, _), = StudyPipeline(bundle, str(tmp_path / "out"), key="k").run(study["folder"])
+    ((sr_path, _),) = StudyPipeline(bundle, str(tmp_path / "out"), key="k").run(study["folder"])
     no_sr = Pacs(sop_classes=(MRImageStorage,))
     failing = Pacs(status=0xA700)
     rejecting = Pacs(accept_calling=["SOMEONE_ELSE"])
@@ -291,7 +299,6 @@ def test_aborted_association_and_one_bad_study(bundle, tmp_path, caplog):
     errors = [r for r in node.results if r[0] == "error"]
     assert len(errors) == 1 and "pixel data holds 64 bytes where its header" in errors[0][1]
     lines = _lines(caplog)
-    assert any("association from MODALITY ended without a release: its 2 instance(s) are discarded" in m
-               for m in lines)
+    assert any("association from MODALITY ended without a release: its 2 instance(s) are discarded" in m for m in lines)
     assert any("not processed: series 10 'T1 MPRAGE post Gd'" in m for m in lines)
     assert os.listdir(tmp_path / "out" / "incoming") == []

@@ -50,7 +50,11 @@ def test_full_study_gives_the_batch_of_the_men_layout(desc, tmp_path):
     study = make_study(str(tmp_path / "study"))
     case = study_case(load_study(study["folder"]), desc, "case-1")
     assert {m: s.description for m, s in case.selection.items()} == {
-        "t1c": "T1 MPRAGE post Gd", "t1n": "T1 SE axial", "t2w": "T2 TSE axial", "t2f": "FLAIR axial"}
+        "t1c": "T1 MPRAGE post Gd",
+        "t1n": "T1 SE axial",
+        "t2w": "T2 TSE axial",
+        "t2f": "FLAIR axial",
+    }
     assert case.clinical == {"age": 45.0, "sex": "male"}  # PatientAge 045Y, PatientSex M in the trained words
     image, tabular = case.batch["image"], case.batch["tabular"]
     assert image.shape == (1, 4, 8, 8, 8) and not image.isnan().any()
@@ -71,8 +75,9 @@ def test_missing_sequence_is_nan_and_said_once(desc, tmp_path, caplog):
     missing = [r.getMessage() for r in caplog.records if "it is missing" in r.getMessage()]
     assert missing == ["case-2: no series matches t1n; it is missing", "case-2: no series matches t2f; it is missing"]
     # the localizer described as "T1 post contrast" and the derived FLAIR projection were excluded by rule
-    assert any("'T1 post contrast' (2 files) excluded for t1c: ImageType LOCALIZER" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "'T1 post contrast' (2 files) excluded for t1c: ImageType LOCALIZER" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_rules_order_and_configuration(tmp_path):
@@ -107,8 +112,14 @@ def test_dicomdir_and_mixed_studies(desc, tmp_path):
     assert torch.equal(via_dir.batch["image"].nan_to_num(), direct.batch["image"].nan_to_num())
     # pydicom's DICOMDIR test set: several real studies mixed, the DICOMDIR read
     found = scan_studies(os.path.join(DICOMDIR_TESTS, "DICOMDIR"))
-    assert len(found) == len({pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID
-                              for s in found for ser in s.series for f in ser.files})
+    assert len(found) == len(
+        {
+            pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID
+            for s in found
+            for ser in s.series
+            for f in ser.files
+        }
+    )
     assert len(found) > 1
     with pytest.raises(DataError, match=rf"holds {len(found)} studies .* where one was expected"):
         load_study(os.path.join(DICOMDIR_TESTS, "DICOMDIR"))
@@ -161,11 +172,15 @@ def test_clinical_values_from_header_or_table(desc, tmp_path):
     study = make_study(str(tmp_path / "s"), ("T1c",), decoys=False, age="030M", sex="F")
     st = load_study(study["folder"])
     assert header_clinical_values(st.header, ["age", "sex", "weight"], {"sex": ["female", "male"]}) == {
-        "age": 2.5, "sex": "female", "weight": 80.0}
+        "age": 2.5,
+        "sex": "female",
+        "weight": 80.0,
+    }
     assert header_clinical_values(st.header, ["sex"], {"sex": ["F", "M"]}) == {"sex": "F"}
     table = tmp_path / "clinical.csv"
     pd.DataFrame([{"case_id": "c7", "age": 61, "sex": "male"}, {"case_id": "c8", "age": 30, "sex": ""}]).to_csv(
-        table, index=False)
+        table, index=False
+    )
     case = study_case(st, desc, "c7", clinical=ClinicalSource(csv=str(table)))
     schema = desc["data"]["table_schema"]["columns"]
     age = (61 - schema[0]["mean"]) / schema[0]["std"]
@@ -184,14 +199,32 @@ def test_pseudonym_is_keyed():
         pseudonym("1.2.3", "")
 
 
-@pytest.mark.parametrize("description, expected", [
-    ("t1_mprage_sag_p2_iso_post", "t1c"), ("Ax T1 +C", "t1c"), ("T1 SE TRA KM", "t1c"), ("T1c", "t1c"),
-    ("AX T1 POST GAD", "t1c"), ("T1W_3D_TFE Gd", "t1c"),
-    ("T1 SE TRA", "t1n"), ("t1_mprage_sag_p2_iso", "t1n"), ("T1W_SE", "t1n"), ("t1n", "t1n"),
-    ("t2_tse_tra", "t2w"), ("AX T2 FSE", "t2w"), ("T2W_TSE", "t2w"),
-    ("t2_tirm_tra_dark-fluid", "t2f"), ("AX T2 FLAIR", "t2f"), ("FLAIR 3D", "t2f"), ("t2f", "t2f"),
-    ("t2_fl2d_tra_T2*", None), ("SWI_Images", None), ("ep2d_diff_b1000", None), ("3-plane localizer", None),
-])
+@pytest.mark.parametrize(
+    "description, expected",
+    [
+        ("t1_mprage_sag_p2_iso_post", "t1c"),
+        ("Ax T1 +C", "t1c"),
+        ("T1 SE TRA KM", "t1c"),
+        ("T1c", "t1c"),
+        ("AX T1 POST GAD", "t1c"),
+        ("T1W_3D_TFE Gd", "t1c"),
+        ("T1 SE TRA", "t1n"),
+        ("t1_mprage_sag_p2_iso", "t1n"),
+        ("T1W_SE", "t1n"),
+        ("t1n", "t1n"),
+        ("t2_tse_tra", "t2w"),
+        ("AX T2 FSE", "t2w"),
+        ("T2W_TSE", "t2w"),
+        ("t2_tirm_tra_dark-fluid", "t2f"),
+        ("AX T2 FLAIR", "t2f"),
+        ("FLAIR 3D", "t2f"),
+        ("t2f", "t2f"),
+        ("t2_fl2d_tra_T2*", None),
+        ("SWI_Images", None),
+        ("ep2d_diff_b1000", None),
+        ("3-plane localizer", None),
+    ],
+)
 def test_default_rules_on_scanner_names(description, expected):
     """Each name alone in a study: which of the MEN modalities (t1c, t1n, t2w, t2f) takes it, if any."""
     from cmml_monai.deploy.study import SeriesInfo, Study
@@ -224,8 +257,11 @@ def test_uneven_slices_refused_or_resampled(desc, tmp_path, monkeypatch, caplog)
     with caplog.at_level(logging.WARNING, logger="cmml_monai.deploy.study"):
         case = study_case(st, desc, "u", irregular="resample")
     assert not case.batch["image"][0, 2].isnan().any()
-    assert any("u: series 11 'T2 TSE axial' (4 files) has unevenly spaced slices; resampled to an even 2 mm gap for "
-               "t2w" in r.getMessage() for r in caplog.records)
+    assert any(
+        "u: series 11 'T2 TSE axial' (4 files) has unevenly spaced slices; resampled to an even 2 mm gap for "
+        "t2w" in r.getMessage()
+        for r in caplog.records
+    )
     t2 = next(s for s in st.series if s.description == "T2 TSE axial")
     assert resample_series(t2, str(tmp_path / "t2.nii.gz")) == 2.0
     vol = nib.load(str(tmp_path / "t2.nii.gz"))

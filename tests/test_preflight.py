@@ -56,8 +56,9 @@ def cases(tmp_path):
 
 def _datasets(case_list, schema, cache, tmp_path):
     return {
-        s: build_dataset(case_list, s, schema, spatial_size=SIZE, cache=cache, cache_dir=tmp_path / "cache",
-                         defer_errors=True)
+        s: build_dataset(
+            case_list, s, schema, spatial_size=SIZE, cache=cache, cache_dir=tmp_path / "cache", defer_errors=True
+        )
         for s in SPLITS
     }
 
@@ -81,7 +82,9 @@ def test_all_problems_listed_at_once_before_training(cases, cache, tmp_path):
     assert all("replace it or mark the modality missing" in x for x in lines)
     report = json.loads((out / "preflight.json").read_text())
     assert {(p["split"], p["case_id"], p["modality"]) for p in report["problems"]} == {
-        ("test", test_case.case_id, "derm"), ("valid", valid_case.case_id, "clinic")}
+        ("test", test_case.case_id, "derm"),
+        ("valid", valid_case.case_id, "clinic"),
+    }
     assert not glob.glob(str(out / ".tmp-*"))
 
 
@@ -168,9 +171,16 @@ def test_deferred_errors_with_augmentation_and_a_bounded_cache(cases):
     train = case_list.split("train")
     _truncate(train[0].paths["derm"])
     _truncate(train[2].paths["derm"])
-    ds = build_dataset(case_list, "train", schema, spatial_size=SIZE, cache="cache", defer_errors=True,
-                       augment=build_augmentation([3, 3], 2, "default", seed=0),
-                       cache_max_gb=2.5 * item_nbytes(case_list, SIZE) / 1e9)
+    ds = build_dataset(
+        case_list,
+        "train",
+        schema,
+        spatial_size=SIZE,
+        cache="cache",
+        defer_errors=True,
+        augment=build_augmentation([3, 3], 2, "default", seed=0),
+        cache_max_gb=2.5 * item_nbytes(case_list, SIZE) / 1e9,
+    )
     assert ds.cache_num == 2 and list(ds.load_errors) == [0]
     assert ds[1]["image"].shape == (6, *SIZE)
     for index, case in ((0, train[0]), (2, train[2]), (-3, train[0])):
@@ -220,9 +230,20 @@ def truncated_test_jpeg(tmp_path_factory):
 
 
 def _tiny(root: str, out: str) -> list[str]:
-    args = {"dataset_dir": root, "synthetic": False, "output_dir": out, "shared_dir": os.path.join(out, "shared"),
-            "spatial_size": [32, 32], "feature_dim": 16, "batch_size": 8, "stage1_epochs": 1, "stage2_epochs": 1,
-            "progress_bar": False, "mlflow_enabled": False, "missing_rates": [0.0]}
+    args = {
+        "dataset_dir": root,
+        "synthetic": False,
+        "output_dir": out,
+        "shared_dir": os.path.join(out, "shared"),
+        "spatial_size": [32, 32],
+        "feature_dim": 16,
+        "batch_size": 8,
+        "stage1_epochs": 1,
+        "stage2_epochs": 1,
+        "progress_bar": False,
+        "mlflow_enabled": False,
+        "missing_rates": [0.0],
+    }
     return [x for k, v in args.items() for x in (f"--{k}", json.dumps(v) if not isinstance(v, str) else v)]
 
 
@@ -230,9 +251,24 @@ def test_bundle_stops_before_training_naming_the_truncated_test_jpeg(truncated_t
     root, victim = truncated_test_jpeg
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "CMML_TRACEBACK"}
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", TRAIN,
-                           "--bundle_root", ROOT, *_tiny(root, str(out))],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            TRAIN,
+            "--bundle_root",
+            ROOT,
+            *_tiny(root, str(out)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "error: preflight: 1 problem(s) in 1 case(s)" in proc.stderr
@@ -260,8 +296,17 @@ def test_bundle_mark_missing_trains_without_the_bad_file(truncated_test_jpeg, tm
 def test_evaluate_checks_the_test_split_first(truncated_test_jpeg, tmp_path):
     root, victim = truncated_test_jpeg
     out = str(tmp_path / "eval_run")
-    over = dict(dataset_dir=root, synthetic=False, output_dir=out, shared_dir=os.path.join(out, "shared"),
-                spatial_size=[32, 32], feature_dim=16, progress_bar=False, mlflow_enabled=False, bundle_root=ROOT)
+    over = dict(
+        dataset_dir=root,
+        synthetic=False,
+        output_dir=out,
+        shared_dir=os.path.join(out, "shared"),
+        spatial_size=[32, 32],
+        feature_dim=16,
+        progress_bar=False,
+        mlflow_enabled=False,
+        bundle_root=ROOT,
+    )
     w = ConfigWorkflow(config_file=[TRAIN, EVALUATE], workflow_type="train", **over)
     w.initialize()
     with pytest.raises(Exception) as raised:  # no model.pt exists: the preflight's error comes first

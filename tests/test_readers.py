@@ -26,8 +26,10 @@ NIB_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
 
 
 def _slices(folder: str) -> list[pydicom.Dataset]:
-    return sorted((pydicom.dcmread(f) for f in glob.glob(os.path.join(folder, "*"))),
-                  key=lambda d: float(d.ImagePositionPatient[2]))
+    return sorted(
+        (pydicom.dcmread(f) for f in glob.glob(os.path.join(folder, "*"))),
+        key=lambda d: float(d.ImagePositionPatient[2]),
+    )
 
 
 def _modality_values(ds: pydicom.Dataset) -> np.ndarray:
@@ -325,10 +327,15 @@ def test_pydicom_series_with_unstackable_slice_refused(tmp_path):
     assert tuple(load_image(str(folder), "image3d", reader="itk").shape) == (1, 16, 16, 5)
 
 
-@pytest.mark.parametrize("name, kind, reader", [
-    ("noise.dcm", "image3d", "itk"), ("noise.dcm", "image3d", "pydicom"), ("noise.nii.gz", "image3d", "itk"),
-    ("noise.png", "image2d", "itk"),
-])
+@pytest.mark.parametrize(
+    "name, kind, reader",
+    [
+        ("noise.dcm", "image3d", "itk"),
+        ("noise.dcm", "image3d", "pydicom"),
+        ("noise.nii.gz", "image3d", "itk"),
+        ("noise.png", "image2d", "itk"),
+    ],
+)
 def test_garbage_files_raise_data_error(tmp_path, name, kind, reader):
     path = tmp_path / name
     path.write_bytes(np.random.default_rng(5).integers(0, 256, 4096).astype(np.uint8).tobytes())

@@ -22,9 +22,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
 EVALUATE = os.path.join(ROOT, "configs", "evaluate.json")
 RATES = [0.0, 0.1, 0.3, 0.5, 0.7]
-TINY = ["--feature_dim", "16", "--image_encoder", "resnet10", "--batch_size", "8", "--val_batch_size", "8",
-        "--num_workers", "0", "--stage1_epochs", "1", "--stage2_epochs", "1", "--progress_bar", "false",
-        "--mlflow_enabled", "false", "--amp", "false"]
+TINY = [
+    "--feature_dim",
+    "16",
+    "--image_encoder",
+    "resnet10",
+    "--batch_size",
+    "8",
+    "--val_batch_size",
+    "8",
+    "--num_workers",
+    "0",
+    "--stage1_epochs",
+    "1",
+    "--stage2_epochs",
+    "1",
+    "--progress_bar",
+    "false",
+    "--mlflow_enabled",
+    "false",
+    "--amp",
+    "false",
+]
 
 pytestmark = pytest.mark.e2e
 
@@ -36,8 +55,9 @@ def _env() -> dict:
 
 
 def _run(args: list[str], cwd) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], cwd=str(cwd), env=_env(), capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=str(cwd), env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, f"{args[:4]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -68,7 +88,7 @@ def test_odir_overlay_trains_multilabel_and_evaluate_json_rescores_it(tmp_path):
     work.mkdir()
     overlays = [TRAIN, os.path.join(ROOT, "configs", "datasets", "odir.json")]
     i = TINY.index("--image_encoder")  # the overlay's own encoder: the ImageNet EfficientNet-Lite0, not TINY's
-    tiny = TINY[:i] + TINY[i + 2:]
+    tiny = TINY[:i] + TINY[i + 2 :]
     size = ["--dataset_dir", data, "--spatial_size", "[32,32]", *tiny]
     _bundle(overlays, work, *size)
     out = work / "outputs" / "odir_cmml"
@@ -102,7 +122,7 @@ def test_odir_overlay_trains_multilabel_and_evaluate_json_rescores_it(tmp_path):
         labels = np.array([[int(c[k]) for k in c if k.startswith("label_")] for c in cases])
         probs = np.array([[float(c[k]) for k in c if k.startswith("prob_")] for c in cases])
         assert classification_metrics(probs, labels, True)["auc"] == pytest.approx(float(row["auc"]), abs=1e-9)
-        names = [k[len("prob_"):] for k in cases[0] if k.startswith("prob_")]
+        names = [k[len("prob_") :] for k in cases[0] if k.startswith("prob_")]
         assert all(c["prediction"] == ";".join(n for n in names if float(c[f"prob_{n}"]) >= 0.5) for c in cases)
 
 
@@ -112,8 +132,15 @@ def test_men_overlay_trains_3d_from_dicom(tmp_path):
     data = _synthetic("men", tmp_path / "men", "--cases", "24", "--dicom", "--shape", "16", "16", "12")
     work = tmp_path / "work"
     work.mkdir()
-    proc = _bundle([TRAIN, os.path.join(ROOT, "configs", "datasets", "men.json")], work,
-                   "--dataset_dir", data, "--spatial_size", "[32,32,32]", *TINY)
+    proc = _bundle(
+        [TRAIN, os.path.join(ROOT, "configs", "datasets", "men.json")],
+        work,
+        "--dataset_dir",
+        data,
+        "--spatial_size",
+        "[32,32,32]",
+        *TINY,
+    )
     out = work / "outputs" / "men_cmml"
     rows = _rows(out / "sweep" / "sweep.csv")
     assert [float(r["rate"]) for r in rows] == RATES and all(0.0 <= float(r["auc"]) <= 1.0 for r in rows)
@@ -127,10 +154,34 @@ def test_men_overlay_trains_3d_from_dicom(tmp_path):
 def test_compare_trains_methods_with_seeds_on_the_same_masks(tmp_path):
     """README "Compare with the baselines": ``scripts/compare.py --methods ... --seeds ...`` trains and tables."""
     out = tmp_path / "cmp"
-    proc = _run([os.path.join(ROOT, "scripts", "compare.py"), "--methods", "cmml", "zero_fill", "--seeds", "0", "1",
-                 "--out", str(out), "--", "--dataset_dir", str(tmp_path / "syn"), "--synthetic_cases", "30",
-                 "--spatial_size", "[32,32]", "--missing_rates", "[0.0,0.5]", "--sweep#subsets", "false",
-                 "--sweep#roc", "false", *TINY], tmp_path)
+    proc = _run(
+        [
+            os.path.join(ROOT, "scripts", "compare.py"),
+            "--methods",
+            "cmml",
+            "zero_fill",
+            "--seeds",
+            "0",
+            "1",
+            "--out",
+            str(out),
+            "--",
+            "--dataset_dir",
+            str(tmp_path / "syn"),
+            "--synthetic_cases",
+            "30",
+            "--spatial_size",
+            "[32,32]",
+            "--missing_rates",
+            "[0.0,0.5]",
+            "--sweep#subsets",
+            "false",
+            "--sweep#roc",
+            "false",
+            *TINY,
+        ],
+        tmp_path,
+    )
     table = _rows(out / "comparison.csv")
     assert [r["method"] for r in table] == ["cmml", "zero_fill"] and all(int(r["runs"]) == 2 for r in table)
     (paired,) = _rows(out / "comparison_paired.csv")

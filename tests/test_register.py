@@ -93,8 +93,16 @@ def test_register_twice_into_the_training_store(trained, monkeypatch):
 
 
 def test_register_into_a_real_mlflow_server(trained, mlflow_server, tmp_path):
-    cmd = [sys.executable, "-m", "cmml_monai.deploy.register", trained["run"], "--name", "cmml-derm-server",
-           "--tracking_uri", mlflow_server]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cmml_monai.deploy.register",
+        trained["run"],
+        "--name",
+        "cmml-derm-server",
+        "--tracking_uri",
+        mlflow_server,
+    ]
     done = subprocess.run(cmd, cwd=str(tmp_path), env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "registered cmml-derm-server version 1" in done.stdout
@@ -113,8 +121,9 @@ def test_register_errors_are_one_line(trained, tmp_path, capsys, monkeypatch):
     (tmp_path / "models").mkdir()
     moved = tmp_path / "moved"  # a run folder whose recorded sqlite store is not on this machine
     shutil.copytree(os.path.join(trained["run"], "models"), moved / "models")
-    (moved / "mlflow_run.json").write_text(json.dumps({"tracking_uri": f"sqlite:///{tmp_path}/gone/mlruns.db",
-                                                       "parent": "0" * 32}))
+    (moved / "mlflow_run.json").write_text(
+        json.dumps({"tracking_uri": f"sqlite:///{tmp_path}/gone/mlruns.db", "parent": "0" * 32})
+    )
     cases = [
         ([str(moved)], "recorded in"),
         ([str(tmp_path)], "network.json"),
@@ -123,8 +132,13 @@ def test_register_errors_are_one_line(trained, tmp_path, capsys, monkeypatch):
     ]
     for i, (args, expected) in enumerate(cases):
         if i == 0:
-            done = subprocess.run([sys.executable, "-m", "cmml_monai.deploy.register", *args], env=ENV,
-                                  capture_output=True, text=True, timeout=300)
+            done = subprocess.run(
+                [sys.executable, "-m", "cmml_monai.deploy.register", *args],
+                env=ENV,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             code, stderr = done.returncode, done.stderr
         else:
             code, stderr = register_main(args), capsys.readouterr().err
@@ -138,8 +152,9 @@ def test_run_metrics_keeps_nan(tmp_path):
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     (sweep / "summary.json").write_text(json.dumps({"avg_auc": 0.7, "split": "test"}))
-    (sweep / "sweep.csv").write_text("method,rate,auc,acc,f1,ece,n\ncmml,0.0,0.7,0.5,0.4,0.1,4\n"
-                                     "cmml,0.5,nan,0.5,0.4,0.1,4\n")
+    (sweep / "sweep.csv").write_text(
+        "method,rate,auc,acc,f1,ece,n\ncmml,0.0,0.7,0.5,0.4,0.1,4\ncmml,0.5,nan,0.5,0.4,0.1,4\n"
+    )
     metrics = run_metrics(str(tmp_path))
     assert metrics["auc_rate_0"] == pytest.approx(0.7) and np.isnan(metrics["auc_rate_0.5"])
     assert metrics["avg_auc_test"] == pytest.approx(0.7) and len(metrics) == 9

@@ -22,9 +22,18 @@ TRAIN = os.path.join(ROOT, "configs", "train.json")
 def _run(bundle_root: str, dataset_dir: str, cases: int, method: str = "cmml", **extra) -> ConfigWorkflow:
     """train.json from a working directory ``bundle_root`` (outputs/ and the default shared_dir go there)."""
     args = dict(
-        bundle_root=bundle_root, dataset_dir=dataset_dir, synthetic_cases=cases, method=method,
-        spatial_size=[32, 32], feature_dim=16, batch_size=8, stage1_epochs=1, stage2_epochs=1,
-        progress_bar=False, missing_rates=[0.0, 0.5], mlflow_enabled=False,
+        bundle_root=bundle_root,
+        dataset_dir=dataset_dir,
+        synthetic_cases=cases,
+        method=method,
+        spatial_size=[32, 32],
+        feature_dim=16,
+        batch_size=8,
+        stage1_epochs=1,
+        stage2_epochs=1,
+        progress_bar=False,
+        missing_rates=[0.0, 0.5],
+        mlflow_enabled=False,
         **{"sweep#subsets": False, "sweep#roc": False},
     )
     args.update(extra)
@@ -41,9 +50,17 @@ def _shared_folders(root) -> list[str]:
 def test_fingerprint_changes_with_cases_kind_and_modalities_only():
     fp = case_fingerprint("derm7pt", ["clinic", "derm", "table"], ["b", "a"])
     assert fp == case_fingerprint("derm7pt", ["clinic", "derm", "table"], ["a", "b"])  # order of cases: same data
-    assert len({fp, case_fingerprint("derm7pt", ["clinic", "derm", "table"], ["a", "c"]),
+    assert (
+        len(
+            {
+                fp,
+                case_fingerprint("derm7pt", ["clinic", "derm", "table"], ["a", "c"]),
                 case_fingerprint("odir", ["clinic", "derm", "table"], ["a", "b"]),
-                case_fingerprint("derm7pt", ["clinic", "derm"], ["a", "b"])}) == 4
+                case_fingerprint("derm7pt", ["clinic", "derm"], ["a", "b"]),
+            }
+        )
+        == 4
+    )
 
 
 def test_second_dataset_of_the_same_kind_from_the_same_directory(tmp_path):
@@ -58,8 +75,10 @@ def test_second_dataset_of_the_same_kind_from_the_same_directory(tmp_path):
     (folder_a,) = _shared_folders(work)
     fp_a = fingerprint_of(first.parser.get_parsed_content("case_list"))
     assert folder_a == f"derm7pt-{fp_a[:12]}"
-    masks_a = {name: (work / "outputs" / "shared" / folder_a / name).read_text()
-               for name in ("masks_valid.json", "masks_test.json")}
+    masks_a = {
+        name: (work / "outputs" / "shared" / folder_a / name).read_text()
+        for name in ("masks_valid.json", "masks_test.json")
+    }
     assert all(json.loads(text)["fingerprint"] == fp_a for text in masks_a.values())
 
     # the second dataset in the first one's output_dir would resume its checkpoints: refused before
@@ -130,5 +149,9 @@ def test_split_file_carries_the_fingerprint_and_its_folder(synthetic_dataset, tm
     # a split file made for other cases (even ones it covers) is refused with one line
     ids = [c.case_id for c in cl.cases]
     with pytest.raises(DataError, match=f"^{path}: these splits belong to another dataset \\(odir"):
-        load_or_make_split(ids[:-1], ["0"] * (len(ids) - 1), str(path), fingerprint=case_fingerprint(
-            "odir", cl.modality_names, ids[:-1]))
+        load_or_make_split(
+            ids[:-1],
+            ["0"] * (len(ids) - 1),
+            str(path),
+            fingerprint=case_fingerprint("odir", cl.modality_names, ids[:-1]),
+        )

@@ -67,5 +67,8 @@ def test_same_ids_other_splits_train_one_after_the_other_in_one_working_director
     folders = _shared_folders(work)
     assert len(folders) == 2 and all(f.startswith("derm7pt-") for f in folders)
     assert os.path.isfile(os.path.join(work, "outputs", "derm7pt_b_cmml", "dataset_fingerprint.json"))
-    assert not pd.isna(pd.read_json(os.path.join(work, "outputs", "derm7pt_b_cmml",
-                                                 "dataset_fingerprint.json"), typ="series")["fingerprint"])
+    assert not pd.isna(
+        pd.read_json(os.path.join(work, "outputs", "derm7pt_b_cmml", "dataset_fingerprint.json"), typ="series")[
+            "fingerprint"
+        ]
+    )

@@ -40,7 +40,8 @@ def test_make_synthetic_and_inspect_data_agree(dataset, cases, tmp_path):
     assert summary["n_cases"] == cases - 1 and summary["dropped"] == 1
     assert sum(summary["splits"].values()) == summary["n_cases"]
     assert {c["name"] for c in summary["table_columns"]} and all(
-        0.0 <= c["missing_rate"] <= 1.0 for c in summary["table_columns"])
+        0.0 <= c["missing_rate"] <= 1.0 for c in summary["table_columns"]
+    )
     text = _run(INSPECT, "--dataset", dataset, "--dataset_dir", str(out), cwd=tmp_path)
     assert text.returncode == 0 and f"{summary['n_cases']} cases" in text.stdout and "dropped cases: 1" in text.stdout
 
@@ -104,10 +105,12 @@ def test_label_signal_in_every_modality(synthetic_dataset):
     chance = np.bincount(y).max() / len(y)
     feats = {}
     for m in ("clinic", "derm"):
-        feats[m] = np.stack([
-            np.asarray(Image.open(c.paths[m]).convert("RGB").resize((16, 16)), np.float32)[4:12, 4:12].mean((0, 1))
-            for c in cases
-        ])
+        feats[m] = np.stack(
+            [
+                np.asarray(Image.open(c.paths[m]).convert("RGB").resize((16, 16)), np.float32)[4:12, 4:12].mean((0, 1))
+                for c in cases
+            ]
+        )
     # the default table columns, one-hot
     values = {col: sorted({str(c.table[col]) for c in cases}) for col in cl.table_columns}
     feats["table"] = np.array([[float(str(c.table[col]) == v) for col in values for v in values[col]] for c in cases])

@@ -26,8 +26,20 @@ def averaged_run(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ema")
     data, out = str(root / "derm7pt"), str(root / "run")
     make_synthetic("derm7pt", data, cases=30, seed=0)
-    w = workflow(TRAIN, **tiny_overrides(data, out, synthetic=False, num_workers=0, ema_momentum=0.5,
-                                          learning_rate=0.01, stage2_epochs=3, best_min_epoch=1, run_sweep=False))
+    w = workflow(
+        TRAIN,
+        **tiny_overrides(
+            data,
+            out,
+            synthetic=False,
+            num_workers=0,
+            ema_momentum=0.5,
+            learning_rate=0.01,
+            stage2_epochs=3,
+            best_min_epoch=1,
+            run_sweep=False,
+        ),
+    )
     evaluator = w.parser.get_parsed_content("validate#evaluator")
     averager = w.parser.get_parsed_content("train#averager")
     network = w.parser.get_parsed_content("network")
@@ -35,17 +47,23 @@ def averaged_run(tmp_path_factory) -> dict:
 
     def record_batch(engine):  # MONAI's evaluator has decollated the batch and its output into items
         items, outputs = engine.state.batch, engine.state.output
-        seen["batches"].append((torch.stack([torch.as_tensor(i["image"]) for i in items]),
-                                torch.stack([torch.as_tensor(i["tabular"]) for i in items]),
-                                torch.stack([torch.as_tensor(o["pred"]) for o in outputs])))
+        seen["batches"].append(
+            (
+                torch.stack([torch.as_tensor(i["image"]) for i in items]),
+                torch.stack([torch.as_tensor(i["tabular"]) for i in items]),
+                torch.stack([torch.as_tensor(o["pred"]) for o in outputs]),
+            )
+        )
 
     def record_epoch(engine):
-        seen["epochs"].append({
-            "metric": engine.state.metrics["val_auc"],
-            "averaged": copy.deepcopy(averager.model.state_dict()),
-            "raw": copy.deepcopy(network.state_dict()),
-            "batches": seen["batches"],
-        })
+        seen["epochs"].append(
+            {
+                "metric": engine.state.metrics["val_auc"],
+                "averaged": copy.deepcopy(averager.model.state_dict()),
+                "raw": copy.deepcopy(network.state_dict()),
+                "batches": seen["batches"],
+            }
+        )
         seen["batches"] = []
 
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, record_batch)
@@ -78,10 +96,10 @@ def test_stage2_validation_scores_the_averaged_weights(averaged_run):
 def test_best_and_served_checkpoints_hold_the_averaged_weights(averaged_run):
     epochs = averaged_run["epochs"]
     best = max(range(len(epochs)), key=lambda i: (epochs[i]["metric"], -i))  # the first epoch of the best score
-    saved = torch.load(os.path.join(averaged_run["out"], "stage2", "model_best.pt"), map_location="cpu",
-                       weights_only=True)
+    saved = torch.load(
+        os.path.join(averaged_run["out"], "stage2", "model_best.pt"), map_location="cpu", weights_only=True
+    )
     saved = saved.get("network", saved)  # one saved object: its state dict alone
     assert _same(saved, epochs[best]["averaged"]) and not _same(saved, epochs[best]["raw"])
-    served = torch.load(os.path.join(averaged_run["out"], "models", "model.pt"), map_location="cpu",
-                        weights_only=True)
+    served = torch.load(os.path.join(averaged_run["out"], "models", "model.pt"), map_location="cpu", weights_only=True)
     assert _same(served.get("network", served), saved)

@@ -18,8 +18,16 @@ from bundle_helpers import tiny_overrides, workflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
-METHODS = ["cmml", "zero_fill", "modality_dropout", "mean_impute", "cmml_no_memory", "cmml_no_context",
-           "cmml_no_stage2", "modality_dropout_two_view"]
+METHODS = [
+    "cmml",
+    "zero_fill",
+    "modality_dropout",
+    "mean_impute",
+    "cmml_no_memory",
+    "cmml_no_context",
+    "cmml_no_stage2",
+    "modality_dropout_two_view",
+]
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +70,9 @@ def test_two_stage_run_end_to_end(synthetic_dir, tmp_path):
         for name in ("checkpoint_epoch=1.pt", "checkpoint_final.pt", "model_best.pt"):
             assert os.path.isfile(os.path.join(out, stage, name)), (stage, name)
         # the final state is the last epoch's file, not a second copy of it
-        assert os.path.samefile(os.path.join(out, stage, "checkpoint_final.pt"),
-                                os.path.join(out, stage, "checkpoint_epoch=1.pt"))
+        assert os.path.samefile(
+            os.path.join(out, stage, "checkpoint_final.pt"), os.path.join(out, stage, "checkpoint_epoch=1.pt")
+        )
     full = torch.load(os.path.join(out, "stage1", "checkpoint_epoch=1.pt"), weights_only=True)
     assert {"network", "optimizer", "lr_scheduler", "trainer"} <= set(full)
     assert full["trainer"]["iteration"] == full["trainer"]["epoch_length"]  # saved after epoch 1
@@ -73,6 +82,7 @@ def test_two_stage_run_end_to_end(synthetic_dir, tmp_path):
     assert os.path.isfile(os.path.join(out, "models", "model.pt"))
     # one-epoch stages: best_min_epoch 2 falls back to their only epoch, so both best files exist
     assert w.parser.get_parsed_content("train#best_saver").first_eligible_epoch == 1
+
     # stage-1 checkpoints serve the stage-1 head (validated on it), the published model the fusion head
     def served_flag(path: str) -> bool:
         state = torch.load(path, weights_only=True)
@@ -115,8 +125,10 @@ def test_resume_continues_from_next_epoch(synthetic_dir, tmp_path):
     assert os.path.isfile(os.path.join(out, "stage1", "checkpoint_epoch=2.pt"))
 
     # stage 2 alone (stage 1 given 0 epochs) starts from the stage-1 checkpoint of the earlier run
-    stage2_only = ["$cmml_monai.evaluation.run_stage(@stage1#trainer, 'stage 1')",
-                   "$cmml_monai.evaluation.run_stage(@train#trainer, 'stage 2')"]
+    stage2_only = [
+        "$cmml_monai.evaluation.run_stage(@stage1#trainer, 'stage 1')",
+        "$cmml_monai.evaluation.run_stage(@train#trainer, 'stage 2')",
+    ]
     w3 = workflow(TRAIN, **tiny(synthetic_dir, out, run=stage2_only, stage1_epochs=0, stage2_epochs=1))
     w3.run()
     loader = w3.parser.get_parsed_content("train#handlers")[0].init
@@ -256,8 +268,14 @@ def test_default_config_runs(tmp_path):
     """The embedded default (synthetic Derm7pt, default sizes and epochs) end to end. Not run by default:
     .ci/run runs this job as its main job (README quick start, line 1); ``pytest -m slow`` runs it here."""
     out = str(tmp_path / "default")
-    w = workflow(TRAIN, bundle_root=ROOT, output_dir=out, shared_dir=os.path.join(out, "shared"),
-                 dataset_dir=str(tmp_path / "syn"), progress_bar=False)
+    w = workflow(
+        TRAIN,
+        bundle_root=ROOT,
+        output_dir=out,
+        shared_dir=os.path.join(out, "shared"),
+        dataset_dir=str(tmp_path / "syn"),
+        progress_bar=False,
+    )
     w.run()
     w.finalize()
     with open(os.path.join(out, "sweep", "sweep.csv"), newline="") as f:
@@ -343,4 +361,6 @@ def test_warmup_epochs_reaches_both_stage_schedulers(synthetic_dir, tmp_path):
         scheduler = w.parser.get_parsed_content(key)
         assert isinstance(scheduler, torch.optim.lr_scheduler.SequentialLR), key
         # the first epoch runs at warmup_start_factor (0.1) of the stage's learning rate
-        assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * w.parser.get_parsed_content("learning_rate"))
+        assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(
+            0.1 * w.parser.get_parsed_content("learning_rate")
+        )

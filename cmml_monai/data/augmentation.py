@@ -25,9 +25,9 @@ from monai.transforms import (
     RandAdjustContrast,
     RandAffine,
     RandFlip,
+    Randomizable,
     RandScaleIntensity,
     RandShiftIntensity,
-    Randomizable,
 )
 from monai.utils import convert_to_tensor
 
@@ -66,13 +66,20 @@ def augmentation_chain(spatial_dims: int, preset: str = "default") -> Compose:
         if spatial_dims == 2:
             # skin photos and fundus images have no canonical orientation: any rotation is plausible
             affine = RandAffine(
-                prob=0.8, rotate_range=np.pi, scale_range=(0.15, 0.15), translate_range=(0.05, 0.05),
-                padding_mode="reflection", mode="bilinear",
+                prob=0.8,
+                rotate_range=np.pi,
+                scale_range=(0.15, 0.15),
+                translate_range=(0.05, 0.05),
+                padding_mode="reflection",
+                mode="bilinear",
             )
         else:
             # MRI volumes are reoriented to RAS: only small rotations and zooms are realistic
             affine = RandAffine(
-                prob=0.5, rotate_range=(0.1, 0.1, 0.1), scale_range=(0.1, 0.1, 0.1), padding_mode="zeros",
+                prob=0.5,
+                rotate_range=(0.1, 0.1, 0.1),
+                scale_range=(0.1, 0.1, 0.1),
+                padding_mode="zeros",
                 mode="bilinear",
             )
         chain.append(affine)

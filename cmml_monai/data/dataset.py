@@ -122,15 +122,22 @@ class _DeferringCompose(Compose):
 
     def __init__(self, transform: Sequence[Callable] | Callable) -> None:
         if type(transform) is Compose:  # same transforms and settings; a Compose subclass stays one step
-            super().__init__(transform.transforms, map_items=transform.map_items, unpack_items=transform.unpack_items,
-                             log_stats=transform.log_stats, lazy=transform.lazy, overrides=transform.overrides)
+            super().__init__(
+                transform.transforms,
+                map_items=transform.map_items,
+                unpack_items=transform.unpack_items,
+                log_stats=transform.log_stats,
+                lazy=transform.lazy,
+                overrides=transform.overrides,
+            )
         else:
             super().__init__(transform)
         self.deferring = False
         self.failures: dict[int, DataError] = {}
 
-    def __call__(self, input_: Any, start: int = 0, end: int | None = None, threading: bool = False,
-                 lazy: bool | None = None) -> Any:
+    def __call__(
+        self, input_: Any, start: int = 0, end: int | None = None, threading: bool = False, lazy: bool | None = None
+    ) -> Any:
         if isinstance(input_, _LoadFailure):
             return input_
         try:
@@ -156,8 +163,14 @@ class CaseCacheDataset(_PlainErrors, CacheDataset):
     (same transforms) that records the errors; only MONAI's public API is used.
     """
 
-    def __init__(self, data: Sequence, transform: Sequence[Callable] | Callable, *args: Any,
-                 defer_errors: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        data: Sequence,
+        transform: Sequence[Callable] | Callable,
+        *args: Any,
+        defer_errors: bool = False,
+        **kwargs: Any,
+    ) -> None:
         if kwargs.get("hash_as_key"):
             raise ValueError("CaseCacheDataset keys its cache by data index: hash_as_key is not supported")
         self.defer_errors = bool(defer_errors)
@@ -319,9 +332,7 @@ def case_transforms(
     if case_list.has_table and schema is None:
         raise ValueError(f"dataset {case_list.name!r} has a table: pass the fitted TableSchema as schema")
     keys = _image_keys(case_list)
-    chain = image_transforms(
-        kind, spatial_size, pixdim, **({"mean": mean, "std": std} if kind == "image2d" else {})
-    )
+    chain = image_transforms(kind, spatial_size, pixdim, **({"mean": mean, "std": std} if kind == "image2d" else {}))
     return Compose(
         [
             LoadModalityd(keys, kind, reader=reader, series=series),
@@ -436,7 +447,14 @@ def build_dataset(
     pixdim = resolve_pixdim(pixdim)
     data = data_dicts(case_list, split, with_label=with_label)
     transform = case_transforms(
-        case_list, schema, spatial_size, pixdim, reader=reader, series=series, mean=mean, std=std,
+        case_list,
+        schema,
+        spatial_size,
+        pixdim,
+        reader=reader,
+        series=series,
+        mean=mean,
+        std=std,
         with_label=with_label,
     )
     if augment is not None:
@@ -451,8 +469,13 @@ def build_dataset(
             cache_num = _check_cache_bound(cache_max_gb, item_bytes, len(data), split)
         # the cache is filled here: decoding errors surface now
         return CaseCacheDataset(
-            data, transform, cache_num=cache_num, cache_rate=float(cache_rate), num_workers=int(num_workers) or 1,
-            progress=as_bool(progress, "progress"), defer_errors=as_bool(defer_errors, "defer_errors"),
+            data,
+            transform,
+            cache_num=cache_num,
+            cache_rate=float(cache_rate),
+            num_workers=int(num_workers) or 1,
+            progress=as_bool(progress, "progress"),
+            defer_errors=as_bool(defer_errors, "defer_errors"),
         )
     if cache_dir is None:
         raise ValueError("cache='persistent' needs cache_dir (a folder for the preprocessed items)")
@@ -474,7 +497,6 @@ def build_dataset(
     return CasePersistentDataset(data, transform, cache_dir=folder, hash_func=hash_with_file_stats)
 
 
-
 def item_nbytes(case_list: CaseList, spatial_size: Sequence[int]) -> int:
     """Bytes of one preprocessed item: the packed float32 image (every image channel at ``spatial_size``)
     and the table, whose shapes every item shares."""
@@ -487,8 +509,16 @@ def _check_cache_bound(cache_max_gb: float, item_bytes: int, n: int, split: Any)
     """How many of ``n`` items fit in ``cache_max_gb``; said in the log when not all do."""
     fit = int(float(cache_max_gb) * 1e9 // item_bytes)
     if fit < n:
-        logger.info("cache of split %s: %d of %d items fit in cache_max_gb %g (%.2f MB each); the other %d are "
-                    "decoded at each access", split, fit, n, float(cache_max_gb), item_bytes / 1e6, n - fit)
+        logger.info(
+            "cache of split %s: %d of %d items fit in cache_max_gb %g (%.2f MB each); the other %d are "
+            "decoded at each access",
+            split,
+            fit,
+            n,
+            float(cache_max_gb),
+            item_bytes / 1e6,
+            n - fit,
+        )
     return min(fit, n)
 
 

@@ -19,15 +19,22 @@ from typing import Any
 
 from cmml_monai.data.errors import DataError
 
-__all__ = ["FINGERPRINT_FIELD", "case_fingerprint", "fingerprint_of", "ids_fingerprint_of", "resolve_fingerprint_path",
-           "check_fingerprint"]
+__all__ = [
+    "FINGERPRINT_FIELD",
+    "case_fingerprint",
+    "fingerprint_of",
+    "ids_fingerprint_of",
+    "resolve_fingerprint_path",
+    "check_fingerprint",
+]
 
 FINGERPRINT_FIELD = "{fingerprint}"
 SHORT = 12
 
 
-def case_fingerprint(dataset: str, modality_names: Sequence[str], case_ids: Sequence[str],
-                     splits: Mapping[str, str] | None = None) -> str:
+def case_fingerprint(
+    dataset: str, modality_names: Sequence[str], case_ids: Sequence[str], splits: Mapping[str, str] | None = None
+) -> str:
     """The hex SHA-256 of ``dataset``, ``modality_names`` (in order), the sorted ``case_ids`` and, when given,
     each case's split (case id -> split name).
 

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.data.cases import Case, CaseList
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.fingerprint import check_fingerprint, fingerprint_of, resolve_fingerprint_path
+from cmml_monai.data.jsonio import atomic_write_json
 
 if TYPE_CHECKING:  # torch is imported where it is used, so mask files and reports load fast
     import torch
@@ -159,9 +159,7 @@ def apply_presence_mask(
     m = len(channels)
     present_t = torch.as_tensor(present, device=image.device).bool()
     if present_t.ndim != 2 or present_t.shape[0] != image.shape[0] or present_t.shape[1] not in (m, m + 1):
-        raise ValueError(
-            f"present must be [B={image.shape[0]}, k={m} or {m + 1}], got shape {tuple(present_t.shape)}"
-        )
+        raise ValueError(f"present must be [B={image.shape[0]}, k={m} or {m + 1}], got shape {tuple(present_t.shape)}")
     if tabular is not None and present_t.shape[1] != m + 1:
         raise ValueError(f"present has {present_t.shape[1]} columns but a table is given: expected {m + 1}")
     reps = torch.as_tensor(channels, device=image.device)
@@ -293,13 +291,16 @@ def ensure_masks(
         data = _read_mask_file(path)
         _verify(path, data, case_ids, modality_names, fingerprint)
         if data.get("seed") is not None and data["seed"] != seed:
-            raise DataError(f"{path}: masks were made with seed {data['seed']}, not {seed}; keep mask_seed "
-                            f"at {data['seed']} or give these masks their own folder (--shared_dir DIR)")
+            raise DataError(
+                f"{path}: masks were made with seed {data['seed']}, not {seed}; keep mask_seed "
+                f"at {data['seed']} or give these masks their own folder (--shared_dir DIR)"
+            )
         masks = _decode(path, data)
         absent = [r for r in rates if float(r) not in masks]
         if absent:
-            raise DataError(f"{path}: no masks for rates {absent}; give these rates their own folder "
-                            "(--shared_dir DIR)")
+            raise DataError(
+                f"{path}: no masks for rates {absent}; give these rates their own folder (--shared_dir DIR)"
+            )
         for r in rates:
             if (masks[float(r)] & ~natural).any():
                 raise DataError(f"{path}: masks for rate {r} mark naturally missing inputs present; delete it")

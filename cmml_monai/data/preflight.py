@@ -177,8 +177,9 @@ def _run_checks(
     return errors
 
 
-def _diagnose(split: str, item: Mapping[str, Any], image_keys: Sequence[str], run: Callable,
-              error: DataError) -> list[PreflightProblem]:
+def _diagnose(
+    split: str, item: Mapping[str, Any], image_keys: Sequence[str], run: Callable, error: DataError
+) -> list[PreflightProblem]:
     """Which modality of a failing item is at fault: the case without images, then each image alone.
 
     Only failing items get here, so the extra decodes are few."""
@@ -228,8 +229,10 @@ def class_coverage(case_list: CaseList, splits: Sequence[str]) -> list[str]:
                 counts[int(c.label)] += 1  # type: ignore[arg-type]
         absent = [name for name, n in zip(case_list.class_names, counts) if n == 0]
         if absent:
-            out.append(f"{split} split: no case of class(es) {absent}; its AUC averages over the other classes "
-                       f"({'the model never learns them' if split == 'train' else 'move some cases into it'})")
+            out.append(
+                f"{split} split: no case of class(es) {absent}; its AUC averages over the other classes "
+                f"({'the model never learns them' if split == 'train' else 'move some cases into it'})"
+            )
     return out
 
 
@@ -313,18 +316,24 @@ def run_preflight(
         atomic_write_json(path, report.to_json())
     if fatal:
         cases = len({(p.split, p.case_id) for p in fatal})
-        fix = ("replace or remove these files (or fix the case), or set preflight to 'mark_missing' "
-               "to train without the unusable modalities" if mode == "fail" else
-               "these cannot be marked missing: fix the label/table or remove the case")
-        head = (f"preflight: {len(fatal)} problem(s) in {cases} case(s) of {report.items} checked, before training; "
-                f"{fix}{f' (all listed in {path})' if path else ''}:")
+        fix = (
+            "replace or remove these files (or fix the case), or set preflight to 'mark_missing' "
+            "to train without the unusable modalities"
+            if mode == "fail"
+            else "these cannot be marked missing: fix the label/table or remove the case"
+        )
+        head = (
+            f"preflight: {len(fatal)} problem(s) in {cases} case(s) of {report.items} checked, before training; "
+            f"{fix}{f' (all listed in {path})' if path else ''}:"
+        )
         lines = [f"  {p.line()}" for p in fatal[:MAX_LISTED]]
         if len(fatal) > MAX_LISTED:
             lines.append(f"  ... and {len(fatal) - MAX_LISTED} more")
         raise DataError("\n".join([head, *lines]))
     logger.warning(
         "preflight: %d unusable image file(s) marked missing in %d case(s); training goes on without them%s",
-        len(report.marked_missing), len({(s, c) for s, c, _ in report.marked_missing}),
+        len(report.marked_missing),
+        len({(s, c) for s, c, _ in report.marked_missing}),
         f" (listed in {path})" if path else "",
     )
     return report
@@ -349,8 +358,15 @@ def _mark_missing(case_list: CaseList, datasets: Mapping[str, Dataset], report: 
         item = datasets[split].data[index]
         case = by_id.get((split, str(item.get("case_id"))))
         if case is not None and not any(case_list.present(case)):
-            fatal.append(PreflightProblem(split, str(item.get("case_id")), None, None,
-                                          f"case {item.get('case_id')}: no usable modality is left; remove the case"))
+            fatal.append(
+                PreflightProblem(
+                    split,
+                    str(item.get("case_id")),
+                    None,
+                    None,
+                    f"case {item.get('case_id')}: no usable modality is left; remove the case",
+                )
+            )
             continue
         _reload(datasets[split], index)
     return fatal

@@ -142,8 +142,15 @@ def list_dicom_series(folder: str) -> list[DicomSeriesInfo]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    tags = ["SeriesInstanceUID", "SeriesDescription", "Modality", "NumberOfFrames", "Rows",
-            "ImagePositionPatient", "ImageOrientationPatient"]
+    tags = [
+        "SeriesInstanceUID",
+        "SeriesDescription",
+        "Modality",
+        "NumberOfFrames",
+        "Rows",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+    ]
     series: dict[str, DicomSeriesInfo] = {}
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)

@@ -19,6 +19,7 @@ from cmml_monai.data.table import TableSchema, is_empty_cell
 
 __all__ = ["summarize", "format_summary"]
 
+
 def summarize(case_list: CaseList) -> dict[str, Any]:
     """Counts describing ``case_list``.
 
@@ -42,8 +43,11 @@ def summarize(case_list: CaseList) -> dict[str, Any]:
     by_split = {}
     for s in splits:
         rows = [i for i, c in enumerate(cases) if c.split == s]
-        by_split[s] = {"cases": len(rows), "label_counts": _label_counts(case_list, [cases[i] for i in rows]),
-                       "missing": _missing(names, present[rows])}
+        by_split[s] = {
+            "cases": len(rows),
+            "label_counts": _label_counts(case_list, [cases[i] for i in rows]),
+            "missing": _missing(names, present[rows]),
+        }
     reasons: dict[str, dict[str, int]] = {}
     for j, m in enumerate(case_list.modalities):
         counter: Counter[str] = Counter()
@@ -57,18 +61,26 @@ def summarize(case_list: CaseList) -> dict[str, Any]:
         train = case_list.split("train") or cases
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            schema = TableSchema.fit([c.table for c in train], case_list.table_columns,
-                                     {k: v for k, v in case_list.table_types.items()  # type: ignore[misc]
-                                      if k in case_list.table_columns})
+            schema = TableSchema.fit(
+                [c.table for c in train],
+                case_list.table_columns,
+                {
+                    k: v
+                    for k, v in case_list.table_types.items()  # type: ignore[misc]
+                    if k in case_list.table_columns
+                },
+            )
         for spec in schema.columns:
             n_empty = sum(is_empty_cell(c.table.get(spec.name)) for c in cases)
-            columns.append({
-                "name": spec.name,
-                "type": spec.type,
-                "inferred": spec.inferred,
-                "categories": len(spec.vocabulary) if spec.type == "categorical" else None,
-                "missing_rate": round(float(n_empty / len(cases)), 4) if cases else 0.0,
-            })
+            columns.append(
+                {
+                    "name": spec.name,
+                    "type": spec.type,
+                    "inferred": spec.inferred,
+                    "categories": len(spec.vocabulary) if spec.type == "categorical" else None,
+                    "missing_rate": round(float(n_empty / len(cases)), 4) if cases else 0.0,
+                }
+            )
     return {
         "name": case_list.name,
         "n_cases": len(cases),
@@ -89,8 +101,10 @@ def summarize(case_list: CaseList) -> dict[str, Any]:
 def _label_counts(case_list: CaseList, cases: Sequence[Case]) -> dict[str, int]:
     """Class (label) name -> cases with it."""
     if case_list.multi_label:
-        return {n: int(sum(int(c.label[j]) for c in cases))  # type: ignore[index]
-                for j, n in enumerate(case_list.class_names)}
+        return {
+            n: int(sum(int(c.label[j]) for c in cases))  # type: ignore[index]
+            for j, n in enumerate(case_list.class_names)
+        }
     return {n: int(sum(c.label == j for c in cases)) for j, n in enumerate(case_list.class_names)}
 
 
@@ -101,8 +115,10 @@ def _missing(names: Sequence[str], present: np.ndarray) -> dict[str, int]:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """Human-readable text of ``summarize``'s output."""
-    lines = [f"dataset {summary['name']}: {summary['n_cases']} cases"
-             + (" (multi-label)" if summary.get("multi_label") else "")]
+    lines = [
+        f"dataset {summary['name']}: {summary['n_cases']} cases"
+        + (" (multi-label)" if summary.get("multi_label") else "")
+    ]
     lines.append("splits: " + ", ".join(f"{k} {v}" for k, v in summary["splits"].items()))
     lines.append("labels: " + ", ".join(f"{k} {v}" for k, v in summary["label_counts"].items()))
     lines.append(f"cases with every modality present: {summary['all_present']}")

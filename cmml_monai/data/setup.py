@@ -38,15 +38,19 @@ def load_cases(
     """
     if as_bool(synthetic, "synthetic"):
         if dataset not in SYNTHETIC_DATASETS:
-            raise DataError(f"dataset {dataset!r} has no synthetic stand-in; pass --synthetic false with your "
-                            f"dataset_dir (configs/datasets/{dataset}.json sets it)")
+            raise DataError(
+                f"dataset {dataset!r} has no synthetic stand-in; pass --synthetic false with your "
+                f"dataset_dir (configs/datasets/{dataset}.json sets it)"
+            )
         dataset_dir = ensure_synthetic(dataset, dataset_dir, cases=synthetic_cases, seed=seed)
     case_list = load_dataset(dataset, dataset_dir, **dict(options or {}))
     for split in SPLITS:
         if not case_list.split(split):
             reasons = Counter(reason for _, reason in case_list.dropped)
-            raise DataError(f"dataset {dataset!r} in {dataset_dir} has no {split!r} cases; every split is needed"
-                            f" (dropped: {dict(reasons) or 'none'}; {len(case_list.cases)} usable cases)")
+            raise DataError(
+                f"dataset {dataset!r} in {dataset_dir} has no {split!r} cases; every split is needed"
+                f" (dropped: {dict(reasons) or 'none'}; {len(case_list.cases)} usable cases)"
+            )
     return case_list
 
 

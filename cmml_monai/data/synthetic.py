@@ -52,8 +52,14 @@ def _softmax(x: np.ndarray, t: float = 1.0) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def _views(rng: np.random.Generator, onehot: np.ndarray, n_views: int, signal: float = 2.0,
-           shared: float = 0.8, own: float = 1.0) -> list[np.ndarray]:
+def _views(
+    rng: np.random.Generator,
+    onehot: np.ndarray,
+    n_views: int,
+    signal: float = 2.0,
+    shared: float = 0.8,
+    own: float = 1.0,
+) -> list[np.ndarray]:
     """Per-modality noisy views of the class evidence: shared noise links them, own noise separates them."""
     base = signal * onehot + shared * rng.standard_normal(onehot.shape)
     return [base + own * rng.standard_normal(onehot.shape) for _ in range(n_views)]
@@ -64,8 +70,13 @@ def _jpeg(arr: np.ndarray, path: str, quality: int = 88) -> None:
 
 
 def _summary(
-    labels: dict[str, Any], splits: dict[str, str], class_names: Sequence[str], multi_label: bool,
-    missing: dict[str, dict[str, str]], modality_names: Sequence[str], dropped: list[tuple[str, str]],
+    labels: dict[str, Any],
+    splits: dict[str, str],
+    class_names: Sequence[str],
+    multi_label: bool,
+    missing: dict[str, dict[str, str]],
+    modality_names: Sequence[str],
+    dropped: list[tuple[str, str]],
 ) -> dict[str, Any]:
     """The manifest counts, computed from what was written (same definitions as ``report.summarize``)."""
     counts = Counter(splits[c] for c in labels)
@@ -92,17 +103,39 @@ def _summary(
 # ---------------------------------------------------------------------------------------------- Derm7pt
 _DERM_DIAGNOSES = {
     "BCC": ["basal cell carcinoma"],
-    "NEV": ["blue nevus", "clark nevus", "combined nevus", "congenital nevus", "dermal nevus", "recurrent nevus",
-            "reed or spitz nevus"],
-    "MEL": ["melanoma", "melanoma (in situ)", "melanoma (less than 0.76 mm)", "melanoma (0.76 to 1.5 mm)",
-            "melanoma (more than 1.5 mm)", "melanoma metastasis"],
+    "NEV": [
+        "blue nevus",
+        "clark nevus",
+        "combined nevus",
+        "congenital nevus",
+        "dermal nevus",
+        "recurrent nevus",
+        "reed or spitz nevus",
+    ],
+    "MEL": [
+        "melanoma",
+        "melanoma (in situ)",
+        "melanoma (less than 0.76 mm)",
+        "melanoma (0.76 to 1.5 mm)",
+        "melanoma (more than 1.5 mm)",
+        "melanoma metastasis",
+    ],
     "MISC": ["dermatofibroma", "lentigo", "melanosis", "miscellaneous", "vascular lesion"],
     "SK": ["seborrheic keratosis"],
 }
 _DERM_PRIOR = [0.12, 0.34, 0.24, 0.15, 0.15]
 _DERM_ELEVATION = ["flat", "palpable", "nodular"]
-_DERM_LOCATION = ["abdomen", "acral", "back", "buttocks", "chest", "genital areas", "head neck", "lower limbs",
-                  "upper limbs"]
+_DERM_LOCATION = [
+    "abdomen",
+    "acral",
+    "back",
+    "buttocks",
+    "chest",
+    "genital areas",
+    "head neck",
+    "lower limbs",
+    "upper limbs",
+]
 # per class: preferred elevation / location index (the table's share of the class evidence)
 _DERM_ELEV_OF = [2, 0, 1, 0, 1]
 _DERM_LOC_OF = [6, 2, 8, 7, 4]
@@ -196,37 +229,51 @@ def _make_derm7pt(root: str, n: int, rng: np.random.Generator) -> dict[str, Any]
         if not (elevation or location or sex):
             miss["table"] = "empty"
         score = int(np.clip(round(pt[DERM7PT_CLASSES.index("MEL")] * 6 + rng.normal(0, 1)), 0, 9))
-        rows.append({
-            "case_num": i + 1,
-            "diagnosis": rng.choice(_DERM_DIAGNOSES[cls]),
-            "seven_point_score": score,
-            "pigment_network": rng.choice(["absent", "typical", "atypical"]),
-            "streaks": rng.choice(["absent", "regular", "irregular"]),
-            "pigmentation": rng.choice(["absent", "diffuse regular", "localized irregular", "diffuse irregular",
-                                        "localized regular"]),
-            "regression_structures": rng.choice(["absent", "blue areas", "white areas", "combinations"]),
-            "dots_and_globules": rng.choice(["absent", "regular", "irregular"]),
-            "blue_whitish_veil": "present" if score > 4 else "absent",
-            "vascular_structures": rng.choice(["absent", "arborizing", "comma", "hairpin", "within regression",
-                                               "wreath", "dotted", "linear irregular"]),
-            "level_of_diagnostic_difficulty": rng.choice(["low", "medium", "high"]),
-            "elevation": elevation,
-            "location": location,
-            "sex": sex,
-            "management": "excision" if cls in ("BCC", "MEL") else rng.choice(["clinical follow up",
-                                                                               "no further examination"]),
-            "clinic": clinic_rel,
-            "derm": derm_rel,
-            "case_id": f"{folder}{i + 1:03d}",
-            "notes": "",
-        })
+        rows.append(
+            {
+                "case_num": i + 1,
+                "diagnosis": rng.choice(_DERM_DIAGNOSES[cls]),
+                "seven_point_score": score,
+                "pigment_network": rng.choice(["absent", "typical", "atypical"]),
+                "streaks": rng.choice(["absent", "regular", "irregular"]),
+                "pigmentation": rng.choice(
+                    ["absent", "diffuse regular", "localized irregular", "diffuse irregular", "localized regular"]
+                ),
+                "regression_structures": rng.choice(["absent", "blue areas", "white areas", "combinations"]),
+                "dots_and_globules": rng.choice(["absent", "regular", "irregular"]),
+                "blue_whitish_veil": "present" if score > 4 else "absent",
+                "vascular_structures": rng.choice(
+                    [
+                        "absent",
+                        "arborizing",
+                        "comma",
+                        "hairpin",
+                        "within regression",
+                        "wreath",
+                        "dotted",
+                        "linear irregular",
+                    ]
+                ),
+                "level_of_diagnostic_difficulty": rng.choice(["low", "medium", "high"]),
+                "elevation": elevation,
+                "location": location,
+                "sex": sex,
+                "management": "excision"
+                if cls in ("BCC", "MEL")
+                else rng.choice(["clinical follow up", "no further examination"]),
+                "clinic": clinic_rel,
+                "derm": derm_rel,
+                "case_id": f"{folder}{i + 1:03d}",
+                "notes": "",
+            }
+        )
         labels[str(i + 1)] = int(y[i])
         missing[str(i + 1)] = miss
     pd.DataFrame(rows, columns=DERM7PT_COLUMNS).to_csv(os.path.join(rel, "meta", "meta.csv"), index=False)
     # native split sizes 413/203/395 of 1011, 0-based row positions
     perm = rng.permutation(n)
     n_train, n_valid = int(round(n * 413 / 1011)), int(round(n * 203 / 1011))
-    parts = {"train": perm[:n_train], "valid": perm[n_train:n_train + n_valid], "test": perm[n_train + n_valid:]}
+    parts = {"train": perm[:n_train], "valid": perm[n_train : n_train + n_valid], "test": perm[n_train + n_valid :]}
     splits = {}
     for name, idx in parts.items():
         pd.DataFrame({"indexes": np.sort(idx)}).to_csv(os.path.join(rel, "meta", f"{name}_indexes.csv"), index=False)
@@ -239,8 +286,11 @@ def _make_derm7pt(root: str, n: int, rng: np.random.Generator) -> dict[str, Any]
 # ---------------------------------------------------------------------------------------------- ODIR-5K
 _ODIR_KEYWORDS = {
     "N": ["normal fundus"],
-    "D": ["mild nonproliferative retinopathy", "moderate non proliferative retinopathy",
-          "severe nonproliferative retinopathy"],
+    "D": [
+        "mild nonproliferative retinopathy",
+        "moderate non proliferative retinopathy",
+        "severe nonproliferative retinopathy",
+    ],
     "G": ["glaucoma"],
     "C": ["cataract"],
     "A": ["dry age-related macular degeneration", "wet age-related macular degeneration"],
@@ -250,8 +300,10 @@ _ODIR_KEYWORDS = {
 }
 _ODIR_DISEASE_P = np.array([0.30, 0.10, 0.13, 0.10, 0.08, 0.09, 0.20])  # D G C A H M O
 # blob colour of each disease label (D..O), drawn at angle j * 2pi / 7 on the retina
-_ODIR_COLORS = np.array([[120, 10, 10], [250, 250, 210], [200, 200, 200], [240, 220, 60],
-                         [40, 10, 60], [250, 160, 120], [60, 170, 80]], float)
+_ODIR_COLORS = np.array(
+    [[120, 10, 10], [250, 250, 210], [200, 200, 200], [240, 220, 60], [40, 10, 60], [250, 160, 120], [60, 170, 80]],
+    float,
+)
 _ODIR_SIZES = [(512, 384), (480, 480), (640, 480), (400, 300), (560, 420)]
 
 
@@ -316,8 +368,13 @@ def _make_odir(root: str, n: int, rng: np.random.Generator) -> dict[str, Any]:
             age_cell = None
         if rng.random() < 0.02:
             age_cell = sex_cell = None
-        row = {"ID": pid, "Patient Age": age_cell, "Patient Sex": sex_cell,
-               "Left-Fundus": f"{pid}_left.jpg", "Right-Fundus": f"{pid}_right.jpg"}
+        row = {
+            "ID": pid,
+            "Patient Age": age_cell,
+            "Patient Sex": sex_cell,
+            "Left-Fundus": f"{pid}_left.jpg",
+            "Right-Fundus": f"{pid}_right.jpg",
+        }
         miss: dict[str, str] = {}
         for eye, show in (("left", show_l), ("right", show_r)):
             shown = [ODIR_LABELS[j] for j in np.flatnonzero(show)]
@@ -339,10 +396,19 @@ def _make_odir(root: str, n: int, rng: np.random.Generator) -> dict[str, Any]:
         rows.append(row)
         labels[str(pid)] = [int(v) for v in lab]
         missing[str(pid)] = miss
-    cols = ["ID", "Patient Age", "Patient Sex", "Left-Fundus", "Right-Fundus", "Left-Diagnostic Keywords",
-            "Right-Diagnostic Keywords", *ODIR_LABELS]
-    pd.DataFrame(rows, columns=cols).to_excel(os.path.join(root, ODIR_ANNOTATION_FILE), sheet_name="Sheet1",
-                                              index=False)
+    cols = [
+        "ID",
+        "Patient Age",
+        "Patient Sex",
+        "Left-Fundus",
+        "Right-Fundus",
+        "Left-Diagnostic Keywords",
+        "Right-Diagnostic Keywords",
+        *ODIR_LABELS,
+    ]
+    pd.DataFrame(rows, columns=cols).to_excel(
+        os.path.join(root, ODIR_ANNOTATION_FILE), sheet_name="Sheet1", index=False
+    )
     dropped = [(str(n - 1), "every modality missing")]
     labels.pop(str(n - 1))
     splits = stratified_split(list(labels), ["".join(map(str, v)) for v in labels.values()], DEFAULT_FRACTIONS, 0)
@@ -353,12 +419,14 @@ def _make_odir(root: str, n: int, rng: np.random.Generator) -> dict[str, Any]:
 _MEN_BRAIN = {"t1c": 420.0, "t1n": 380.0, "t2w": 520.0, "t2f": 460.0}
 
 
-def _men_volume(rng: np.random.Generator, seq: str, p_high: float, shape: tuple[int, int, int],
-                centre: np.ndarray) -> np.ndarray:
+def _men_volume(
+    rng: np.random.Generator, seq: str, p_high: float, shape: tuple[int, int, int], centre: np.ndarray
+) -> np.ndarray:
     xx, yy, zz = np.meshgrid(*(np.arange(s, dtype=np.float32) for s in shape), indexing="ij")
     sx, sy, sz = (np.array(shape, np.float32) - 1) / 2
-    brain = ((xx - sx) / (0.42 * shape[0])) ** 2 + ((yy - sy) / (0.46 * shape[1])) ** 2 + \
-        ((zz - sz) / (0.44 * shape[2])) ** 2 <= 1
+    brain = ((xx - sx) / (0.42 * shape[0])) ** 2 + ((yy - sy) / (0.46 * shape[1])) ** 2 + (
+        (zz - sz) / (0.44 * shape[2])
+    ) ** 2 <= 1
     vol = np.where(brain, _MEN_BRAIN[seq], 0.0).astype(np.float32)
     # the tumour: bigger with high-grade evidence; each sequence shows a different part of it
     scale = min(shape[:2]) / 40.0
@@ -430,8 +498,10 @@ def _make_men(root: str, n: int, rng: np.random.Generator, shape: tuple[int, int
     views = _views(rng, np.eye(2)[y], len(MEN_SEQUENCES) + 1, signal=1.6, shared=0.7, own=1.0)
     affine = np.diag([*_MEN_SPACING, 1.0])
     rows, labels, missing = [], {}, {}
-    absent_seq = {int(i): str(rng.choice(MEN_SEQUENCES)) for i in rng.choice(np.arange(1, n - 1), size=max(2, n // 10),
-                                                                              replace=False)}
+    absent_seq = {
+        int(i): str(rng.choice(MEN_SEQUENCES))
+        for i in rng.choice(np.arange(1, n - 1), size=max(2, n // 10), replace=False)
+    }
     for i in range(n):
         cid = f"BraTS-MEN-{i + 1:05d}-000"
         case_dir = os.path.join(root, cid)

@@ -18,8 +18,8 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.data.errors import DataError
+from cmml_monai.data.jsonio import atomic_write_json
 
 __all__ = ["ColumnType", "ColumnSpec", "TableSchema", "read_table", "is_empty_cell", "normalise_category"]
 
@@ -61,9 +61,7 @@ def _to_float(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def read_table(
-    path: str | os.PathLike, sheet: str | int | None = None, required: Sequence[str] = ()
-) -> pd.DataFrame:
+def read_table(path: str | os.PathLike, sheet: str | int | None = None, required: Sequence[str] = ()) -> pd.DataFrame:
     """Read a clinical table from CSV or XLSX and check its required columns.
 
     Column names are stripped of surrounding spaces. Empty cells become NaN.
@@ -113,7 +111,7 @@ def read_table(
             pos = bad.start
         line = raw[:pos].count(b"\n") + 1
         raise DataError(
-            f"{path}: not UTF-8 text (byte {raw[pos:pos + 1]!r} on line {line}, e.g. a latin-1 export); "
+            f"{path}: not UTF-8 text (byte {raw[pos : pos + 1]!r} on line {line}, e.g. a latin-1 export); "
             "save the table as UTF-8 (Excel: 'CSV UTF-8')"
         ) from None
     except Exception as e:  # a parser's traceback is not actionable; name the file instead
@@ -287,11 +285,24 @@ class TableSchema:
             specs = []
             for c in data["columns"]:
                 if c["type"] == "numeric":
-                    specs.append(ColumnSpec(str(c["name"]), "numeric", mean=float(c["mean"]), std=float(c["std"]),
-                                            inferred=bool(c.get("inferred", False))))
+                    specs.append(
+                        ColumnSpec(
+                            str(c["name"]),
+                            "numeric",
+                            mean=float(c["mean"]),
+                            std=float(c["std"]),
+                            inferred=bool(c.get("inferred", False)),
+                        )
+                    )
                 elif c["type"] == "categorical":
-                    specs.append(ColumnSpec(str(c["name"]), "categorical", vocabulary=[str(v) for v in c["vocabulary"]],
-                                            inferred=bool(c.get("inferred", False))))
+                    specs.append(
+                        ColumnSpec(
+                            str(c["name"]),
+                            "categorical",
+                            vocabulary=[str(v) for v in c["vocabulary"]],
+                            inferred=bool(c.get("inferred", False)),
+                        )
+                    )
                 else:
                     raise KeyError(f"type {c['type']!r}")
         except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -129,9 +129,11 @@ class MissingRateViews(ConcatDataset):
         parts = []
         for rate in self.rates:
             try:
-                parts.append(PresenceMaskedDataset(
-                    dataset, case_ids, by_rate[rate], channels_per_modality, extra={"missing_rate": rate}
-                ))
+                parts.append(
+                    PresenceMaskedDataset(
+                        dataset, case_ids, by_rate[rate], channels_per_modality, extra={"missing_rate": rate}
+                    )
+                )
             except ValueError as err:
                 raise ValueError(f"rate {rate:g}: {err}") from None
         super().__init__(parts)

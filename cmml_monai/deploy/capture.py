@@ -25,8 +25,15 @@ from cmml_monai.deploy.report import RESEARCH_USE_ONLY
 from cmml_monai.deploy.study import StudyCase
 from cmml_monai.evaluation.casepage import save_page, write_index
 
-__all__ = ["SC_SERIES_NUMBER", "SC_SERIES_DESCRIPTION", "STUDY_KEYWORDS", "study_attributes", "build_capture",
-           "StudyExplainer", "update_index"]
+__all__ = [
+    "SC_SERIES_NUMBER",
+    "SC_SERIES_DESCRIPTION",
+    "STUDY_KEYWORDS",
+    "study_attributes",
+    "build_capture",
+    "StudyExplainer",
+    "update_index",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +44,19 @@ INDEX_NAME = "index.html"
 
 
 #: what the SC takes from the study: its patient and general study modules, nothing of the equipment or staff
-STUDY_KEYWORDS = ("SpecificCharacterSet", "StudyInstanceUID", "PatientName", "PatientID", "PatientBirthDate",
-                  "PatientSex", "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+STUDY_KEYWORDS = (
+    "SpecificCharacterSet",
+    "StudyInstanceUID",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
 
 
 def study_attributes(ds: Any) -> Any:
@@ -58,8 +76,9 @@ def study_attributes(ds: Any) -> Any:
     return out
 
 
-def build_capture(page: np.ndarray, ref_dataset: Any, model_name: str, model_version: str,
-                  series_number: int = SC_SERIES_NUMBER) -> Any:
+def build_capture(
+    page: np.ndarray, ref_dataset: Any, model_name: str, model_version: str, series_number: int = SC_SERIES_NUMBER
+) -> Any:
     """The RGB Secondary Capture of ``page`` (``[H, W, 3]`` uint8), in the study of ``ref_dataset``.
 
     Raises:
@@ -93,7 +112,7 @@ def build_capture(page: np.ndarray, ref_dataset: Any, model_name: str, model_ver
         manufacturer_model_name=model_name[:64],
         software_versions=model_version[:64],
     )
-    sc.PatientOrientation = None
+    sc.PatientOrientation = None  # type: ignore[assignment]  # Type 2C, empty: pydicom writes a zero-length value
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = RESEARCH_USE_ONLY  # plain ASCII: the default character set has no dash
     return sc
@@ -116,9 +135,15 @@ def update_index(out_dir: str) -> str:
             continue
         with open(record_path, encoding="utf-8") as f:
             record = json.load(f)
-        entries.append({"case_id": record.get("case_id", stem), "prediction": record.get("prediction", []),
-                        "present": record.get("present", []), "completed": record.get("completed", []),
-                        "page": name})
+        entries.append(
+            {
+                "case_id": record.get("case_id", stem),
+                "prediction": record.get("prediction", []),
+                "present": record.get("present", []),
+                "completed": record.get("completed", []),
+                "page": name,
+            }
+        )
     return write_index(entries, os.path.join(out_dir, INDEX_NAME), title="CMML case pages")
 
 
@@ -140,8 +165,9 @@ class StudyExplainer:
         prep = description.get("preprocessing") or {}
         self.mean, self.std = prep.get("mean"), prep.get("std")
 
-    def write(self, case: StudyCase, out_dir: str, model_name: str, model_version: str,
-              series_number: int = SC_SERIES_NUMBER) -> tuple[str, str, Any]:
+    def write(
+        self, case: StudyCase, out_dir: str, model_name: str, model_version: str, series_number: int = SC_SERIES_NUMBER
+    ) -> tuple[str, str, Any]:
         """Explain ``case``, write its PNG page and its Secondary Capture; returns both paths and the SC.
 
         Raises:

@@ -69,11 +69,16 @@ _V1_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # version 1's flat network options that are now the options of the encoder / crta / memory components
 _V1_COMPONENT_ARGS: dict[str, tuple[str, dict[str, str]]] = {
-    "encoder": ("MultiModalEncoder", {
-        "image_encoder": "image_encoder", "share_image_encoder": "share_image_encoder",
-        "pretrained_path": "pretrained_path", "tabular_layers": "tabular_layers",
-        "encode_present_only": "encode_present_only",
-    }),
+    "encoder": (
+        "MultiModalEncoder",
+        {
+            "image_encoder": "image_encoder",
+            "share_image_encoder": "share_image_encoder",
+            "pretrained_path": "pretrained_path",
+            "tabular_layers": "tabular_layers",
+            "encode_present_only": "encode_present_only",
+        },
+    ),
     "crta": ("CascadedResidualTransformerAE", {"num_blocks": "num_blocks"}),
     "memory": ("ModalityMemoryBank", {"memory_slots": "num_slots", "memory_tau": "tau", "memory_momentum": "momentum"}),
 }
@@ -251,8 +256,17 @@ def save_description(
         'runs/derm/models/network.json'
     """
     desc = describe_network(
-        network, case_list, schema, spatial_size, pixdim, reader, series, mean=mean, std=std,
-        dataset_options=dataset_options, method=method,
+        network,
+        case_list,
+        schema,
+        spatial_size,
+        pixdim,
+        reader,
+        series,
+        mean=mean,
+        std=std,
+        dataset_options=dataset_options,
+        method=method,
     )
     model_dir = os.path.join(output_dir, "models")
     weights = os.path.join(model_dir, WEIGHTS_NAME)
@@ -453,9 +467,7 @@ def _mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Te
     return parts
 
 
-def load_network(
-    model_dir: str, checkpoint: str | None = None, device: str | torch.device = "cpu"
-) -> torch.nn.Module:
+def load_network(model_dir: str, checkpoint: str | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild the served network from ``network.json`` alone and load its weights, in eval mode.
 
     Args:

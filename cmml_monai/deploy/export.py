@@ -34,8 +34,15 @@ from cmml_monai.data.missingness import all_subsets, apply_presence_mask
 from cmml_monai.deploy.description import DESCRIPTION_NAME, check_description, load_description, load_network
 
 __all__ = [
-    "TORCHSCRIPT_NAME", "ONNX_NAME", "example_inputs", "check_export", "export_torchscript", "export_onnx",
-    "resolve_torchscript", "load_torchscript", "main",
+    "TORCHSCRIPT_NAME",
+    "ONNX_NAME",
+    "example_inputs",
+    "check_export",
+    "export_torchscript",
+    "export_onnx",
+    "resolve_torchscript",
+    "load_torchscript",
+    "main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -192,9 +199,11 @@ def resolve_torchscript(path: str) -> str:
     for candidate in (os.path.join(path, "models", TORCHSCRIPT_NAME), os.path.join(path, TORCHSCRIPT_NAME)):
         if os.path.isfile(candidate):
             return candidate
-    raise DataError(f"{path}: no TorchScript model (neither the file, nor models/{TORCHSCRIPT_NAME} nor "
-                    f"{TORCHSCRIPT_NAME} in it); package the run with scripts/package_bundle.py or write it with "
-                    "python -m cmml_monai.deploy.export MODELS")
+    raise DataError(
+        f"{path}: no TorchScript model (neither the file, nor models/{TORCHSCRIPT_NAME} nor "
+        f"{TORCHSCRIPT_NAME} in it); package the run with scripts/package_bundle.py or write it with "
+        "python -m cmml_monai.deploy.export MODELS"
+    )
 
 
 def load_torchscript(path: str, device: str | torch.device = "cpu") -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
@@ -223,8 +232,9 @@ def load_torchscript(path: str, device: str | torch.device = "cpu") -> tuple[tor
     except (RuntimeError, ValueError) as e:
         raise DataError(f"{ts}: not a TorchScript model ({str(e).splitlines()[0] if str(e) else e})") from e
     if not extra[DESCRIPTION_NAME]:
-        raise DataError(f"{ts} has no embedded {DESCRIPTION_NAME}; export it again with "
-                        "python -m cmml_monai.deploy.export MODELS")
+        raise DataError(
+            f"{ts} has no embedded {DESCRIPTION_NAME}; export it again with python -m cmml_monai.deploy.export MODELS"
+        )
     try:
         desc = json.loads(extra[DESCRIPTION_NAME])
     except json.JSONDecodeError as e:
@@ -277,8 +287,16 @@ def export_onnx(
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with torch.no_grad():
         # the TorchScript-based exporter: it follows the traced graph that export_torchscript checks
-        torch.onnx.export(network, args, out, input_names=names, output_names=["logits"], dynamic_axes=dynamic,
-                          opset_version=int(opset), dynamo=False)
+        torch.onnx.export(
+            network,
+            args,
+            out,
+            input_names=names,
+            output_names=["logits"],
+            dynamic_axes=dynamic,
+            opset_version=int(opset),
+            dynamo=False,
+        )
     model = onnx.load(out)
     entry = model.metadata_props.add()
     entry.key = DESCRIPTION_NAME

@@ -180,8 +180,11 @@ class StudyInbox:
         now = time.monotonic() if now is None else now
         with self._lock:
             busy = set().union(*self._touching.values())
-            return [k for k, t in self._last.items() if k not in busy and now - t >= self.stable_age
-                    and os.path.isdir(os.path.join(self.folder, k))]
+            return [
+                k
+                for k, t in self._last.items()
+                if k not in busy and now - t >= self.stable_age and os.path.isdir(os.path.join(self.folder, k))
+            ]
 
     def take(self, key: str) -> str | None:
         """Move a ready study out of the way of new arrivals; returns its folder (None: it has no

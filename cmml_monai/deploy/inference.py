@@ -33,9 +33,20 @@ from cmml_monai.evaluation.casepage import save_page, write_index
 from cmml_monai.evaluation.explain import Explainer
 from cmml_monai.metrics import classification_metrics
 
-__all__ = ["inference_cases", "check_cases", "unseen_categories", "manifest_defaults", "score_predictions",
-           "METRICS_NAME", "inference_dataset", "probabilities", "Predictor", "PREDICTIONS_NAME", "PAGES_INDEX_NAME",
-           "case_explainer"]
+__all__ = [
+    "inference_cases",
+    "check_cases",
+    "unseen_categories",
+    "manifest_defaults",
+    "score_predictions",
+    "METRICS_NAME",
+    "inference_dataset",
+    "probabilities",
+    "Predictor",
+    "PREDICTIONS_NAME",
+    "PAGES_INDEX_NAME",
+    "case_explainer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +117,11 @@ def unseen_categories(schema: TableSchema | None, case_list: CaseList) -> dict[s
     for col in schema.columns if schema is not None else []:
         if col.type != "categorical":
             continue
-        values = {normalise_category(c.table.get(col.name)) for c in case_list.cases
-                  if not is_empty_cell(c.table.get(col.name))}
+        values = {
+            normalise_category(c.table.get(col.name))
+            for c in case_list.cases
+            if not is_empty_cell(c.table.get(col.name))
+        }
         new = sorted(values - set(col.vocabulary))
         if new:
             out[col.name] = new
@@ -138,12 +152,14 @@ def inference_cases(
     case_list = load_dataset(dataset, dataset_dir, **{**defaults, **dict(options or {})})
     check_cases(description, case_list)
     for column, values in unseen_categories(description_schema(description), case_list).items():
-        logger.warning("table column %r: %s not seen in training; encoded as missing", column,
-                       ", ".join(map(repr, values)))
+        logger.warning(
+            "table column %r: %s not seen in training; encoded as missing", column, ", ".join(map(repr, values))
+        )
         for value in values:
             # said once, here, for the whole list: not again by TableSchema.encode for each item that has it
-            warnings.filterwarnings("ignore", message=re.escape(f"table column {column!r}: category {value!r} was "
-                                                                "not seen in training"))
+            warnings.filterwarnings(
+                "ignore", message=re.escape(f"table column {column!r}: category {value!r} was not seen in training")
+            )
     empty = sum(1 for _, reason in case_list.dropped if reason == "every modality missing")
     if empty:
         logger.warning("%d case(s) have no modality at all and get no prediction", empty)
@@ -185,8 +201,10 @@ def inference_dataset(
     # one dataset per split: the preflight matches its problems to cases by (split, case id)
     splits = list(dict.fromkeys(c.split for c in case_list.cases if wanted is None or c.split in wanted))
     if wanted is not None and not splits:
-        raise DataError(f"no case in split(s) {sorted(wanted)}; the cases' splits are "
-                        f"{sorted({c.split for c in case_list.cases})} (omit split for every case)")
+        raise DataError(
+            f"no case in split(s) {sorted(wanted)}; the cases' splits are "
+            f"{sorted({c.split for c in case_list.cases})} (omit split for every case)"
+        )
     datasets = {
         s: build_dataset(
             case_list,
@@ -229,9 +247,15 @@ def case_explainer(network: torch.nn.Module, description: Mapping[str, Any], met
     mods = data["modalities"]
     # a TorchScript module has lost its class: ask its description which method it was built by
     completes = completes_missing(description if isinstance(network, torch.jit.ScriptModule) else network)
-    return Explainer(network, [(m["name"], int(m["channels"])) for m in mods if m["kind"] != "table"], completes,
-                     [str(c) for c in data["class_names"]], bool(data["multi_label"]),
-                     next((m["name"] for m in mods if m["kind"] == "table"), None), method)
+    return Explainer(
+        network,
+        [(m["name"], int(m["channels"])) for m in mods if m["kind"] != "table"],
+        completes,
+        [str(c) for c in data["class_names"]],
+        bool(data["multi_label"]),
+        next((m["name"] for m in mods if m["kind"] == "table"), None),
+        method,
+    )
 
 
 def _file_name(case_id: str, used: set[str]) -> str:
@@ -387,8 +411,9 @@ class Predictor:
             logger.info("case pages (%s maps) for %d case(s): %s", explainer.method_name, len(pages), index)
         return path
 
-    def _page(self, explainer: Explainer, batch: Mapping[str, Any], i: int, table: Mapping[str, Any] | None,
-              path: str) -> None:
+    def _page(
+        self, explainer: Explainer, batch: Mapping[str, Any], i: int, table: Mapping[str, Any] | None, path: str
+    ) -> None:
         """Explain case ``i`` of ``batch`` and write its page to ``path``."""
         tabular = batch.get("tabular")
         tabular = None if tabular is None else tabular[i : i + 1]
@@ -396,15 +421,15 @@ class Predictor:
         if self.columns:
             given = [False] * len(self.columns) if tabular is None else (~torch.isnan(tabular[0])).tolist()
             # the raw cells when the cases are known; otherwise only whether each was given
-            values = {c: (table.get(c) if table is not None else "(given)" if g else None)
-                      for c, g in zip(self.columns, given)}
+            values = {
+                c: (table.get(c) if table is not None else "(given)" if g else None)
+                for c, g in zip(self.columns, given)
+            }
         explanation = explainer(batch["image"][i : i + 1], tabular, batch["case_id"][i], values)
         save_page(explanation, path, self.preprocessing.get("mean"), self.preprocessing.get("std"))
 
 
-def score_predictions(
-    output_dir: str, case_list: CaseList, description: Mapping[str, Any]
-) -> dict[str, Any]:
+def score_predictions(output_dir: str, case_list: CaseList, description: Mapping[str, Any]) -> dict[str, Any]:
     """Score ``<output_dir>/predictions.csv`` against the labels of ``case_list`` (read with ``labels=True``):
     macro AUC, accuracy, macro F1 and ECE over every predicted case and per pattern of present modalities
     (the cases' own missingness). Writes ``<output_dir>/metrics.json``; what a packaged bundle's
@@ -421,8 +446,10 @@ def score_predictions(
     data = description["data"]
     classes = [str(c) for c in data["class_names"]]
     if [str(c) for c in case_list.class_names] != classes:
-        raise DataError(f"the labelled cases have classes {case_list.class_names}, the model {classes}; "
-                        "evaluate on data with the model's classes")
+        raise DataError(
+            f"the labelled cases have classes {case_list.class_names}, the model {classes}; "
+            "evaluate on data with the model's classes"
+        )
     labels = {c.case_id: c.label for c in case_list.cases}
     path = os.path.join(output_dir, PREDICTIONS_NAME)
     with open(path, newline="", encoding="utf-8") as f:
@@ -440,6 +467,11 @@ def score_predictions(
         patterns.setdefault(r["present"].replace(";", "+"), []).append(r)
     result = {"all": score(rows), "by_present": {k: score(v) for k, v in sorted(patterns.items())}}
     atomic_write_json(os.path.join(output_dir, METRICS_NAME), result, indent=2)
-    logger.info("metrics over %d labelled case(s): AUC %.4f, accuracy %.4f (%s)", len(rows), result["all"]["auc"],
-                result["all"]["acc"], os.path.join(output_dir, METRICS_NAME))
+    logger.info(
+        "metrics over %d labelled case(s): AUC %.4f, accuracy %.4f (%s)",
+        len(rows),
+        result["all"]["auc"],
+        result["all"]["acc"],
+        os.path.join(output_dir, METRICS_NAME),
+    )
     return result

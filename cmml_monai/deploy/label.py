@@ -69,8 +69,13 @@ class LabelRequestd(Transform):
         torch.Size([6, 224, 224])
     """
 
-    def __init__(self, description: Mapping[str, Any], modality: str | None = None, image_key: str = "image",
-                 modality_key: str = MODALITY_KEY) -> None:
+    def __init__(
+        self,
+        description: Mapping[str, Any],
+        modality: str | None = None,
+        image_key: str = "image",
+        modality_key: str = MODALITY_KEY,
+    ) -> None:
         prep = description["preprocessing"]
         self.case_list = _case_list(description)
         self.names = [m.name for m in self.case_list.image_modalities]
@@ -79,9 +84,15 @@ class LabelRequestd(Transform):
         self.modality_key = modality_key
         # the chain inference uses (inference_dataset -> build_dataset), built from the same description
         self.chain = case_transforms(
-            self.case_list, description_schema(description), prep["spatial_size"], pixdim=prep.get("pixdim"),
-            reader=prep.get("reader", "itk"), series=prep.get("series"), mean=prep.get("mean"),
-            std=prep.get("std"), with_label=False,
+            self.case_list,
+            description_schema(description),
+            prep["spatial_size"],
+            pixdim=prep.get("pixdim"),
+            reader=prep.get("reader", "itk"),
+            series=prep.get("series"),
+            mean=prep.get("mean"),
+            std=prep.get("std"),
+            with_label=False,
         )
 
     def _check(self, modality: Any) -> str:
@@ -117,5 +128,4 @@ def label_postprocessing(description: Mapping[str, Any], key: str = "pred") -> C
         [0.25, 0.25, 0.25, 0.25]
     """
     multi = bool(description["data"]["multi_label"])
-    return Compose([Activationsd(keys=key, softmax=not multi, sigmoid=multi),
-                    EnsureTyped(keys=key, track_meta=True)])
+    return Compose([Activationsd(keys=key, softmax=not multi, sigmoid=multi), EnsureTyped(keys=key, track_meta=True)])

@@ -43,8 +43,18 @@ from cmml_monai.deploy.pipeline import StudyPipeline
 from cmml_monai.deploy.report import StudyResult
 from cmml_monai.deploy.study import load_study
 
-__all__ = ["PacsError", "PacsUnreachable", "PacsRefused", "PacsNode", "send_sr", "Listener", "OUTBOX", "INCOMING",
-           "STATE", "DEFAULT_STABLE_AGE"]
+__all__ = [
+    "PacsError",
+    "PacsUnreachable",
+    "PacsRefused",
+    "PacsNode",
+    "send_sr",
+    "Listener",
+    "OUTBOX",
+    "INCOMING",
+    "STATE",
+    "DEFAULT_STABLE_AGE",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +70,13 @@ _CLOSE_GRACE = 5.0
 _OUT_OF_RESOURCES, _CANNOT_UNDERSTAND = 0xA700, 0xC000
 
 
-def send_sr(path: str, pacs: PacsNode, calling_ae_title: str = "CMML", timeout: float = 10.0,
-            ssl_context: ssl.SSLContext | None = None) -> None:
+def send_sr(
+    path: str,
+    pacs: PacsNode,
+    calling_ae_title: str = "CMML",
+    timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
     """C-STORE one SR (any DICOM file) to ``pacs``: :func:`~cmml_monai.deploy.outbox.send_dicom`.
 
     Example:
@@ -180,15 +195,17 @@ class Listener:
         ds = event.dataset
         ds.file_meta = event.file_meta
         if not ds.get("StudyInstanceUID") or not ds.get("SOPInstanceUID"):
-            logger.error("an instance from %s has no StudyInstanceUID or SOPInstanceUID: refused",
-                         event.assoc.requestor.ae_title)
+            logger.error(
+                "an instance from %s has no StudyInstanceUID or SOPInstanceUID: refused", event.assoc.requestor.ae_title
+            )
             return _CANNOT_UNDERSTAND
         try:
             self.inbox.store(self._assoc_id(event.assoc), ds)  # on disk (fsync) before the success below
         except (OSError, ValueError, AttributeError) as e:
             # the sender is told (Out of Resources) and may retry; the message names no patient attribute
-            logger.error("an instance from %s could not be stored: %s", event.assoc.requestor.ae_title,
-                         type(e).__name__)
+            logger.error(
+                "an instance from %s could not be stored: %s", event.assoc.requestor.ae_title, type(e).__name__
+            )
             return _OUT_OF_RESOURCES
         return 0x0000
 
@@ -198,8 +215,12 @@ class Listener:
         if assoc is not None:
             n = self.inbox.commit(assoc)
             self.counts["received"] += n
-            logger.info("received %d instance(s) from %s; a study is processed once quiet for %g s", n,
-                        event.assoc.requestor.ae_title, self.inbox.stable_age)
+            logger.info(
+                "received %d instance(s) from %s; a study is processed once quiet for %g s",
+                n,
+                event.assoc.requestor.ae_title,
+                self.inbox.stable_age,
+            )
 
     def _on_ended(self, event: Any) -> None:
         # aborted (a dropped connection is an A-P-ABORT too): the sender knows it failed and sends again
@@ -207,8 +228,11 @@ class Listener:
             assoc = self._assoc_ids.pop(event.assoc, None)
         if assoc is not None:
             n = self.inbox.discard(assoc)
-            logger.warning("association from %s ended without a release: its %d instance(s) are discarded, "
-                           "not processed", event.assoc.requestor.ae_title, n)
+            logger.warning(
+                "association from %s ended without a release: its %d instance(s) are discarded, not processed",
+                event.assoc.requestor.ae_title,
+                n,
+            )
 
     def _on_closed(self, event: Any) -> None:
         # the connection may close before the released/aborted event of its association has run (another
@@ -265,13 +289,23 @@ class Listener:
         if state is not None and os.path.isfile(os.path.join(self.out_dir, state["files"][0])):
             previous = [pydicom.dcmread(os.path.join(self.out_dir, state["files"][0]), stop_before_pixels=True)]
         result = self.pipeline.results_for(study, name, version, previous)
-        new = {"case": name, "version": version, "hashes": [*(state or {}).get("hashes", []), digest],
-               "files": [os.path.relpath(f, self.out_dir) for f in result.dicom_files], "queued": False}
+        new = {
+            "case": name,
+            "version": version,
+            "hashes": [*(state or {}).get("hashes", []), digest],
+            "files": [os.path.relpath(f, self.out_dir) for f in result.dicom_files],
+            "queued": False,
+        }
         self._write_state(key, new)
         self._queue_results(key, new)
         if version > 1:
-            logger.info("%s: received again with other content: version %d replaces version %d (%s)", name,
-                        version, version - 1, os.path.basename(result.sr_path))
+            logger.info(
+                "%s: received again with other content: version %d replaces version %d (%s)",
+                name,
+                version,
+                version - 1,
+                os.path.basename(result.sr_path),
+            )
         return result
 
     def _process(self, key: str, folder: str) -> None:
@@ -330,11 +364,17 @@ class Listener:
         self.counts["partial_cleaned"] = found.partial_instances
         self.counts["resumed"] = len(found.taken) + len(found.waiting)
         if found.taken or found.waiting or found.partial_instances or stale:
-            logger.warning("restart: %d complete study(ies) resumed (%d to process now, %d after their stable "
-                           "age); %d partial instance(s) of unfinished associations removed (%d study folder(s)); "
-                           "%d half-written outbox file(s) removed", len(found.taken) + len(found.waiting),
-                           len(found.taken), len(found.waiting), found.partial_instances, found.partial_studies,
-                           stale)
+            logger.warning(
+                "restart: %d complete study(ies) resumed (%d to process now, %d after their stable "
+                "age); %d partial instance(s) of unfinished associations removed (%d study folder(s)); "
+                "%d half-written outbox file(s) removed",
+                len(found.taken) + len(found.waiting),
+                len(found.taken),
+                len(found.waiting),
+                found.partial_instances,
+                found.partial_studies,
+                stale,
+            )
         for key, folder in found.taken:
             self._enqueue(key, folder)
 
@@ -354,11 +394,19 @@ class Listener:
         ae.supported_contexts = list(StoragePresentationContexts) + list(VerificationPresentationContexts)
         ae.require_called_aet = True
         ae.require_calling_aet = list(self.access.calling_ae_titles)
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_RELEASED, self._on_released),
-                    (evt.EVT_ABORTED, self._on_ended), (evt.EVT_CONN_CLOSE, self._on_closed),
-                    (evt.EVT_REJECTED, self._on_rejected)]
-        self._server = ae.make_server((self.host, self.port), ssl_context=self.tls, evt_handlers=handlers,
-                                      server_class=_server_class(self.access, self._on_host_refused))
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_ended),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        self._server = ae.make_server(
+            (self.host, self.port),
+            ssl_context=self.tls,
+            evt_handlers=handlers,
+            server_class=_server_class(self.access, self._on_host_refused),
+        )
         self.port = int(self._server.server_address[1])
         self._log_listening()
         if block:
@@ -375,10 +423,16 @@ class Listener:
     def _log_listening(self) -> None:
         if self.access.open:
             logger.warning("no allowlist: ANY calling AE title may send studies (use --allow or --allow-file)")
-        logger.info("listening as %s on %s:%d (%s); accepting %s; a study is processed once quiet for %g s; "
-                    "results go to %s", self.ae_title, self.host, self.port, "TLS" if self.tls else "no TLS",
-                    self.access, self.inbox.stable_age,
-                    self.pacs if self.pacs is not None else f"{self.outbox.folder} only")
+        logger.info(
+            "listening as %s on %s:%d (%s); accepting %s; a study is processed once quiet for %g s; results go to %s",
+            self.ae_title,
+            self.host,
+            self.port,
+            "TLS" if self.tls else "no TLS",
+            self.access,
+            self.inbox.stable_age,
+            self.pacs if self.pacs is not None else f"{self.outbox.folder} only",
+        )
 
     def stop(self) -> None:
         """Stop listening, finish the queued studies and stop the outbox sender; studies not yet quiet stay

@@ -27,8 +27,17 @@ from typing import Any
 
 from cmml_monai.data.errors import DataError
 
-__all__ = ["PacsError", "PacsUnreachable", "PacsRefused", "PacsNode", "send_dicom", "fsync_dir", "Outbox",
-           "QUARANTINE", "REFUSED"]
+__all__ = [
+    "PacsError",
+    "PacsUnreachable",
+    "PacsRefused",
+    "PacsNode",
+    "send_dicom",
+    "fsync_dir",
+    "Outbox",
+    "QUARANTINE",
+    "REFUSED",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +114,13 @@ class PacsNode:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
-def send_dicom(path: str, pacs: PacsNode, calling_ae_title: str = "CMML", timeout: float = 10.0,
-               ssl_context: ssl.SSLContext | None = None) -> None:
+def send_dicom(
+    path: str,
+    pacs: PacsNode,
+    calling_ae_title: str = "CMML",
+    timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
     """C-STORE one DICOM file to ``pacs`` (over TLS with ``ssl_context``).
 
     Raises:
@@ -127,14 +141,16 @@ def send_dicom(path: str, pacs: PacsNode, calling_ae_title: str = "CMML", timeou
     tls = (ssl_context, pacs.host) if ssl_context is not None else None
     assoc = ae.associate(pacs.host, int(pacs.port), ae_title=pacs.ae_title, tls_args=tls)
     if assoc.is_rejected:
-        raise PacsRefused(f"PACS {pacs} rejected the association (check that it knows AE title "
-                          f"{calling_ae_title!r})", whole_association=True)
+        raise PacsRefused(
+            f"PACS {pacs} rejected the association (check that it knows AE title {calling_ae_title!r})",
+            whole_association=True,
+        )
     if not assoc.is_established and assoc.rejected_contexts:  # it answered, then no context was accepted
-        raise PacsRefused(f"PACS {pacs} refused SOP class {ds.SOPClassUID.name} (presentation context not "
-                          "accepted)")
+        raise PacsRefused(f"PACS {pacs} refused SOP class {ds.SOPClassUID.name} (presentation context not accepted)")
     if not assoc.is_established:
-        raise PacsUnreachable(f"PACS {pacs} is unreachable (no association: connection refused, timed out, "
-                              "aborted or TLS failed)")
+        raise PacsUnreachable(
+            f"PACS {pacs} is unreachable (no association: connection refused, timed out, aborted or TLS failed)"
+        )
     try:
         status = assoc.send_c_store(ds)
     finally:
@@ -179,8 +195,15 @@ class Outbox:
         >>> box.start(); box.put("out/c1.sr.dcm"); box.stop()
     """
 
-    def __init__(self, folder: str, pacs: PacsNode | None, ae_title: str = "CMML", interval: float = 30.0,
-                 timeout: float = 10.0, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        folder: str,
+        pacs: PacsNode | None,
+        ae_title: str = "CMML",
+        interval: float = 30.0,
+        timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         if float(interval) <= 0:
             raise ValueError(f"interval must be > 0 seconds, got {interval!r}")
         self.folder = os.fspath(folder)
@@ -200,8 +223,11 @@ class Outbox:
 
     def pending(self) -> list[str]:
         """Names of the files waiting, oldest name first."""
-        return sorted(n for n in os.listdir(self.folder)
-                      if n.endswith(".dcm") and not n.startswith(_TMP) and os.path.isfile(os.path.join(self.folder, n)))
+        return sorted(
+            n
+            for n in os.listdir(self.folder)
+            if n.endswith(".dcm") and not n.startswith(_TMP) and os.path.isfile(os.path.join(self.folder, n))
+        )
 
     def put(self, path: str, name: str | None = None) -> str:
         """Copy ``path`` into the outbox as ``name`` (default its file name): temporary name, fsync, rename.
@@ -251,16 +277,26 @@ class Outbox:
                         if isinstance(e, PacsRefused) and not e.whole_association:
                             self._move_aside(name, REFUSED)
                             self.counts["refused"] += 1
-                            logger.error("outbox entry %s refused: %s; moved to %s/%s (not sent again)", name, e,
-                                         self.folder, REFUSED)
+                            logger.error(
+                                "outbox entry %s refused: %s; moved to %s/%s (not sent again)",
+                                name,
+                                e,
+                                self.folder,
+                                REFUSED,
+                            )
                             continue
                         self._report_down(e, len(names) - i)
                         return len(names) - i
                     # a damaged entry (cut short, not DICOM): set aside so the others still go
                     self._move_aside(name, QUARANTINE)
                     self.counts["quarantined"] += 1
-                    logger.error("outbox entry %s is damaged (%s); moved to %s/%s, not sent", name,
-                                 type(e).__name__, self.folder, QUARANTINE)
+                    logger.error(
+                        "outbox entry %s is damaged (%s); moved to %s/%s, not sent",
+                        name,
+                        type(e).__name__,
+                        self.folder,
+                        QUARANTINE,
+                    )
                     continue
                 os.remove(path)
                 self.counts["stored"] += 1
@@ -273,8 +309,9 @@ class Outbox:
     def _report_down(self, error: PacsError, waiting: int) -> None:
         # one line when the PACS goes down, not one per attempt
         if not self._down:
-            logger.warning("%s; %d file(s) wait in %s, tried again every %g s", error, waiting, self.folder,
-                           self.interval)
+            logger.warning(
+                "%s; %d file(s) wait in %s, tried again every %g s", error, waiting, self.folder, self.interval
+            )
         self._down = True
 
     def _run(self) -> None:
@@ -311,6 +348,7 @@ class Outbox:
 
     def describe(self) -> dict[str, Any]:
         """What waits and what was set aside, for a status line."""
+
         def count(sub: str) -> int:
             d = os.path.join(self.folder, sub)
             return len(os.listdir(d)) if os.path.isdir(d) else 0

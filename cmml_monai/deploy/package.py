@@ -77,8 +77,20 @@ DEFAULT_VERSION = "0.1.0"
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 # the keys of configs/inference.json the packaged config rewires; packaging fails loudly when one is gone
-_INFERENCE_KEYS = ("bundle_root", "model_dir", "description", "dataset", "dataset_dir", "dataset_options",
-                   "case_list", "dataset_items", "predictor", "run", "output_dir", "network")
+_INFERENCE_KEYS = (
+    "bundle_root",
+    "model_dir",
+    "description",
+    "dataset",
+    "dataset_dir",
+    "dataset_options",
+    "case_list",
+    "dataset_items",
+    "predictor",
+    "run",
+    "output_dir",
+    "network",
+)
 _RGB = ("R", "G", "B")
 
 
@@ -124,10 +136,12 @@ def network_data_format(description: Mapping[str, Any]) -> dict[str, Any]:
         "outputs": {
             "pred": {
                 "type": "logits",
-                "format": ("unnormalised scores, one per label; a sigmoid per label gives the probabilities"
-                           if data["multi_label"] else
-                           "unnormalised scores, one per class; softmax gives the class probabilities")
-                          + "; inference.json writes the probabilities",
+                "format": (
+                    "unnormalised scores, one per label; a sigmoid per label gives the probabilities"
+                    if data["multi_label"]
+                    else "unnormalised scores, one per class; softmax gives the class probabilities"
+                )
+                + "; inference.json writes the probabilities",
                 "num_channels": len(data["class_names"]),
                 "spatial_shape": [1],
                 "dtype": "float32",
@@ -172,8 +186,11 @@ def _read_json(path: str) -> dict[str, Any]:
 
 def _sweep(run_dir: str) -> tuple[list[dict[str, str]], list[dict[str, str]], dict[str, Any]]:
     folder = os.path.join(run_dir, "sweep")
-    return (_read_csv(os.path.join(folder, "sweep.csv")), _read_csv(os.path.join(folder, "subsets.csv")),
-            _read_json(os.path.join(folder, "summary.json")))
+    return (
+        _read_csv(os.path.join(folder, "sweep.csv")),
+        _read_csv(os.path.join(folder, "subsets.csv")),
+        _read_json(os.path.join(folder, "summary.json")),
+    )
 
 
 def bundle_metadata(
@@ -201,8 +218,10 @@ def bundle_metadata(
     base = dict(base or {})
     data, args = description["data"], description["network"]["args"]
     method = str(args.get("method", "cmml"))
-    entry = (f"packaged from run {os.path.basename(os.path.normpath(run_dir))}: method {method}, "
-             f"dataset {data['dataset']}, {datetime.date.today().isoformat()}")
+    entry = (
+        f"packaged from run {os.path.basename(os.path.normpath(run_dir))}: method {method}, "
+        f"dataset {data['dataset']}, {datetime.date.today().isoformat()}"
+    )
     changelog = dict(changelog or {version: entry})
     if version not in changelog:
         raise ValueError(f"version {version!r} is not in the changelog {list(changelog)}; add an entry for it")
@@ -230,18 +249,20 @@ def bundle_metadata(
         "supported_apps": {},
         "name": f"CMML {data['dataset']} ({method})",
         "task": f"{'Multi-label' if data['multi_label'] else 'Single-label'} diagnosis from "
-                f"{' + '.join(images)}{' + clinical table' if table else ''} with missing modalities",
-        "description": (f"{method} network trained on the {data['dataset']} dataset: an encoder per modality "
-                        f"({', '.join(images + (['table'] if table else []))}); a missing modality is given as NaN "
-                        "and the network predicts from the others. The network returns logits; "
-                        "configs/inference.json writes probabilities (softmax, or a sigmoid per label) and the "
-                        "prediction per case. models/network.json rebuilds the network without the training data."),
+        f"{' + '.join(images)}{' + clinical table' if table else ''} with missing modalities",
+        "description": (
+            f"{method} network trained on the {data['dataset']} dataset: an encoder per modality "
+            f"({', '.join(images + (['table'] if table else []))}); a missing modality is given as NaN "
+            "and the network predicts from the others. The network returns logits; "
+            "configs/inference.json writes probabilities (softmax, or a sigmoid per label) and the "
+            "prediction per case. models/network.json rebuilds the network without the training data."
+        ),
         "authors": str(base.get("authors", "cmml-monai developers")),
         "copyright": str(base.get("copyright", "Copyright (c) cmml-monai developers")),
         "data_source": f"{data['dataset']} (see docs/README.md)",
         "data_type": ("jpeg / png" if kind == "image2d" else "nifti / dicom") + (" plus csv / xlsx" if table else ""),
         "image_classes": f"{len(images)} modalities ({', '.join(images)}) packed along channels; an all-NaN "
-                         "modality is missing",
+        "modality is missing",
         "label_classes": f"{len(classes)} {'labels' if data['multi_label'] else 'classes'}: {', '.join(classes)}",
         "pred_classes": f"{len(classes)} logits: {', '.join(classes)}",
         "eval_metrics": metrics,
@@ -272,26 +293,32 @@ def packaged_inference_config(base: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"configs/inference.json has no {missing}; update cmml_monai.deploy.package to match it")
     cfg = json.loads(json.dumps(base))  # a deep copy of plain JSON
     items = cfg.pop("dataset_items")
-    cfg.update({
-        "bundle_root": ".",
-        "model_dir": "$os.path.join(@bundle_root, 'models')",
-        "dataset_name": "$@description['data']['dataset']",
-        "dataset_dir": "$os.path.join(@bundle_root, 'data')",
-        "output_dir": "$os.path.abspath('predictions')",
-        "case_list": (
-            "$cmml_monai.deploy.inference_cases(@description, @dataset_name, @dataset_dir, @dataset_options)"
-        ),
-        "network_def": "$cmml_monai.deploy.build_from_description(@description)",
-        "inferer": {"_target_": "SimpleInferer"},
-        # MONAI Label's BundleInferTask (classification): one image per request -> packed input -> probabilities
-        "preprocessing": {"_target_": "Compose",
-                          "transforms": [{"_target_": "cmml_monai.deploy.label.LabelRequestd",
-                                          "description": "@description"}]},
-        "postprocessing": {"_target_": "cmml_monai.deploy.label.label_postprocessing", "description": "@description"},
-        "dataset": items,
-        "evaluator": "@predictor",
-        "run": ["$@evaluator.run()"],
-    })
+    cfg.update(
+        {
+            "bundle_root": ".",
+            "model_dir": "$os.path.join(@bundle_root, 'models')",
+            "dataset_name": "$@description['data']['dataset']",
+            "dataset_dir": "$os.path.join(@bundle_root, 'data')",
+            "output_dir": "$os.path.abspath('predictions')",
+            "case_list": (
+                "$cmml_monai.deploy.inference_cases(@description, @dataset_name, @dataset_dir, @dataset_options)"
+            ),
+            "network_def": "$cmml_monai.deploy.build_from_description(@description)",
+            "inferer": {"_target_": "SimpleInferer"},
+            # MONAI Label's BundleInferTask (classification): one image per request -> packed input -> probabilities
+            "preprocessing": {
+                "_target_": "Compose",
+                "transforms": [{"_target_": "cmml_monai.deploy.label.LabelRequestd", "description": "@description"}],
+            },
+            "postprocessing": {
+                "_target_": "cmml_monai.deploy.label.label_postprocessing",
+                "description": "@description",
+            },
+            "dataset": items,
+            "evaluator": "@predictor",
+            "run": ["$@evaluator.run()"],
+        }
+    )
     cfg["predictor"] = {**cfg["predictor"], "dataset": "@dataset", "inferer": "@inferer"}
     return cfg
 
@@ -356,7 +383,8 @@ def model_card(description: Mapping[str, Any], metadata: Mapping[str, Any], run_
         "## Inputs",
         "",
         f"- Image modalities: {', '.join(modalities)};"
-        f" resized to {prep['spatial_size']}" + (f", resampled to {prep['pixdim']} mm" if prep.get("pixdim") else "")
+        f" resized to {prep['spatial_size']}"
+        + (f", resampled to {prep['pixdim']} mm" if prep.get("pixdim") else "")
         + ".",
         f"- Clinical table: {', '.join(table) if table else 'none'}.",
         "- Any modality may be missing (an empty cell or an absent file); a case needs at least one.",
@@ -372,16 +400,24 @@ def model_card(description: Mapping[str, Any], metadata: Mapping[str, Any], run_
     ]
     if sweep:
         split = summary.get("split", "test")
-        lines += [f"Macro AUC, accuracy, F1 and expected calibration error (ECE) on the {split} split with "
-                  "modalities dropped at random at each rate (seeded masks):", "",
-                  *_table(sweep, "rate", ["auc", "acc", "f1", "ece", "n"]), ""]
+        lines += [
+            f"Macro AUC, accuracy, F1 and expected calibration error (ECE) on the {split} split with "
+            "modalities dropped at random at each rate (seeded masks):",
+            "",
+            *_table(sweep, "rate", ["auc", "acc", "f1", "ece", "n"]),
+            "",
+        ]
         if "avg_auc" in summary:
             lines += [f"Average AUC over the rates: {float(summary['avg_auc']):.3f}.", ""]
     else:
         lines += ["The run has no missing-rate sweep (`sweep/sweep.csv`): not measured.", ""]
     if subsets:
-        lines += ["By fixed modality subset (only these modalities present):", "",
-                  *_table(subsets, "subset", ["auc", "acc", "f1", "ece", "n"]), ""]
+        lines += [
+            "By fixed modality subset (only these modalities present):",
+            "",
+            *_table(subsets, "subset", ["auc", "acc", "f1", "ece", "n"]),
+            "",
+        ]
     lines += [
         "## Use",
         "",
@@ -405,7 +441,8 @@ def model_card(description: Mapping[str, Any], metadata: Mapping[str, Any], run_
         f"- Trained and evaluated on one dataset (`{data['dataset']}`); performance on other sites, scanners or "
         "populations is unknown.",
         "- The table schema (categories, means) is the training one: an unseen category is encoded as missing.",
-        "- Metrics come from the run's own test split" + (f" of {sweep[0].get('n', '?')} cases" if sweep else "")
+        "- Metrics come from the run's own test split"
+        + (f" of {sweep[0].get('n', '?')} cases" if sweep else "")
         + "; small test sets give wide confidence intervals.",
         "- The outputs are logits; probabilities are not recalibrated (see ECE above).",
         "- The case pages' maps (Grad-CAM, `--explain true`) show which parts of each image moved the predicted "
@@ -492,8 +529,9 @@ def package_bundle(
         raise
     if make_zip:
         # written beside and renamed: a reader never sees a partial zip
-        base = shutil.make_archive(out + ".partial", "zip", root_dir=os.path.dirname(out),
-                                   base_dir=os.path.basename(out))
+        base = shutil.make_archive(
+            out + ".partial", "zip", root_dir=os.path.dirname(out), base_dir=os.path.basename(out)
+        )
         os.replace(base, out + ".zip")
     logger.info("bundle: %s%s", out, " (+ .zip)" if make_zip else "")
     return out

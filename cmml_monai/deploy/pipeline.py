@@ -169,8 +169,9 @@ class StudyPipeline:
         result = self.results_for(study, case_id)
         return result.sr_path, result.json_path
 
-    def results_for(self, study: Study, case_id: str | None = None, version: int = 1,
-                    previous: Sequence[Any] = ()) -> StudyResult:
+    def results_for(
+        self, study: Study, case_id: str | None = None, version: int = 1, previous: Sequence[Any] = ()
+    ) -> StudyResult:
         """Every result object of one study: the SR and JSON written to ``out_dir``, and the DICOM files to
         send (:attr:`StudyResult.dicom_files`). ``version`` > 1 with the ``previous`` SRs (pydicom Datasets)
         it replaces: the study came again with other content.
@@ -187,15 +188,26 @@ class StudyPipeline:
         case = study_case(study, self.description, name, self.rules, self.clinical, irregular=self.irregular)
         if not case.present_images:
             # an SR references the images it was computed from: without any, stop before running the model
-            raise DataError(f"{name}: no series matches any of {list(case.selection)}; check the series rules "
-                            "(--rules) or the study")
+            raise DataError(
+                f"{name}: no series matches any of {list(case.selection)}; check the series rules "
+                "(--rules) or the study"
+            )
         result = predict_case(self.network, self.description, case)
         pages, captures = [], []
         if self.explainer is not None:  # the case page and its SC first, so the SR can reference the SC
             _, sc_path, sc = self.explainer.write(case, self.out_dir, self.model_name, self.model_version)
             pages, captures = [sc], [sc_path]
-        sr_path, json_path = write_report(case, result, self.out_dir, self.model_name, self.model_version,
-                                          self.series_number, version=version, previous=previous, pages=pages)
+        sr_path, json_path = write_report(
+            case,
+            result,
+            self.out_dir,
+            self.model_name,
+            self.model_version,
+            self.series_number,
+            version=version,
+            previous=previous,
+            pages=pages,
+        )
         if captures:
             self.captures[sr_path] = captures[0]
             update_index(self.out_dir)
@@ -213,8 +225,10 @@ class StudyPipeline:
         """
         studies = load_studies(path, each_study)
         if case_id is not None and len(studies) > 1:
-            raise DataError(f"--case-id names one case but {path} holds {len(studies)} studies; "
-                            "omit it (each study is named by its pseudonym)")
+            raise DataError(
+                f"--case-id names one case but {path} holds {len(studies)} studies; "
+                "omit it (each study is named by its pseudonym)"
+            )
         done, failed = [], []
         for study in studies:
             try:
@@ -225,6 +239,7 @@ class StudyPipeline:
                 logger.error("a study was not processed: %s", e)
                 failed.append(str(e))
         if failed:
-            raise DataError(f"{len(failed)} of {len(studies)} studies not processed (the others were written): "
-                            f"{failed[0]}")
+            raise DataError(
+                f"{len(failed)} of {len(studies)} studies not processed (the others were written): {failed[0]}"
+            )
         return done

@@ -86,16 +86,18 @@ class CMMLPyfuncModel(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         folder = os.path.dirname(context.artifacts[_WEIGHTS_KEY])
         if os.path.dirname(context.artifacts[_DESCRIPTION_KEY]) != folder:
-            raise DataError(f"the logged weights and {DESCRIPTION_NAME} are not in one folder: register the model "
-                            "again")
+            raise DataError(
+                f"the logged weights and {DESCRIPTION_NAME} are not in one folder: register the model again"
+            )
         self.description = load_description(folder)
         self.network = load_network(folder, context.artifacts[_WEIGHTS_KEY], "cpu")
         self.has_table = bool(self.description["inputs"].get("tabular"))
 
     # model_input has no type hint on purpose: MLflow infers a signature from one (and warns when it cannot,
     # as for a dict of arrays); the signature is given explicitly at log time (model_signature)
-    def predict(self, context: PythonModelContext | None, model_input, params: dict[str, Any] | None = None
-                ) -> np.ndarray:
+    def predict(
+        self, context: PythonModelContext | None, model_input, params: dict[str, Any] | None = None
+    ) -> np.ndarray:
         """``[B, K]`` probabilities (or logits) of ``{"image": ..., "tabular": ...}`` (see the class)."""
         output = str((params or {}).get("output", OUTPUTS[0]))
         if output not in OUTPUTS:
@@ -197,15 +199,19 @@ def _resolve_uri(run_dir: str, tracking_uri: str | None, state: Mapping[str, Any
     # an explicit argument wins over the environment here: registering is a deliberate, one-off command
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or state.get("tracking_uri") or None
     recorded = uri is not None and uri == state.get("tracking_uri") and not tracking_uri
-    if recorded and uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
+    if recorded and uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///") :]):
         # a run folder copied from another machine: sqlite would silently create an empty store here
-        raise DataError(f"the training store {uri} recorded in {os.path.join(run_dir, RUN_STATE_NAME)} does not "
-                        "exist here; pass --tracking_uri (or set MLFLOW_TRACKING_URI) to register elsewhere")
+        raise DataError(
+            f"the training store {uri} recorded in {os.path.join(run_dir, RUN_STATE_NAME)} does not "
+            "exist here; pass --tracking_uri (or set MLFLOW_TRACKING_URI) to register elsewhere"
+        )
     if uri is None:
         return resolve_tracking_uri(run_dir)  # nothing set anywhere: the training default, <run_dir>/mlruns.db
     if uri.startswith("file:") or "://" not in uri:
-        raise DataError(f"tracking_uri={uri!r}: MLflow 3.17 refuses file stores (and so its model registry); "
-                        "use sqlite:///<path>/mlruns.db or http://host:port")
+        raise DataError(
+            f"tracking_uri={uri!r}: MLflow 3.17 refuses file stores (and so its model registry); "
+            "use sqlite:///<path>/mlruns.db or http://host:port"
+        )
     return uri
 
 
@@ -256,8 +262,9 @@ def register_model(
     load_network(folder, weights, "cpu")  # refuses weights that do not fit, before anything is logged
     name = name or default_model_name(desc)
     if not _NAME.match(name):
-        raise DataError(f"model name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
-                        "or digit")
+        raise DataError(
+            f"model name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     run_root = os.path.dirname(folder) if os.path.basename(os.path.normpath(folder)) == "models" else folder
     state = _training_state(run_root)
     try:
@@ -285,20 +292,32 @@ def register_model(
         "weights_sha256": desc.get("weights_sha256"),
         "missing": "an all-NaN image modality or table value is missing",
     }
-    tags = {"dataset": meta["dataset"], "method": meta["method"], "classes": ",".join(meta["class_names"]),
-            "image_shape": "x".join(str(s) for s in meta["image_shape"]), "tabular_columns": ",".join(columns),
-            **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}}
+    tags = {
+        "dataset": meta["dataset"],
+        "method": meta["method"],
+        "classes": ",".join(meta["class_names"]),
+        "image_shape": "x".join(str(s) for s in meta["image_shape"]),
+        "tabular_columns": ",".join(columns),
+        **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
+    }
     if state.get("parent"):
         tags[TRAINING_RUN_TAG] = str(state["parent"])
         tags[_TRAINING_URI_TAG] = str(state.get("tracking_uri", ""))
     text = description or (
         f"{meta['method']} on {meta['dataset']}: classes {', '.join(meta['class_names'])}; inputs image "
-        f"{meta['image_shape']}" + (f" and tabular {columns}" if columns else "")
-        + "".join(f"; average {k.replace('avg_auc_', '')} AUC over the missing rates {v:.4f}"
-                  for k, v in metrics.items() if k.startswith("avg_auc_"))
+        f"{meta['image_shape']}"
+        + (f" and tabular {columns}" if columns else "")
+        + "".join(
+            f"; average {k.replace('avg_auc_', '')} AUC over the missing rates {v:.4f}"
+            for k, v in metrics.items()
+            if k.startswith("avg_auc_")
+        )
     )
-    requirements = [f"cmml-monai=={cmml_monai.__version__}", f"torch=={torch.__version__.split('+')[0]}",
-                    f"mlflow=={mlflow.__version__}"]
+    requirements = [
+        f"cmml-monai=={cmml_monai.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"mlflow=={mlflow.__version__}",
+    ]
 
     # the fluent API logs the model (it links it to the run); the global URI is restored afterwards.
     # set_tracking_uri also sets MLFLOW_TRACKING_URI, so the variable's old value is what is restored
@@ -334,10 +353,10 @@ def register_model(
         try:
             client.get_registered_model(name)
         except mlflow.exceptions.MlflowException:
-            client.create_registered_model(name, description="cmml-monai: multimodal diagnosis with missing "
-                                                             "modalities")
-        version = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags, description=text,
-                                              model_id=info.model_id)
+            client.create_registered_model(name, description="cmml-monai: multimodal diagnosis with missing modalities")
+        version = client.create_model_version(
+            name, info.model_uri, run_id=run_id, tags=tags, description=text, model_id=info.model_id
+        )
     finally:
         mlflow.set_tracking_uri(previous)
     logger.info("registered %s version %s (run %s) at %s", name, version.version, run_id, uri)
@@ -349,15 +368,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cmml_monai.deploy.register",
         description="Register a trained run's served model (models/model.pt + network.json) in the MLflow Model "
-                    "Registry as a new version, with its input signature and the run's sweep metrics.",
+        "Registry as a new version, with its input signature and the run's sweep metrics.",
     )
     parser.add_argument("run_dir", help="the training run's output folder (models/ holds model.pt and network.json)")
     parser.add_argument("--name", default=None, help="registered model name (default cmml-<dataset>-<method>)")
-    parser.add_argument("--tracking_uri", default=None,
-                        help="MLflow store (default: MLFLOW_TRACKING_URI, else the training run's store, "
-                             "else sqlite:///RUN_DIR/mlruns.db)")
-    parser.add_argument("--experiment_name", default="cmml",
-                        help="experiment of the model's run when the training run is not in that store")
+    parser.add_argument(
+        "--tracking_uri",
+        default=None,
+        help="MLflow store (default: MLFLOW_TRACKING_URI, else the training run's store, "
+        "else sqlite:///RUN_DIR/mlruns.db)",
+    )
+    parser.add_argument(
+        "--experiment_name",
+        default="cmml",
+        help="experiment of the model's run when the training run is not in that store",
+    )
     parser.add_argument("--checkpoint", default=None, help="weights to register (default RUN_DIR/models/model.pt)")
     args = parser.parse_args(argv)
     try:
@@ -365,8 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"registered {version.name} version {version.version} (run {version.run_id}); "
-          f"load it with mlflow.pyfunc.load_model('models:/{version.name}/{version.version}')")
+    print(
+        f"registered {version.name} version {version.version} (run {version.run_id}); "
+        f"load it with mlflow.pyfunc.load_model('models:/{version.name}/{version.version}')"
+    )
     return 0
 
 

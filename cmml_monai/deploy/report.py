@@ -48,8 +48,17 @@ SR_SERIES_NUMBER = 9901
 SR_SERIES_DESCRIPTION = "CMML result - research use only"
 #: Type 2 attributes the SR copies from the study (present but possibly empty): many exports and synthetic
 #: studies lack some; the SR carries those as empty values
-TYPE2_ATTRIBUTES = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
-                    "StudyDate", "StudyTime", "ReferringPhysicianName")
+TYPE2_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
 _PROBABILITY = "Probability of "
 
 
@@ -132,8 +141,9 @@ def predict_case(network: torch.nn.Module, description: Mapping[str, Any], case:
     # a TorchScript module has lost its class: ask its description which method it was built by
     completes = completes_missing(description if isinstance(network, torch.jit.ScriptModule) else network)
     completed = [m for m in every if m not in present] if completes else []
-    return CaseResult(case.case_id, dict(zip(classes, probs)), prediction, present, completed,
-                      "sigmoid" if multi else "softmax")
+    return CaseResult(
+        case.case_id, dict(zip(classes, probs)), prediction, present, completed, "sigmoid" if multi else "softmax"
+    )
 
 
 def model_identity(description: Mapping[str, Any], bundle_dir: str | None = None) -> tuple[str, str]:
@@ -178,8 +188,15 @@ def _evidence(case: StudyCase, used: Mapping[str, Any]) -> list[Any]:
     return evidence
 
 
-def build_sr(case: StudyCase, result: CaseResult, model_name: str, model_version: str,
-             series_number: int = SR_SERIES_NUMBER, previous: Sequence[Any] = (), pages: Sequence[Any] = ()) -> Any:
+def build_sr(
+    case: StudyCase,
+    result: CaseResult,
+    model_name: str,
+    model_version: str,
+    series_number: int = SR_SERIES_NUMBER,
+    previous: Sequence[Any] = (),
+    pages: Sequence[Any] = (),
+) -> Any:
     """The Comprehensive SR of one result, filed with ``case.study``.
 
     Args:
@@ -201,41 +218,66 @@ def build_sr(case: StudyCase, result: CaseResult, model_name: str, model_version
 
     used = {m: s for m, s in case.selection.items() if s is not None}
     if not used:
-        raise DataError(f"{case.case_id}: no series matches any of the model's sequences; the SR must reference "
-                        "the images it was computed from: check the series rules (--rules) or the study")
+        raise DataError(
+            f"{case.case_id}: no series matches any of the model's sequences; the SR must reference "
+            "the images it was computed from: check the series rules (--rules) or the study"
+        )
     # headers only: the evidence lists each instance of the series used and gives the patient/study module
     evidence = _evidence(case, used)
     rel = hd.sr.RelationshipTypeValues
     unit = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
     items = [
         hd.sr.TextContentItem(codes.DCM.Comment, RESEARCH_USE_ONLY, relationship_type=rel.CONTAINS),
-        hd.sr.TextContentItem(hd.sr.CodedConcept("111001", "DCM", "Algorithm Name"), model_name,
-                              relationship_type=rel.CONTAINS),
-        hd.sr.TextContentItem(hd.sr.CodedConcept("111003", "DCM", "Algorithm Version"), model_version,
-                              relationship_type=rel.CONTAINS),
+        hd.sr.TextContentItem(
+            hd.sr.CodedConcept("111001", "DCM", "Algorithm Name"), model_name, relationship_type=rel.CONTAINS
+        ),
+        hd.sr.TextContentItem(
+            hd.sr.CodedConcept("111003", "DCM", "Algorithm Version"), model_version, relationship_type=rel.CONTAINS
+        ),
     ]
     # code values are short (SH, 16 characters): the class index; the class name is the meaning
     index = {label: i for i, label in enumerate(result.probabilities)}
     for label in result.prediction:
-        items.append(hd.sr.CodeContentItem(codes.DCM.Finding, _code(f"class-{index[label]}", label),
-                                           relationship_type=rel.CONTAINS))
+        items.append(
+            hd.sr.CodeContentItem(
+                codes.DCM.Finding, _code(f"class-{index[label]}", label), relationship_type=rel.CONTAINS
+            )
+        )
     for label, p in result.probabilities.items():
-        items.append(hd.sr.NumContentItem(_code(f"prob-{index[label]}", f"{_PROBABILITY}{label}"), p, unit,
-                                          relationship_type=rel.CONTAINS))
+        items.append(
+            hd.sr.NumContentItem(
+                _code(f"prob-{index[label]}", f"{_PROBABILITY}{label}"), p, unit, relationship_type=rel.CONTAINS
+            )
+        )
     for name in result.present:
         item = hd.sr.TextContentItem(_code("input-present", "Input present"), name, relationship_type=rel.CONTAINS)
         if name in used:
-            item.ContentSequence = hd.sr.ContentSequence([hd.sr.UIDRefContentItem(
-                hd.sr.CodedConcept("112002", "DCM", "Series Instance UID"), used[name].uid,
-                relationship_type=rel.HAS_PROPERTIES)])
+            item.ContentSequence = hd.sr.ContentSequence(
+                [
+                    hd.sr.UIDRefContentItem(
+                        hd.sr.CodedConcept("112002", "DCM", "Series Instance UID"),
+                        used[name].uid,
+                        relationship_type=rel.HAS_PROPERTIES,
+                    )
+                ]
+            )
         items.append(item)
     for name in result.completed:
-        items.append(hd.sr.TextContentItem(_code("input-completed", "Input completed by model"), name,
-                                           relationship_type=rel.CONTAINS))
+        items.append(
+            hd.sr.TextContentItem(
+                _code("input-completed", "Input completed by model"), name, relationship_type=rel.CONTAINS
+            )
+        )
     # -- issue 32: the case page's Secondary Capture, referenced as an image (and listed as evidence) --
     for page in pages:
-        items.append(hd.sr.ImageContentItem(_code("case-page", "Case page (research use only)"),
-                                            page.SOPClassUID, page.SOPInstanceUID, relationship_type=rel.CONTAINS))
+        items.append(
+            hd.sr.ImageContentItem(
+                _code("case-page", "Case page (research use only)"),
+                page.SOPClassUID,
+                page.SOPInstanceUID,
+                relationship_type=rel.CONTAINS,
+            )
+        )
     evidence += list(pages)
     # -- end issue 32 --
     root = hd.sr.ContainerContentItem(_code("cmml-report", "CMML multimodal diagnosis (research use only)"))
@@ -255,15 +297,26 @@ def build_sr(case: StudyCase, result: CaseResult, model_name: str, model_version
         content_qualification="RESEARCH",
         manufacturer_model_name=model_name[:64],
         software_versions=model_version[:64],
-        coding_schemes=[CodingSchemeIdentificationItem(
-            designator=CODING_SCHEME, name="cmml-monai result concepts", responsible_organization="cmml-monai")],
+        coding_schemes=[
+            CodingSchemeIdentificationItem(
+                designator=CODING_SCHEME, name="cmml-monai result concepts", responsible_organization="cmml-monai"
+            )
+        ],
         previous_versions=list(previous) or None,
     )
 
 
-def write_report(case: StudyCase, result: CaseResult, out_dir: str, model_name: str, model_version: str,
-                 series_number: int = SR_SERIES_NUMBER, version: int = 1,
-                 previous: Sequence[Any] = (), pages: Sequence[Any] = ()) -> tuple[str, str]:
+def write_report(
+    case: StudyCase,
+    result: CaseResult,
+    out_dir: str,
+    model_name: str,
+    model_version: str,
+    series_number: int = SR_SERIES_NUMBER,
+    version: int = 1,
+    previous: Sequence[Any] = (),
+    pages: Sequence[Any] = (),
+) -> tuple[str, str]:
     """Write ``<out_dir>/<case>.sr.dcm`` (the SR) and ``<out_dir>/<case>.json``; returns both paths.
 
     The JSON names the case by ``result.case_id`` and the series by number and description only. A later
@@ -291,17 +344,23 @@ def write_report(case: StudyCase, result: CaseResult, out_dir: str, model_name: 
         "activation": result.activation,
         "present": result.present,
         "completed": result.completed,
-        "series": {m: (None if s is None else {"number": s.number, "description": s.description,
-                                               "files": len(s.files)})
-                   for m, s in case.selection.items()},
+        "series": {
+            m: (None if s is None else {"number": s.number, "description": s.description, "files": len(s.files)})
+            for m, s in case.selection.items()
+        },
         "sr_file": os.path.basename(sr_path),
         "sr_sop_instance_uid": str(sr.SOPInstanceUID),
         "version": int(version),
         "replaces": [str(p.SOPInstanceUID) for p in previous],
     }
     atomic_write_json(json_path, record, indent=2)
-    logger.info("%s: %s (%s); SR %s", result.case_id, ", ".join(result.prediction) or "no label",
-                ", ".join(f"{k} {v:.3f}" for k, v in result.probabilities.items()), sr_path)
+    logger.info(
+        "%s: %s (%s); SR %s",
+        result.case_id,
+        ", ".join(result.prediction) or "no label",
+        ", ".join(f"{k} {v:.3f}" for k, v in result.probabilities.items()),
+        sr_path,
+    )
     return sr_path, json_path
 
 
@@ -329,7 +388,7 @@ def read_sr_result(sr: Any) -> dict[str, Any]:
         elif kind == "CODE":
             out["prediction"].append(item.ConceptCodeSequence[0].CodeMeaning)
         elif kind == "NUM":
-            label = name.CodeMeaning[len(_PROBABILITY):]
+            label = name.CodeMeaning[len(_PROBABILITY) :]
             out["probabilities"][label] = float(item.MeasuredValueSequence[0].NumericValue)
         elif kind == "TEXT" and name.CodeValue == "input-present":
             children = item.get("ContentSequence", [])
@@ -337,4 +396,3 @@ def read_sr_result(sr: Any) -> dict[str, Any]:
         elif kind == "TEXT" and name.CodeValue == "input-completed":
             out["completed"].append(item.TextValue)
     return out
-

@@ -66,8 +66,12 @@ _CONTRAST = rf"({_B}(post|contrast|gad|gado|gd|ce|km|mdc){_E}|\+ ?c{_E}|\+ ?gd)"
 #: and regexes that disqualify a series for it. The first regex that matches a series wins.
 DEFAULT_RULES: dict[str, dict[str, list[str]]] = {
     "T1c": {
-        "match": [rf"{_B}t1[ _-]?(c|ce|gd|km){_E}", rf"{_B}t1.*{_CONTRAST}", rf"{_CONTRAST}.*{_B}t1",
-                  rf"{_B}(mprage|spgr|bravo|vibe).*{_CONTRAST}"],
+        "match": [
+            rf"{_B}t1[ _-]?(c|ce|gd|km){_E}",
+            rf"{_B}t1.*{_CONTRAST}",
+            rf"{_CONTRAST}.*{_B}t1",
+            rf"{_B}(mprage|spgr|bravo|vibe).*{_CONTRAST}",
+        ],
         "exclude": [r"flair"],
     },
     "T1": {
@@ -76,8 +80,13 @@ DEFAULT_RULES: dict[str, dict[str, list[str]]] = {
     },
     "T2": {
         "match": [rf"{_B}t2[ _-]?(w|weighted|tse|fse|space)?{_E}", rf"{_B}t2"],
-        "exclude": [r"flair", r"dark[ _-]?fluid", rf"{_B}t2[ _-]?(f|\*|star){_E}", r"t2\*",
-                    rf"{_B}(swi|gre|haste){_E}"],
+        "exclude": [
+            r"flair",
+            r"dark[ _-]?fluid",
+            rf"{_B}t2[ _-]?(f|\*|star){_E}",
+            r"t2\*",
+            rf"{_B}(swi|gre|haste){_E}",
+        ],
     },
     "FLAIR": {
         "match": [r"flair", rf"{_B}t2[ _-]?f{_E}", r"dark[ _-]?fluid"],
@@ -86,10 +95,16 @@ DEFAULT_RULES: dict[str, dict[str, list[str]]] = {
 }
 #: model modality name (lower case) -> sequence of :data:`DEFAULT_RULES` (MEN/BraTS names included)
 MODALITY_ALIASES = {
-    "t1c": "T1c", "t1ce": "T1c", "t1gd": "T1c",
-    "t1": "T1", "t1n": "T1", "t1w": "T1",
-    "t2": "T2", "t2w": "T2",
-    "flair": "FLAIR", "t2f": "FLAIR",
+    "t1c": "T1c",
+    "t1ce": "T1c",
+    "t1gd": "T1c",
+    "t1": "T1",
+    "t1n": "T1",
+    "t1w": "T1",
+    "t2": "T2",
+    "t2w": "T2",
+    "flair": "FLAIR",
+    "t2f": "FLAIR",
 }
 #: a series whose ImageType holds one of these is never a model input: scouts, reformats, projections
 EXCLUDED_IMAGE_TYPES = ("LOCALIZER", "DERIVED", "SECONDARY", "PROJECTION IMAGE")
@@ -306,8 +321,10 @@ class SeriesRules:
                 rule = DEFAULT_RULES[rule]
             if not isinstance(rule, Mapping) or not rule.get("match"):
                 raise ValueError(f"series rule {name!r} must have a non-empty 'match' list, got {rule!r}")
-            self.rules[str(name)] = {"match": [str(r) for r in rule["match"]],
-                                     "exclude": [str(r) for r in rule.get("exclude", [])]}
+            self.rules[str(name)] = {
+                "match": [str(r) for r in rule["match"]],
+                "exclude": [str(r) for r in rule.get("exclude", [])],
+            }
         for name, rule in self.rules.items():
             for regex in [*rule["match"], *rule["exclude"]]:
                 try:
@@ -423,9 +440,11 @@ def _check_pixel_length(ds: Any, path: str, series: SeriesInfo) -> None:
     if raw.value is None and tell is not None:
         length = min(length, max(0, os.path.getsize(path) - tell))  # a file cut short
     if voxels > MAX_VOXELS or bits == 0 or length < expected:
-        raise DataError(f"{series.label()}: a file's pixel data holds {length} bytes where its header "
-                        f"(Rows {rows} x Columns {cols} x {frames} frame(s) x {samples} sample(s) x {bits} bits) "
-                        f"needs {expected}; the file is truncated or its header is wrong: export the series again")
+        raise DataError(
+            f"{series.label()}: a file's pixel data holds {length} bytes where its header "
+            f"(Rows {rows} x Columns {cols} x {frames} frame(s) x {samples} sample(s) x {bits} bits) "
+            f"needs {expected}; the file is truncated or its header is wrong: export the series again"
+        )
 
 
 def check_series(series: SeriesInfo, allow_uneven: bool = False) -> bool:
@@ -468,11 +487,15 @@ def check_series(series: SeriesInfo, allow_uneven: bool = False) -> bool:
             normal = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
             positions.append(float(np.asarray(ipp) @ normal))
     if len(orientations) > 1:
-        raise DataError(f"{series.label()}: its slices differ in orientation ({len(orientations)} orientations); "
-                        "a series must be one stack of parallel slices")
+        raise DataError(
+            f"{series.label()}: its slices differ in orientation ({len(orientations)} orientations); "
+            "a series must be one stack of parallel slices"
+        )
     if len(spacings) > 1 or len(shapes) > 1:
-        raise DataError(f"{series.label()}: its slices differ in pixel spacing or size ({sorted(spacings)}, "
-                        f"{sorted(shapes, key=str)}); a series must be one regular volume")
+        raise DataError(
+            f"{series.label()}: its slices differ in pixel spacing or size ({sorted(spacings)}, "
+            f"{sorted(shapes, key=str)}); a series must be one regular volume"
+        )
     if frames != len(series.files) or len(positions) < 3 or len(positions) != len(series.files):
         return False  # multi-frame or no geometry: the reader checks what it can
     gaps = np.diff(np.sort(np.asarray(positions)))
@@ -481,9 +504,11 @@ def check_series(series: SeriesInfo, allow_uneven: bool = False) -> bool:
         return False
     if allow_uneven and float(gaps.min()) > 0:
         return True
-    raise DataError(f"{series.label()}: its slices are not evenly spaced (gaps {gaps.min():.3g} to "
-                    f"{gaps.max():.3g} mm): a slice is missing or it mixes acquisitions; export it again"
-                    + ("" if allow_uneven else " or resample it (--irregular resample)"))
+    raise DataError(
+        f"{series.label()}: its slices are not evenly spaced (gaps {gaps.min():.3g} to "
+        f"{gaps.max():.3g} mm): a slice is missing or it mixes acquisitions; export it again"
+        + ("" if allow_uneven else " or resample it (--irregular resample)")
+    )
 
 
 def resample_series(series: SeriesInfo, dest: str) -> float:
@@ -509,8 +534,9 @@ def resample_series(series: SeriesInfo, dest: str) -> float:
         iop = np.asarray(_floats(ds.ImageOrientationPatient), dtype=np.float64)
         ipp = np.asarray(_floats(ds.ImagePositionPatient), dtype=np.float64)
         normal = np.cross(iop[:3], iop[3:])
-        plane = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1) or 1) \
-            + float(ds.get("RescaleIntercept", 0) or 0)
+        plane = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1) or 1) + float(
+            ds.get("RescaleIntercept", 0) or 0
+        )
         slices.append((float(ipp @ normal), ipp, plane, iop, _floats(ds.PixelSpacing)))
     slices.sort(key=lambda t: t[0])
     pos = np.asarray([t[0] for t in slices])
@@ -555,8 +581,11 @@ def _age_years(value: Any) -> float | None:
     return {"Y": n, "M": n / 12.0, "W": n * 7 / 365.25, "D": n / 365.25}[unit]
 
 
-_SEX_WORDS = {"M": ("M", "male", "Male", "m", "man"), "F": ("F", "female", "Female", "f", "woman"),
-              "O": ("O", "other", "Other", "o")}
+_SEX_WORDS = {
+    "M": ("M", "male", "Male", "m", "man"),
+    "F": ("F", "female", "Female", "f", "woman"),
+    "O": ("O", "other", "Other", "o"),
+}
 
 
 def _sex_value(code: Any, vocabulary: Sequence[str] | None) -> str | None:
@@ -575,7 +604,9 @@ HEADER_COLUMNS = {"age": "PatientAge", "sex": "PatientSex", "weight": "PatientWe
 
 
 def header_clinical_values(
-    header: Any, columns: Sequence[str], vocabularies: Mapping[str, Sequence[str]] | None = None,
+    header: Any,
+    columns: Sequence[str],
+    vocabularies: Mapping[str, Sequence[str]] | None = None,
     attributes: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Clinical values of ``columns`` from a DICOM header: age in years, sex in the trained words, weight kg,
@@ -631,8 +662,9 @@ class ClinicalSource:
     key_attribute: str | None = None
     attributes: dict[str, str] = field(default_factory=dict)
 
-    def values(self, header: Any, case_id: str, columns: Sequence[str],
-               vocabularies: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    def values(
+        self, header: Any, case_id: str, columns: Sequence[str], vocabularies: Mapping[str, Sequence[str]] | None = None
+    ) -> dict[str, Any]:
         """The clinical values of one study (None where unknown).
 
         Raises:
@@ -733,17 +765,24 @@ def study_case(
     mods = [ModalitySpec(m["name"], m["kind"], int(m["channels"])) for m in data["modalities"]]
     image_mods = [m for m in mods if m.kind != "table"]
     if any(m.kind != "image3d" for m in image_mods):
-        raise DataError(f"the served model takes {[m.kind for m in image_mods]} images; DICOM studies give "
-                        "3D volumes (image3d) only")
+        raise DataError(
+            f"the served model takes {[m.kind for m in image_mods]} images; DICOM studies give "
+            "3D volumes (image3d) only"
+        )
     selection = rules.select(study, [m.name for m in image_mods], case_id)
     uneven = {m for m, s in selection.items() if s is not None and check_series(s, irregular == "resample")}
     columns = [str(c) for c in data.get("table_columns") or []]
-    vocab = {c["name"]: c.get("vocabulary", []) for c in (data.get("table_schema") or {}).get("columns", [])
-             if c.get("type") == "categorical"}
+    vocab = {
+        c["name"]: c.get("vocabulary", [])
+        for c in (data.get("table_schema") or {}).get("columns", [])
+        if c.get("type") == "categorical"
+    }
     values = clinical.values(study.header, case_id, columns, vocab) if columns else {}
     if all(s is None for s in selection.values()) and all(v is None for v in values.values()):
-        raise DataError(f"{case_id}: no series matches any of {[m.name for m in image_mods]} and no clinical "
-                        "value is known; check the series rules (--rules)")
+        raise DataError(
+            f"{case_id}: no series matches any of {[m.name for m in image_mods]} and no clinical "
+            "value is known; check the series rules (--rules)"
+        )
     own_dir = work_dir is None
     work = tempfile.mkdtemp(prefix="cmml-study-") if own_dir else os.fspath(work_dir)
     try:
@@ -754,18 +793,23 @@ def study_case(
             elif m in uneven:
                 paths[m] = os.path.join(work, f"{m}.nii.gz")
                 gap = resample_series(s, paths[m])
-                logger.warning("%s: %s has unevenly spaced slices; resampled to an even %.3g mm gap for %s",
-                               case_id, s.label(), gap, m)
+                logger.warning(
+                    "%s: %s has unevenly spaced slices; resampled to an even %.3g mm gap for %s",
+                    case_id,
+                    s.label(),
+                    gap,
+                    m,
+                )
             else:
                 paths[m] = _link_series(s, os.path.join(work, m))
         reasons = {m: "no matching series" for m, p in paths.items() if p is None}
         case = Case(case_id, "", paths, None, values, reasons)
-        case_list = CaseList(data.get("dataset", "study"), mods, list(data["class_names"]),
-                             bool(data["multi_label"]), columns, [case])
+        case_list = CaseList(
+            data.get("dataset", "study"), mods, list(data["class_names"]), bool(data["multi_label"]), columns, [case]
+        )
         item = inference_dataset(description, case_list)[0]
         batch = collate_cases([item])
     finally:
         if own_dir:
             shutil.rmtree(work, ignore_errors=True)
     return StudyCase(case_id, batch, selection, values, study)
-

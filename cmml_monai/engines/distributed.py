@@ -175,7 +175,7 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         with torch.no_grad():
             for b in bufs:
                 n = b.numel()
-                b.copy_(flat[offset:offset + n].view(b.shape).to(dtype))
+                b.copy_(flat[offset : offset + n].view(b.shape).to(dtype))
                 offset += n
 
 

@@ -17,7 +17,11 @@ from cmml_monai.networks import ImageEncoder
 from cmml_monai.utils import as_bool
 
 __all__ = [
-    "STAGE_PLANS", "stage_epochs", "frozen_backbone_parameters", "stage_parameter_groups", "stage_optimizer",
+    "STAGE_PLANS",
+    "stage_epochs",
+    "frozen_backbone_parameters",
+    "stage_parameter_groups",
+    "stage_optimizer",
     "cosine_scheduler",
 ]
 
@@ -65,8 +69,12 @@ def frozen_backbone_parameters(network: torch.nn.Module) -> list[torch.nn.Parame
         >>> len(frozen_backbone_parameters(enc)) == len(list(enc.backbone.parameters()))
         True
     """
-    return [p for m in network.modules() if isinstance(m, ImageEncoder) and m.freeze_backbone
-            for p in m.backbone.parameters()]
+    return [
+        p
+        for m in network.modules()
+        if isinstance(m, ImageEncoder) and m.freeze_backbone
+        for p in m.backbone.parameters()
+    ]
 
 
 def _stage_params(network: torch.nn.Module, stage: int) -> list[torch.nn.Parameter]:
@@ -160,9 +168,7 @@ def stage_optimizer(
     encoder_lr_scale: float = 1.0,
 ) -> torch.optim.Optimizer:
     """AdamW over ``stage_parameter_groups``."""
-    groups = stage_parameter_groups(
-        network, stage, lr, crta_lr_scale, freeze_crta, encoder_lr_scale=encoder_lr_scale
-    )
+    groups = stage_parameter_groups(network, stage, lr, crta_lr_scale, freeze_crta, encoder_lr_scale=encoder_lr_scale)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 

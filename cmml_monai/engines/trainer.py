@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from monai.engines import SupervisedTrainer
 from ignite.engine import Events
+from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents, engine_apply_transform
 from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import Decollated
@@ -119,8 +119,11 @@ class CMMLTrainer(SupervisedTrainer):
     ) -> None:
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-        if isinstance(finite_check_interval, bool) or not isinstance(finite_check_interval, int) \
-                or finite_check_interval < 1:
+        if (
+            isinstance(finite_check_interval, bool)
+            or not isinstance(finite_check_interval, int)
+            or finite_check_interval < 1
+        ):
             raise ValueError(f"finite_check_interval must be an int >= 1, got {finite_check_interval!r}")
         if isinstance(network, torch.nn.parallel.DistributedDataParallel):
             # DDP's hooks run in its forward (the served path); forward_train must go through it
@@ -199,8 +202,11 @@ class CMMLTrainer(SupervisedTrainer):
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             losses = engine.loss_function(outputs, label)
         loss = losses["loss"]
-        terms = {k: v.detach().float().reshape(()) for k, v in losses.items()
-                 if isinstance(v, torch.Tensor) and v.numel() == 1}
+        terms = {
+            k: v.detach().float().reshape(())
+            for k, v in losses.items()
+            if isinstance(v, torch.Tensor) and v.numel() == 1
+        }
         engine._unchecked.append((engine.state.iteration, terms["loss"]))
         epoch_length = engine.state.epoch_length
         if engine.state.iteration % engine.finite_check_interval == 0 or (

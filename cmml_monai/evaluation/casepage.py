@@ -23,8 +23,15 @@ from PIL import Image
 from cmml_monai.data.jsonio import atomic_path, atomic_write_text
 from cmml_monai.evaluation.explain import PRESENT, CaseExplanation
 
-__all__ = ["PAGE_SIZE", "RESEARCH_USE_ONLY", "orthogonal_slices", "render_page", "save_page", "read_page",
-           "write_index"]
+__all__ = [
+    "PAGE_SIZE",
+    "RESEARCH_USE_ONLY",
+    "orthogonal_slices",
+    "render_page",
+    "save_page",
+    "read_page",
+    "write_index",
+]
 
 #: (width, height) of every page in pixels
 PAGE_SIZE = (1400, 1000)
@@ -63,8 +70,18 @@ def _missing(ax: Any, name: str, status: str, square: bool) -> None:
         ax.set_box_aspect(1)
     colour = _COMPLETED_COLOUR if "completed" in status else _NOT_USED_COLOUR
     ax.set_facecolor("#f0f0f0")
-    ax.text(0.5, 0.5, f"{name}\n{status}", ha="center", va="center", fontsize=11, color=colour, wrap=True,
-            transform=ax.transAxes, fontweight="bold")
+    ax.text(
+        0.5,
+        0.5,
+        f"{name}\n{status}",
+        ha="center",
+        va="center",
+        fontsize=11,
+        color=colour,
+        wrap=True,
+        transform=ax.transAxes,
+        fontweight="bold",
+    )
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -77,16 +94,18 @@ def orthogonal_slices(picture: np.ndarray, saliency: np.ndarray) -> list[tuple[s
         >>> [label for label, _, _ in orthogonal_slices(np.zeros((1, 8, 8, 4)), np.zeros((8, 8, 4)))]
         ['sagittal 4', 'coronal 4', 'axial 2']
     """
-    peak = (np.unravel_index(int(np.argmax(saliency)), saliency.shape) if saliency.max() > 0
-            else tuple(s // 2 for s in saliency.shape))
+    peak = (
+        np.unravel_index(int(np.argmax(saliency)), saliency.shape)
+        if saliency.max() > 0
+        else tuple(s // 2 for s in saliency.shape)
+    )
     out = []
     for axis, label in enumerate(("sagittal", "coronal", "axial")):
-        index = [slice(None)] * 3
+        index: list[Any] = [slice(None)] * 3
         index[axis] = peak[axis]
-        pic, sal = picture[(slice(None), *index)], saliency[tuple(index)]
+        pic, sal = picture[(slice(None),) + tuple(index)], saliency[tuple(index)]
         # first remaining array axis runs left-right / posterior-anterior: show it horizontally, superior up
-        out.append((f"{label} {peak[axis]}", np.flip(np.swapaxes(pic, -1, -2), -2),
-                    np.flip(sal.T, 0)))
+        out.append((f"{label} {peak[axis]}", np.flip(np.swapaxes(pic, -1, -2), -2), np.flip(sal.T, 0)))
     return out
 
 
@@ -98,6 +117,7 @@ def _image_panels(fig: Figure, grid: Any, explanation: CaseExplanation, mean: An
             if m.status != PRESENT:
                 _missing(fig.add_subplot(sub[r, :]), m.name, m.status, False)
                 continue
+            assert m.image is not None and m.saliency is not None  # a present modality has both
             picture = _display(m.image, None, None)
             for c, (label, pic, sal) in enumerate(orthogonal_slices(picture, m.saliency)):
                 _overlay(fig.add_subplot(sub[r, c]), pic, sal, f"{m.name} \u00b7 {label}")
@@ -110,6 +130,7 @@ def _image_panels(fig: Figure, grid: Any, explanation: CaseExplanation, mean: An
         if m.status != PRESENT:
             _missing(ax, m.name, m.status, True)
         else:
+            assert m.image is not None and m.saliency is not None  # a present modality has both
             _overlay(ax, _display(m.image, mean, std), m.saliency, m.name)
 
 
@@ -140,8 +161,9 @@ def _inputs_text(explanation: CaseExplanation) -> str:
     return "\n".join(lines[:40])
 
 
-def render_page(explanation: CaseExplanation, mean: Sequence[float] | None = None,
-                std: Sequence[float] | None = None) -> np.ndarray:
+def render_page(
+    explanation: CaseExplanation, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> np.ndarray:
     """The case page as RGB pixels ``[H, W, 3]`` uint8 of :data:`PAGE_SIZE`.
 
     Args:
@@ -154,28 +176,64 @@ def render_page(explanation: CaseExplanation, mean: Sequence[float] | None = Non
     """
     fig = Figure(figsize=(PAGE_SIZE[0] / _DPI, PAGE_SIZE[1] / _DPI), dpi=_DPI)
     canvas = FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(2, 2, width_ratios=[2.8, 1.2], height_ratios=[1, 1.3], left=0.03, right=0.97,
-                            top=0.90, bottom=0.07, wspace=0.25, hspace=0.25)
+    grid = fig.add_gridspec(
+        2,
+        2,
+        width_ratios=[2.8, 1.2],
+        height_ratios=[1, 1.3],
+        left=0.03,
+        right=0.97,
+        top=0.90,
+        bottom=0.07,
+        wspace=0.25,
+        hspace=0.25,
+    )
     p = explanation.probabilities[explanation.target]
-    fig.text(0.03, 0.955, f"Case {explanation.case_id[:40]}  \u00b7  most probable: {explanation.target} ({p:.2f})",
-             fontsize=15, fontweight="bold")
-    fig.text(0.03, 0.925, f"Maps: {explanation.method} for '{explanation.target}' on each image's encoder "
-                          "(red = strongest evidence for that class; relative within each image)", fontsize=9)
+    fig.text(
+        0.03,
+        0.955,
+        f"Case {explanation.case_id[:40]}  \u00b7  most probable: {explanation.target} ({p:.2f})",
+        fontsize=15,
+        fontweight="bold",
+    )
+    fig.text(
+        0.03,
+        0.925,
+        f"Maps: {explanation.method} for '{explanation.target}' on each image's encoder "
+        "(red = strongest evidence for that class; relative within each image)",
+        fontsize=9,
+    )
     fig.text(0.97, 0.955, RESEARCH_USE_ONLY, fontsize=13, color="#c0392b", fontweight="bold", ha="right")
     _image_panels(fig, grid[:, 0], explanation, mean, std)
     _probability_panel(fig.add_subplot(grid[0, 1]), explanation)
     text_ax = fig.add_subplot(grid[1, 1])
     text_ax.axis("off")
-    text_ax.text(0.0, 1.0, _inputs_text(explanation), va="top", ha="left", fontsize=8, family="monospace",
-                 transform=text_ax.transAxes)
-    fig.text(0.5, 0.02, RESEARCH_USE_ONLY + " \u00b7 maps show what the model used, not where disease is",
-             fontsize=12, color="#c0392b", fontweight="bold", ha="center")
+    text_ax.text(
+        0.0,
+        1.0,
+        _inputs_text(explanation),
+        va="top",
+        ha="left",
+        fontsize=8,
+        family="monospace",
+        transform=text_ax.transAxes,
+    )
+    fig.text(
+        0.5,
+        0.02,
+        RESEARCH_USE_ONLY + " \u00b7 maps show what the model used, not where disease is",
+        fontsize=12,
+        color="#c0392b",
+        fontweight="bold",
+        ha="center",
+    )
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def save_page(explanation: CaseExplanation, path: str, mean: Sequence[float] | None = None,
-              std: Sequence[float] | None = None) -> np.ndarray:
+def save_page(
+    explanation: CaseExplanation, path: str, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> np.ndarray:
     """Write the case page as a PNG (pixels only: no text chunk) and return its pixels.
 
     Example:
@@ -207,15 +265,20 @@ def write_index(entries: Sequence[Mapping[str, Any]], path: str, title: str = "C
         >>> write_index([{"case_id": "c1", "prediction": "nev", "present": ["derm"], "completed": [],
         ...               "page": "c1.png"}], "predictions/cases/index.html")  # doctest: +SKIP
     """
+
     def cell(value: Any) -> str:
         return html.escape(", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
 
     rows = "\n".join(
-        f"<tr><td><a href=\"{html.escape(str(e['page']))}\">{cell(e['case_id'])}</a></td><td>{cell(e['prediction'])}"
-        f"</td><td>{cell(e['present'])}</td><td>{cell(e['completed'])}</td></tr>" for e in entries)
-    text = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title></head><body>\n"
-            f"<h1>{html.escape(title)}</h1>\n<p><strong>{html.escape(RESEARCH_USE_ONLY)}</strong></p>\n"
-            "<table border=\"1\" cellpadding=\"4\"><tr><th>case</th><th>prediction</th><th>present</th>"
-            f"<th>completed by the model</th></tr>\n{rows}\n</table>\n</body></html>\n")
+        f'<tr><td><a href="{html.escape(str(e["page"]))}">{cell(e["case_id"])}</a></td><td>{cell(e["prediction"])}'
+        f"</td><td>{cell(e['present'])}</td><td>{cell(e['completed'])}</td></tr>"
+        for e in entries
+    )
+    text = (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head><body>\n'
+        f"<h1>{html.escape(title)}</h1>\n<p><strong>{html.escape(RESEARCH_USE_ONLY)}</strong></p>\n"
+        '<table border="1" cellpadding="4"><tr><th>case</th><th>prediction</th><th>present</th>'
+        f"<th>completed by the model</th></tr>\n{rows}\n</table>\n</body></html>\n"
+    )
     atomic_write_text(os.fspath(path), text)
     return os.fspath(path)

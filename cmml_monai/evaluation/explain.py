@@ -1,8 +1,8 @@
 """What the model looked at, per case: a saliency map for each present image modality.
 
 The map of a modality is MONAI's :class:`~monai.visualize.GradCAM` on that modality's image encoder (the last
-convolutional stage of its MONAI ResNet, DenseNet or EfficientNet backbone), for the predicted class, computed on a copy of
-the served eager network at batch 1. A TorchScript module has no submodules to hook, so it gets MONAI's
+convolutional stage of its MONAI ResNet, DenseNet or EfficientNet backbone), for the predicted class, computed on
+a copy of the served eager network at batch 1. A TorchScript module has no submodules to hook, so it gets MONAI's
 :class:`~monai.visualize.OcclusionSensitivity` instead (black box: the modality's image is occluded patch by
 patch, the other inputs stay as they are; many forward passes, so slower). A missing modality gets no map and
 is marked :data:`MISSING_COMPLETED` for a method that fills it in (CMML's CRTA, mean imputation) or
@@ -17,7 +17,7 @@ import functools
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -100,8 +100,9 @@ class CaseExplanation:
 class _ModalityView(nn.Module):
     """The network as a function of one modality's image: the case's other inputs stay fixed."""
 
-    def __init__(self, network: nn.Module, image: torch.Tensor, tabular: torch.Tensor | None, start: int,
-                 channels: int) -> None:
+    def __init__(
+        self, network: nn.Module, image: torch.Tensor, tabular: torch.Tensor | None, start: int, channels: int
+    ) -> None:
         super().__init__()
         self.network, self.image, self.tabular = network, image, tabular
         self.start, self.channels = start, channels
@@ -109,7 +110,7 @@ class _ModalityView(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         full = self.image.expand(n, *self.image.shape[1:]).clone()
-        full[:, self.start:self.start + self.channels] = x
+        full[:, self.start : self.start + self.channels] = x
         if self.tabular is None:  # a traced module takes exactly the inputs it was traced with
             return self.network(full)
         return self.network(full, self.tabular.expand(n, -1))
@@ -125,6 +126,17 @@ class _OnePassHooks(ModelWithHooks):
         if self.last is None:
             self.last = super().__call__(x, class_idx=class_idx, retain_graph=retain_graph, **kwargs)
         return self.last
+
+
+def _last_stage(backbone: Any) -> str | None:
+    """The name of a backbone's last convolutional stage inside it (None: not a known backbone)."""
+    if hasattr(backbone, "layer4"):  # ResNet
+        return "layer4"
+    if hasattr(backbone, "features"):  # DenseNet: the ReLU after the last norm, before pooling
+        return "act"
+    if isinstance(backbone, EfficientNetFeatures):  # the head's norm: its activation module also serves the stem
+        return "net._bn1"
+    return None
 
 
 def _unit(x: torch.Tensor) -> np.ndarray:
@@ -183,8 +195,10 @@ class Explainer:
         scripted = isinstance(network, torch.jit.ScriptModule)
         layers = None if scripted else self._target_layers(network)
         if method == "gradcam" and layers is None:
-            raise ValueError("method='gradcam' needs the eager network with MONAI ResNet/DenseNet image encoders; "
-                             "use 'occlusion' (or 'auto') for a TorchScript module")
+            raise ValueError(
+                "method='gradcam' needs the eager network with MONAI ResNet/DenseNet image encoders; "
+                "use 'occlusion' (or 'auto') for a TorchScript module"
+            )
         self.method = "occlusion" if method == "occlusion" or layers is None else "gradcam"
         self.layers = layers
         #: how the page names the maps
@@ -199,14 +213,11 @@ class Explainer:
         encoders = getattr(getattr(network, "encoder", None), "image_encoders", None)
         if not isinstance(encoders, nn.ModuleList):
             return None
-        shared = bool(getattr(network.encoder, "share_image_encoder", False))
+        encoder: Any = getattr(network, "encoder", None)
+        shared = bool(getattr(encoder, "share_image_encoder", False))
         names = []
-        for i in range(int(network.encoder.image_modalities)):
-            backbone = getattr(encoders[0 if shared else i], "backbone", None)
-            # ResNet: layer4; DenseNet features: the ReLU after the last norm (before pooling); EfficientNet: the
-            # head's BatchNorm (its activation module also serves the stem, so a hook there would fire twice)
-            stage = ("layer4" if hasattr(backbone, "layer4") else "act" if hasattr(backbone, "features")
-                     else "net._bn1" if isinstance(backbone, EfficientNetFeatures) else None)
+        for i in range(int(encoder.image_modalities)):
+            stage = _last_stage(getattr(encoders[0 if shared else i], "backbone", None))
             if stage is None:
                 return None
             names.append(f"encoder.image_encoders.{0 if shared else i}.backbone.{stage}")
@@ -215,7 +226,7 @@ class Explainer:
     def _present(self, image: torch.Tensor) -> list[bool]:
         out, start = [], 0
         for _, channels in self.modalities:
-            out.append(not bool(torch.isnan(image[0, start:start + channels]).all()))
+            out.append(not bool(torch.isnan(image[0, start : start + channels]).all()))
             start += channels
         return out
 
@@ -224,31 +235,38 @@ class Explainer:
             out = self.network(image) if tabular is None else self.network(image, tabular)
         return out.float()
 
-    def _gradcam(self, image: torch.Tensor, tabular: torch.Tensor | None,
-                 present: list[bool]) -> tuple[torch.Tensor, dict[int, np.ndarray]]:
+    def _gradcam(
+        self, image: torch.Tensor, tabular: torch.Tensor | None, present: list[bool]
+    ) -> tuple[torch.Tensor, dict[int, np.ndarray]]:
         """One forward and one backward pass: the logits and the map of every present modality (the predicted
         class's)."""
+        assert self.layers is not None  # gradcam is chosen only with known layers
+        names = self.layers
         wanted = [i for i, p in enumerate(present) if p]
-        layers = tuple(dict.fromkeys(self.layers[i] for i in wanted))
+        layers = tuple(dict.fromkeys(names[i] for i in wanted))
         if layers not in self._cams:  # hooks go on once per pattern of present modalities, not once per case
             hooks = _OnePassHooks(self.network, layers, register_forward=True, register_backward=True)
-            self._cams[layers] = GradCAM(hooks, target_layers=layers, postprocessing=lambda m: m)
+            # MONAI's GradCAM takes the hooked model and several layer names, though typed for one module and name
+            self._cams[layers] = GradCAM(cast(Any, hooks), target_layers=cast(Any, layers), postprocessing=lambda m: m)
         cam = self._cams[layers]
-        cam.nn_module.last = None
+        hooked = cast(_OnePassHooks, cam.nn_module)
+        hooked.last = None
         # the input needs a gradient path even when the weights are frozen
         x = image.detach().clone().requires_grad_(True)
         kwargs = {} if tabular is None else {"tabular": tabular}
         out = {}
         with torch.enable_grad():
             for i in wanted:
-                maps = cam(x, class_idx=None, layer_idx=layers.index(self.layers[i]), **kwargs)
+                maps = cam(x, class_idx=None, layer_idx=layers.index(names[i]), **kwargs)
                 # a shared encoder sees the modalities as one batch (all of them, or the present ones only)
                 row = 0 if maps.shape[0] == 1 else i if maps.shape[0] == len(present) else sum(present[:i])
                 out[i] = _unit(maps[row, 0])
-        return cam.nn_module.last[0].detach().float(), out
+        assert hooked.last is not None
+        return hooked.last[0].detach().float(), out
 
-    def _occlusion(self, image: torch.Tensor, tabular: torch.Tensor | None, index: int, target: int,
-                   prob: float) -> np.ndarray:
+    def _occlusion(
+        self, image: torch.Tensor, tabular: torch.Tensor | None, index: int, target: int, prob: float
+    ) -> np.ndarray:
         start = sum(c for _, c in self.modalities[:index])
         channels = self.modalities[index][1]
         spatial = image.shape[2:]
@@ -257,12 +275,19 @@ class Explainer:
         view = _ModalityView(self.network, image, tabular, start, channels)
         # the activation is given: MONAI's default picks sigmoid for a one-channel image, whatever the classes
         activate = torch.sigmoid if self.multi_label else functools.partial(torch.softmax, dim=1)
-        occ = OcclusionSensitivity(view, mask_size=size, n_batch=8, verbose=False, mode="mean_img",
-                                   overlap=0.5 if flat else 0.25, activate=activate)
+        occ = OcclusionSensitivity(
+            view,
+            mask_size=size,
+            n_batch=8,
+            verbose=False,
+            mode="mean_img",
+            overlap=0.5 if flat else 0.25,
+            activate=activate,
+        )
         with torch.no_grad(), warnings.catch_warnings():
             # MONAI's sliding window indexes with a list, which this torch version warns about on every patch
             warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
-            occ_map, _ = occ(image[:, start:start + channels])
+            occ_map, _ = occ(image[:, start : start + channels])
         # evidence = how much the class's probability drops when the region is hidden ([B, classes, *spatial])
         return _unit(prob - occ_map[0, target])
 
@@ -296,9 +321,12 @@ class Explainer:
         maps, start = [], 0
         for i, (name, channels) in enumerate(self.modalities):
             if present[i]:
-                sal = (saliency[i] if self.method == "gradcam"
-                       else self._occlusion(image, tabular, i, target, float(probs[target])))
-                pixels = image[0, start:start + channels].detach().cpu().numpy().astype(np.float32)
+                sal = (
+                    saliency[i]
+                    if self.method == "gradcam"
+                    else self._occlusion(image, tabular, i, target, float(probs[target]))
+                )
+                pixels = image[0, start : start + channels].detach().cpu().numpy().astype(np.float32)
                 maps.append(ModalityMap(name, pixels, sal, PRESENT))
             else:
                 maps.append(ModalityMap(name, None, None, marking))

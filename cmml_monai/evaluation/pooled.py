@@ -25,8 +25,18 @@ import numpy as np
 __all__ = ["read_comparison_folder", "pooled_comparison_table", "pooled_paired_table", "POOLED_PAIRED_COLUMNS"]
 
 #: columns of ``pooled_paired_table``
-POOLED_PAIRED_COLUMNS = ("method", "reference", "strata", "pairs", "AVG AUC diff", "CI low", "CI high", "df",
-                         "strata ahead", "p")
+POOLED_PAIRED_COLUMNS = (
+    "method",
+    "reference",
+    "strata",
+    "pairs",
+    "AVG AUC diff",
+    "CI low",
+    "CI high",
+    "df",
+    "strata ahead",
+    "p",
+)
 
 
 def _read_csv(path: str) -> list[dict]:
@@ -56,17 +66,26 @@ def read_comparison_folder(folder: str, name: str = "comparison") -> tuple[list[
         ValueError: a table without the expected columns.
     """
     tables = []
-    for stem, hint in ((name, "run scripts/compare.py --out FOLDER first"),
-                       (f"{name}_paired", "it needs runs of two methods with the same training seeds (--seeds)")):
+    for stem, hint in (
+        (name, "run scripts/compare.py --out FOLDER first"),
+        (f"{name}_paired", "it needs runs of two methods with the same training seeds (--seeds)"),
+    ):
         path = os.path.join(folder, f"{stem}.csv")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {stem}.csv in {folder}: {hint}")
         tables.append((path, _read_csv(path)))
     (cmp_path, cmp_rows), (pair_path, pair_rows) = tables
     comparison = [{"method": r["method"], "AVG AUC": _number(r, "AVG AUC", cmp_path)} for r in cmp_rows]
-    paired = [{"method": r["method"], "reference": r.get("reference", ""),
-               "pairs": int(_number(r, "pairs", pair_path)), "AVG AUC diff": _number(r, "AVG AUC diff", pair_path),
-               "diff std": _number(r, "diff std", pair_path)} for r in pair_rows]
+    paired = [
+        {
+            "method": r["method"],
+            "reference": r.get("reference", ""),
+            "pairs": int(_number(r, "pairs", pair_path)),
+            "AVG AUC diff": _number(r, "AVG AUC diff", pair_path),
+            "diff std": _number(r, "diff std", pair_path),
+        }
+        for r in pair_rows
+    ]
     return comparison, paired
 
 
@@ -100,9 +119,7 @@ def pooled_comparison_table(strata: Mapping[str, Sequence[dict]]) -> tuple[list[
     return columns, table
 
 
-def pooled_paired_table(
-    strata: Mapping[str, Sequence[dict]], confidence: float = 0.95
-) -> tuple[list[str], list[dict]]:
+def pooled_paired_table(strata: Mapping[str, Sequence[dict]], confidence: float = 0.95) -> tuple[list[str], list[dict]]:
     """Seed-paired differences pooled over strata (stratified mean, Welch-Satterthwaite t interval).
 
     For every method against the strata's common reference: ``strata``, ``pairs`` (all strata),
@@ -134,8 +151,10 @@ def pooled_paired_table(
         raise ValueError("no strata to pool: give two or more compare.py output folders")
     references = {r["reference"] for rows in strata.values() for r in rows}
     if len(references) > 1:
-        raise ValueError(f"the strata were compared against different references {sorted(references)}: "
-                         "rerun compare.py with the same --reference in every folder")
+        raise ValueError(
+            f"the strata were compared against different references {sorted(references)}: "
+            "rerun compare.py with the same --reference in every folder"
+        )
     per = {label: {r["method"]: r for r in rows if r["pairs"] > 0} for label, rows in strata.items()}
     methods = list(dict.fromkeys(m for rows in per.values() for m in rows))
     reference = next(iter(references), "")
@@ -144,25 +163,37 @@ def pooled_paired_table(
         diffs, variances, dofs, pairs = [], [], [], 0
         for label, rows in per.items():
             if m not in rows:
-                raise ValueError(f"stratum {label!r} has no seed-paired {m!r} - {reference!r}: "
-                                 "pool strata where every method was run with the same seeds")
+                raise ValueError(
+                    f"stratum {label!r} has no seed-paired {m!r} - {reference!r}: "
+                    "pool strata where every method was run with the same seeds"
+                )
             row = rows[m]
             if row["pairs"] < 2 or math.isnan(row["diff std"]):
-                raise ValueError(f"stratum {label!r}, method {m!r}: {row['pairs']} seed pair(s); pooling needs "
-                                 "at least 2 per stratum for its spread (train more --seeds)")
+                raise ValueError(
+                    f"stratum {label!r}, method {m!r}: {row['pairs']} seed pair(s); pooling needs "
+                    "at least 2 per stratum for its spread (train more --seeds)"
+                )
             diffs.append(row["AVG AUC diff"])
             variances.append(row["diff std"] ** 2 / row["pairs"])
             dofs.append(row["pairs"] - 1)
             pairs += row["pairs"]
         d, v, nu = np.asarray(diffs), np.asarray(variances), np.asarray(dofs, dtype=float)
         k = len(d)
-        out = {"method": m, "reference": reference, "strata": k,
-               "pairs": pairs, "AVG AUC diff": float(d.mean()),
-               "CI low": float(d.mean()), "CI high": float(d.mean()), "df": math.nan,
-               "strata ahead": int((d > 0).sum()), "p": math.nan}
+        out = {
+            "method": m,
+            "reference": reference,
+            "strata": k,
+            "pairs": pairs,
+            "AVG AUC diff": float(d.mean()),
+            "CI low": float(d.mean()),
+            "CI high": float(d.mean()),
+            "df": math.nan,
+            "strata ahead": int((d > 0).sum()),
+            "p": math.nan,
+        }
         if v.sum() > 0:
             se = math.sqrt(v.sum()) / k
-            out["df"] = float(v.sum() ** 2 / (v ** 2 / nu).sum())
+            out["df"] = float(v.sum() ** 2 / (v**2 / nu).sum())
             half = stats.t.ppf(0.5 + confidence / 2, out["df"]) * se
             out["CI low"], out["CI high"] = float(d.mean() - half), float(d.mean() + half)
             out["p"] = float(2 * stats.t.sf(abs(d.mean()) / se, out["df"]))

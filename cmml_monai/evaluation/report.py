@@ -16,7 +16,11 @@ from pandas.api.types import is_float_dtype
 from cmml_monai.data.jsonio import atomic_open
 
 __all__ = [
-    "read_sweep", "comparison_table", "write_comparison_table", "paired_table", "write_paired_table",
+    "read_sweep",
+    "comparison_table",
+    "write_comparison_table",
+    "paired_table",
+    "write_paired_table",
 ]
 
 # (sweep.csv column, table label); a sweep.csv may lack the ece column
@@ -42,8 +46,11 @@ def read_sweep(path: str, label: str | None = None) -> list[dict]:
         ValueError: missing columns.
     """
     if os.path.isdir(path):
-        for candidate in (os.path.join(path, "eval", "sweep.csv"), os.path.join(path, "sweep", "sweep.csv"),
-                          os.path.join(path, "sweep.csv")):
+        for candidate in (
+            os.path.join(path, "eval", "sweep.csv"),
+            os.path.join(path, "sweep", "sweep.csv"),
+            os.path.join(path, "sweep.csv"),
+        ):
             if os.path.isfile(candidate):
                 path = candidate
                 break
@@ -56,9 +63,14 @@ def read_sweep(path: str, label: str | None = None) -> list[dict]:
         raise ValueError(f"{path}: columns {sorted(rows[0])} lack {sorted(need - set(rows[0]))}")
     seed = _training_seed(path)
     return [
-        {"method": label or r["method"], "rate": float(r["rate"]),
-         **{key: float(r[key] if key in need else r.get(key) or "nan") for key, _ in _METRICS},
-         "n": int(r["n"]), "run": path, "seed": seed}
+        {
+            "method": label or r["method"],
+            "rate": float(r["rate"]),
+            **{key: float(r[key] if key in need else r.get(key) or "nan") for key, _ in _METRICS},
+            "n": int(r["n"]),
+            "run": path,
+            "seed": seed,
+        }
         for r in rows
     ]
 
@@ -122,8 +134,7 @@ def _runs_by_method(rows: Sequence[dict]) -> dict[str, dict[str, dict[float, dic
     """
     frame = _sweep_frame(rows)
     return {
-        method: {run: {rows[i]["rate"]: rows[i] for i in group.index}
-                 for run, group in runs.groupby("run", sort=False)}
+        method: {run: {rows[i]["rate"]: rows[i] for i in group.index} for run, group in runs.groupby("run", sort=False)}
         for method, runs in frame.groupby("method", sort=False)
     }
 
@@ -173,8 +184,12 @@ def comparison_table(rows: Sequence[dict]) -> tuple[list[str], list[dict]]:
 
 def _formatted(frame: pd.DataFrame) -> pd.DataFrame:
     """The cells of a table as text: floats with four decimals (NaN as ``nan``), everything else as it prints."""
-    return pd.DataFrame({c: frame[c].map("{:.4f}".format if is_float_dtype(frame[c]) else str) for c in frame},
-                        index=frame.index, columns=frame.columns, dtype=object)
+    return pd.DataFrame(
+        {c: frame[c].map("{:.4f}".format if is_float_dtype(frame[c]) else str) for c in frame},
+        index=frame.index,
+        columns=frame.columns,
+        dtype=object,
+    )
 
 
 def _write_csv(frame: pd.DataFrame, path: str) -> None:
@@ -218,8 +233,18 @@ def write_comparison_table(
 
 
 #: columns of the paired table (``paired_table``)
-PAIRED_COLUMNS = ("method", "reference", "pairs", "seeds", "AVG AUC diff", "diff std", "CI low", "CI high",
-                  "ahead", "p")
+PAIRED_COLUMNS = (
+    "method",
+    "reference",
+    "pairs",
+    "seeds",
+    "AVG AUC diff",
+    "diff std",
+    "CI low",
+    "CI high",
+    "ahead",
+    "p",
+)
 
 
 def paired_table(
@@ -287,10 +312,18 @@ def paired_table(
                 )
             diffs.append(np.mean([other[q]["auc"] for q in other]) - np.mean([ref[q]["auc"] for q in ref]))
         d = np.asarray(diffs, dtype=float)
-        row = {"method": m, "reference": reference, "pairs": len(d), "seeds": " ".join(map(str, seeds)),
-               "AVG AUC diff": float(d.mean()) if len(d) else math.nan,
-               "diff std": float(d.std(ddof=1)) if len(d) > 1 else math.nan,
-               "CI low": math.nan, "CI high": math.nan, "ahead": int((d > 0).sum()), "p": math.nan}
+        row = {
+            "method": m,
+            "reference": reference,
+            "pairs": len(d),
+            "seeds": " ".join(map(str, seeds)),
+            "AVG AUC diff": float(d.mean()) if len(d) else math.nan,
+            "diff std": float(d.std(ddof=1)) if len(d) > 1 else math.nan,
+            "CI low": math.nan,
+            "CI high": math.nan,
+            "ahead": int((d > 0).sum()),
+            "p": math.nan,
+        }
         if len(d) > 1:
             half = stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * row["diff std"] / math.sqrt(len(d))
             row["CI low"], row["CI high"] = float(row["AVG AUC diff"] - half), float(row["AVG AUC diff"] + half)
@@ -301,7 +334,10 @@ def paired_table(
 
 
 def write_paired_table(
-    columns: Sequence[str], table: Iterable[dict], out_dir: str, name: str = "comparison",
+    columns: Sequence[str],
+    table: Iterable[dict],
+    out_dir: str,
+    name: str = "comparison",
     confidence: float = 0.95,
 ) -> tuple[str, str]:
     """Write a ``paired_table`` made with ``confidence`` as ``<name>_paired.csv`` and ``<name>_paired.md``;

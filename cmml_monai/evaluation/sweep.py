@@ -30,8 +30,8 @@ from cmml_monai.data.jsonio import atomic_open, atomic_write_json
 from cmml_monai.data.missingness import DEFAULT_RATES, all_subsets, ensure_split_masks, fixed_subset_presence
 from cmml_monai.data.validation import PresenceMaskedDataset
 from cmml_monai.engines.evaluator import CMMLEvaluator
-from cmml_monai.metrics import classification_metrics
 from cmml_monai.evaluation.plots import plot_roc, plot_sweep
+from cmml_monai.metrics import classification_metrics
 from cmml_monai.utils import as_bool
 
 __all__ = ["MissingRateSweep", "predict", "SWEEP_COLUMNS", "SUBSET_COLUMNS", "format_table"]
@@ -71,6 +71,7 @@ def predict(
 def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     """A plain fixed-width, left-aligned text table (printed to the console): rates as ``%g``, scores to 4
     decimals. Written here because pandas' ``to_string`` right-aligns the cells and prints NaN its own way."""
+
     def fmt(key: str, value: Any) -> str:
         if key == "rate":
             return f"{float(value):g}"
@@ -154,8 +155,8 @@ class MissingRateSweep:
         self.roc = as_bool(roc, "sweep#roc")
         self.predictions = as_bool(predictions, "sweep#predictions")
         self.checkpoint = checkpoint
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = (
+            torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         )
         self.amp = as_bool(amp, "amp")
         self.batch_size = batch_size
@@ -201,12 +202,20 @@ class MissingRateSweep:
                 self._write_predictions(rate, masks[rate], case_ids, probs, labels)
             row = {"method": self.method, "rate": rate, **{k: metrics[k] for k in METRIC_COLUMNS}}
             self.rows.append(row)
-            logger.info("sweep %s rate %.1f: %s", self.method, rate,
-                        " ".join(f"{k} {row[k]}" if k == "n" else f"{k} {row[k]:.4f}" for k in METRIC_COLUMNS))
+            logger.info(
+                "sweep %s rate %.1f: %s",
+                self.method,
+                rate,
+                " ".join(f"{k} {row[k]}" if k == "n" else f"{k} {row[k]:.4f}" for k in METRIC_COLUMNS),
+            )
             if self.roc and len(labels):
                 plot_roc(
-                    probs, labels, self.case_list.class_names, self.case_list.multi_label,
-                    os.path.join(self.output_dir, f"roc_rate{rate:g}.png"), f"{self.method}, missing rate {rate:g}",
+                    probs,
+                    labels,
+                    self.case_list.class_names,
+                    self.case_list.multi_label,
+                    os.path.join(self.output_dir, f"roc_rate{rate:g}.png"),
+                    f"{self.method}, missing rate {rate:g}",
                 )
         if self.subsets:
             names = self.case_list.modality_names
@@ -258,8 +267,13 @@ class MissingRateSweep:
         sweep_csv = _write_csv(os.path.join(out, "sweep.csv"), self.rows, SWEEP_COLUMNS)
         subsets_csv = _write_csv(os.path.join(out, "subsets.csv"), self.subset_rows, SUBSET_COLUMNS)
         png = plot_sweep(self.rows, os.path.join(out, "sweep.png"), f"{self.case_list.name}: AUC vs missing rate")
-        summary = {"method": self.method, "dataset": self.case_list.name, "split": self.split,
-                   "avg_auc": self.avg_auc, "rates": self.rates}
+        summary = {
+            "method": self.method,
+            "dataset": self.case_list.name,
+            "split": self.split,
+            "avg_auc": self.avg_auc,
+            "rates": self.rates,
+        }
         atomic_write_json(os.path.join(out, "summary.json"), summary)
         print(f"\nMissing-rate sweep ({self.case_list.name}, {self.split} split, method {self.method}):")
         print(format_table(self.rows, SWEEP_COLUMNS))
@@ -276,5 +290,7 @@ class MissingRateSweep:
             metrics = {f"test_{k}_rate_{r['rate']:g}": r[k] for k in METRIC_COLUMNS if k != "n" for r in self.rows}
             metrics["test_avg_auc"] = self.avg_auc
             self.tracker.log_metrics(metrics)
-            print(f"MLflow: {self.tracker.tracking_uri} (experiment {self.tracker.experiment_name!r}); "
-                  f"view with: mlflow ui --backend-store-uri {self.tracker.tracking_uri}")
+            print(
+                f"MLflow: {self.tracker.tracking_uri} (experiment {self.tracker.experiment_name!r}); "
+                f"view with: mlflow ui --backend-store-uri {self.tracker.tracking_uri}"
+            )

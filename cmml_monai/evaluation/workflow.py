@@ -35,7 +35,15 @@ logger = logging.getLogger(__name__)
 #: the ``summarize`` entries logged as ``data.*`` params: counts keyed by split, class and modality names
 #: (missing/dropped reasons are free text, not valid param names; the schema artifact carries the columns)
 _SUMMARY_PARAMS = (
-    "name", "n_cases", "multi_label", "splits", "label_counts", "missing", "by_split", "dropped", "all_present",
+    "name",
+    "n_cases",
+    "multi_label",
+    "splits",
+    "label_counts",
+    "missing",
+    "by_split",
+    "dropped",
+    "all_present",
 )
 
 

@@ -16,8 +16,7 @@ from monai.handlers import CheckpointLoader
 
 from cmml_monai.utils import as_bool
 
-__all__ = ["latest_checkpoint", "StageCheckpointSaver",
-           "BestCheckpointSaver", "ResumeHandler", "LoadNetworkHandler"]
+__all__ = ["latest_checkpoint", "StageCheckpointSaver", "BestCheckpointSaver", "ResumeHandler", "LoadNetworkHandler"]
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +244,8 @@ class BestCheckpointSaver:
         if engine.state.epoch < self.first_eligible_epoch:
             logger.info(
                 "epoch %d is before best_min_epoch %d: not a candidate for the best checkpoint",
-                engine.state.epoch, self.first_eligible_epoch,
+                engine.state.epoch,
+                self.first_eligible_epoch,
             )
             return
         score = self._score(engine)
@@ -313,8 +313,12 @@ class ResumeHandler:
         saved = set(torch.load(path, map_location="cpu", weights_only=True, mmap=True))  # keys only: no copy
         older = [k for k in OPTIONAL_STATE if k in load_dict and k not in saved]
         if older:  # a checkpoint of an earlier version of this package: resume without that state
-            logger.warning("%s has no %s state (an earlier version wrote it): resumed without it, so the run "
-                           "will not match an uninterrupted one exactly", path, ", ".join(older))
+            logger.warning(
+                "%s has no %s state (an earlier version wrote it): resumed without it, so the run "
+                "will not match an uninterrupted one exactly",
+                path,
+                ", ".join(older),
+            )
             load_dict = {k: v for k, v in load_dict.items() if k not in older}
         CheckpointLoader(load_path=path, load_dict=load_dict, map_location=engine.state.device)(engine)
         self.loaded_from = path

@@ -104,6 +104,7 @@ class ResumableEarlyStopHandler:
 
     def _stay_stopped(self, trainer: Engine) -> None:
         if self.stopped:
-            logger.info("early stopping had already ended this stage at epoch %d; not training further",
-                        trainer.state.epoch)
+            logger.info(
+                "early stopping had already ended this stage at epoch %d; not training further", trainer.state.epoch
+            )
             trainer.terminate()

@@ -24,17 +24,24 @@ from typing import Any
 
 import mlflow
 from ignite.engine import Engine, Events
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from monai.bundle import ConfigParser
 from monai.handlers import MLFlowHandler
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from monai.utils import path_to_sqlite_uri
 
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.jsonio import atomic_path, atomic_write_json
 from cmml_monai.utils import as_bool
 
-__all__ = ["resolve_tracking_uri", "check_tracking_server", "MLflowTracker", "StageMLFlowHandler",
-           "save_executed_config", "refuse_monai_tracking", "MONAI_TRACKING_MESSAGE"]
+__all__ = [
+    "resolve_tracking_uri",
+    "check_tracking_server",
+    "MLflowTracker",
+    "StageMLFlowHandler",
+    "save_executed_config",
+    "refuse_monai_tracking",
+    "MONAI_TRACKING_MESSAGE",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +50,18 @@ PARENT_TAG = MLFLOW_PARENT_RUN_ID
 RUN_STATE_NAME = "mlflow_run.json"
 #: tag of an evaluation run: the id of the training run it evaluates
 TRAINING_RUN_TAG = "cmml.training_run"
-_NOT_CONFIG_ARGS = {"meta_file", "logging_file", "init_id", "run_id", "final_id", "tracking", "workflow_type",
-                    "workflow_name", "args_file", "properties_path"}
+_NOT_CONFIG_ARGS = {
+    "meta_file",
+    "logging_file",
+    "init_id",
+    "run_id",
+    "final_id",
+    "tracking",
+    "workflow_type",
+    "workflow_name",
+    "args_file",
+    "properties_path",
+}
 
 
 def resolve_tracking_uri(output_dir: str, tracking_uri: str | None = None) -> str:
@@ -98,8 +115,11 @@ def check_tracking_server(uri: str, output_dir: str = "<output_dir>", timeout: f
     """
     if not uri.startswith(("http://", "https://")):
         return
-    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(timeout)))}
+    settings = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(timeout))),
+    }
     with _environ(**settings):
         try:
             mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
@@ -276,10 +296,16 @@ class MLflowTracker:
         if not self.continue_run:  # an evaluation run: a later resumed training continues its own run
             return
         os.makedirs(self.output_dir, exist_ok=True)
-        atomic_write_json(self.run_state_path, {
-            "tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "run_name": self.run_name,
-            "parent": self._parent, "children": self._children,
-        })
+        atomic_write_json(
+            self.run_state_path,
+            {
+                "tracking_uri": self.tracking_uri,
+                "experiment_id": self.experiment_id,
+                "run_name": self.run_name,
+                "parent": self._parent,
+                "children": self._children,
+            },
+        )
 
     def _continue_saved_run(self) -> bool:
         """Reopen the parent and stage runs that an earlier process in this ``output_dir`` created.
@@ -297,8 +323,9 @@ class MLflowTracker:
             logger.warning("MLflow: %s cannot be continued (%s): a new run starts", self.run_state_path, err)
             return False
         if parent is None or parent.info.lifecycle_stage != "active":
-            logger.info("MLflow: the run in %s is in another store or was deleted: a new run starts",
-                        self.run_state_path)
+            logger.info(
+                "MLflow: the run in %s is in another store or was deleted: a new run starts", self.run_state_path
+            )
             return False
         self._parent = parent.info.run_id
         self.run_name = saved.get("run_name") or parent.info.run_name

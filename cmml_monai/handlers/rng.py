@@ -15,8 +15,13 @@ __all__ = ["RandomState"]
 def _numpy_state(state: tuple) -> dict[str, Any]:
     """``np.random.RandomState.get_state()`` as tensors and numbers (loadable with ``weights_only=True``)."""
     name, keys, pos, has_gauss, gauss = state
-    return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    return {
+        "name": name,
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
 
 
 def _numpy_tuple(state: dict[str, Any]) -> tuple:

@@ -93,7 +93,10 @@ class StageHandlers:
         self.stage = _check_stage(stage)
         # one dict for the saver and the resume: both add the trainer to it when attached
         state: dict[str, Any] = {
-            "network": network, "averager": averager, "optimizer": optimizer, "lr_scheduler": lr_scheduler,
+            "network": network,
+            "averager": averager,
+            "optimizer": optimizer,
+            "lr_scheduler": lr_scheduler,
             "best": best_saver,
         }
         if early_stop is not None:
@@ -112,10 +115,15 @@ class StageHandlers:
             ValidationHandler(validator=validator, interval=interval, epoch_level=True),
             LrScheduleHandler(lr_scheduler, print_lr=False),
             StageCheckpointSaver(checkpoint_dir, state),
-            StatsHandler(name="cmml", tag_name=f"{stage}_loss", iteration_log=False,
-                         output_transform=from_engine(["loss"], first=True)),
-            StageMLFlowHandler(tracker, stage, artifacts=os.path.join(checkpoint_dir, best_saver.filename),
-                               close_on_complete=True),
+            StatsHandler(
+                name="cmml",
+                tag_name=f"{stage}_loss",
+                iteration_log=False,
+                output_transform=from_engine(["loss"], first=True),
+            ),
+            StageMLFlowHandler(
+                tracker, stage, artifacts=os.path.join(checkpoint_dir, best_saver.filename), close_on_complete=True
+            ),
             ProgressBar(persist=False, disable=not as_bool(progress_bar, "progress_bar")),
         ]
         self.early_stop = early_stop
@@ -166,4 +174,3 @@ class ValidationHandlers:
     def attach(self, engine: Engine) -> None:
         for handler in self.handlers:
             handler.attach(engine)
-

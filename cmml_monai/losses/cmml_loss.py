@@ -85,8 +85,15 @@ class CMMLLoss(nn.Module):
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}.")
-        for name, w in (("w_rec", w_rec), ("w_aux", w_aux), ("w_align", w_align), ("w_supcon", w_supcon),
-                        ("w_cls_dropped", w_cls_dropped), ("w_rec_stage2", w_rec_stage2), ("w_distill", w_distill)):
+        for name, w in (
+            ("w_rec", w_rec),
+            ("w_aux", w_aux),
+            ("w_align", w_align),
+            ("w_supcon", w_supcon),
+            ("w_cls_dropped", w_cls_dropped),
+            ("w_rec_stage2", w_rec_stage2),
+            ("w_distill", w_distill),
+        ):
             if w < 0:
                 raise ValueError(f"{name} must be >= 0, got {w}.")
         if distill_temperature <= 0:
@@ -136,7 +143,9 @@ class CMMLLoss(nn.Module):
             p = torch.sigmoid(teacher)
             kd = F.binary_cross_entropy_with_logits(student, p) - F.binary_cross_entropy_with_logits(teacher, p)
         else:
-            kd = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), reduction="batchmean", log_target=True)
+            kd = F.kl_div(
+                F.log_softmax(student, -1), F.log_softmax(teacher, -1), reduction="batchmean", log_target=True
+            )
         return t * t * kd
 
     def _weight(self, logits: torch.Tensor) -> torch.Tensor | None:

@@ -19,7 +19,11 @@ from monai.metrics import CumulativeIterationMetric
 from sklearn.metrics import f1_score, roc_auc_score
 
 __all__ = [
-    "macro_auc", "classification_metrics", "expected_calibration_error", "to_numpy_probs_labels", "MacroAUCMetric",
+    "macro_auc",
+    "classification_metrics",
+    "expected_calibration_error",
+    "to_numpy_probs_labels",
+    "MacroAUCMetric",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,8 +71,10 @@ def macro_auc(probs: Any, labels: Any, multi_label: bool = False) -> tuple[float
     if not multi_label:
         bad = y[(y < 0) | (y >= p.shape[1])]
         if bad.size:
-            raise ValueError(f"AUC: label {int(bad[0])} is outside the {p.shape[1]} classes [0, {p.shape[1] - 1}]: "
-                             "check the label column and num_classes")
+            raise ValueError(
+                f"AUC: label {int(bad[0])} is outside the {p.shape[1]} classes [0, {p.shape[1] - 1}]: "
+                "check the label column and num_classes"
+            )
     onehot = y if multi_label else np.eye(p.shape[1], dtype=np.int64)[y]
     aucs, skipped = [], []
     for c in range(p.shape[1]):
@@ -119,8 +125,9 @@ def _calibration_error(p: np.ndarray, y: np.ndarray, multi_label: bool, bins: in
     if p.shape[0] == 0:
         return float("nan")
     if multi_label:
-        return float(np.mean([_binned_calibration_gap(p[:, c], y[:, c].astype(np.float64), bins)
-                              for c in range(p.shape[1])]))
+        return float(
+            np.mean([_binned_calibration_gap(p[:, c], y[:, c].astype(np.float64), bins) for c in range(p.shape[1])])
+        )
     return _binned_calibration_gap(p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64), bins)
 
 

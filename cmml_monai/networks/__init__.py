@@ -17,13 +17,13 @@ from cmml_monai.networks.encoders import (
     load_pretrained,
 )
 from cmml_monai.networks.feature_cache import FeatureCache
+from cmml_monai.networks.memory import ModalityMemoryBank
 from cmml_monai.networks.pretrained import (
     EFFICIENTNET_BN,
     EFFICIENTNET_LITE,
     EfficientNetFeatures,
     input_normalization,
 )
-from cmml_monai.networks.memory import ModalityMemoryBank
 from cmml_monai.networks.tabular import TabularEncoder
 from cmml_monai.networks.utils import masked_mean, presence_from_nan, random_keep_mask
 from cmml_monai.networks.wrappers import TrainingForward

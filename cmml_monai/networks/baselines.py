@@ -89,8 +89,12 @@ class LateFusionNet(nn.Module):
         if not callable(encoder):
             raise ValueError(f"encoder must be a class or callable that builds the module, got {encoder!r}.")
         self.encoder = encoder(
-            image_modalities=image_modalities, image_channels=image_channels, spatial_dims=spatial_dims,
-            tabular_cardinalities=tabular_cardinalities, feature_dim=feature_dim, num_heads=num_heads,
+            image_modalities=image_modalities,
+            image_channels=image_channels,
+            spatial_dims=spatial_dims,
+            tabular_cardinalities=tabular_cardinalities,
+            feature_dim=feature_dim,
+            num_heads=num_heads,
         )
         k = self.encoder.num_modalities
         self.num_modalities = k
@@ -139,6 +143,9 @@ class LateFusionNet(nn.Module):
                 self.running_mean.copy_(torch.where(seen, moved, self.running_mean))
                 self.mean_initialized.copy_(self.mean_initialized | seen)
         if self.training and self.two_view:
-            return {"logits": self._classify(tokens, present), "logits_dropped": self._classify(tokens, used),
-                    "present": present}
+            return {
+                "logits": self._classify(tokens, present),
+                "logits_dropped": self._classify(tokens, used),
+                "present": present,
+            }
         return {"logits": self._classify(tokens, used), "present": present}

@@ -143,7 +143,12 @@ class CMMLNet(nn.Module):
 
     # constant for TorchScript: the stage-2 branch is not compiled when the modules do not exist
     __constants__ = [
-        "use_stage2", "mark_synthesized", "residual_head", "stage1_head", "reference_reads_context", "crta_reads_context"
+        "use_stage2",
+        "mark_synthesized",
+        "residual_head",
+        "stage1_head",
+        "reference_reads_context",
+        "crta_reads_context",
     ]
 
     def __init__(
@@ -213,14 +218,20 @@ class CMMLNet(nn.Module):
         self.stage1_drop_prob = stage1_drop_prob
         self.stage2_drop_prob = stage2_drop_prob
         self.encoder = encoder(
-            image_modalities=image_modalities, image_channels=image_channels, spatial_dims=spatial_dims,
-            tabular_cardinalities=tabular_cardinalities, feature_dim=feature_dim, num_heads=num_heads,
+            image_modalities=image_modalities,
+            image_channels=image_channels,
+            spatial_dims=spatial_dims,
+            tabular_cardinalities=tabular_cardinalities,
+            feature_dim=feature_dim,
+            num_heads=num_heads,
         )
         k = self.encoder.num_modalities
         self.num_modalities = k
         self.instance_context = as_bool(instance_context, "instance_context") and use_context
         self.crta_reads_context = as_bool(crta_reads_context, "crta_reads_context")
-        self.context = ContextTokens(num_context_tokens, feature_dim, conditioned=self.instance_context) if use_context else None
+        self.context = (
+            ContextTokens(num_context_tokens, feature_dim, conditioned=self.instance_context) if use_context else None
+        )
         # every part is built in this order (the random initialisation depends on it)
         self.crta = crta(num_modalities=k, feature_dim=feature_dim, num_heads=num_heads, dropout=dropout)
         self.stage1_head = stage1_head
@@ -229,7 +240,9 @@ class CMMLNet(nn.Module):
         self.aux_norm = nn.Identity() if stage1_head == "mean" else nn.LayerNorm(feature_dim)
         self.aux_head = (
             nn.Sequential(
-                nn.Linear(k * feature_dim, feature_dim), nn.GELU(), nn.Dropout(dropout),
+                nn.Linear(k * feature_dim, feature_dim),
+                nn.GELU(),
+                nn.Dropout(dropout),
                 nn.Linear(feature_dim, num_classes),
             )
             if stage1_head == "concat_mlp"
@@ -278,16 +291,21 @@ class CMMLNet(nn.Module):
         if stage == 1:
             # without the CRTA reading them, nothing in stage 1 reads the context tokens
             crta = self.crta_parameters() if self.crta_reads_context else list(self.crta.parameters())
-            return list(self.encoder.parameters()) + crta + list(self.aux_norm.parameters()) + list(
-                self.aux_head.parameters()
+            return (
+                list(self.encoder.parameters())
+                + crta
+                + list(self.aux_norm.parameters())
+                + list(self.aux_head.parameters())
             )
         if stage == 2:
             if not self.use_stage2:
                 raise ValueError("stage 2 parameters requested but the network was built with use_stage2=False.")
             seen = {id(p) for p in self.stage_parameters(1)}
-            aux = set() if self.residual_head else {
-                id(p) for p in list(self.aux_norm.parameters()) + list(self.aux_head.parameters())
-            }
+            aux = (
+                set()
+                if self.residual_head
+                else {id(p) for p in list(self.aux_norm.parameters()) + list(self.aux_head.parameters())}
+            )
             params = [p for p in self.stage_parameters(1) if id(p) not in aux]
             return params + [p for p in self.parameters() if id(p) not in seen]
         raise ValueError(f"stage must be 1 or 2, got {stage}.")

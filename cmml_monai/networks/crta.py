@@ -37,8 +37,13 @@ class CascadedResidualTransformerAE(nn.Module):
     """
 
     def __init__(
-        self, num_modalities: int, feature_dim: int = 256, num_blocks: int = 3, num_heads: int = 4,
-        mlp_ratio: float = 2.0, dropout: float = 0.0,
+        self,
+        num_modalities: int,
+        feature_dim: int = 256,
+        num_blocks: int = 3,
+        num_heads: int = 4,
+        mlp_ratio: float = 2.0,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if num_modalities < 1:

@@ -26,7 +26,11 @@ from cmml_monai.networks.utils import presence_from_nan
 from cmml_monai.utils import as_bool
 
 __all__ = [
-    "IMAGE_ENCODERS", "build_image_backbone", "load_pretrained", "ImageEncoder", "MultiModalEncoder",
+    "IMAGE_ENCODERS",
+    "build_image_backbone",
+    "load_pretrained",
+    "ImageEncoder",
+    "MultiModalEncoder",
     "attach_feature_cache",
 ]
 
@@ -61,19 +65,32 @@ def _resnet(name: str, spatial_dims: int, in_channels: int, pretrained: bool, lo
     block, layers = _RESNETS[name]
     if not pretrained:
         return ResNet(
-            block, layers, [64, 128, 256, 512], spatial_dims=spatial_dims, n_input_channels=in_channels,
-            conv1_t_size=7, conv1_t_stride=2, feed_forward=False, bias_downsample=False,
+            block,
+            layers,
+            [64, 128, 256, 512],
+            spatial_dims=spatial_dims,
+            n_input_channels=in_channels,
+            conv1_t_size=7,
+            conv1_t_stride=2,
+            feed_forward=False,
+            bias_downsample=False,
         )
     if spatial_dims != 3 or in_channels != 1:
         raise ValueError(
             f"{name}: MONAI's pretrained ResNets are MedicalNet's 3D single-channel weights, got spatial_dims="
             f"{spatial_dims}, in_channels={in_channels}; for 2D ImageNet weights use efficientnet-lite0"
         )
-    bias_downsample, shortcut = get_medicalnet_pretrained_resnet_args(int(name[len("resnet"):]))
+    bias_downsample, shortcut = get_medicalnet_pretrained_resnet_args(int(name[len("resnet") :]))
     factory = getattr(monai_resnet, name)
     return factory(
-        pretrained=load_weights, spatial_dims=3, n_input_channels=1, feed_forward=False, conv1_t_size=7,
-        conv1_t_stride=2, shortcut_type=shortcut, bias_downsample=bias_downsample,
+        pretrained=load_weights,
+        spatial_dims=3,
+        n_input_channels=1,
+        feed_forward=False,
+        conv1_t_size=7,
+        conv1_t_stride=2,
+        shortcut_type=shortcut,
+        bias_downsample=bias_downsample,
     )
 
 
@@ -122,7 +139,7 @@ def _read_state(path: str) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"pretrained_path {path!r} holds a {type(state).__name__}, not a state dict.")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
 def load_pretrained(module: nn.Module, path: str) -> int:
@@ -147,20 +164,31 @@ def load_pretrained(module: nn.Module, path: str) -> int:
     if isinstance(module, EfficientNetFeatures):  # the MONAI EfficientNet sits under "net."
         state = {f"net.{k}": v for k, v in nest_block_keys(state, module.net).items()}
     clean = {k: v for k, v in state.items() if k in own}
-    wrong = [f"{k} {tuple(v.shape)} (encoder {tuple(own[k].shape)})" for k, v in clean.items()
-             if v.shape != own[k].shape]
+    wrong = [
+        f"{k} {tuple(v.shape)} (encoder {tuple(own[k].shape)})" for k, v in clean.items() if v.shape != own[k].shape
+    ]
     if wrong:
-        raise ValueError(f"pretrained_path {path!r}: {len(wrong)} tensors do not fit the {type(module).__name__} "
-                         f"encoder, e.g. {wrong[:3]}: check image_encoder and its layout.")
+        raise ValueError(
+            f"pretrained_path {path!r}: {len(wrong)} tensors do not fit the {type(module).__name__} "
+            f"encoder, e.g. {wrong[:3]}: check image_encoder and its layout."
+        )
     if not clean:
         raise ValueError(f"pretrained_path {path!r}: no key matches the {type(module).__name__} encoder.")
     missing = [k for k in own if k not in clean]
     unused = [k for k in state if k not in own]
     if missing:
-        warnings.warn(f"pretrained_path {path!r}: loaded {len(clean)} of {len(own)} encoder tensors; "
-                      f"{len(missing)} not in the file, e.g. {missing[:3]}.")
-    logger.info("pretrained_path %s: loaded %d of %d encoder tensors (%d file tensors unused, e.g. %s)",
-                path, len(clean), len(own), len(unused), unused[:2])
+        warnings.warn(
+            f"pretrained_path {path!r}: loaded {len(clean)} of {len(own)} encoder tensors; "
+            f"{len(missing)} not in the file, e.g. {missing[:3]}."
+        )
+    logger.info(
+        "pretrained_path %s: loaded %d of %d encoder tensors (%d file tensors unused, e.g. %s)",
+        path,
+        len(clean),
+        len(own),
+        len(unused),
+        unused[:2],
+    )
     module.load_state_dict(clean, strict=False)
     return len(clean)
 
@@ -189,8 +217,14 @@ class ImageEncoder(nn.Module):
     __jit_ignored_attributes__ = ["feature_cache"]
 
     def __init__(
-        self, image_encoder: str, spatial_dims: int, in_channels: int, feature_dim: int,
-        pretrained_path: str | None = None, pretrained: bool = False, freeze_backbone: bool = False,
+        self,
+        image_encoder: str,
+        spatial_dims: int,
+        in_channels: int,
+        feature_dim: int,
+        pretrained_path: str | None = None,
+        pretrained: bool = False,
+        freeze_backbone: bool = False,
     ) -> None:
         super().__init__()
         pretrained = as_bool(pretrained, "pretrained")
@@ -311,7 +345,12 @@ class MultiModalEncoder(nn.Module):
         self.image_encoders = nn.ModuleList(
             [
                 ImageEncoder(
-                    image_encoder, spatial_dims, image_channels, feature_dim, pretrained_path, pretrained,
+                    image_encoder,
+                    spatial_dims,
+                    image_channels,
+                    feature_dim,
+                    pretrained_path,
+                    pretrained,
                     freeze_backbone,
                 )
                 for _ in range(n_enc)
@@ -326,7 +365,10 @@ class MultiModalEncoder(nn.Module):
         self.num_modalities = image_modalities + (1 if self.tabular_encoder is not None else 0)
 
     def encode(
-        self, image_clean: torch.Tensor, tabular_clean: torch.Tensor | None, cell_mask: torch.Tensor | None,
+        self,
+        image_clean: torch.Tensor,
+        tabular_clean: torch.Tensor | None,
+        cell_mask: torch.Tensor | None,
         present: torch.Tensor,
     ) -> torch.Tensor:
         """Encode NaN-free inputs under an explicit ``present`` mask; missing tokens are 0."""
@@ -353,7 +395,7 @@ class MultiModalEncoder(nn.Module):
         if self.share_image_encoder:
             flat = image_clean.reshape([b * m, c] + list(image_clean.shape[2:]))
             return self.image_encoders[0](flat).reshape(b, m, self.feature_dim)
-        parts = [enc(image_clean[:, i * c:(i + 1) * c]) for i, enc in enumerate(self.image_encoders)]
+        parts = [enc(image_clean[:, i * c : (i + 1) * c]) for i, enc in enumerate(self.image_encoders)]
         return torch.stack(parts, dim=1)
 
     def _encode_images_present(self, image_clean: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -362,10 +404,11 @@ class MultiModalEncoder(nn.Module):
         m, c = self.image_modalities, self.image_channels
         if self.share_image_encoder:
             flat = image_clean.reshape([b * m, c] + list(image_clean.shape[2:]))
-            return _encode_rows(self.image_encoders[0], flat, present[:, :m].reshape(b * m), self.feature_dim,
-                                self.training).reshape(b, m, self.feature_dim)
+            return _encode_rows(
+                self.image_encoders[0], flat, present[:, :m].reshape(b * m), self.feature_dim, self.training
+            ).reshape(b, m, self.feature_dim)
         parts = [
-            _encode_rows(enc, image_clean[:, i * c:(i + 1) * c], present[:, i], self.feature_dim, self.training)
+            _encode_rows(enc, image_clean[:, i * c : (i + 1) * c], present[:, i], self.feature_dim, self.training)
             for i, enc in enumerate(self.image_encoders)
         ]
         return torch.stack(parts, dim=1)

@@ -66,7 +66,7 @@ class FeatureCache:
     def _key(self, row: torch.Tensor) -> str:
         digest = hashlib.blake2b(self.tag.encode(), digest_size=16)
         digest.update(str((tuple(row.shape), str(row.dtype))).encode())
-        digest.update(memoryview(row.contiguous().numpy()).cast("B"))  # no copy of the image
+        digest.update(row.contiguous().numpy().data)  # the array's buffer: no copy of the image
         return digest.hexdigest()
 
     def _lookup(self, key: str) -> torch.Tensor | None:
@@ -97,7 +97,7 @@ class FeatureCache:
             with torch.no_grad():
                 new = backbone(x[todo]).detach().to("cpu", torch.float32)
             for i, feat in zip(todo, new):
-                feats[i] = feat.clone()
-                self._store(keys[i], feats[i])
+                feats[i] = feat = feat.clone()
+                self._store(keys[i], feat)
             self.misses += len(todo)
         return torch.stack(feats).to(x.device)  # type: ignore[arg-type]

@@ -45,7 +45,11 @@ class ModalityMemoryBank(nn.Module):
     """
 
     def __init__(
-        self, num_modalities: int, feature_dim: int = 256, num_slots: int = 64, tau: float = 0.1,
+        self,
+        num_modalities: int,
+        feature_dim: int = 256,
+        num_slots: int = 64,
+        tau: float = 0.1,
         momentum: float = 0.9,
     ) -> None:
         super().__init__()
@@ -117,7 +121,7 @@ def _all_reduce_sum(counts: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Ten
         return counts, sums
     flat = torch.cat([counts.reshape(-1), sums.reshape(-1)])
     dist.all_reduce(flat)
-    return flat[: counts.numel()].view_as(counts), flat[counts.numel():].view_as(sums)
+    return flat[: counts.numel()].view_as(counts), flat[counts.numel() :].view_as(sums)
 
 
 def _broadcast(memory: torch.Tensor, initialized: torch.Tensor) -> None:

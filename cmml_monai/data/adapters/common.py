@@ -150,9 +150,13 @@ def single_table(dataset_dir: str, source: str, what: str = "clinical table", op
         >>> single_table("/data/MEN", "MEN")  # doctest: +SKIP
         '/data/MEN/clinical.csv'
     """
-    found = sorted(f for f in os.listdir(dataset_dir)
-                   if f.lower().endswith(TABLE_SUFFIXES) and os.path.isfile(os.path.join(dataset_dir, f))
-                   and not f.startswith((".", "~$")))  # hidden files and Excel lock files
+    found = sorted(
+        f
+        for f in os.listdir(dataset_dir)
+        if f.lower().endswith(TABLE_SUFFIXES)
+        and os.path.isfile(os.path.join(dataset_dir, f))
+        and not f.startswith((".", "~$"))
+    )  # hidden files and Excel lock files
     if len(found) != 1:
         raise DataError(
             f"{source}: expected exactly one {what} (.csv/.xlsx) at the top of {dataset_dir}, "

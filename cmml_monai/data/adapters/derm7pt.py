@@ -34,10 +34,25 @@ __all__ = [
 
 DERM7PT_CLASSES = ["BCC", "NEV", "MEL", "MISC", "SK"]
 DERM7PT_COLUMNS = [
-    "case_num", "diagnosis", "seven_point_score", "pigment_network", "streaks", "pigmentation",
-    "regression_structures", "dots_and_globules", "blue_whitish_veil", "vascular_structures",
-    "level_of_diagnostic_difficulty", "elevation", "location", "sex", "management", "clinic", "derm",
-    "case_id", "notes",
+    "case_num",
+    "diagnosis",
+    "seven_point_score",
+    "pigment_network",
+    "streaks",
+    "pigmentation",
+    "regression_structures",
+    "dots_and_globules",
+    "blue_whitish_veil",
+    "vascular_structures",
+    "level_of_diagnostic_difficulty",
+    "elevation",
+    "location",
+    "sex",
+    "management",
+    "clinic",
+    "derm",
+    "case_id",
+    "notes",
 ]
 DERM7PT_DEFAULT_TABLE_COLUMNS = ["elevation", "location", "sex"]
 # these columns are decided from (or with) the diagnosis, so they leak the label

@@ -248,8 +248,10 @@ def infer_roles(
             f"dataset_options image_columns to some of {columns}"
         )
     if TABLE_MODALITY in image_columns:
-        raise DataError(f"manifest: {TABLE_MODALITY!r} names the clinical table; map that image column to another "
-                        "modality name, e.g. image_columns {\"scan\": \"table\"}")
+        raise DataError(
+            f"manifest: {TABLE_MODALITY!r} names the clinical table; map that image column to another "
+            'modality name, e.g. image_columns {"scan": "table"}'
+        )
     kinds = {}
     for c in image_columns.values():
         c_kind, _ = _column_kind(df, c, base_dir)
@@ -263,8 +265,10 @@ def infer_roles(
                 "be of one kind: train 2D and 3D modalities as separate datasets"
             )
         if not found:
-            raise DataError(f"manifest: cannot tell whether image columns {list(image_columns.values())} hold 2D "
-                            "images or volumes; set dataset_options image_kind to 'image2d' or 'image3d'")
+            raise DataError(
+                f"manifest: cannot tell whether image columns {list(image_columns.values())} hold 2D "
+                "images or volumes; set dataset_options image_kind to 'image2d' or 'image3d'"
+            )
         kind = found[0]
         inferred.append("image_kind")
     else:
@@ -281,18 +285,31 @@ def infer_roles(
         table_columns = [str(c) for c in table_columns]
         check("table_columns", table_columns)
 
-    roles = {"id_column": [id_column], "label_columns": label_columns, "image_columns": list(image_columns.values()),
-             "table_columns": table_columns, "split_column": [split_column] if split_column else []}
+    roles = {
+        "id_column": [id_column],
+        "label_columns": label_columns,
+        "image_columns": list(image_columns.values()),
+        "table_columns": table_columns,
+        "split_column": [split_column] if split_column else [],
+    }
     seen: dict[str, str] = {}
     for role, cols in roles.items():
         for c in cols:
             if c in seen and seen[c] != role:
-                raise DataError(f"manifest: column {c!r} is given as both {seen[c]} and {role}; give it one role"
-                                + (" (a label column as a feature leaks the label)" if "label_columns" in
-                                   (role, seen[c]) else ""))
+                raise DataError(
+                    f"manifest: column {c!r} is given as both {seen[c]} and {role}; give it one role"
+                    + (" (a label column as a feature leaks the label)" if "label_columns" in (role, seen[c]) else "")
+                )
             seen[c] = role
-    return ManifestRoles(str(id_column), image_columns, table_columns, label_columns,
-                         str(split_column) if split_column else None, kind, inferred)
+    return ManifestRoles(
+        str(id_column),
+        image_columns,
+        table_columns,
+        label_columns,
+        str(split_column) if split_column else None,
+        kind,
+        inferred,
+    )
 
 
 def _class_names(values: Sequence[str], given: Sequence[Any] | None) -> list[str]:
@@ -404,20 +421,31 @@ def load_manifest(
     df = read_table(path, sheet=sheet)
     if df.empty:
         raise DataError(f"{path}: the manifest has no rows")
-    given = {"id_column": id_column, "image_columns": image_columns, "image_kind": image_kind,
-             "table_columns": table_columns, "label_columns": label_columns, "split_column": split_column}
+    given = {
+        "id_column": id_column,
+        "image_columns": image_columns,
+        "image_kind": image_kind,
+        "table_columns": table_columns,
+        "label_columns": label_columns,
+        "split_column": split_column,
+    }
     try:
         roles = infer_roles(df, base_dir, labels, given)
     except DataError as e:
         raise DataError(f"{path}: {str(e).removeprefix('manifest: ')}") from None
     if roles.inferred:  # say what was guessed, so a wrong guess is seen before training
-        logger.info("%s: column roles %s (inferred: %s; set them in dataset_options to fix them)", path,
-                    json.dumps(roles.to_options()), ", ".join(roles.inferred))
+        logger.info(
+            "%s: column roles %s (inferred: %s; set them in dataset_options to fix them)",
+            path,
+            json.dumps(roles.to_options()),
+            ", ".join(roles.inferred),
+        )
     declared = {str(k): str(v) for k, v in dict(table_types or {}).items()}
     bad = {k: v for k, v in declared.items() if k not in roles.table_columns or v not in ("numeric", "categorical")}
     if bad:
-        raise ValueError(f"table_types {bad}: keys must be table columns {roles.table_columns} and values "
-                         "'numeric' or 'categorical'")
+        raise ValueError(
+            f"table_types {bad}: keys must be table columns {roles.table_columns} and values 'numeric' or 'categorical'"
+        )
     multi_label = len(roles.label_columns) > 1
     rows = df.to_dict(orient="records")
     ids = case_ids([row[roles.id_column] for row in rows], path, roles.id_column)
@@ -431,8 +459,10 @@ def load_manifest(
                 label_text[cid] = whole_number_text(value)
         classes = _class_names(list(label_text.values()), class_names)
         if len(classes) < 2:
-            raise DataError(f"{path}: label column {label_col!r} has {len(classes)} class(es) {classes}; "
-                            "at least 2 are needed (or set class_names)")
+            raise DataError(
+                f"{path}: label column {label_col!r} has {len(classes)} class(es) {classes}; "
+                "at least 2 are needed (or set class_names)"
+            )
     elif multi_label:
         classes = list(roles.label_columns)
     else:
@@ -468,25 +498,33 @@ def load_manifest(
                 dropped.append((cid, "label empty"))
                 continue
             elif label_text[cid] not in classes:
-                raise DataError(f"{path}: case {cid}: label {label_text[cid]!r} in column {roles.label_columns[0]!r}"
-                                f" is not one of class_names {classes}")
+                raise DataError(
+                    f"{path}: case {cid}: label {label_text[cid]!r} in column {roles.label_columns[0]!r}"
+                    f" is not one of class_names {classes}"
+                )
             else:
                 case.label = classes.index(label_text[cid])
         if roles.split_column is not None:
             raw = clean_cell(row[roles.split_column])
             name = normalise_split_name(raw) if raw is not None else None
             if name is None and (labels or raw is not None):
-                raise DataError(f"{path}: case {cid}: split {raw!r} in column {roles.split_column!r}; use train, "
-                                "valid or test (or set split_column false to make a split)")
+                raise DataError(
+                    f"{path}: case {cid}: split {raw!r} in column {roles.split_column!r}; use train, "
+                    "valid or test (or set split_column false to make a split)"
+                )
             split_of[cid] = name or ""
         cases.append(case)
     # bad input stops the run here, before anything is trained or written: all such cases named at once
     if absent:
-        raise DataError(f"{path}: {len(absent)} path(s) do not exist, e.g. {absent[0]}; fix them (relative paths "
-                        f"are read from {base_dir}) or empty the cell to mark the modality missing")
+        raise DataError(
+            f"{path}: {len(absent)} path(s) do not exist, e.g. {absent[0]}; fix them (relative paths "
+            f"are read from {base_dir}) or empty the cell to mark the modality missing"
+        )
     if empty:
-        raise DataError(f"{path}: {len(empty)} case(s) have no modality at all (every image and clinical cell "
-                        f"empty), e.g. {empty[:3]}; fill one or remove the row")
+        raise DataError(
+            f"{path}: {len(empty)} case(s) have no modality at all (every image and clinical cell "
+            f"empty), e.g. {empty[:3]}; fill one or remove the row"
+        )
 
     if roles.split_column is not None:
         split = split_of

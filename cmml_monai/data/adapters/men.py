@@ -188,8 +188,9 @@ def load_men(
     else:
         ids = [c.case_id for c in kept]
         fingerprint = case_fingerprint("men", [m.name for m in modalities], ids)
-        split = load_or_make_split(ids, [str(c.label) for c in kept], split_file, split_fractions, split_seed,
-                                   fingerprint, "men")
+        split = load_or_make_split(
+            ids, [str(c.label) for c in kept], split_file, split_fractions, split_seed, fingerprint, "men"
+        )
     for c in kept:
         c.split = split[c.case_id]
     return CaseList(

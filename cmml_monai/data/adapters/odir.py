@@ -45,8 +45,16 @@ ODIR_LABELS = ["N", "D", "G", "C", "A", "H", "M", "O"]
 ODIR_ANNOTATION_FILE = "ODIR-5K_Training_Annotations(Updated)_V2.xlsx"
 ODIR_IMAGE_DIRS = ("ODIR-5K_Training_Dataset", "Training Images")
 ODIR_TABLE_COLUMNS = ["Patient Age", "Patient Sex"]
-_REQUIRED = ["ID", "Patient Age", "Patient Sex", "Left-Fundus", "Right-Fundus",
-             "Left-Diagnostic Keywords", "Right-Diagnostic Keywords", *ODIR_LABELS]
+_REQUIRED = [
+    "ID",
+    "Patient Age",
+    "Patient Sex",
+    "Left-Fundus",
+    "Right-Fundus",
+    "Left-Diagnostic Keywords",
+    "Right-Diagnostic Keywords",
+    *ODIR_LABELS,
+]
 
 
 def load_odir(

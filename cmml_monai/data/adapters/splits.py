@@ -14,17 +14,24 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from cmml_monai.data.cases import SPLITS
-from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.fingerprint import check_fingerprint, resolve_fingerprint_path
+from cmml_monai.data.jsonio import atomic_write_json
 
 __all__ = ["DEFAULT_FRACTIONS", "stratified_split", "load_or_make_split", "normalise_split_name"]
 
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
 _SPLIT_ALIASES = {
-    "train": "train", "training": "train", "tr": "train",
-    "valid": "valid", "val": "valid", "validation": "valid", "dev": "valid",
-    "test": "test", "testing": "test", "te": "test",
+    "train": "train",
+    "training": "train",
+    "tr": "train",
+    "valid": "valid",
+    "val": "valid",
+    "validation": "valid",
+    "dev": "valid",
+    "test": "test",
+    "testing": "test",
+    "te": "test",
 }
 
 
@@ -128,7 +135,12 @@ def load_or_make_split(
         return out
     out = stratified_split(case_ids, keys, fractions, seed)
     if split_file is not None:
-        data = {"seed": seed, "fractions": list(fractions), "dataset": dataset, "fingerprint": fingerprint,
-                "splits": dict(sorted(out.items()))}
+        data = {
+            "seed": seed,
+            "fractions": list(fractions),
+            "dataset": dataset,
+            "fingerprint": fingerprint,
+            "splits": dict(sorted(out.items())),
+        }
         atomic_write_json(split_file, data)
     return out
