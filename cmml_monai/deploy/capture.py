@@ -21,7 +21,7 @@ import torch
 
 from cmml_monai.data.jsonio import atomic_path
 from cmml_monai.deploy.inference import case_explainer
-from cmml_monai.deploy.report import RESEARCH_USE_ONLY
+from cmml_monai.deploy.report import RESEARCH_USE_ONLY, TYPE2_ATTRIBUTES
 from cmml_monai.deploy.study import StudyCase
 from cmml_monai.evaluation.casepage import save_page, write_index
 
@@ -44,19 +44,7 @@ INDEX_NAME = "index.html"
 
 
 #: what the SC takes from the study: its patient and general study modules, nothing of the equipment or staff
-STUDY_KEYWORDS = (
-    "SpecificCharacterSet",
-    "StudyInstanceUID",
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
+STUDY_KEYWORDS = ("SpecificCharacterSet", "StudyInstanceUID", *TYPE2_ATTRIBUTES)
 
 
 def study_attributes(ds: Any) -> Any:
