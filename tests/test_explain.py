@@ -30,6 +30,7 @@ from cmml_monai.data.setup import DatasetInfo, fit_schema
 from cmml_monai.data.synthetic import make_synthetic
 from cmml_monai.deploy import completes_missing, save_description
 from cmml_monai.deploy.__main__ import main
+from cmml_monai.deploy.access import Access
 from cmml_monai.deploy.listener import Listener, PacsNode
 from cmml_monai.deploy.pipeline import StudyPipeline
 from cmml_monai.evaluation.casepage import (
@@ -417,7 +418,8 @@ def test_listener_sends_the_sc_with_the_sr(men_bundle, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     pacs = TwoClassPacs()
     pipeline = StudyPipeline(men_bundle, str(tmp_path / "out"), key="k", explain=True)
-    node = Listener(pipeline, pacs.node, port=free_port(), retries=1, retry_delay=0.1)
+    node = Listener(pipeline, pacs.node, port=free_port(), access=Access(("MODALITY",)), stable_age=0.5,
+                    retry_interval=0.2)
     study = make_study(str(tmp_path / "study"), ("T1c", "T1", "T2", "FLAIR"), patient=PHI)
     node.start()
     try:
