@@ -418,8 +418,9 @@ def test_listener_sends_the_sc_with_the_sr(men_bundle, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     pacs = TwoClassPacs()
     pipeline = StudyPipeline(men_bundle, str(tmp_path / "out"), key="k", explain=True)
-    node = Listener(pipeline, pacs.node, port=free_port(), access=Access(("MODALITY",)), stable_age=0.5,
-                    retry_interval=0.2)
+    node = Listener(
+        pipeline, pacs.node, port=free_port(), access=Access(("MODALITY",)), stable_age=0.5, retry_interval=0.2
+    )
     study = make_study(str(tmp_path / "study"), ("T1c", "T1", "T2", "FLAIR"), patient=PHI)
     node.start()
     try:
