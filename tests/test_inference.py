@@ -399,36 +399,18 @@ def test_multi_label_inference_uses_a_sigmoid_per_label(tmp_path):
         assert rows[case_id]["prediction"] == ";".join(c for c, p in zip(ODIR_LABELS, probs) if p >= 0.5)
 
 
-def test_a_version_1_description_still_loads(trained, tmp_path):
-    """Models described when a method name chose the class (version 1: ``build_network`` and its ``method``)
-    rebuild to the same class and weights; the CMML-only options a baseline dropped are dropped again."""
+def test_a_pre_release_description_is_refused_in_one_line(trained, tmp_path):
+    """A version-1 description (written before this package's first release) is refused, naming the way to write
+    it again; nothing is migrated."""
     served = tmp_path / "v1"
     served.mkdir()
     shutil.copy(os.path.join(trained["models"], "model.pt"), served)
     desc = load_description(trained["models"])
     desc.pop("model_dir")
-    now = desc["network"]["args"]
-    # version 1 wrote the CRTA and memory options flat, beside the method's name
-    args = {
-        "method": "cmml",
-        "num_blocks": now["crta"]["num_blocks"],
-        "memory_slots": now["memory"]["num_slots"],
-        "image_encoder": now["encoder"]["image_encoder"],
-        **{k: v for k, v in now.items() if k not in ("encoder", "crta", "memory", "reference", "alignment")},
-    }
-    v1 = dict(desc, version=1, network={"builder": "cmml_monai.engines.build_network", "args": args})
+    v1 = dict(desc, version=1, network={"builder": "cmml_monai.engines.build_network", "args": {"method": "cmml"}})
     (served / DESCRIPTION_NAME).write_text(json.dumps(v1))
-    old, new = load_network(str(served)), load_network(trained["models"])
-    assert load_description(str(served))["network"]["target"] == "cmml_monai.networks.CMMLNet"
-    for (k, a), (_, b) in zip(old.state_dict().items(), new.state_dict().items()):
-        assert torch.equal(a, b), k
-    baseline = dict(v1, network={**v1["network"], "args": {**args, "method": "zero_fill"}})
-    (served / DESCRIPTION_NAME).write_text(json.dumps(baseline))
-    rebuilt = load_description(str(served))["network"]
-    assert rebuilt["target"] == "cmml_monai.networks.LateFusionNet" and rebuilt["args"]["mode"] == "zero_fill"
-    assert "num_blocks" not in rebuilt["args"] and "crta" not in rebuilt["args"]
-    encoder = {"_target_": "cmml_monai.networks.MultiModalEncoder", "image_encoder": "resnet10"}
-    assert rebuilt["args"]["encoder"] == encoder
+    with pytest.raises(DataError, match=r"description version 1, this package reads 2; write it again: .*describe"):
+        load_network(str(served))
 
 
 def test_a_baseline_is_served_and_completes_nothing(trained, tmp_path):

@@ -409,7 +409,7 @@ def test_script_matches_eager(kwargs):
 
 def test_served_head_follows_the_trained_stage():
     """A fresh (or stage-1-only) CMMLNet serves the stage-1 head; after a stage-2 training step it
-    serves the fusion head. The flag travels with the weights; weights saved without it are stage 2."""
+    serves the fusion head. The flag travels with the weights; weights saved without it are refused."""
     torch.manual_seed(0)
     net = cmml(residual_head=False)
     image, tab = make_batch(all_patterns(3))
@@ -432,7 +432,9 @@ def test_served_head_follows_the_trained_stage():
     state = net.state_dict()
     assert bool(state["stage2_trained"])
     fresh = cmml(residual_head=False)
-    fresh.load_state_dict({k: v for k, v in state.items() if k != "stage2_trained"})
+    with pytest.raises(RuntimeError, match='Missing key.*"stage2_trained"'):
+        fresh.load_state_dict({k: v for k, v in state.items() if k != "stage2_trained"})
+    fresh.load_state_dict(state)
     assert bool(fresh.stage2_trained)
     fresh.load_state_dict({**state, "stage2_trained": torch.tensor(False)})
     assert not bool(fresh.stage2_trained)
@@ -665,9 +667,8 @@ def test_residual_head_starts_stage2_from_the_stage1_prediction():
     # the head layout travels with the weights: loading into the other layout is refused, by name
     with pytest.raises(RuntimeError, match="trained with residual_head=True .* network_def#residual_head true"):
         plain.load_state_dict(net.state_dict())
-    with pytest.raises(RuntimeError, match="residual_head=False"):  # weights from before the option existed
+    with pytest.raises(RuntimeError, match='Missing key.*"residual_head_flag"'):  # the flag travels with the weights
         cmml().load_state_dict({k: v for k, v in plain.state_dict().items() if k != "residual_head_flag"})
-    plain.load_state_dict({k: v for k, v in plain.state_dict().items() if k != "residual_head_flag"})
 
 
 def test_concat_stage1_head_gives_each_modality_slot_its_own_weights():

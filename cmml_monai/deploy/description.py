@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
-import inspect
 import json
 import logging
 import os
@@ -57,31 +56,6 @@ _FORMAT = "cmml-monai network description"
 _DROPPED_ARGS = ("pretrained_path", "pretrained")
 # a description may only name a network class of this package (it is a data file, not code)
 _NETWORKS_PACKAGE = "cmml_monai.networks"
-# version 1 named a method; its class and fixed flags, so models trained then still load
-_V1_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "cmml": ("CMMLNet", {}),
-    "cmml_no_memory": ("CMMLNet", {"use_memory": False}),
-    "cmml_no_context": ("CMMLNet", {"use_context": False}),
-    "cmml_no_stage2": ("CMMLNet", {"use_stage2": False}),
-    "zero_fill": ("LateFusionNet", {"mode": "zero_fill"}),
-    "modality_dropout": ("LateFusionNet", {"mode": "modality_dropout"}),
-    "mean_impute": ("LateFusionNet", {"mode": "mean_impute"}),
-}
-# version 1's flat network options that are now the options of the encoder / crta / memory components
-_V1_COMPONENT_ARGS: dict[str, tuple[str, dict[str, str]]] = {
-    "encoder": (
-        "MultiModalEncoder",
-        {
-            "image_encoder": "image_encoder",
-            "share_image_encoder": "share_image_encoder",
-            "pretrained_path": "pretrained_path",
-            "tabular_layers": "tabular_layers",
-            "encode_present_only": "encode_present_only",
-        },
-    ),
-    "crta": ("CascadedResidualTransformerAE", {"num_blocks": "num_blocks"}),
-    "memory": ("ModalityMemoryBank", {"memory_slots": "num_slots", "memory_tau": "tau", "memory_momentum": "momentum"}),
-}
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -341,17 +315,15 @@ def check_description(desc: Any, source: str) -> dict[str, Any]:
     """
     if not isinstance(desc, dict) or desc.get("format") != _FORMAT:
         raise DataError(f"{source} is not a cmml-monai network description; write it again")
-    if desc.get("version") not in (1, DESCRIPTION_VERSION):
+    if desc.get("version") != DESCRIPTION_VERSION:
         raise DataError(
-            f"{source}: description version {desc.get('version')!r}, this package reads 1 and {DESCRIPTION_VERSION}; "
-            "write it again with this version"
+            f"{source}: description version {desc.get('version')!r}, this package reads {DESCRIPTION_VERSION}; write "
+            "it again: python -m monai.bundle run --config_file \"['configs/train.json','configs/describe.json']\" "
+            "with the run's overrides"
         )
     for key in ("network", "data", "preprocessing"):
         if not isinstance(desc.get(key), dict):
             raise DataError(f"{source}: no {key!r} section; write the description again")
-    if desc["version"] == 1:
-        desc["network"] = _from_version_1(desc["network"], source)
-        desc["version"] = DESCRIPTION_VERSION
     return desc
 
 
@@ -391,24 +363,6 @@ def _component(value: Any) -> Any:
     options = {k: v for k, v in value.items() if k != "_target_"}
     cls = _network_class(value["_target_"])
     return functools.partial(cls, **options) if options else cls
-
-
-def _from_version_1(network: Mapping[str, Any], path: str) -> dict[str, Any]:
-    """A version-1 ``network`` section (a method name and its keyword arguments) in the version-2 shape."""
-    args = dict(network.get("args") or {})
-    method = args.pop("method", "cmml")
-    if method not in _V1_METHODS:
-        raise DataError(f"{path}: unknown method {method!r}; expected one of {list(_V1_METHODS)}")
-    name, fixed = _V1_METHODS[method]
-    cls = _network_class(f"{_NETWORKS_PACKAGE}.{name}")
-    components = _V1_COMPONENT_ARGS if cls is CMMLNet else {"encoder": _V1_COMPONENT_ARGS["encoder"]}
-    for component, (target, renamed) in components.items():
-        options = {new: args.pop(old) for old, new in renamed.items() if old in args}
-        args[component] = {"_target_": f"{_NETWORKS_PACKAGE}.{target}", **options}
-    # version 1 passed the CMML-only options of a shared config to the baselines, which dropped them
-    accepted = inspect.signature(cls).parameters
-    args = {k: v for k, v in args.items() if k in accepted}
-    return {"target": f"{_NETWORKS_PACKAGE}.{name}", "method": method, "args": {**args, **fixed}}
 
 
 def description_schema(desc: Mapping[str, Any]) -> TableSchema | None:

@@ -21,7 +21,6 @@ __all__ = ["latest_checkpoint", "StageCheckpointSaver", "BestCheckpointSaver", "
 logger = logging.getLogger(__name__)
 
 _EPOCH_RE = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
-OPTIONAL_STATE = ("rng",)  # added to the stage checkpoints later: older checkpoints still resume
 
 
 def latest_checkpoint(folder: str) -> str | None:
@@ -309,18 +308,7 @@ class ResumeHandler:
         path = latest_checkpoint(self.checkpoint_dir)
         if path is None:
             return
-        load_dict = self.load_dict
-        saved = set(torch.load(path, map_location="cpu", weights_only=True, mmap=True))  # keys only: no copy
-        older = [k for k in OPTIONAL_STATE if k in load_dict and k not in saved]
-        if older:  # a checkpoint of an earlier version of this package: resume without that state
-            logger.warning(
-                "%s has no %s state (an earlier version wrote it): resumed without it, so the run "
-                "will not match an uninterrupted one exactly",
-                path,
-                ", ".join(older),
-            )
-            load_dict = {k: v for k, v in load_dict.items() if k not in older}
-        CheckpointLoader(load_path=path, load_dict=load_dict, map_location=engine.state.device)(engine)
+        CheckpointLoader(load_path=path, load_dict=self.load_dict, map_location=engine.state.device)(engine)
         self.loaded_from = path
         logger.info("resumed from %s at epoch %d of %s", path, engine.state.epoch, engine.state.max_epochs)
 

@@ -29,6 +29,14 @@ __all__ = ["CMMLNet", "STAGE1_HEADS"]
 STAGE1_HEADS = ("mean", "norm_mean", "concat_mlp")
 
 
+def _refuse_another_head_layout(module: CMMLNet, state_dict: dict, prefix: str, *args: object) -> None:
+    """``load_state_dict`` pre-hook of :class:`CMMLNet`: weights of another head layout are refused by name."""
+    error_msgs = args[-1]  # (local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+    mismatch = module._head_layout_mismatch(state_dict, prefix)
+    if mismatch and isinstance(error_msgs, list):
+        error_msgs.append(mismatch)
+
+
 class CMMLNet(nn.Module):
     """CMML for images (2D or 3D, several modalities) plus an optional clinical table.
 
@@ -255,6 +263,7 @@ class CMMLNet(nn.Module):
         self.register_buffer("stage2_trained", torch.zeros((), dtype=torch.bool))
         # saved with the weights, so weights trained with the other head layout are refused on load
         self.register_buffer("residual_head_flag", torch.tensor(self.residual_head))
+        self.register_load_state_dict_pre_hook(_refuse_another_head_layout)
         if use_stage2:
             self.reference = (
                 reference(feature_dim=feature_dim, num_heads=num_heads, dropout=dropout) if use_context else None
@@ -372,27 +381,11 @@ class CMMLNet(nn.Module):
         completed, _, _ = self.crta(tokens, present, self._crta_context(self._context(tokens, present)))
         return self._stage1_head(completed)
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        # weights saved without these buffers come from full (stage-2) training without residual head
-        key = prefix + "stage2_trained"
-        if key not in state_dict:
-            state_dict[key] = torch.ones((), dtype=torch.bool)
-        mismatch = self._head_layout_mismatch(state_dict, prefix)
-        if mismatch:
-            error_msgs.append(mismatch)
-            return
-        state_dict[prefix + "residual_head_flag"] = torch.tensor(self.residual_head)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
     def _head_layout_mismatch(self, state_dict: dict, prefix: str) -> str:
         """Why weights of another head layout cannot load here ("" when they can).
 
         The stage-1 head layout shows in the state-dict keys; the residual setting is the saved
-        ``residual_head_flag`` (weights without it were trained without a residual head).
+        ``residual_head_flag`` (weights without it are refused as missing that key).
         """
         saved: dict[str, object] = {}
         if prefix + "aux_head.0.weight" in state_dict:
@@ -404,7 +397,8 @@ class CMMLNet(nn.Module):
             saved["instance_context"] = prefix + "context.condition.weight" in state_dict
         if self.use_stage2:
             flag = state_dict.get(prefix + "residual_head_flag")
-            saved["residual_head"] = bool(flag) if flag is not None else False
+            if flag is not None:
+                saved["residual_head"] = bool(flag)
         for name, value in saved.items():
             built = getattr(self, name)
             if value != built:
