@@ -21,7 +21,7 @@ import torch
 
 from cmml_monai.data.jsonio import atomic_path
 from cmml_monai.deploy.inference import case_explainer
-from cmml_monai.deploy.report import RESEARCH_USE_ONLY, TYPE2_ATTRIBUTES
+from cmml_monai.deploy.report import RESEARCH_USE_ONLY, TYPE2_ATTRIBUTES, result_stem
 from cmml_monai.deploy.study import StudyCase
 from cmml_monai.evaluation.casepage import save_page, write_index
 
@@ -154,9 +154,16 @@ class StudyExplainer:
         self.mean, self.std = prep.get("mean"), prep.get("std")
 
     def write(
-        self, case: StudyCase, out_dir: str, model_name: str, model_version: str, series_number: int = SC_SERIES_NUMBER
+        self,
+        case: StudyCase,
+        out_dir: str,
+        model_name: str,
+        model_version: str,
+        series_number: int = SC_SERIES_NUMBER,
+        version: int = 1,
     ) -> tuple[str, str, Any]:
-        """Explain ``case``, write its PNG page and its Secondary Capture; returns both paths and the SC.
+        """Explain ``case``, write its PNG page and its Secondary Capture, named as the SR of that ``version``
+        (:func:`~cmml_monai.deploy.report.result_stem`); returns both paths and the SC.
 
         Raises:
             ValueError: the case uses no series (the SC takes the study's attributes from one of them).
@@ -169,11 +176,12 @@ class StudyExplainer:
         os.makedirs(out_dir, exist_ok=True)
         table = case.clinical if self.explainer.table_name is not None else None
         explanation = self.explainer(case.batch["image"], case.batch.get("tabular"), case.case_id, table)
-        png = os.path.join(out_dir, case.case_id + ".png")
+        stem = os.path.join(out_dir, result_stem(case.case_id, version))
+        png = stem + ".png"
         page = save_page(explanation, png, self.mean, self.std)
         ref = pydicom.dcmread(used[0].files[0], stop_before_pixels=True)
         sc = build_capture(page, ref, model_name, model_version, series_number)
-        sc_path = os.path.join(out_dir, case.case_id + ".sc.dcm")
+        sc_path = stem + ".sc.dcm"
         with atomic_path(sc_path) as tmp:
             sc.save_as(tmp, enforce_file_format=True)
         logger.info("%s: case page (%s maps) %s; SC %s", case.case_id, explanation.method, png, sc_path)

@@ -195,7 +195,9 @@ class StudyPipeline:
         result = predict_case(self.network, self.description, case)
         pages, captures = [], []
         if self.explainer is not None:  # the case page and its SC first, so the SR can reference the SC
-            _, sc_path, sc = self.explainer.write(case, self.out_dir, self.model_name, self.model_version)
+            _, sc_path, sc = self.explainer.write(
+                case, self.out_dir, self.model_name, self.model_version, version=int(version)
+            )
             pages, captures = [sc], [sc_path]
         sr_path, json_path = write_report(
             case,

@@ -306,6 +306,16 @@ def build_sr(
     )
 
 
+def result_stem(case_id: str, version: int = 1) -> str:
+    """The file name stem of a study's results: the case id, and ``.vN`` from its second version on.
+
+    Example:
+        >>> result_stem("c1"), result_stem("c1", 2)
+        ('c1', 'c1.v2')
+    """
+    return case_id + ("" if int(version) == 1 else f".v{int(version)}")
+
+
 def write_report(
     case: StudyCase,
     result: CaseResult,
@@ -331,7 +341,7 @@ def write_report(
         raise ValueError(f"version must be >= 1, got {version!r}")
     sr = build_sr(case, result, model_name, model_version, series_number, previous, pages)
     os.makedirs(out_dir, exist_ok=True)  # only once there is something to write: no empty --out on error
-    stem = os.path.join(out_dir, result.case_id + ("" if int(version) == 1 else f".v{int(version)}"))
+    stem = os.path.join(out_dir, result_stem(result.case_id, version))
     sr_path, json_path = stem + ".sr.dcm", stem + ".json"
     with atomic_path(sr_path) as tmp:
         sr.save_as(tmp, enforce_file_format=True)

@@ -227,7 +227,6 @@ class ImageEncoder(nn.Module):
         freeze_backbone: bool = False,
     ) -> None:
         super().__init__()
-        pretrained = as_bool(pretrained, "pretrained")
         self.backbone, width = build_image_backbone(
             image_encoder, spatial_dims, in_channels, pretrained, load_weights=not pretrained_path
         )
