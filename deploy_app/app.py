@@ -1,5 +1,5 @@
 """CMML multimodal diagnosis as a MONAI Deploy application: a DICOM MR study in, a DICOM Comprehensive SR and
-a JSON out (research use only).
+a JSON out (research use only); on request also the case page (PNG) and its DICOM Secondary Capture.
 
 The SDK's standard command line (``-i`` input, ``-o`` output, ``-m`` model; or the environment variables
 ``HOLOSCAN_INPUT_PATH``, ``HOLOSCAN_OUTPUT_PATH``, ``HOLOSCAN_MODEL_PATH`` that a MONAI Application Package
@@ -17,7 +17,13 @@ comes from the environment, with the meaning of ``python -m cmml_monai.deploy``'
 - ``CMML_IRREGULAR``: ``refuse`` (default) or ``resample``;
 - ``CMML_EACH_STUDY``: ``1`` to process each study of the input folder (default: exactly one);
 - ``CMML_DEVICE``: where the network runs (default ``cuda`` when available, else ``cpu``);
-- ``CMML_VERBOSE``: ``1`` to log the series selection of each case (``--verbose``).
+- ``CMML_VERBOSE``: ``1`` to log the series selection of each case (``--verbose``);
+- ``CMML_EXPLAIN``: ``1`` (or ``gradcam``) to also write the case page ``<case>.png``, its Secondary Capture
+  ``<case>.sc.dcm`` (the study's, its own series, "RESEARCH USE ONLY" burned in, referenced from the SR) and
+  ``index.html`` (``--explain``). The maps are Grad-CAM on the eager network rebuilt from the bundle's
+  ``models/network.json`` and ``models/model.pt`` beside ``model.ts`` (a TorchScript module exposes no encoder
+  layer to hook); ``occlusion``: MONAI's occlusion sensitivity on the served TorchScript module instead (no
+  weights needed, many forward passes: slow). Default ``0``.
 
 Bad input exits with status 2, its last stderr line ``error: ...`` (before it, holoscan logs the failed
 operator); nothing is half-written. No line names a patient: cases are named by their pseudonym.
@@ -43,10 +49,12 @@ from cmml_monai.deploy.study import ClinicalSource
 
 # the app's folder is on sys.path when it runs as a script, as in the SDK's application layout
 from cmml_operators import (
+    CasePageOperator,
     SeriesSelectorOperator,
     SRWriterOperator,
     StudyLoaderOperator,
     TorchScriptInferenceOperator,
+    explained_network,
 )
 
 __all__ = ["CMMLDiagnosisApp", "main"]
@@ -61,8 +69,17 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value or default
 
 
+def _explain_method() -> str | None:
+    """``CMML_EXPLAIN``: None (no page), ``"gradcam"`` or ``"occlusion"``."""
+    value = (_env("CMML_EXPLAIN", "0") or "0").lower()
+    if value in ("0", "false", "no"):
+        return None
+    return "gradcam" if value in _TRUE else value
+
+
 class CMMLDiagnosisApp(Application):
-    """Loader -> series selector -> TorchScript inference -> SR writer, on one study folder.
+    """Loader -> series selector -> TorchScript inference -> (case page, with ``CMML_EXPLAIN``) -> SR writer, on
+    one study folder.
 
     Example:
         >>> CMMLDiagnosisApp().run()  # reads -i/-o/-m from sys.argv  # doctest: +SKIP
@@ -104,8 +121,22 @@ class CMMLDiagnosisApp(Application):
         )
         self.add_flow(loader, selector, {("studies", "studies")})
         self.add_flow(selector, inference, {("cases", "cases")})
-        self.add_flow(inference, writer, {("results", "results")})
-        logger.info("served model: %s %s on %s", name, version, device)
+        method = _explain_method()
+        if method is None:
+            self.add_flow(inference, writer, {("results", "results")})
+        else:  # the page and its SC before the SR, which references the SC
+            pages = CasePageOperator(
+                self,
+                network=explained_network(network, description, method, device),
+                description=description,
+                output_folder=str(context.output_path),
+                model_name=name,
+                model_version=version,
+                name="case_page",
+            )
+            self.add_flow(inference, pages, {("results", "results")})
+            self.add_flow(pages, writer, {("results", "results")})
+        logger.info("served model: %s %s on %s%s", name, version, device, f"; case pages: {method}" if method else "")
 
 
 def _run(argv: Sequence[str] | None) -> str | None:

@@ -4,7 +4,9 @@
 Each operator passes plain Python objects downstream (the SDK's ports carry any object)::
 
     StudyLoaderOperator  --studies-->  SeriesSelectorOperator  --cases-->  TorchScriptInferenceOperator
-        --results-->  SRWriterOperator  (writes <out>/<case>.sr.dcm and <out>/<case>.json)
+        --results-->  [CasePageOperator  --results-->]  SRWriterOperator
+    (writes <out>/<case>.sr.dcm and <out>/<case>.json; with the case page operator first <out>/<case>.png,
+    <out>/<case>.sc.dcm, referenced from the SR, and <out>/index.html)
 
 The SDK's own operators are not used: its DICOMDataLoaderOperator yields the SDK's DICOMStudy objects, not
 the files per series that :func:`cmml_monai.deploy.study.study_case` reads; its series selector has no
@@ -20,17 +22,33 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
+from cmml_monai.data.errors import DataError
+from cmml_monai.deploy.capture import SC_SERIES_NUMBER, StudyExplainer, update_index
+from cmml_monai.deploy.description import WEIGHTS_NAME, file_sha256, load_network
 from cmml_monai.deploy.pipeline import case_name, load_studies
 from cmml_monai.deploy.report import SR_SERIES_NUMBER, CaseResult, predict_case, write_report
 from cmml_monai.deploy.study import IRREGULAR, ClinicalSource, SeriesRules, StudyCase, study_case
 
-__all__ = ["StudyLoaderOperator", "SeriesSelectorOperator", "TorchScriptInferenceOperator", "SRWriterOperator"]
+__all__ = [
+    "StudyLoaderOperator",
+    "SeriesSelectorOperator",
+    "TorchScriptInferenceOperator",
+    "CasePageOperator",
+    "SRWriterOperator",
+    "EXPLAIN_CHOICES",
+    "explained_network",
+]
+
+#: ``CMML_EXPLAIN``'s values that write the case page: Grad-CAM on the rebuilt eager network, or occlusion
+#: on the served TorchScript module
+EXPLAIN_CHOICES = ("gradcam", "occlusion")
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +168,108 @@ class TorchScriptInferenceOperator(Operator):
         op_output.emit(results, "results")
 
 
+def explained_network(
+    served: torch.nn.Module, description: Mapping[str, Any], method: str, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """The network the case page's maps are computed on.
+
+    ``"gradcam"``: the eager network rebuilt from the bundle's ``models/network.json`` and ``models/model.pt``
+    beside ``model.ts`` (:func:`~cmml_monai.deploy.description.load_network`, as the CLI and the listener serve
+    it): MONAI's Grad-CAM hooks the image encoders' last stage, which a TorchScript module does not expose; one
+    forward and one backward pass per case. The weights must be the file ``model.ts`` was exported from (its
+    embedded ``weights_sha256``), so the maps explain the network that answered. ``"occlusion"``: the served
+    TorchScript module itself, explained as a black box by MONAI's ``OcclusionSensitivity`` (no weights
+    needed; many forward passes: about 50 s per 2D case on 2 CPU cores, see ``docs/explain.md``).
+
+    Raises:
+        ValueError: ``method`` is not one of :data:`EXPLAIN_CHOICES`.
+        DataError: ``"gradcam"`` without the weights beside ``model.ts``, or weights of another export.
+
+    Example:
+        >>> ts, desc = load_torchscript("bundle/men_cmml")  # doctest: +SKIP
+        >>> explained_network(ts, desc, "gradcam").training
+        False
+    """
+    if method not in EXPLAIN_CHOICES:
+        raise ValueError(f"CMML_EXPLAIN must be 1 or one of {EXPLAIN_CHOICES}, got {method!r}")
+    if method == "occlusion":
+        return served
+    weights = os.path.join(description["model_dir"], WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise DataError(
+            f"{description['model_dir']}: no {WEIGHTS_NAME} beside model.ts, which Grad-CAM's eager network needs; "
+            "serve the packaged bundle (scripts/package_bundle.py) or set CMML_EXPLAIN=occlusion (slow)"
+        )
+    if file_sha256(weights) != description.get("weights_sha256"):
+        raise DataError(
+            f"{weights} is not the file model.ts was exported from (weights_sha256 differs); "
+            "package the bundle again (scripts/package_bundle.py)"
+        )
+    return load_network(description["model_dir"], device=device)
+
+
+class CasePageOperator(Operator):
+    """Writes each case's page ``<output_folder>/<case>.png`` and its DICOM Secondary Capture
+    ``<case>.sc.dcm`` (:class:`~cmml_monai.deploy.capture.StudyExplainer`: same study, own series,
+    "RESEARCH USE ONLY" burned in), and passes the results on with the SC (``results``: a list of
+    ``(StudyCase, CaseResult, SC dataset)``) so that the SR references it.
+
+    Args:
+        fragment: the application.
+        network: the network the maps are computed on (:func:`explained_network`).
+        description: the served model's description.
+        output_folder: where the files go (created).
+        model_name: the model name in the SC.
+        model_version: the model version in the SC.
+        series_number: SeriesNumber of the SC series.
+
+    Example:
+        >>> pages = CasePageOperator(app, network=explained_network(ts, desc, "gradcam"), description=desc,
+        ...                          output_folder="out", model_name=name, model_version=version,
+        ...                          name="case_page")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args: Any,
+        network: torch.nn.Module,
+        description: Mapping[str, Any],
+        output_folder: str,
+        model_name: str,
+        model_version: str,
+        series_number: int = SC_SERIES_NUMBER,
+        **kwargs: Any,
+    ) -> None:
+        self.explainer = StudyExplainer(network, description)
+        self.output_folder = os.fspath(output_folder)
+        self.model_name = model_name
+        self.model_version = model_version
+        self.series_number = int(series_number)
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("results")
+        spec.output("results")
+
+    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        results: Sequence[tuple[StudyCase, CaseResult]] = op_input.receive("results")
+        paged = []
+        for case, result in results:
+            start = time.perf_counter()
+            _, _, sc = self.explainer.write(
+                case, self.output_folder, self.model_name, self.model_version, self.series_number
+            )
+            logger.info("%s: case page and SC in %.2f s", case.case_id, time.perf_counter() - start)
+            paged.append((case, result, sc))
+        op_output.emit(paged, "results")
+
+
 class SRWriterOperator(Operator):
     """Writes each result as ``<output_folder>/<case>.sr.dcm`` (DICOM Comprehensive SR filed with the study)
-    and ``<output_folder>/<case>.json`` (:func:`~cmml_monai.deploy.report.write_report`).
+    and ``<output_folder>/<case>.json`` (:func:`~cmml_monai.deploy.report.write_report`); a result that comes
+    with its case page's SC (:class:`CasePageOperator`) gets it referenced from the SR, and ``index.html`` lists
+    the folder's pages.
 
     Args:
         fragment: the application.
@@ -186,6 +303,11 @@ class SRWriterOperator(Operator):
         spec.input("results")
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        results: Sequence[tuple[StudyCase, CaseResult]] = op_input.receive("results")
-        for case, result in results:
-            write_report(case, result, self.output_folder, self.model_name, self.model_version, self.series_number)
+        # (case, result), or (case, result, SC) after the case page operator: the SR references the SC
+        results: Sequence[tuple[Any, ...]] = op_input.receive("results")
+        for case, result, *pages in results:
+            write_report(
+                case, result, self.output_folder, self.model_name, self.model_version, self.series_number, pages=pages
+            )
+        if any(len(item) > 2 for item in results):
+            update_index(self.output_folder)

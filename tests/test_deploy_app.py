@@ -7,7 +7,9 @@ the same :func:`~cmml_monai.deploy.report.predict_case` the application's infere
 holoscan, tritonclient and cupy; with cmml-monai's dependencies the venv is about 3.7 GB), run as the SDK's
 command line on a study with all sequences (patient attributes holding a PHI marker) and on one with a
 sequence missing. Its SR and JSON must equal ``python -m cmml_monai.deploy``'s on the same study, and the
-marker must stay in the SR.
+marker must stay in the SR. With ``CMML_EXPLAIN`` (issue #32) it also writes the case page and its Secondary
+Capture: the SC is in the study, its pixels are the PNG's (and the CLI's page), the SR references it, and the
+marker is in the DICOM files only; Grad-CAM needs the weights beside ``model.ts``, occlusion does not.
 
 The environment is built once under ``$CMML_DEPLOY_VENV_CACHE`` (default ``~/.cache/cmml-monai/deploy-venv``),
 in a folder named by a hash of what it installs (``deploy_app/requirements.txt``, cmml-monai's
@@ -27,9 +29,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pydicom
 import pytest
 import torch
+from PIL import Image
+from pydicom.uid import SecondaryCaptureImageStorage
 
 from cmml_monai.data.errors import DataError
 from cmml_monai.deploy import load_description, load_network, study_case
@@ -37,6 +42,7 @@ from cmml_monai.deploy.export import load_torchscript, resolve_torchscript
 from cmml_monai.deploy.package import package_bundle
 from cmml_monai.deploy.report import predict_case, read_sr_result
 from cmml_monai.deploy.study import load_study
+from cmml_monai.evaluation.casepage import PAGE_SIZE, read_page
 
 from pacs_helpers import MARKER, MARKER_DATE, PHI, ROOT, make_study, trained_men_bundle
 
@@ -149,11 +155,11 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_app(venv: str, study: str, out: str, model: str, cwd: str) -> subprocess.CompletedProcess:
+def run_app(venv: str, study: str, out: str, model: str, cwd: str, **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [_venv_python(venv), APP, "-i", study, "-o", out, "-m", model],
         cwd=cwd,
-        env=_env(CMML_PSEUDONYM_KEY="k", CMML_DEVICE="cpu", CMML_VERBOSE="1"),
+        env=_env(CMML_PSEUDONYM_KEY="k", CMML_DEVICE="cpu", CMML_VERBOSE="1", **extra),
         capture_output=True,
         text=True,
         timeout=600,
@@ -231,3 +237,86 @@ def test_app_in_its_own_venv_matches_the_cli(bundle, tmp_path):
     assert last.startswith("error: ") and f"{tmp_path / 'empty'}: no TorchScript model" in last
     assert os.listdir(tmp_path / "app_bad") == []
     print(f"total {time.monotonic() - start:.0f} s")
+
+
+#: the attributes highdicom copies from the study into the SC (the marker may sit there, nowhere else)
+STUDY_ATTRIBUTES = {
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+}
+
+
+def _check_page_and_sc(out, study_uid: str) -> tuple[str, pydicom.Dataset]:
+    """The case's PNG and SC in ``out``: the SC in the study, its pixels the PNG's, referenced from the SR."""
+    (sr_name,) = [f for f in os.listdir(out) if f.endswith(".sr.dcm")]
+    stem = sr_name[: -len(".sr.dcm")]
+    assert sorted(os.listdir(out)) == sorted(f"{stem}{ext}" for ext in (".sr.dcm", ".json", ".png", ".sc.dcm")) + [
+        "index.html"
+    ]
+    sr, sc = pydicom.dcmread(out / sr_name), pydicom.dcmread(out / f"{stem}.sc.dcm")
+    assert sc.SOPClassUID == SecondaryCaptureImageStorage and sc.StudyInstanceUID == sr.StudyInstanceUID == study_uid
+    assert sc.SeriesInstanceUID != sr.SeriesInstanceUID and sc.BurnedInAnnotation == "YES"
+    assert "RESEARCH USE ONLY" in sc.ImageComments
+    png = str(out / f"{stem}.png")
+    with Image.open(png) as im:
+        assert im.size == PAGE_SIZE and not getattr(im, "text", {})
+    assert np.array_equal(sc.pixel_array, read_page(png))
+    refs = [item for item in sr.ContentSequence if item.ValueType == "IMAGE"]
+    assert [r.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for r in refs] == [sc.SOPInstanceUID]
+    assert f'href="{stem}.png"' in (out / "index.html").read_text(encoding="utf-8")
+    return png, sc
+
+
+@pytest.mark.slow
+def test_app_explain_writes_the_page_and_its_sc(bundle, tmp_path):
+    venv = deploy_venv()
+    study = make_study(str(tmp_path / "full"), ("T1c", "T1", "T2", "FLAIR"), patient=PHI)
+    out_app, out_cli = tmp_path / "app", tmp_path / "cli"
+    t0 = time.monotonic()
+    proc = run_app(venv, study["folder"], str(out_app), bundle, str(tmp_path), CMML_EXPLAIN="1")
+    print(f"app with CMML_EXPLAIN=1: {time.monotonic() - t0:.1f} s")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "case pages: gradcam" in log and "case page (Grad-CAM maps)" in log
+    print([line for line in log.splitlines() if "case page and SC in" in line])
+    png, sc = _check_page_and_sc(out_app, study["uid"])
+    # the marker sits only in the SC's attributes copied from the study, and in the SR: not in the PNG, the
+    # JSON, the index, nor the logs
+    with_marker = {e.keyword for e in sc.iterall() if MARKER in str(e.value) or MARKER_DATE in str(e.value)}
+    assert with_marker and with_marker <= STUDY_ATTRIBUTES, with_marker
+    for path in out_app.iterdir():
+        data = path.read_bytes()
+        assert (MARKER.encode() in data or MARKER_DATE.encode() in data) == path.name.endswith(".dcm"), path.name
+    assert MARKER not in log and MARKER_DATE not in log
+    # the same page as python -m cmml_monai.deploy --explain: the same eager network, maps and drawing
+    cli = subprocess.run(
+        [sys.executable, "-m", "cmml_monai.deploy", study["folder"], "--bundle", bundle, "--out", str(out_cli)]
+        + ["--explain"],
+        env=_env(CMML_PSEUDONYM_KEY="k"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert np.array_equal(read_page(png), read_page(str(out_cli / os.path.basename(png))))
+    # model.ts alone: no weights for Grad-CAM's eager network, refused while the graph is built ...
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(os.path.join(bundle, "models", "model.ts"), lone / "model.ts")
+    proc = run_app(venv, study["folder"], str(tmp_path / "app_bad"), str(lone), str(tmp_path), CMML_EXPLAIN="1")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"{lone}: no model.pt beside model.ts" in last and "occlusion" in last
+    assert not (tmp_path / "app_bad").exists() or os.listdir(tmp_path / "app_bad") == []
+    # ... while occlusion explains the TorchScript module itself
+    missing = make_study(str(tmp_path / "missing"), ("T1c", "T2", "FLAIR"))
+    proc = run_app(
+        venv, missing["folder"], str(tmp_path / "app_occ"), str(lone), str(tmp_path), CMML_EXPLAIN="occlusion"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "case page (occlusion maps)" in proc.stdout + proc.stderr
+    _check_page_and_sc(tmp_path / "app_occ", missing["uid"])

@@ -12,6 +12,11 @@ A tiny run (synthetic Derm7pt, 32 px, 1 + 1 epochs) is packaged; inside the venv
 ``BundleInferTask(bundle, type="classification", add_post_restore=False)`` answers one image-only request
 (a dermoscopy JPEG); its class names and probabilities must equal the packaged ``configs/inference.json``
 run on the same case (a manifest row with only that image).
+
+Issue #32: MONAI Label's infer protocol carries a result file beside the JSON, so
+:class:`~cmml_monai.deploy.label_task.CasePageInferTask` answers with the case page's PNG: same scores as the
+plain task, the page's probabilities equal to them, the page identical whatever the image file is called (the
+file name, often a patient or accession number in a datastore, never reaches it), no text chunk in the PNG.
 """
 
 from __future__ import annotations
@@ -23,9 +28,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from cmml_monai.evaluation.casepage import PAGE_SIZE, read_page
 
 from bundle_helpers import train_tiny_derm7pt
+from pacs_helpers import MARKER as PHI_MARKER
 
 pytestmark = pytest.mark.slow
 
@@ -173,3 +183,58 @@ def test_monai_label_bundle_infer_task_answers_an_image_only_request(label_venv,
     for name, prob in ours.items():
         assert label_probs[name.lower()] == pytest.approx(prob, abs=1e-5)
     assert abs(sum(label_probs.values()) - 1.0) < 1e-5
+
+
+PAGE_CHECK = """
+import json, sys, time
+from cmml_monai.deploy.label_task import CasePageInferTask
+bundle, modality, *images = sys.argv[1:]
+task = CasePageInferTask(bundle)
+assert task.is_valid(), "BundleInferTask did not accept the bundle"
+for image in images:
+    start = time.perf_counter()
+    png, result = task({"image": image, "modality": modality, "device": "cpu"})
+    print("PAGE " + json.dumps({"png": png, "result": result, "seconds": time.perf_counter() - start}))
+png, result = task({"image": images[0], "modality": modality, "device": "cpu", "case_page": False})
+print("NOPAGE " + json.dumps({"png": png, "keys": sorted(result)}))
+"""
+
+
+def test_monai_label_answers_with_the_case_page(label_venv, bundle, tmp_path):
+    script = tmp_path / "check_page.py"
+    script.write_text(PAGE_CHECK)
+    # the same image under a plain name and under a name holding the PHI marker
+    plain, marked = tmp_path / "image.jpg", tmp_path / f"{PHI_MARKER}.jpg"
+    for path in (plain, marked):
+        path.write_bytes(open(bundle["image"], "rb").read())
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [label_venv, str(script), bundle["bundle"], "derm", str(plain), str(marked)],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    answers = [json.loads(x[len("PAGE ") :]) for x in done.stdout.splitlines() if x.startswith("PAGE ")]
+    print("page per request (s):", [round(a["seconds"], 2) for a in answers])
+    ours = _inference_json(bundle, bundle["image"])
+    pages = []
+    for answer in answers:
+        result = answer["result"]
+        scores = {p["label"]: p["score"] for p in result["prediction"]}
+        for name, prob in ours.items():
+            assert scores[name.lower()] == pytest.approx(prob, abs=1e-5)
+        assert result["case_page"]["maps"] == "Grad-CAM" and result["case_page"]["research_use_only"] is True
+        assert result["case_page"]["explained_class"].lower() == max(scores, key=scores.get)
+        assert result["case_page"]["completed"] == ["clinic", "table"]
+        assert PHI_MARKER not in json.dumps(result)
+        with Image.open(answer["png"]) as im:
+            assert im.size == PAGE_SIZE and im.format == "PNG" and not getattr(im, "text", {})
+        pages.append(read_page(answer["png"]))
+    # the file name does not reach the page: the two requests draw the same pixels
+    assert len(pages) == 2 and np.array_equal(pages[0], pages[1])
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("NOPAGE ")]
+    nopage = json.loads(line[len("NOPAGE ") :])
+    assert nopage["png"] is None and "case_page" not in nopage["keys"] and "prediction" in nopage["keys"]
