@@ -318,5 +318,7 @@ def test_app_explain_writes_the_page_and_its_sc(bundle, tmp_path):
         venv, missing["folder"], str(tmp_path / "app_occ"), str(lone), str(tmp_path), CMML_EXPLAIN="occlusion"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "case page (occlusion maps)" in proc.stdout + proc.stderr
+    log = proc.stdout + proc.stderr
+    assert "case page (occlusion maps)" in log
+    print([line for line in log.splitlines() if "case page and SC in" in line])
     _check_page_and_sc(tmp_path / "app_occ", missing["uid"])

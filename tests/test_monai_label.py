@@ -233,6 +233,7 @@ def test_monai_label_answers_with_the_case_page(label_venv, bundle, tmp_path):
         with Image.open(answer["png"]) as im:
             assert im.size == PAGE_SIZE and im.format == "PNG" and not getattr(im, "text", {})
         pages.append(read_page(answer["png"]))
+        os.remove(answer["png"])  # a temporary file, as the server deletes it once sent
     # the file name does not reach the page: the two requests draw the same pixels
     assert len(pages) == 2 and np.array_equal(pages[0], pages[1])
     (line,) = [x for x in done.stdout.splitlines() if x.startswith("NOPAGE ")]
