@@ -33,8 +33,8 @@ from monai.data import Dataset, PersistentDataset
 from monai.transforms import Compose, RandomizableTrait, Transform
 from monai.utils import optional_import
 
+from cmml_monai.data.caching import CaseCacheDataset, unwrap_data_error
 from cmml_monai.data.cases import CaseList
-from cmml_monai.data.dataset import CaseCacheDataset, _unwrap_data_error
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.utils import as_bool
@@ -158,7 +158,7 @@ def _run_checks(
         try:
             check(index)
         except Exception as err:
-            found = _unwrap_data_error(err)
+            found = unwrap_data_error(err)
             if not isinstance(found, DataError):
                 raise
             return split, index, found
@@ -189,7 +189,7 @@ def _diagnose(
     try:
         run(base)
     except Exception as err:  # the case itself (label, table) is bad: no modality to blame
-        found = _unwrap_data_error(err)
+        found = unwrap_data_error(err)
         if not isinstance(found, DataError):
             raise
         return [PreflightProblem(split, case, None, None, str(found))]
@@ -198,7 +198,7 @@ def _diagnose(
         try:
             run({**base, key: item[key]})
         except Exception as err:
-            found = _unwrap_data_error(err)
+            found = unwrap_data_error(err)
             if not isinstance(found, DataError):
                 raise
             out.append(PreflightProblem(split, case, key, str(item[key]), str(found)))
