@@ -188,31 +188,9 @@ class CaseCacheDataset(_PlainErrors, CacheDataset):
         super().set_data(data)
         self.transform.deferring = self.defer_errors
         try:
-            self._fill(range(self.cache_num))
+            _fill(self, range(self.cache_num))
         finally:
             self.transform.deferring = False
-
-    @contextmanager
-    def _filling(self) -> Iterator[None]:
-        """Items read in this block are only computed into the cache (no random transform, no copy)."""
-        copy_cache, self.copy_cache = self.copy_cache, False
-        self.transform.filling = True
-        try:
-            yield
-        finally:
-            self.transform.filling, self.copy_cache = False, copy_cache
-
-    def _fill(self, indices: Sequence[int]) -> None:
-        """Compute the cache entries ``indices`` in a thread pool; record (deferring) or raise a bad item's error."""
-        if not indices:
-            return
-        with self._filling(), _plain_errors(), ThreadPool(self.num_workers) as pool:
-            results = pool.imap(super().__getitem__, indices)
-            if self.progress and has_tqdm:
-                results = tqdm(results, total=len(indices), desc="Loading dataset")
-            for index, item in zip(indices, results):
-                if isinstance(item, _LoadFailure):
-                    self.load_errors[index] = item.error
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, (slice, Sequence)):  # a Subset, whose items come back through here
@@ -236,7 +214,7 @@ class CaseCacheDataset(_PlainErrors, CacheDataset):
         self.load_errors.pop(index, None)
         if index < self.cache_num:
             self.runtime_cache[index] = None
-            self._fill([index])
+            _fill(self, [index])
 
 
 def _path_stats(path: str) -> Any:
@@ -317,3 +295,28 @@ def check_disk(folder: str, cache_max_gb: float | None, item_bytes: int, n: int,
             f"the persistent cache of split {split} needs about {need_gb:.2f} GB ({n} items) but {existing} has "
             f"{free_gb:.2f} GB free: free space, set --cache_dir elsewhere, or use --cache cache or --cache none"
         )
+
+
+@contextmanager
+def _filling(ds: CaseCacheDataset) -> Iterator[None]:
+    """Items of ``ds`` read in this block are only computed into its cache (no random transform, no copy)."""
+    copy_cache, ds.copy_cache = ds.copy_cache, False
+    ds.transform.filling = True
+    try:
+        yield
+    finally:
+        ds.transform.filling, ds.copy_cache = False, copy_cache
+
+
+def _fill(ds: CaseCacheDataset, indices: Sequence[int]) -> None:
+    """Compute the cache entries ``indices`` of ``ds`` in a thread pool (MONAI computes an entry that is None
+    when its index is read); record (while deferring) or raise a bad item's error."""
+    if not indices:
+        return
+    with _filling(ds), _plain_errors(), ThreadPool(ds.num_workers) as pool:
+        results = pool.imap(super(CaseCacheDataset, ds).__getitem__, indices)
+        if ds.progress and has_tqdm:
+            results = tqdm(results, total=len(indices), desc="Loading dataset")
+        for index, item in zip(indices, results):
+            if isinstance(item, _LoadFailure):
+                ds.load_errors[index] = item.error

@@ -195,9 +195,7 @@ def build_dataset(
         pixdim: 3D target spacing in mm (``None``: native spacing).
         cache: ``"none"`` (decode every access), ``"cache"`` (``CacheDataset`` in memory) or
             ``"persistent"`` (``PersistentDataset`` under ``cache_dir``).
-        cache_dir: folder of the persistent cache; a sub-folder named by a hash of the preprocessing
-            settings and table schema is used, so changing them never reuses stale items, and each
-            item's key covers its files' size and modification time (:func:`hash_with_file_stats`).
+        cache_dir: folder of the persistent cache (a sub-folder per preprocessing settings and schema).
         cache_rate: fraction of items cached by ``"cache"``.
         num_workers: threads used to fill the ``"cache"`` cache.
         reader: DICOM reader, ``"itk"`` or ``"pydicom"``.
@@ -208,16 +206,11 @@ def build_dataset(
         augment: a random transform run on each packed item after the cache (training only; e.g.
             :func:`cmml_monai.data.augmentation.build_augmentation`); ``None`` for none.
         defer_errors: ``"cache"`` only: record bad items in ``dataset.load_errors`` while the cache fills
-            instead of raising the first, for :func:`cmml_monai.data.preflight.run_preflight` to list them all.
-        cache_max_gb: bound of the split's cache, in GB (``None``: unbounded). ``"cache"`` keeps at most
-            as many items in memory as fit (the rest are decoded at each access, said in the log);
-            ``"persistent"`` refuses, before anything is written, a cache that would exceed it or the
-            free space of ``cache_dir``. Items are sized from their shape (channels x spatial size,
-            float32, plus the table), which every item shares after preprocessing.
+            instead of raising the first (for :func:`cmml_monai.data.preflight.run_preflight`).
+        cache_max_gb: bound of the split's cache, in GB (``None``: unbounded); see docs/datasets.md.
 
     Returns:
-        a ``monai.data.Dataset``, ``CacheDataset`` or ``PersistentDataset`` (subclasses that raise a
-        bad file's ``DataError`` as itself rather than wrapped in MONAI's ``RuntimeError``).
+        a :class:`~cmml_monai.data.caching.CaseDataset`, ``CaseCacheDataset`` or ``CasePersistentDataset``.
 
     Example:
         >>> ds = build_dataset(cases, "train", schema, spatial_size=(224, 224), cache="cache")  # doctest: +SKIP
@@ -249,8 +242,14 @@ def build_dataset(
     if cache_dir is None:
         raise ValueError("cache='persistent' needs cache_dir (a folder for the preprocessed items)")
     settings = _cache_settings(case_list, spatial_size, pixdim, reader, series, mean, std, with_label)
-    key = settings_fingerprint(settings, schema if case_list.has_table else None)
-    folder = os.path.join(os.fspath(cache_dir), key)
+    folder = os.path.join(os.fspath(cache_dir), settings_fingerprint(settings, schema if case_list.has_table else None))
+    return _persistent_dataset(data, transform, folder, cache_max_gb, item_bytes, split)
+
+
+def _persistent_dataset(
+    data: list[dict[str, Any]], transform: Compose, folder: str, cache_max_gb: float | None, item_bytes: int, split: Any
+) -> CasePersistentDataset:
+    """The persistent dataset of ``data`` cached in ``folder``, refused first when it would not fit."""
     check_disk(folder, cache_max_gb, item_bytes, len(data), split)
     os.makedirs(folder, exist_ok=True)
     return CasePersistentDataset(data, transform, cache_dir=folder, hash_func=hash_with_file_stats)

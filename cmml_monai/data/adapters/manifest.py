@@ -188,14 +188,8 @@ def load_manifest(
     df = read_table(path, sheet=sheet)
     if df.empty:
         raise DataError(f"{path}: the manifest has no rows")
-    given = {
-        "id_column": id_column,
-        "image_columns": image_columns,
-        "image_kind": image_kind,
-        "table_columns": table_columns,
-        "label_columns": label_columns,
-        "split_column": split_column,
-    }
+    given = dict(id_column=id_column, image_columns=image_columns, image_kind=image_kind)
+    given.update(table_columns=table_columns, label_columns=label_columns, split_column=split_column)
     roles = _logged_roles(df, path, base_dir, labels, given)
     declared = _declared_types(table_types, roles)
     rows = df.to_dict(orient="records")
@@ -207,10 +201,7 @@ def load_manifest(
         read.add(cid, row)
     read.check()
     multi_label = len(roles.label_columns) > 1
-    made = (split_file, split_fractions, split_seed)
-    split = _splits(read, labels, multi_label, [m.name for m in modalities], *made)
-    for c in read.cases:
-        c.split = split[c.case_id]
+    _set_splits(read, labels, multi_label, [m.name for m in modalities], split_file, split_fractions, split_seed)
     return CaseList(
         name=MANIFEST_NAME,
         modalities=modalities,
@@ -373,7 +364,7 @@ class _ManifestRows:
             )
 
 
-def _splits(
+def _set_splits(
     read: _ManifestRows,
     labels: bool,
     multi_label: bool,
@@ -381,12 +372,27 @@ def _splits(
     split_file: str | os.PathLike | None,
     split_fractions: Sequence[float],
     split_seed: int,
-) -> dict[str, str]:
-    """Case id -> split: the split column's, ``""`` for new cases without labels, else a made split."""
+) -> None:
+    """Set each case's split: the split column's, ``""`` for new cases without labels, else a made split."""
     if read.roles.split_column is not None:
-        return read.split_of
-    if not labels:
-        return {c.case_id: "" for c in read.cases}
+        split = read.split_of
+    elif not labels:
+        split = {c.case_id: "" for c in read.cases}
+    else:
+        split = _made_split(read, multi_label, modality_names, split_file, split_fractions, split_seed)
+    for c in read.cases:
+        c.split = split[c.case_id]
+
+
+def _made_split(
+    read: _ManifestRows,
+    multi_label: bool,
+    modality_names: list[str],
+    split_file: str | os.PathLike | None,
+    split_fractions: Sequence[float],
+    split_seed: int,
+) -> dict[str, str]:
+    """The seeded, label-stratified split of the kept cases (reused from ``split_file`` when it matches)."""
     kept_ids = [c.case_id for c in read.cases]
     fingerprint = case_fingerprint(MANIFEST_NAME, modality_names, kept_ids)
     keys = ["".join(map(str, c.label)) if multi_label else str(c.label) for c in read.cases]  # type: ignore[arg-type]
