@@ -1,5 +1,5 @@
-"""The datasets behind ``build_dataset``: MONAI's ``Dataset``, ``CacheDataset`` and ``PersistentDataset`` whose
-data errors surface as one-line ``DataError``s, and the keys and size bounds of their caches.
+"""The datasets behind ``build_dataset``: MONAI's ``Dataset``, ``CacheDataset`` and ``PersistentDataset``
+whose data errors surface as one-line ``DataError`` exceptions, and the keys and size bounds of their caches.
 
 Example:
     >>> ds = CaseCacheDataset(data, transform, defer_errors=True)  # doctest: +SKIP
