@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from multiprocessing.pool import ThreadPool
@@ -313,6 +314,8 @@ def _fill(ds: CaseCacheDataset, indices: Sequence[int]) -> None:
     when its index is read); record (while deferring) or raise a bad item's error."""
     if not indices:
         return
+    if ds.progress and not has_tqdm:
+        warnings.warn("tqdm is not installed, will not show the caching progress bar.")
     with _filling(ds), _plain_errors(), ThreadPool(ds.num_workers) as pool:
         results = pool.imap(super(CaseCacheDataset, ds).__getitem__, indices)
         if ds.progress and has_tqdm:
