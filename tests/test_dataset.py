@@ -233,6 +233,41 @@ def test_cached_and_persistent_match_uncached_and_cache_is_reused(derm_like, tmp
         build_dataset(case_list, "train", schema, cache="memory", **kw)
 
 
+def test_case_cache_serves_what_monai_cache_dataset_serves(derm_like):
+    """CaseCacheDataset fills its cache through CacheDataset's public ``runtime_cache`` container: the same
+    cached items and, with a random augmentation after the cache, the same random draws as MONAI's own
+    CacheDataset (filling the cache draws no random number); the preflight's cached part is that content."""
+    from monai.data import CacheDataset
+    from monai.transforms import Compose
+    from monai.utils import set_determinism
+
+    from cmml_monai.data.augmentation import build_augmentation
+    from cmml_monai.data.caching import CaseCacheDataset
+    from cmml_monai.data.dataset import case_transforms
+    from cmml_monai.data.preflight import _deterministic
+
+    case_list, schema = derm_like
+    chain = case_transforms(case_list, schema, SIZE_2D)
+    data = data_dicts(case_list, "train")
+
+    def dataset(kind):  # a Compose is seeded from MONAI's global seed when built: the same seed for both
+        set_determinism(0)
+        augment = build_augmentation([3, 3], 2, "default", seed=0)
+        return kind(data, Compose([*chain.transforms, augment]), cache_rate=0.7, progress=False)
+
+    try:
+        ours, monai_cache = dataset(CaseCacheDataset), dataset(CacheDataset)
+    finally:
+        set_determinism(None)
+    assert ours.cache_num == monai_cache.cache_num == 2
+    assert all(ours.runtime_cache[i] is not None for i in range(ours.cache_num))
+    _assert_same_items(_items(monai_cache) + _items(monai_cache), _items(ours) + _items(ours))
+    deterministic = _deterministic(ours.transform)
+    _assert_same_items([ours.runtime_cache[i] for i in range(2)], [deterministic(dict(d)) for d in data[:2]])
+    with pytest.raises(ValueError, match="runtime_cache"):
+        CaseCacheDataset(data, chain, runtime_cache=True)
+
+
 def test_dataloader_collates_and_seeds(derm_like):
     case_list, schema = derm_like
     ds = build_dataset(case_list, ["train", "test"], schema, spatial_size=SIZE_2D, cache="cache")

@@ -1,35 +1,34 @@
 """Datasets and loaders: case lists to batch-contract items, decoded once and cached.
 
-``build_dataset`` chains ``LoadModalityd`` -> ``ApplyToPresentd(image_transforms(...))`` ->
-``PackModalitiesd``. Every step is deterministic, so a MONAI ``CacheDataset`` (memory) or
-``PersistentDataset`` (disk) keeps the packed tensors and images are decoded once (docs/architecture.md);
-the training augmentation (a random transform appended to the chain) runs on the cached item per
-access, and simulated missingness on the batch afterwards. The same path serves
-inference: ``with_label=False`` accepts cases without labels.
+Example:
+    >>> ds = build_dataset(cases, "train", schema, spatial_size=(224, 224), cache="cache")  # doctest: +SKIP
+    >>> loader = build_dataloader(ds, batch_size=32, shuffle=True, seed=0)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import shutil
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from copy import deepcopy
-from threading import Lock
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset, DistributedSampler, PersistentDataset
-from monai.data.utils import pickle_hashing
-from monai.transforms import Compose, RandomizableTrait, Transform, convert_to_contiguous
+from monai.data import DataLoader, Dataset, DistributedSampler
+from monai.transforms import Compose, Transform
 from torch.utils.data import default_collate
 
+from cmml_monai.data.caching import (
+    CaseCacheDataset,
+    CaseDataset,
+    CasePersistentDataset,
+    check_disk,
+    hash_with_file_stats,
+    item_nbytes,
+    settings_fingerprint,
+    unwrap_data_error,
+)
 from cmml_monai.data.cases import SPLITS, Case, CaseList
-from cmml_monai.data.errors import DataError
 from cmml_monai.data.readers import LoadModalityd
 from cmml_monai.data.transforms import (
     IMAGENET_MEAN,
@@ -52,202 +51,18 @@ __all__ = [
     "data_dicts",
     "case_transforms",
     "hash_with_file_stats",
+    "item_nbytes",
     "build_dataset",
     "split_dataset",
     "collate_cases",
     "build_dataloader",
 ]
 
+# the name preflight imported before the datasets moved to cmml_monai.data.caching
+_unwrap_data_error = unwrap_data_error
+
 RESERVED_KEYS = ("image", "tabular", "label", "case_id", "table")
 CACHE_MODES = ("none", "cache", "persistent")
-
-
-def _unwrap_data_error(err: BaseException) -> BaseException:
-    """The DataError behind MONAI's ``RuntimeError("applying transform ...")`` wrappers, else ``err``."""
-    seen = err
-    while seen is not None:
-        if isinstance(seen, DataError):
-            return seen
-        seen = seen.__cause__
-    return err
-
-
-@contextmanager
-def _plain_errors() -> Iterator[None]:
-    """Raise the DataError behind a MONAI ``RuntimeError`` wrapper as itself (one line for the user)."""
-    try:
-        yield
-    except RuntimeError as err:
-        found = _unwrap_data_error(err)
-        if found is err:
-            raise
-        raise found from None
-
-
-class _PlainErrors:
-    """Mixin: surface a DataError raised inside a transform as itself (one line for the user)
-    instead of the nested RuntimeErrors that MONAI's ``Compose`` wraps it in."""
-
-    def __getitem__(self, index: Any) -> Any:
-        with _plain_errors():
-            return super().__getitem__(index)  # type: ignore[misc]
-
-
-class CaseDataset(_PlainErrors, Dataset):
-    """``monai.data.Dataset`` whose data errors surface as ``DataError``."""
-
-
-class _LoadFailure:
-    """What the cache holds for an item whose cached transforms raised a ``DataError`` while deferred."""
-
-    def __init__(self, error: DataError) -> None:
-        self.error = error
-
-    def __deepcopy__(self, memo: dict) -> _LoadFailure:
-        # CacheDataset deep-copies a cached item before the random transforms; the marker is immutable
-        return self
-
-
-# module-level, so that a dataset stays picklable for spawned loader workers
-_FAILURES_LOCK = Lock()
-
-
-class _DeferringCompose(Compose):
-    """``Compose`` that, while ``deferring`` is on, returns a :class:`_LoadFailure` for an input whose
-    transforms raise a ``DataError`` and records the error under the input's ``id`` in ``failures``.
-
-    A ``_LoadFailure`` input passes through unchanged, so the transforms after the cache (the random
-    augmentation) never run on it and the dataset can raise its error instead.
-    """
-
-    def __init__(self, transform: Sequence[Callable] | Callable) -> None:
-        if type(transform) is Compose:  # same transforms and settings; a Compose subclass stays one step
-            super().__init__(
-                transform.transforms,
-                map_items=transform.map_items,
-                unpack_items=transform.unpack_items,
-                log_stats=transform.log_stats,
-                lazy=transform.lazy,
-                overrides=transform.overrides,
-            )
-        else:
-            super().__init__(transform)
-        self.deferring = False
-        self.failures: dict[int, DataError] = {}
-
-    def __call__(
-        self, input_: Any, start: int = 0, end: int | None = None, threading: bool = False, lazy: bool | None = None
-    ) -> Any:
-        if isinstance(input_, _LoadFailure):
-            return input_
-        try:
-            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
-        except Exception as err:
-            found = _unwrap_data_error(err)
-            if not (self.deferring and isinstance(found, DataError)):
-                raise
-            with _FAILURES_LOCK:  # the cache fills in a thread pool
-                self.failures[id(input_)] = found
-            return _LoadFailure(found)
-
-
-class CaseCacheDataset(_PlainErrors, CacheDataset):
-    """``monai.data.CacheDataset`` whose data errors surface as ``DataError``, also while the cache is
-    filled (in the constructor), and whose items are shallow copies (a consumer adding or popping keys
-    cannot change the cache; the tensors are shared, for read-only use).
-
-    Same arguments as ``CacheDataset``, plus ``defer_errors``: a bad item's ``DataError`` is recorded in
-    ``load_errors`` (index -> error) while the cache fills instead of stopping the fill, so the preflight
-    (:mod:`cmml_monai.data.preflight`) lists every bad file at once; such an item is decoded again when
-    read, raising its error while the file is still bad. ``transform`` is held as a ``Compose`` subclass
-    (same transforms) that records the errors; only MONAI's public API is used.
-    """
-
-    def __init__(
-        self,
-        data: Sequence,
-        transform: Sequence[Callable] | Callable,
-        *args: Any,
-        defer_errors: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        if kwargs.get("hash_as_key"):
-            raise ValueError("CaseCacheDataset keys its cache by data index: hash_as_key is not supported")
-        self.defer_errors = bool(defer_errors)
-        self.load_errors: dict[int, DataError] = {}
-        # data index -> item decoded again after the fill (reload, or a deferred error read later), served
-        # instead of the cache entry: MONAI has no public way to replace one cached item. The preflight
-        # reloads only deferred-error items, whose cache entry holds no tensor, so cache_max_gb still holds
-        self._recomputed: dict[int, Any] = {}
-        with _plain_errors():
-            super().__init__(data, _DeferringCompose(transform), *args, **kwargs)
-
-    def set_data(self, data: Sequence) -> None:
-        """Replace the data and fill the cache again (``load_errors`` lists the new data's bad items)."""
-        self.load_errors, self._recomputed = {}, {}
-        self.transform.failures.clear()
-        self.transform.deferring = self.defer_errors
-        try:
-            super().set_data(data)
-        finally:
-            self.transform.deferring = False
-        if self.transform.failures:
-            # the fill hands each data dict itself to the transform, so its identity gives its index
-            # (tests/test_preflight.py fails if a MONAI version stops doing so)
-            for index, item in enumerate(data):
-                if id(item) in self.transform.failures:
-                    self.load_errors[index] = self.transform.failures[id(item)]
-            self.transform.failures.clear()
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, (slice, Sequence)):  # a Subset, whose items come back through here
-            return super().__getitem__(index)
-        index = int(index)
-        position = index + len(self) if index < 0 else index
-        with _plain_errors():
-            if position not in self._recomputed:
-                data = super().__getitem__(position)  # MONAI reads a negative index past cache_num out of bounds
-                if not isinstance(data, _LoadFailure):
-                    return dict(data) if isinstance(data, dict) else data
-                # the fill deferred this item's error: decode it again (raising while its file is still bad)
-                self._recompute(position)
-            return self._after_cache(self._recomputed[position])
-
-    def reload(self, index: int) -> None:
-        """Recompute the cached item ``index`` after its data dict changed (e.g. a modality marked missing).
-
-        Raises:
-            DataError: the item is still bad.
-        """
-        self.load_errors.pop(index, None)
-        self._recomputed.pop(index, None)
-        if index < self.cache_num:
-            with _plain_errors():
-                self._recompute(index)
-
-    def _first_random(self) -> int | None:
-        """Index of the first transform that the cache does not keep (``CacheDataset``'s rule)."""
-        return self.transform.get_index_of_first(
-            lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform)
-        )
-
-    def _recompute(self, index: int) -> None:
-        """Run the cached transforms on ``self.data[index]`` and keep the result; raises a bad item's error."""
-        item = self.transform(self.data[index], end=self._first_random(), threading=True)
-        if self.as_contiguous:
-            item = convert_to_contiguous(item, memory_format=torch.contiguous_format)
-        self._recomputed[index] = item
-
-    def _after_cache(self, data: Any) -> Any:
-        """The transforms after the cache on a kept item, as ``CacheDataset`` runs them on a cached one."""
-        first_random = self._first_random()
-        if first_random is None:
-            return dict(data) if isinstance(data, dict) else data
-        return self.transform(deepcopy(data) if self.copy_cache is True else data, start=first_random)
-
-
-class CasePersistentDataset(_PlainErrors, PersistentDataset):
-    """``monai.data.PersistentDataset`` whose data errors surface as ``DataError``."""
 
 
 def _cases(case_list: CaseList, split: str | Sequence[str] | None) -> list[Case]:
@@ -349,34 +164,6 @@ def case_transforms(
     )
 
 
-def _path_stats(path: str) -> Any:
-    """(size, mtime) of a file, or of each file of a DICOM folder; None when absent."""
-    try:
-        if os.path.isdir(path):
-            return sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file())
-        st = os.stat(path)
-        return st.st_size, st.st_mtime_ns
-    except OSError:
-        return None
-
-
-def hash_with_file_stats(item: Mapping[str, Any]) -> bytes:
-    """``PersistentDataset`` key of a data dict: its content plus the size and modification time of
-    every image path in it, so a replaced or rewritten image is decoded again instead of served stale."""
-    stats = {k: _path_stats(v) for k, v in item.items() if k != "case_id" and isinstance(v, str)}
-    return pickle_hashing({"item": dict(item), "stats": stats})
-
-
-def _fingerprint(settings: Mapping[str, Any], schema: TableEncoder | None) -> str:
-    """Hash of everything that changes a cached item besides the data dict itself."""
-    blob: dict[str, Any] = {"settings": dict(settings)}
-    if schema is not None:
-        to_json = getattr(schema, "to_json", None)
-        blob["schema"] = to_json() if callable(to_json) else repr(schema)
-    text = json.dumps(blob, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
-
-
 def build_dataset(
     case_list: CaseList,
     split: str | Sequence[str] | None,
@@ -408,9 +195,7 @@ def build_dataset(
         pixdim: 3D target spacing in mm (``None``: native spacing).
         cache: ``"none"`` (decode every access), ``"cache"`` (``CacheDataset`` in memory) or
             ``"persistent"`` (``PersistentDataset`` under ``cache_dir``).
-        cache_dir: folder of the persistent cache; a sub-folder named by a hash of the preprocessing
-            settings and table schema is used, so changing them never reuses stale items, and each
-            item's key covers its files' size and modification time (:func:`hash_with_file_stats`).
+        cache_dir: folder of the persistent cache (a sub-folder per preprocessing settings and schema).
         cache_rate: fraction of items cached by ``"cache"``.
         num_workers: threads used to fill the ``"cache"`` cache.
         reader: DICOM reader, ``"itk"`` or ``"pydicom"``.
@@ -421,41 +206,21 @@ def build_dataset(
         augment: a random transform run on each packed item after the cache (training only; e.g.
             :func:`cmml_monai.data.augmentation.build_augmentation`); ``None`` for none.
         defer_errors: ``"cache"`` only: record bad items in ``dataset.load_errors`` while the cache fills
-            instead of raising the first, for :func:`cmml_monai.data.preflight.run_preflight` to list them all.
-        cache_max_gb: bound of the split's cache, in GB (``None``: unbounded). ``"cache"`` keeps at most
-            as many items in memory as fit (the rest are decoded at each access, said in the log);
-            ``"persistent"`` refuses, before anything is written, a cache that would exceed it or the
-            free space of ``cache_dir``. Items are sized from their shape (channels x spatial size,
-            float32, plus the table), which every item shares after preprocessing.
+            instead of raising the first (for :func:`cmml_monai.data.preflight.run_preflight`).
+        cache_max_gb: bound of the split's cache, in GB (``None``: unbounded); see docs/datasets.md.
 
     Returns:
-        a ``monai.data.Dataset``, ``CacheDataset`` or ``PersistentDataset`` (subclasses that raise a
-        bad file's ``DataError`` as itself rather than wrapped in MONAI's ``RuntimeError``).
+        a :class:`~cmml_monai.data.caching.CaseDataset`, ``CaseCacheDataset`` or ``CasePersistentDataset``.
 
     Example:
         >>> ds = build_dataset(cases, "train", schema, spatial_size=(224, 224), cache="cache")  # doctest: +SKIP
         >>> ds[0]["image"].shape  # [M*C, 224, 224]
     """
-    if cache not in CACHE_MODES:
-        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
-    if not 0.0 <= float(cache_rate) <= 1.0:
-        raise ValueError(f"cache_rate must be in [0, 1], got {cache_rate}")
-    if int(num_workers) < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if cache_max_gb is not None and float(cache_max_gb) <= 0:
-        raise ValueError(f"cache_max_gb must be > 0 (or null for no bound), got {cache_max_gb}")
+    _check_build_options(cache, cache_rate, num_workers, cache_max_gb)
     pixdim = resolve_pixdim(pixdim)
     data = data_dicts(case_list, split, with_label=with_label)
     transform = case_transforms(
-        case_list,
-        schema,
-        spatial_size,
-        pixdim,
-        reader=reader,
-        series=series,
-        mean=mean,
-        std=std,
-        with_label=with_label,
+        case_list, schema, spatial_size, pixdim, reader=reader, series=series, mean=mean, std=std, with_label=with_label
     )
     if augment is not None:
         # the caches keep everything before the first random transform: decoding stays cached
@@ -464,14 +229,11 @@ def build_dataset(
         return CaseDataset(data, transform)
     item_bytes = item_nbytes(case_list, spatial_size)
     if cache == "cache":
-        cache_num = len(data)
-        if cache_max_gb is not None:
-            cache_num = _check_cache_bound(cache_max_gb, item_bytes, len(data), split)
         # the cache is filled here: decoding errors surface now
         return CaseCacheDataset(
             data,
             transform,
-            cache_num=cache_num,
+            cache_num=len(data) if cache_max_gb is None else _cache_bound(cache_max_gb, item_bytes, len(data), split),
             cache_rate=float(cache_rate),
             num_workers=int(num_workers) or 1,
             progress=as_bool(progress, "progress"),
@@ -479,7 +241,44 @@ def build_dataset(
         )
     if cache_dir is None:
         raise ValueError("cache='persistent' needs cache_dir (a folder for the preprocessed items)")
-    settings = {
+    settings = _cache_settings(case_list, spatial_size, pixdim, reader, series, mean, std, with_label)
+    folder = os.path.join(os.fspath(cache_dir), settings_fingerprint(settings, schema if case_list.has_table else None))
+    return _persistent_dataset(data, transform, folder, cache_max_gb, item_bytes, split)
+
+
+def _persistent_dataset(
+    data: list[dict[str, Any]], transform: Compose, folder: str, cache_max_gb: float | None, item_bytes: int, split: Any
+) -> CasePersistentDataset:
+    """The persistent dataset of ``data`` cached in ``folder``, refused first when it would not fit."""
+    check_disk(folder, cache_max_gb, item_bytes, len(data), split)
+    os.makedirs(folder, exist_ok=True)
+    return CasePersistentDataset(data, transform, cache_dir=folder, hash_func=hash_with_file_stats)
+
+
+def _check_build_options(cache: str, cache_rate: float, num_workers: int, cache_max_gb: float | None) -> None:
+    """Refuse a bad caching option of :func:`build_dataset`, naming its value."""
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    if not 0.0 <= float(cache_rate) <= 1.0:
+        raise ValueError(f"cache_rate must be in [0, 1], got {cache_rate}")
+    if int(num_workers) < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if cache_max_gb is not None and float(cache_max_gb) <= 0:
+        raise ValueError(f"cache_max_gb must be > 0 (or null for no bound), got {cache_max_gb}")
+
+
+def _cache_settings(
+    case_list: CaseList,
+    spatial_size: Sequence[int],
+    pixdim: Sequence[float] | None,
+    reader: str,
+    series: Any,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    with_label: bool,
+) -> dict[str, Any]:
+    """The preprocessing settings a persistent cache folder is named by (besides the table schema)."""
+    return {
         "dataset": case_list.name,
         "modalities": [(m.name, m.kind, m.channels) for m in case_list.modalities],
         "multi_label": case_list.multi_label,
@@ -491,21 +290,9 @@ def build_dataset(
         "std": None if std is None else [float(s) for s in std],
         "with_label": with_label,
     }
-    folder = os.path.join(os.fspath(cache_dir), _fingerprint(settings, schema if case_list.has_table else None))
-    _check_disk(folder, cache_max_gb, item_bytes, len(data), split)
-    os.makedirs(folder, exist_ok=True)
-    return CasePersistentDataset(data, transform, cache_dir=folder, hash_func=hash_with_file_stats)
 
 
-def item_nbytes(case_list: CaseList, spatial_size: Sequence[int]) -> int:
-    """Bytes of one preprocessed item: the packed float32 image (every image channel at ``spatial_size``)
-    and the table, whose shapes every item shares."""
-    channels = sum(m.channels for m in case_list.image_modalities)
-    voxels = int(np.prod([int(s) for s in spatial_size]))
-    return 4 * (channels * voxels + len(case_list.table_columns or ()) + 1)
-
-
-def _check_cache_bound(cache_max_gb: float, item_bytes: int, n: int, split: Any) -> int:
+def _cache_bound(cache_max_gb: float, item_bytes: int, n: int, split: Any) -> int:
     """How many of ``n`` items fit in ``cache_max_gb``; said in the log when not all do."""
     fit = int(float(cache_max_gb) * 1e9 // item_bytes)
     if fit < n:
@@ -520,30 +307,6 @@ def _check_cache_bound(cache_max_gb: float, item_bytes: int, n: int, split: Any)
             n - fit,
         )
     return min(fit, n)
-
-
-def _check_disk(folder: str, cache_max_gb: float | None, item_bytes: int, n: int, split: Any) -> None:
-    """Refuse a persistent cache that would exceed ``cache_max_gb`` or the free disk space, before writing.
-
-    The items already in ``folder`` (a resumed run, another method on the same data) need no new space.
-    """
-    need_gb = item_bytes * n / 1e9
-    if cache_max_gb is not None and need_gb > float(cache_max_gb):
-        raise DataError(
-            f"the persistent cache of split {split} needs about {need_gb:.2f} GB ({n} items), more than "
-            f"cache_max_gb {float(cache_max_gb):g}: raise --cache_max_gb, or use --cache cache (bounded "
-            "in memory) or --cache none"
-        )
-    written = sum(e.stat().st_size for e in os.scandir(folder) if e.is_file()) if os.path.isdir(folder) else 0
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    free_gb = shutil.disk_usage(existing).free / 1e9
-    if need_gb - written / 1e9 > free_gb:
-        raise DataError(
-            f"the persistent cache of split {split} needs about {need_gb:.2f} GB ({n} items) but {existing} has "
-            f"{free_gb:.2f} GB free: free space, set --cache_dir elsewhere, or use --cache cache or --cache none"
-        )
 
 
 def split_dataset(

@@ -33,8 +33,8 @@ from monai.data import Dataset, PersistentDataset
 from monai.transforms import Compose, RandomizableTrait, Transform
 from monai.utils import optional_import
 
+from cmml_monai.data.caching import CaseCacheDataset, unwrap_data_error
 from cmml_monai.data.cases import CaseList
-from cmml_monai.data.dataset import CaseCacheDataset, _unwrap_data_error
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.utils import as_bool
@@ -110,6 +110,8 @@ class PreflightReport:
 
 def _cached_part(transform: Callable) -> Callable:
     """The part of ``transform`` that a cache keeps: up to the first random (or non-MONAI) transform."""
+    # MONAI has no public "cached part of a transform": this is its caches' rule (tests/test_dataset.py proves
+    # it gives what CacheDataset caches)
     if not isinstance(transform, Compose):
         return transform
     first_random = transform.get_index_of_first(
@@ -158,7 +160,7 @@ def _run_checks(
         try:
             check(index)
         except Exception as err:
-            found = _unwrap_data_error(err)
+            found = unwrap_data_error(err)
             if not isinstance(found, DataError):
                 raise
             return split, index, found
@@ -189,7 +191,7 @@ def _diagnose(
     try:
         run(base)
     except Exception as err:  # the case itself (label, table) is bad: no modality to blame
-        found = _unwrap_data_error(err)
+        found = unwrap_data_error(err)
         if not isinstance(found, DataError):
             raise
         return [PreflightProblem(split, case, None, None, str(found))]
@@ -198,7 +200,7 @@ def _diagnose(
         try:
             run({**base, key: item[key]})
         except Exception as err:
-            found = _unwrap_data_error(err)
+            found = unwrap_data_error(err)
             if not isinstance(found, DataError):
                 raise
             out.append(PreflightProblem(split, case, key, str(item[key]), str(found)))
@@ -286,19 +288,7 @@ def run_preflight(
     # a split this process does not read (e.g. the test split on the other ranks of a DDP run) is None
     datasets = {split: ds for split, ds in datasets.items() if ds is not None}
     start = time.perf_counter()
-    image_keys = [m.name for m in case_list.image_modalities]
-    jobs, errors, runners = [], {}, {}
-    for split, ds in datasets.items():
-        todo, check, known = _checker(ds)
-        jobs += [(split, i, check) for i in todo]
-        errors.update({(split, i): e for i, e in known.items()})
-        runners[split] = _deterministic(ds.transform)
-        report.items += len(ds.data)
-    report.checked = len(jobs)
-    errors.update(_run_checks(jobs, num_workers, as_bool(progress, "progress")))
-    for (split, index), err in sorted(errors.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        item = datasets[split].data[index]
-        report.problems += _diagnose(split, item, image_keys, runners[split], err)
+    report.problems = _find_problems(case_list, datasets, report, num_workers, as_bool(progress, "progress"))
     report.seconds = time.perf_counter() - start
     report.warnings = class_coverage(case_list, list(datasets))
     for text in report.warnings:
@@ -315,21 +305,7 @@ def run_preflight(
         path = os.path.join(os.fspath(output_dir), REPORT_NAME)
         atomic_write_json(path, report.to_json())
     if fatal:
-        cases = len({(p.split, p.case_id) for p in fatal})
-        fix = (
-            "replace or remove these files (or fix the case), or set preflight to 'mark_missing' "
-            "to train without the unusable modalities"
-            if mode == "fail"
-            else "these cannot be marked missing: fix the label/table or remove the case"
-        )
-        head = (
-            f"preflight: {len(fatal)} problem(s) in {cases} case(s) of {report.items} checked, before training; "
-            f"{fix}{f' (all listed in {path})' if path else ''}:"
-        )
-        lines = [f"  {p.line()}" for p in fatal[:MAX_LISTED]]
-        if len(fatal) > MAX_LISTED:
-            lines.append(f"  ... and {len(fatal) - MAX_LISTED} more")
-        raise DataError("\n".join([head, *lines]))
+        raise _problems_error(fatal, mode, report.items, path)
     logger.warning(
         "preflight: %d unusable image file(s) marked missing in %d case(s); training goes on without them%s",
         len(report.marked_missing),
@@ -337,6 +313,46 @@ def run_preflight(
         f" (listed in {path})" if path else "",
     )
     return report
+
+
+def _find_problems(
+    case_list: CaseList, datasets: Mapping[str, Dataset], report: PreflightReport, num_workers: int, progress: bool
+) -> list[PreflightProblem]:
+    """Check every item (counting them in ``report``); the problems, each blamed on its modality when it can be."""
+    image_keys = [m.name for m in case_list.image_modalities]
+    jobs, errors, runners = [], {}, {}
+    for split, ds in datasets.items():
+        todo, check, known = _checker(ds)
+        jobs += [(split, i, check) for i in todo]
+        errors.update({(split, i): e for i, e in known.items()})
+        runners[split] = _deterministic(ds.transform)
+        report.items += len(ds.data)
+    report.checked = len(jobs)
+    errors.update(_run_checks(jobs, num_workers, progress))
+    problems = []
+    for (split, index), err in sorted(errors.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        item = datasets[split].data[index]
+        problems += _diagnose(split, item, image_keys, runners[split], err)
+    return problems
+
+
+def _problems_error(fatal: Sequence[PreflightProblem], mode: str, items: int, path: str | None) -> DataError:
+    """One error listing the problems that stop the run: how many, what to do, one line each."""
+    cases = len({(p.split, p.case_id) for p in fatal})
+    fix = (
+        "replace or remove these files (or fix the case), or set preflight to 'mark_missing' "
+        "to train without the unusable modalities"
+        if mode == "fail"
+        else "these cannot be marked missing: fix the label/table or remove the case"
+    )
+    head = (
+        f"preflight: {len(fatal)} problem(s) in {cases} case(s) of {items} checked, before training; "
+        f"{fix}{f' (all listed in {path})' if path else ''}:"
+    )
+    lines = [f"  {p.line()}" for p in fatal[:MAX_LISTED]]
+    if len(fatal) > MAX_LISTED:
+        lines.append(f"  ... and {len(fatal) - MAX_LISTED} more")
+    return DataError("\n".join([head, *lines]))
 
 
 def _mark_missing(case_list: CaseList, datasets: Mapping[str, Dataset], report: PreflightReport) -> list:

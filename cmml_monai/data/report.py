@@ -48,39 +48,6 @@ def summarize(case_list: CaseList) -> dict[str, Any]:
             "label_counts": _label_counts(case_list, [cases[i] for i in rows]),
             "missing": _missing(names, present[rows]),
         }
-    reasons: dict[str, dict[str, int]] = {}
-    for j, m in enumerate(case_list.modalities):
-        counter: Counter[str] = Counter()
-        for i, c in enumerate(cases):
-            if not present[i, j]:
-                counter[c.missing_reason.get(m.name, "empty" if m.kind == "table" else "unknown")] += 1
-        if counter:
-            reasons[m.name] = dict(sorted(counter.items()))
-    columns = []
-    if case_list.table_columns:
-        train = case_list.split("train") or cases
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            schema = TableSchema.fit(
-                [c.table for c in train],
-                case_list.table_columns,
-                {
-                    k: v
-                    for k, v in case_list.table_types.items()  # type: ignore[misc]
-                    if k in case_list.table_columns
-                },
-            )
-        for spec in schema.columns:
-            n_empty = sum(is_empty_cell(c.table.get(spec.name)) for c in cases)
-            columns.append(
-                {
-                    "name": spec.name,
-                    "type": spec.type,
-                    "inferred": spec.inferred,
-                    "categories": len(spec.vocabulary) if spec.type == "categorical" else None,
-                    "missing_rate": round(float(n_empty / len(cases)), 4) if cases else 0.0,
-                }
-            )
     return {
         "name": case_list.name,
         "n_cases": len(cases),
@@ -90,12 +57,50 @@ def summarize(case_list: CaseList) -> dict[str, Any]:
         "modalities": [{"name": m.name, "kind": m.kind, "channels": m.channels} for m in case_list.modalities],
         "missing": _missing(names, present),
         "by_split": by_split,
-        "missing_reasons": reasons,
+        "missing_reasons": _missing_reasons(case_list, present),
         "dropped": len(case_list.dropped),
         "dropped_reasons": dict(sorted(Counter(r for _, r in case_list.dropped).items())),
-        "table_columns": columns,
+        "table_columns": _table_columns(case_list),
         "all_present": int(present.all(axis=1).sum()) if len(cases) else 0,
     }
+
+
+def _missing_reasons(case_list: CaseList, present: np.ndarray) -> dict[str, dict[str, int]]:
+    """Modality -> why it is missing -> cases."""
+    reasons: dict[str, dict[str, int]] = {}
+    for j, m in enumerate(case_list.modalities):
+        counter: Counter[str] = Counter()
+        for i, c in enumerate(case_list.cases):
+            if not present[i, j]:
+                counter[c.missing_reason.get(m.name, "empty" if m.kind == "table" else "unknown")] += 1
+        if counter:
+            reasons[m.name] = dict(sorted(counter.items()))
+    return reasons
+
+
+def _table_columns(case_list: CaseList) -> list[dict[str, Any]]:
+    """Per clinical column: its type as the train split gives it, whether inferred, categories, missing rate."""
+    if not case_list.table_columns:
+        return []
+    cases = case_list.cases
+    train = case_list.split("train") or cases
+    declared = {k: v for k, v in case_list.table_types.items() if k in case_list.table_columns}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        schema = TableSchema.fit([c.table for c in train], case_list.table_columns, declared)  # type: ignore[arg-type]
+    columns = []
+    for spec in schema.columns:
+        n_empty = sum(is_empty_cell(c.table.get(spec.name)) for c in cases)
+        columns.append(
+            {
+                "name": spec.name,
+                "type": spec.type,
+                "inferred": spec.inferred,
+                "categories": len(spec.vocabulary) if spec.type == "categorical" else None,
+                "missing_rate": round(float(n_empty / len(cases)), 4) if cases else 0.0,
+            }
+        )
+    return columns
 
 
 def _label_counts(case_list: CaseList, cases: Sequence[Case]) -> dict[str, int]:

@@ -78,42 +78,14 @@ def read_table(path: str | os.PathLike, sheet: str | int | None = None, required
         >>> df = read_table("meta/meta.csv", required=["case_num", "diagnosis"])  # doctest: +SKIP
     """
     path = os.fspath(path)
-    sheets: list[str] = []
     if not os.path.isfile(path):
         raise DataError(f"table file not found: {path}; check the path (or the dataset_dir option)")
-    ext = os.path.splitext(path)[1].lower()
     try:
-        if ext in (".xlsx", ".xlsm", ".xls"):
-            xls = pd.ExcelFile(path)
-            if sheet is None:
-                sheet = 0
-            elif isinstance(sheet, str) and sheet not in xls.sheet_names:
-                raise DataError(f"{path}: sheet {sheet!r} not found (sheets: {xls.sheet_names}); set the sheet option")
-            df = xls.parse(sheet)
-            sheets = xls.sheet_names
-        elif ext in (".csv", ".tsv", ".txt"):
-            # utf-8-sig: CSVs saved by Excel start with a byte-order mark that would stick to the first column
-            df = pd.read_csv(path, sep="\t" if ext == ".tsv" else ",", encoding="utf-8-sig")
-            if ext != ".tsv" and len(df.columns) == 1 and ";" in str(df.columns[0]):
-                # a European-locale Excel export: ';' between cells, ',' as the decimal mark
-                df = pd.read_csv(path, sep=";", decimal=",", encoding="utf-8-sig")
-        else:
-            raise DataError(f"{path}: unsupported table format {ext!r}; use .csv or .xlsx")
+        df, sheets, sheet = _parse_table(path, sheet)
     except DataError:
         raise
     except UnicodeDecodeError:
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:  # the parser's offset is within a chunk: find the first bad byte in the whole file
-            raw.decode("utf-8")
-            pos = 0
-        except UnicodeDecodeError as bad:
-            pos = bad.start
-        line = raw[:pos].count(b"\n") + 1
-        raise DataError(
-            f"{path}: not UTF-8 text (byte {raw[pos : pos + 1]!r} on line {line}, e.g. a latin-1 export); "
-            "save the table as UTF-8 (Excel: 'CSV UTF-8')"
-        ) from None
+        raise _not_utf8(path) from None
     except Exception as e:  # a parser's traceback is not actionable; name the file instead
         raise DataError(f"{path}: cannot read the table ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     df.columns = [str(c).strip() for c in df.columns]
@@ -125,6 +97,42 @@ def read_table(path: str | os.PathLike, sheet: str | int | None = None, required
             + (f" in sheet {sheet!r} of sheets {sheets}: set the sheet option" if len(sheets) > 1 else "")
         )
     return df
+
+
+def _parse_table(path: str, sheet: str | int | None) -> tuple[pd.DataFrame, list[str], str | int | None]:
+    """(the table, the workbook's sheet names or [], the sheet read) of a CSV/TSV or Excel file."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".xlsx", ".xlsm", ".xls"):
+        xls = pd.ExcelFile(path)
+        if sheet is None:
+            sheet = 0
+        elif isinstance(sheet, str) and sheet not in xls.sheet_names:
+            raise DataError(f"{path}: sheet {sheet!r} not found (sheets: {xls.sheet_names}); set the sheet option")
+        return xls.parse(sheet), list(xls.sheet_names), sheet
+    if ext in (".csv", ".tsv", ".txt"):
+        # utf-8-sig: CSVs saved by Excel start with a byte-order mark that would stick to the first column
+        df = pd.read_csv(path, sep="\t" if ext == ".tsv" else ",", encoding="utf-8-sig")
+        if ext != ".tsv" and len(df.columns) == 1 and ";" in str(df.columns[0]):
+            # a European-locale Excel export: ';' between cells, ',' as the decimal mark
+            df = pd.read_csv(path, sep=";", decimal=",", encoding="utf-8-sig")
+        return df, [], sheet
+    raise DataError(f"{path}: unsupported table format {ext!r}; use .csv or .xlsx")
+
+
+def _not_utf8(path: str) -> DataError:
+    """The error for a table that is not UTF-8, naming the first bad byte and its line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:  # the parser's offset is within a chunk: find the first bad byte in the whole file
+        raw.decode("utf-8")
+        pos = 0
+    except UnicodeDecodeError as bad:
+        pos = bad.start
+    line = raw[:pos].count(b"\n") + 1
+    return DataError(
+        f"{path}: not UTF-8 text (byte {raw[pos : pos + 1]!r} on line {line}, e.g. a latin-1 export); "
+        "save the table as UTF-8 (Excel: 'CSV UTF-8')"
+    )
 
 
 @dataclass

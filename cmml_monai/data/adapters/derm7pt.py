@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 from cmml_monai.data.adapters.common import FILE_ABSENT, NOT_LISTED, case_ids, clean_cell, drop_all_missing
 from cmml_monai.data.cases import TABLE_MODALITY, Case, CaseList, ModalitySpec
@@ -155,44 +155,12 @@ def load_derm7pt(
     root = _find_root(dataset_dir)
     columns = list(DERM7PT_DEFAULT_TABLE_COLUMNS if table_columns is None else table_columns)
     columns += [c for c in extra_table_columns if c not in columns]
-    leaky = [c for c in columns if c in DERM7PT_LEAKY_COLUMNS]
-    if leaky and (not allow_leaky_columns or "diagnosis" in leaky):
-        raise DataError(
-            f"Derm7pt: table column(s) {leaky} leak the label; remove them or set allow_leaky_columns=true"
-            + (" (diagnosis is never allowed)" if "diagnosis" in leaky else "")
-        )
-    if leaky:
-        warnings.warn(f"Derm7pt: table columns {leaky} leak the label; results are not a fair benchmark")
-
+    _check_leaky(columns, allow_leaky_columns)
     meta_path = os.path.join(root, "meta", "meta.csv")
     label_columns = ["diagnosis"] if labels else []
     meta = read_table(meta_path, required=[id_column, *label_columns, "clinic", "derm", *columns])
     ids = case_ids(meta[id_column], meta_path, id_column)
-
-    split_of: dict[int, str] = {}
-    for split, fname in _SPLIT_FILES.items():
-        ipath = os.path.join(root, "meta", fname)
-        if not labels and not os.path.isfile(ipath):
-            continue  # new cases need no split
-        idx = read_table(ipath, required=["indexes"])
-        for v in idx["indexes"]:
-            pos = clean_cell(v)
-            try:
-                pos_i = int(pos)
-                if pos_i != float(pos):
-                    raise ValueError
-            except (TypeError, ValueError):
-                raise DataError(
-                    f"{ipath}: index {v!r} is not a whole number; indexes are 0-based row positions"
-                ) from None
-            if not 0 <= pos_i < len(meta):
-                raise DataError(f"{ipath}: index {pos_i} is outside meta.csv's {len(meta)} rows (0-based positions)")
-            if pos_i in split_of and split_of[pos_i] != split:
-                raise DataError(
-                    f"{ipath}: row {pos_i} is already in the {split_of[pos_i]} split; splits must not overlap"
-                )
-            split_of[pos_i] = split
-
+    split_of = _split_positions(os.path.join(root, "meta"), len(meta), labels)
     image_dir = os.path.join(root, "images")
     if not os.path.isdir(image_dir):
         raise DataError(f"Derm7pt: image folder {image_dir} not found; expected release_v0/images/<folder>/<file>")
@@ -205,22 +173,10 @@ def load_derm7pt(
         cid = ids[pos]
         if not labels:
             cases.append(_unlabelled_case(cid, split_of.get(pos, ""), row, image_dir, columns))
-            continue
-        if pos not in split_of:
+        elif pos not in split_of:
             dropped.append((cid, "not in any split index file"))
-            continue
-        diagnosis = clean_cell(row["diagnosis"])
-        group = derm7pt_group(diagnosis) if diagnosis is not None else None
-        if diagnosis is None:
-            raise DataError(f"{meta_path}: case {cid}: the diagnosis (label) column is empty; fill it or drop the row")
-        if group is None:
-            raise DataError(
-                f"{meta_path}: case {cid}: diagnosis {diagnosis!r} is not a known Derm7pt diagnosis "
-                f"(expected one of {sorted(DERM7PT_DIAGNOSIS_GROUPS)} or melanoma...)"
-            )
-        paths, reasons = _image_paths(row, image_dir)
-        table = {c: clean_cell(row[c]) for c in columns}
-        cases.append(Case(cid, split_of[pos], paths, DERM7PT_CLASSES.index(group), table, reasons))
+        else:
+            cases.append(_labelled_case(cid, split_of[pos], row, image_dir, columns, meta_path))
 
     kept, empty = drop_all_missing(cases, modalities, columns)
     types = {c: ("numeric" if c in _NUMERIC else "categorical") for c in columns if c in DERM7PT_COLUMNS}
@@ -234,3 +190,63 @@ def load_derm7pt(
         dropped=dropped + empty,
         table_types=types,
     )
+
+
+def _check_leaky(columns: Sequence[str], allow_leaky_columns: bool) -> None:
+    """Refuse table columns that leak the label (warn when they are explicitly allowed; never the diagnosis)."""
+    leaky = [c for c in columns if c in DERM7PT_LEAKY_COLUMNS]
+    if leaky and (not allow_leaky_columns or "diagnosis" in leaky):
+        raise DataError(
+            f"Derm7pt: table column(s) {leaky} leak the label; remove them or set allow_leaky_columns=true"
+            + (" (diagnosis is never allowed)" if "diagnosis" in leaky else "")
+        )
+    if leaky:
+        warnings.warn(f"Derm7pt: table columns {leaky} leak the label; results are not a fair benchmark")
+
+
+def _index_position(ipath: str, value: Any, n_rows: int) -> int:
+    """A split file's 0-based row position, checked to be a whole number inside meta.csv."""
+    pos = clean_cell(value)
+    try:
+        pos_i = int(pos)  # type: ignore[arg-type]
+        if pos_i != float(pos):  # type: ignore[arg-type]
+            raise ValueError
+    except (TypeError, ValueError):
+        raise DataError(f"{ipath}: index {value!r} is not a whole number; indexes are 0-based row positions") from None
+    if not 0 <= pos_i < n_rows:
+        raise DataError(f"{ipath}: index {pos_i} is outside meta.csv's {n_rows} rows (0-based positions)")
+    return pos_i
+
+
+def _split_positions(meta_dir: str, n_rows: int, labels: bool) -> dict[int, str]:
+    """meta.csv row position -> split, from the three split index files (optional for new cases)."""
+    split_of: dict[int, str] = {}
+    for split, fname in _SPLIT_FILES.items():
+        ipath = os.path.join(meta_dir, fname)
+        if not labels and not os.path.isfile(ipath):
+            continue  # new cases need no split
+        idx = read_table(ipath, required=["indexes"])
+        for v in idx["indexes"]:
+            pos_i = _index_position(ipath, v, n_rows)
+            if pos_i in split_of and split_of[pos_i] != split:
+                raise DataError(
+                    f"{ipath}: row {pos_i} is already in the {split_of[pos_i]} split; splits must not overlap"
+                )
+            split_of[pos_i] = split
+    return split_of
+
+
+def _labelled_case(cid: str, split: str, row: dict, image_dir: str, columns: Sequence[str], meta_path: str) -> Case:
+    """A case with its diagnosis group as the label; an empty or unknown diagnosis is refused."""
+    diagnosis = clean_cell(row["diagnosis"])
+    group = derm7pt_group(diagnosis) if diagnosis is not None else None
+    if diagnosis is None:
+        raise DataError(f"{meta_path}: case {cid}: the diagnosis (label) column is empty; fill it or drop the row")
+    if group is None:
+        raise DataError(
+            f"{meta_path}: case {cid}: diagnosis {diagnosis!r} is not a known Derm7pt diagnosis "
+            f"(expected one of {sorted(DERM7PT_DIAGNOSIS_GROUPS)} or melanoma...)"
+        )
+    paths, reasons = _image_paths(row, image_dir)
+    table = {c: clean_cell(row[c]) for c in columns}
+    return Case(cid, split, paths, DERM7PT_CLASSES.index(group), table, reasons)

@@ -15,7 +15,9 @@ with one channel; missing sequences are common and are reported as ``file absent
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
 
 from cmml_monai.data.adapters.common import (
     FILE_ABSENT,
@@ -128,69 +130,24 @@ def load_men(
     cmap = dict(MEN_DEFAULT_COLUMN_MAP)
     cmap.update(column_map or {})
     feats = list(MEN_DEFAULT_TABLE_COLUMNS if table_columns is None else table_columns)
-    if clinical_table is not None:
-        table_path = resolve_path(dataset_dir, clinical_table)
-    else:
-        table_path = single_table(dataset_dir, "MEN")
-    required = [cmap["case_id"], *([cmap["grade"]] if labels else []), *(cmap.get(f, f) for f in feats)]
-    df = read_table(table_path, sheet=sheet, required=required)  # type: ignore[arg-type]
-    id_col, grade_col, split_col = cmap["case_id"], cmap["grade"], cmap.get("split")
-    has_split = split_col is not None and split_col in df.columns
-
+    table_path, df = _clinical_table(dataset_dir, clinical_table, sheet, cmap, feats, labels)
     rows = df.to_dict(orient="records")
-    ids = case_ids([row[id_col] for row in rows], table_path, id_col)  # type: ignore[arg-type]
-    case_dirs = {d for d in os.listdir(dataset_dir) if os.path.isdir(os.path.join(dataset_dir, d))}
-    if not case_dirs & set(ids):
-        raise DataError(
-            f"MEN: none of the {len(ids)} case ids in {table_path} has a folder in {dataset_dir}; "
-            "expected one folder per case named by its id (check column_map['case_id'])"
-        )
-
+    ids = case_ids([row[cmap["case_id"]] for row in rows], table_path, cmap["case_id"])
+    case_dirs = _case_folders(dataset_dir, ids, table_path)
     modalities = [ModalitySpec(s, "image3d", 1) for s in sequences]
-    if feats:
-        modalities.append(ModalitySpec(TABLE_MODALITY, "table", 0))
-    cases, dropped, explicit_split = [], [], {}
+    modalities += [ModalitySpec(TABLE_MODALITY, "table", 0)] if feats else []
+    split_col = cmap.get("split")
+    has_split = split_col is not None and split_col in df.columns
+    read = _MenRows(dataset_dir, table_path, cmap, sequences, feats, labels, split_col if has_split else None)
     for cid, row in zip(ids, rows):
-        grade_raw = clean_cell(row[grade_col]) if labels else None
-        if grade_raw is None and labels:
-            dropped.append((cid, "grade empty"))
-            continue
-        label = parse_grade(grade_raw) if labels else None
-        if label is None and labels:
-            raise DataError(
-                f"{table_path}: case {cid}: grade {grade_raw!r} in column {grade_col!r} is not 1, 2, 3, low or high"
-            )
-        if has_split:
-            name = normalise_split_name(clean_cell(row[split_col]))
-            if name is None:
-                raise DataError(
-                    f"{table_path}: case {cid}: split {row[split_col]!r} in column {split_col!r}; "
-                    "use train, valid or test"
-                )
-            explicit_split[cid] = name
-        case_dir = os.path.join(dataset_dir, cid)
-        paths: dict[str, str | None] = {}
-        reasons: dict[str, str] = {}
-        for s in sequences:
-            p = find_sequence(case_dir, cid, s)
-            paths[s] = p
-            if p is None:
-                reasons[s] = FILE_ABSENT if os.path.isdir(case_dir) else "case folder absent"
-        table = {f: clean_cell(row[cmap.get(f, f)]) for f in feats}
-        cases.append(Case(cid, "", paths, label, table, reasons))
-    dropped += [(d, "not in clinical table") for d in sorted(case_dirs - set(ids)) if not d.startswith(".")]
-
-    kept, empty = drop_all_missing(cases, modalities, feats)
-    if has_split:
-        split = explicit_split
-    elif not labels:
-        split = {c.case_id: "" for c in kept}
-    else:
-        ids = [c.case_id for c in kept]
-        fingerprint = case_fingerprint("men", [m.name for m in modalities], ids)
-        split = load_or_make_split(
-            ids, [str(c.label) for c in kept], split_file, split_fractions, split_seed, fingerprint, "men"
-        )
+        read.add(cid, row)
+    dropped = read.dropped + [
+        (d, "not in clinical table") for d in sorted(case_dirs - set(ids)) if not d.startswith(".")
+    ]
+    kept, empty = drop_all_missing(read.cases, modalities, feats)
+    split = read.split_of if has_split else {c.case_id: "" for c in kept}
+    if labels and not has_split:
+        split = _made_split(kept, [m.name for m in modalities], split_file, split_fractions, split_seed)
     for c in kept:
         c.split = split[c.case_id]
     return CaseList(
@@ -203,4 +160,112 @@ def load_men(
         dropped=dropped + empty,
         table_types={f: ("numeric" if f in _NUMERIC else "categorical") for f in feats if f in ("age", "sex")},
         split_made=bool(not has_split and labels),
+    )
+
+
+def _clinical_table(
+    dataset_dir: str,
+    clinical_table: str | os.PathLike | None,
+    sheet: str | int | None,
+    cmap: Mapping[str, str],
+    feats: Sequence[str],
+    labels: bool,
+) -> tuple[str, pd.DataFrame]:
+    """(its path, the clinical table) with the id, grade (when labels are read) and feature columns checked."""
+    if clinical_table is not None:
+        table_path = resolve_path(dataset_dir, clinical_table)
+    else:
+        table_path = single_table(dataset_dir, "MEN")
+    required = [cmap["case_id"], *([cmap["grade"]] if labels else []), *(cmap.get(f, f) for f in feats)]
+    return str(table_path), read_table(table_path, sheet=sheet, required=required)  # type: ignore[arg-type]
+
+
+def _case_folders(dataset_dir: str, ids: Sequence[str], table_path: str) -> set[str]:
+    """The folders in ``dataset_dir``; refused when none is named by a case id of the table."""
+    case_dirs = {d for d in os.listdir(dataset_dir) if os.path.isdir(os.path.join(dataset_dir, d))}
+    if not case_dirs & set(ids):
+        raise DataError(
+            f"MEN: none of the {len(ids)} case ids in {table_path} has a folder in {dataset_dir}; "
+            "expected one folder per case named by its id (check column_map['case_id'])"
+        )
+    return case_dirs
+
+
+class _MenRows:
+    """The clinical table's rows read into cases (with their sequence files); dropped rows kept with a reason."""
+
+    def __init__(
+        self,
+        dataset_dir: str,
+        table_path: str,
+        cmap: Mapping[str, str],
+        sequences: Sequence[str],
+        feats: Sequence[str],
+        labels: bool,
+        split_col: str | None,
+    ) -> None:
+        self.dataset_dir, self.table_path, self.cmap = dataset_dir, table_path, cmap
+        self.sequences, self.feats, self.labels, self.split_col = sequences, feats, labels, split_col
+        self.cases: list[Case] = []
+        self.dropped: list[tuple[str, str]] = []
+        self.split_of: dict[str, str] = {}
+
+    def _label(self, cid: str, row: Mapping[str, Any]) -> tuple[bool, int | None]:
+        """(keep the case, its label); a grade that is not a grade is refused."""
+        if not self.labels:
+            return True, None
+        grade_col = self.cmap["grade"]
+        grade_raw = clean_cell(row[grade_col])
+        if grade_raw is None:
+            self.dropped.append((cid, "grade empty"))
+            return False, None
+        label = parse_grade(grade_raw)
+        if label is None:
+            raise DataError(
+                f"{self.table_path}: case {cid}: grade {grade_raw!r} in column {grade_col!r} is not 1, 2, 3, "
+                "low or high"
+            )
+        return True, label
+
+    def _paths(self, cid: str) -> tuple[dict[str, str | None], dict[str, str]]:
+        case_dir = os.path.join(self.dataset_dir, cid)
+        paths: dict[str, str | None] = {}
+        reasons: dict[str, str] = {}
+        for s in self.sequences:
+            p = find_sequence(case_dir, cid, s)
+            paths[s] = p
+            if p is None:
+                reasons[s] = FILE_ABSENT if os.path.isdir(case_dir) else "case folder absent"
+        return paths, reasons
+
+    def add(self, cid: str, row: Mapping[str, Any]) -> None:
+        """Read one row into a case, or drop it (empty grade)."""
+        keep, label = self._label(cid, row)
+        if not keep:
+            return
+        if self.split_col is not None:
+            name = normalise_split_name(clean_cell(row[self.split_col]))
+            if name is None:
+                raise DataError(
+                    f"{self.table_path}: case {cid}: split {row[self.split_col]!r} in column {self.split_col!r}; "
+                    "use train, valid or test"
+                )
+            self.split_of[cid] = name
+        paths, reasons = self._paths(cid)
+        table = {f: clean_cell(row[self.cmap.get(f, f)]) for f in self.feats}
+        self.cases.append(Case(cid, "", paths, label, table, reasons))
+
+
+def _made_split(
+    kept: Sequence[Case],
+    modality_names: list[str],
+    split_file: str | os.PathLike | None,
+    split_fractions: Sequence[float],
+    split_seed: int,
+) -> dict[str, str]:
+    """The seeded, grade-stratified split of the kept cases (reused from ``split_file`` when it matches)."""
+    ids = [c.case_id for c in kept]
+    fingerprint = case_fingerprint("men", modality_names, ids)
+    return load_or_make_split(
+        ids, [str(c.label) for c in kept], split_file, split_fractions, split_seed, fingerprint, "men"
     )

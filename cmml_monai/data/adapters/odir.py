@@ -99,17 +99,7 @@ def load_odir(
         raise DataError(
             f"ODIR-5K: {xlsx} not found; dataset_dir must hold {ODIR_ANNOTATION_FILE} (or set annotation_file)"
         )
-    if image_dir is not None:
-        img_root = resolve_path(dataset_dir, image_dir)
-        if not os.path.isdir(img_root):  # type: ignore[arg-type]
-            raise DataError(f"ODIR-5K: image_dir {img_root} does not exist")
-    else:
-        found = [os.path.join(dataset_dir, d) for d in ODIR_IMAGE_DIRS if os.path.isdir(os.path.join(dataset_dir, d))]
-        if not found:
-            raise DataError(
-                f"ODIR-5K: no image folder in {dataset_dir}; expected one of {list(ODIR_IMAGE_DIRS)} or set image_dir"
-            )
-        img_root = found[0]
+    img_root = _image_root(dataset_dir, image_dir)
     required = _REQUIRED if labels else [c for c in _REQUIRED if c not in ODIR_LABELS and "Keywords" not in c]
     df = read_table(xlsx, sheet=sheet, required=required)  # type: ignore[arg-type]
     ids = case_ids(df["ID"], xlsx, "ID")  # type: ignore[arg-type]
@@ -121,18 +111,7 @@ def load_odir(
     cases = []
     for cid, row in zip(ids, df.to_dict(orient="records")):
         label = [binary_label(row[c], cid, c, xlsx) for c in ODIR_LABELS] if labels else None  # type: ignore[arg-type]
-        paths: dict[str, str | None] = {}
-        reasons: dict[str, str] = {}
-        for name, col in (("left", "Left-Fundus"), ("right", "Right-Fundus")):
-            fname = clean_cell(row[col])
-            if fname is None:
-                paths[name], reasons[name] = None, NOT_LISTED
-                continue
-            full = os.path.join(img_root, str(fname))  # type: ignore[arg-type]
-            if os.path.isfile(full):
-                paths[name] = full
-            else:
-                paths[name], reasons[name] = None, FILE_ABSENT
+        paths, reasons = _fundus_paths(row, img_root)
         table = {c: clean_cell(row[c]) for c in columns}
         cases.append(Case(cid, "", paths, label, table, reasons))
 
@@ -155,3 +134,35 @@ def load_odir(
         table_types={"Patient Age": "numeric", "Patient Sex": "categorical"} if columns else {},
         split_made=bool(labels),
     )
+
+
+def _image_root(dataset_dir: str, image_dir: str | os.PathLike | None) -> str:
+    """The folder of the fundus images: ``image_dir``, else the first of the native folder names present."""
+    if image_dir is not None:
+        img_root = resolve_path(dataset_dir, image_dir)
+        if not os.path.isdir(img_root):  # type: ignore[arg-type]
+            raise DataError(f"ODIR-5K: image_dir {img_root} does not exist")
+        return img_root  # type: ignore[return-value]
+    found = [os.path.join(dataset_dir, d) for d in ODIR_IMAGE_DIRS if os.path.isdir(os.path.join(dataset_dir, d))]
+    if not found:
+        raise DataError(
+            f"ODIR-5K: no image folder in {dataset_dir}; expected one of {list(ODIR_IMAGE_DIRS)} or set image_dir"
+        )
+    return found[0]
+
+
+def _fundus_paths(row: dict, img_root: str) -> tuple[dict[str, str | None], dict[str, str]]:
+    """(eye -> image path or None, eye -> why it is missing) of one workbook row."""
+    paths: dict[str, str | None] = {}
+    reasons: dict[str, str] = {}
+    for name, col in (("left", "Left-Fundus"), ("right", "Right-Fundus")):
+        fname = clean_cell(row[col])
+        if fname is None:
+            paths[name], reasons[name] = None, NOT_LISTED
+            continue
+        full = os.path.join(img_root, str(fname))
+        if os.path.isfile(full):
+            paths[name] = full
+        else:
+            paths[name], reasons[name] = None, FILE_ABSENT
+    return paths, reasons
