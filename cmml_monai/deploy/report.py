@@ -212,7 +212,7 @@ def _result_items(result: CaseResult, used: Mapping[str, Any]) -> list[Any]:
 
     rel = hd.sr.RelationshipTypeValues
     unit = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
-    items = []
+    items: list[Any] = []
     # code values are short (SH, 16 characters): the class index; the class name is the meaning
     index = {label: i for i, label in enumerate(result.probabilities)}
     for label in result.prediction:

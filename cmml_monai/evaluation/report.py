@@ -313,9 +313,7 @@ def paired_table(
     """Seed-paired AVG AUC differences of every method against ``reference``.
 
     Runs of two methods with the same training seed (``seed`` from ``read_sweep``) and the same
-    masks share the data split, the missing modalities and the seed, so their difference is free of
-    the split-to-split part of the spread; averaging such differences ranks methods with fewer seeds
-    than comparing the two means. For each other method: ``pairs`` (seeds run by both), ``AVG AUC
+    masks are paired (why: docs/evaluation.md). For each other method: ``pairs`` (seeds run by both), ``AVG AUC
     diff`` (method minus reference, mean over the pairs), ``diff std``, the ``confidence`` interval
     of the mean difference (Student t; NaN with one pair), ``ahead`` (pairs where the method's AVG
     AUC is higher) and ``p`` (two-sided paired t-test; NaN with one pair or identical differences).

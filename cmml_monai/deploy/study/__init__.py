@@ -143,8 +143,8 @@ def _series_paths(
         if s is None:
             paths[m] = None
         elif m in uneven:
-            paths[m] = os.path.join(work, f"{m}.nii.gz")
-            gap = resample_series(s, paths[m])
+            paths[m] = dest = os.path.join(work, f"{m}.nii.gz")
+            gap = resample_series(s, dest)
             logger.warning(
                 "%s: %s has unevenly spaced slices; resampled to an even %.3g mm gap for %s",
                 case_id,
@@ -204,7 +204,7 @@ def study_case(
             "value is known; check the series rules (--rules)"
         )
     own_dir = work_dir is None
-    work = tempfile.mkdtemp(prefix="cmml-study-") if own_dir else os.fspath(work_dir)
+    work = tempfile.mkdtemp(prefix="cmml-study-") if work_dir is None else os.fspath(work_dir)
     try:
         paths = _series_paths(selection, uneven, work, case_id)
         reasons = {m: "no matching series" for m, p in paths.items() if p is None}
