@@ -2,8 +2,9 @@
 
 It owns what runs a published ``models/model.pt`` outside training: the network description written
 beside it (``description``), the inference entry point of the bundle (``inference``,
-``configs/inference.json``), the TorchScript export (``export``) and the PACS pipeline: a DICOM study as
-the network's batch (``study``), the DICOM SR + JSON result (``report``, highdicom), both together
+``configs/inference.json``), the TorchScript export (``export``), the model-zoo bundle (``package``, its
+metadata and model card ``card``) and the PACS pipeline: a DICOM study as the network's batch (``study``:
+``scan``, ``select``, ``geometry``, ``clinical``), the DICOM SR + JSON result (``report``, highdicom), both together
 (``pipeline``, ``python -m cmml_monai.deploy``) and the DICOM listener (``listener``, pynetdicom; its
 allowlist and TLS ``access``, its durable study inbox ``inbox`` and crash-safe outbox ``outbox``), the
 MLflow Model Registry entry (``register``, ``python -m cmml_monai.deploy.register``) and MONAI Label's

@@ -244,6 +244,35 @@ def load_torchscript(path: str, device: str | torch.device = "cpu") -> tuple[tor
     return module.eval(), desc
 
 
+def _write_onnx(network: torch.nn.Module, description: Mapping[str, Any], out: str, opset: int) -> list[str]:
+    """Export ``network`` to ``out`` (dynamic batch) with ``network.json`` in its metadata; returns the input names."""
+    import onnx
+
+    image, tabular = example_inputs(description, batch_size=2)
+    names = ["image"] if tabular is None else ["image", "tabular"]
+    args = (image,) if tabular is None else (image, tabular)
+    dynamic = {name: {0: "batch"} for name in [*names, "logits"]}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with torch.no_grad():
+        # the TorchScript-based exporter: it follows the traced graph that export_torchscript checks
+        torch.onnx.export(
+            network,
+            args,
+            out,
+            input_names=names,
+            output_names=["logits"],
+            dynamic_axes=dynamic,
+            opset_version=opset,
+            dynamo=False,
+        )
+    model = onnx.load(out)
+    entry = model.metadata_props.add()
+    entry.key = DESCRIPTION_NAME
+    entry.value = json.dumps({k: v for k, v in description.items() if k != "model_dir"})
+    onnx.save(model, out)
+    return names
+
+
 def export_onnx(
     model_dir: str,
     checkpoint: str | None = None,
@@ -273,35 +302,14 @@ def export_onnx(
         (1, 5)
     """
     try:
-        import onnx
+        import onnx  # noqa: F401  (needed by _write_onnx: refused here, before any work)
         import onnxruntime
     except ImportError as e:
         raise ModuleNotFoundError(f"ONNX export needs onnx and onnxruntime ({e}): pip install onnx onnxruntime") from e
     description = load_description(model_dir)
     network = load_network(model_dir, checkpoint, "cpu")
     out = out or os.path.join(description["model_dir"], ONNX_NAME)
-    image, tabular = example_inputs(description, batch_size=2)
-    names = ["image"] if tabular is None else ["image", "tabular"]
-    args = (image,) if tabular is None else (image, tabular)
-    dynamic = {name: {0: "batch"} for name in [*names, "logits"]}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with torch.no_grad():
-        # the TorchScript-based exporter: it follows the traced graph that export_torchscript checks
-        torch.onnx.export(
-            network,
-            args,
-            out,
-            input_names=names,
-            output_names=["logits"],
-            dynamic_axes=dynamic,
-            opset_version=int(opset),
-            dynamo=False,
-        )
-    model = onnx.load(out)
-    entry = model.metadata_props.add()
-    entry.key = DESCRIPTION_NAME
-    entry.value = json.dumps({k: v for k, v in description.items() if k != "model_dir"})
-    onnx.save(model, out)
+    names = _write_onnx(network, description, out, int(opset))
     session = onnxruntime.InferenceSession(out, providers=["CPUExecutionProvider"])
 
     def run(*inputs: torch.Tensor) -> torch.Tensor:

@@ -33,23 +33,19 @@ The bundle needs the ``cmml_monai`` package (its version is in ``required_packag
 
 from __future__ import annotations
 
-import csv
-import datetime
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import monai
-import numpy as np
 import torch
 
-import cmml_monai
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.jsonio import atomic_write_json
+from cmml_monai.deploy.card import DEFAULT_VERSION, PACKAGE_NAME, bundle_metadata, model_card, network_data_format
 from cmml_monai.deploy.description import (
     DESCRIPTION_NAME,
     WEIGHTS_NAME,
@@ -72,10 +68,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PACKAGE_NAME = "cmml-monai"
-DEFAULT_VERSION = "0.1.0"
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 # the keys of configs/inference.json the packaged config rewires; packaging fails loudly when one is gone
 _INFERENCE_KEYS = (
     "bundle_root",
@@ -91,7 +84,6 @@ _INFERENCE_KEYS = (
     "output_dir",
     "network",
 )
-_RGB = ("R", "G", "B")
 
 
 def _project_file(*parts: str) -> str:
@@ -99,177 +91,6 @@ def _project_file(*parts: str) -> str:
     if not os.path.isfile(path):
         raise DataError(f"{path} not found: package_bundle reads the project's configs; run it from a checkout")
     return path
-
-
-def network_data_format(description: Mapping[str, Any]) -> dict[str, Any]:
-    """MONAI's ``network_data_format`` of the described network: ``image`` (channels named per modality),
-    ``tabular`` (one channel per table feature; absent without a table) and ``pred`` (logits per class).
-
-    Example:
-        >>> fmt = network_data_format(load_description("outputs/derm7pt_cmml/models"))  # doctest: +SKIP
-        >>> fmt["outputs"]["pred"]["type"]
-        'logits'
-    """
-    data, inputs = description["data"], description["inputs"]
-    images = [m for m in data["modalities"] if m["kind"] != "table"]
-    channel_def: dict[str, str] = {}
-    for m in images:
-        for c in range(int(m["channels"])):
-            suffix = f" {_RGB[c]}" if int(m["channels"]) == 3 else (f" {c}" if int(m["channels"]) > 1 else "")
-            channel_def[str(len(channel_def))] = f"{m['name']}{suffix}"
-    kind = "2D image" if images and images[0]["kind"] == "image2d" else "3D volume"
-    missing = "an all-NaN modality is missing"
-    out: dict[str, Any] = {
-        "inputs": {
-            "image": {
-                "type": "image",
-                "format": f"magnitude; {missing}",
-                "modality": f"{', '.join(m['name'] for m in images)} ({kind} per modality, packed along channels)",
-                "num_channels": int(inputs["image"][0]),
-                "spatial_shape": [int(s) for s in inputs["image"][1:]],
-                "dtype": "float32",
-                "value_range": [],
-                "is_patch_data": False,
-                "channel_def": channel_def,
-            }
-        },
-        "outputs": {
-            "pred": {
-                "type": "logits",
-                "format": (
-                    "unnormalised scores, one per label; a sigmoid per label gives the probabilities"
-                    if data["multi_label"]
-                    else "unnormalised scores, one per class; softmax gives the class probabilities"
-                )
-                + "; inference.json writes the probabilities",
-                "num_channels": len(data["class_names"]),
-                "spatial_shape": [1],
-                "dtype": "float32",
-                "value_range": [],
-                "is_patch_data": False,
-                "channel_def": {str(i): str(c) for i, c in enumerate(data["class_names"])},
-            }
-        },
-    }
-    schema = data.get("table_schema")
-    if inputs.get("tabular"):
-        columns = [c["name"] for c in (schema or {}).get("columns", [])]
-        if len(columns) != int(inputs["tabular"]):
-            columns = [f"feature {i}" for i in range(int(inputs["tabular"]))]
-        out["inputs"]["tabular"] = {
-            "type": "tabular",
-            "format": "encoded clinical features: numbers standardised, categories as codes, NaN = missing",
-            "num_channels": int(inputs["tabular"]),
-            "spatial_shape": [],
-            "dtype": "float32",
-            "value_range": [],
-            "is_patch_data": False,
-            "channel_def": {str(i): c for i, c in enumerate(columns)},
-        }
-    return out
-
-
-def _read_csv(path: str) -> list[dict[str, str]]:
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    return data if isinstance(data, dict) else {}
-
-
-def _sweep(run_dir: str) -> tuple[list[dict[str, str]], list[dict[str, str]], dict[str, Any]]:
-    folder = os.path.join(run_dir, "sweep")
-    return (
-        _read_csv(os.path.join(folder, "sweep.csv")),
-        _read_csv(os.path.join(folder, "subsets.csv")),
-        _read_json(os.path.join(folder, "summary.json")),
-    )
-
-
-def bundle_metadata(
-    description: Mapping[str, Any],
-    run_dir: str,
-    version: str = DEFAULT_VERSION,
-    changelog: Mapping[str, str] | None = None,
-    base: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """``configs/metadata.json`` of the packaged run.
-
-    Args:
-        description: the run's network description.
-        run_dir: the run's output folder (its ``sweep/summary.json`` gives ``eval_metrics`` when present).
-        version: the bundle version; it must be a key of the changelog.
-        changelog: version -> what changed (default: one entry saying what was packaged).
-        base: the project's metadata (authors, copyright, references, package versions).
-
-    Raises:
-        ValueError: ``version`` is not in ``changelog``.
-
-    Example:
-        >>> meta = bundle_metadata(load_description("runs/derm/models"), "runs/derm", "1.0.0")  # doctest: +SKIP
-    """
-    base = dict(base or {})
-    data, args = description["data"], description["network"]["args"]
-    method = str(args.get("method", "cmml"))
-    entry = (
-        f"packaged from run {os.path.basename(os.path.normpath(run_dir))}: method {method}, "
-        f"dataset {data['dataset']}, {datetime.date.today().isoformat()}"
-    )
-    changelog = dict(changelog or {version: entry})
-    if version not in changelog:
-        raise ValueError(f"version {version!r} is not in the changelog {list(changelog)}; add an entry for it")
-    _, _, summary = _sweep(run_dir)
-    metrics: dict[str, Any] = {}
-    if "avg_auc" in summary:
-        metrics[f"avg_auc_{summary.get('split', 'test')}"] = float(summary["avg_auc"])
-        metrics["missing_rates"] = list(summary.get("rates", []))
-    else:
-        metrics["macro_auc"] = "not measured: the run has no sweep/summary.json"
-    images = [m["name"] for m in data["modalities"] if m["kind"] != "table"]
-    table = list(data.get("table_columns") or [])
-    classes = [str(c) for c in data["class_names"]]
-    kind = "image2d" if any(m["kind"] == "image2d" for m in data["modalities"]) else "image3d"
-    packages = dict(base.get("required_packages_version") or {})
-    packages[PACKAGE_NAME] = cmml_monai.__version__
-    return {
-        "schema": base.get("schema", _SCHEMA_URL),
-        "version": str(version),
-        "changelog": changelog,
-        "monai_version": monai.__version__,
-        "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": np.__version__,
-        "required_packages_version": packages,
-        "supported_apps": {},
-        "name": f"CMML {data['dataset']} ({method})",
-        "task": f"{'Multi-label' if data['multi_label'] else 'Single-label'} diagnosis from "
-        f"{' + '.join(images)}{' + clinical table' if table else ''} with missing modalities",
-        "description": (
-            f"{method} network trained on the {data['dataset']} dataset: an encoder per modality "
-            f"({', '.join(images + (['table'] if table else []))}); a missing modality is given as NaN "
-            "and the network predicts from the others. The network returns logits; "
-            "configs/inference.json writes probabilities (softmax, or a sigmoid per label) and the "
-            "prediction per case. models/network.json rebuilds the network without the training data."
-        ),
-        "authors": str(base.get("authors", "cmml-monai developers")),
-        "copyright": str(base.get("copyright", "Copyright (c) cmml-monai developers")),
-        "data_source": f"{data['dataset']} (see docs/README.md)",
-        "data_type": ("jpeg / png" if kind == "image2d" else "nifti / dicom") + (" plus csv / xlsx" if table else ""),
-        "image_classes": f"{len(images)} modalities ({', '.join(images)}) packed along channels; an all-NaN "
-        "modality is missing",
-        "label_classes": f"{len(classes)} {'labels' if data['multi_label'] else 'classes'}: {', '.join(classes)}",
-        "pred_classes": f"{len(classes)} logits: {', '.join(classes)}",
-        "eval_metrics": metrics,
-        "intended_use": str(base.get("intended_use", "Research only. Not for clinical diagnosis.")),
-        "references": list(base.get("references", [])),
-        "network_data_format": network_data_format(description),
-    }
 
 
 def packaged_inference_config(base: Mapping[str, Any]) -> dict[str, Any]:
@@ -339,123 +160,33 @@ def packaged_evaluate_config() -> dict[str, Any]:
     }
 
 
-def _table(rows: Sequence[Mapping[str, str]], first: str, columns: Sequence[str]) -> list[str]:
-    header = [first, *columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        cells = [str(r.get(first, ""))]
-        for c in columns:
-            try:
-                cells.append(f"{float(r[c]):.3f}" if c != "n" else str(int(float(r[c]))))
-            except (KeyError, TypeError, ValueError):
-                cells.append(str(r.get(c, "")))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+def _write_models(root: str, network: torch.nn.Module, description: Mapping[str, Any]) -> None:
+    """``models/``: the weights as a plain state dict, the description with their hash, TorchScript."""
+    models = os.path.join(root, "models")
+    os.makedirs(models)
+    # a plain state dict: what ckpt_export and load_network both read without a key
+    weights = os.path.join(models, WEIGHTS_NAME)
+    torch.save(network.state_dict(), weights)
+    desc = {k: v for k, v in description.items() if k != "model_dir"}
+    desc["weights_sha256"] = file_sha256(weights)
+    atomic_write_json(os.path.join(models, DESCRIPTION_NAME), desc, indent=2)
+    export_torchscript(models, out=os.path.join(models, TORCHSCRIPT_NAME))
 
 
-def model_card(description: Mapping[str, Any], metadata: Mapping[str, Any], run_dir: str) -> str:
-    """``docs/README.md`` of the bundle: what the model is, its inputs, the data, the results by missing rate
-    and by modality subset (with ECE as calibration) from the run's sweep, how to run it, limitations.
+def _write_configs(root: str, metadata: Mapping[str, Any], inference: Mapping[str, Any]) -> None:
+    """``configs/``: metadata, the packaged inference and evaluate configs and logging.conf."""
+    configs = os.path.join(root, "configs")
+    os.makedirs(configs)
+    atomic_write_json(os.path.join(configs, "metadata.json"), metadata, indent=4)
+    atomic_write_json(os.path.join(configs, "inference.json"), inference, indent=4)
+    atomic_write_json(os.path.join(configs, "evaluate.json"), packaged_evaluate_config(), indent=4)
+    shutil.copy(_project_file("configs", "logging.conf"), os.path.join(configs, "logging.conf"))
 
-    Example:
-        >>> text = model_card(desc, bundle_metadata(desc, "runs/derm"), "runs/derm")  # doctest: +SKIP
-    """
-    data, prep, args = description["data"], description["preprocessing"], description["network"]["args"]
-    sweep, subsets, summary = _sweep(run_dir)
-    fingerprint = _read_json(os.path.join(run_dir, "dataset_fingerprint.json"))
-    images = [m for m in data["modalities"] if m["kind"] != "table"]
-    modalities = [f"{m['name']} ({m['kind']}, {m['channels']} channel(s))" for m in images]
-    # file options (split files) are paths of the training machine: not part of a model card
-    options = {k: v for k, v in (data.get("dataset_options") or {}).items() if not k.endswith("_file")}
-    table = list(data.get("table_columns") or [])
-    lines = [
-        f"# {metadata['name']}",
-        "",
-        f"Version {metadata['version']}. {metadata['intended_use']}",
-        "",
-        "## Model",
-        "",
-        f"- Method: `{args.get('method')}`, image encoder `{args.get('image_encoder')}`, "
-        f"feature dimension {args.get('feature_dim')}.",
-        f"- Output: {metadata['network_data_format']['outputs']['pred']['format']}.",
-        f"- {'Labels' if data['multi_label'] else 'Classes'}: {', '.join(map(str, data['class_names']))}.",
-        "",
-        "## Inputs",
-        "",
-        f"- Image modalities: {', '.join(modalities)};"
-        f" resized to {prep['spatial_size']}"
-        + (f", resampled to {prep['pixdim']} mm" if prep.get("pixdim") else "")
-        + ".",
-        f"- Clinical table: {', '.join(table) if table else 'none'}.",
-        "- Any modality may be missing (an empty cell or an absent file); a case needs at least one.",
-        "",
-        "## Data",
-        "",
-        f"- Dataset: `{data['dataset']}`"
-        + (f", {fingerprint['cases']} usable cases" if "cases" in fingerprint else "")
-        + f"; adapter options: `{json.dumps(options)}`.",
-        "",
-        "## Results",
-        "",
-    ]
-    if sweep:
-        split = summary.get("split", "test")
-        lines += [
-            f"Macro AUC, accuracy, F1 and expected calibration error (ECE) on the {split} split with "
-            "modalities dropped at random at each rate (seeded masks):",
-            "",
-            *_table(sweep, "rate", ["auc", "acc", "f1", "ece", "n"]),
-            "",
-        ]
-        if "avg_auc" in summary:
-            lines += [f"Average AUC over the rates: {float(summary['avg_auc']):.3f}.", ""]
-    else:
-        lines += ["The run has no missing-rate sweep (`sweep/sweep.csv`): not measured.", ""]
-    if subsets:
-        lines += [
-            "By fixed modality subset (only these modalities present):",
-            "",
-            *_table(subsets, "subset", ["auc", "acc", "f1", "ece", "n"]),
-            "",
-        ]
-    lines += [
-        "## Use",
-        "",
-        "```bash",
-        "# needs the cmml_monai package (pip install -e <checkout>) at the version in configs/metadata.json",
-        "python -m monai.bundle run --config_file BUNDLE/configs/inference.json --bundle_root BUNDLE \\",
-        "    --dataset_dir /data/new_cases   # writes ./predictions/predictions.csv and one JSON per case",
-        "```",
-        "",
-        "Score labelled cases (predictions plus `./evaluation/metrics.json`: AUC, accuracy, F1, ECE overall and "
-        "per pattern of present modalities): add `BUNDLE/configs/evaluate.json` to `--config_file`.",
-        "",
-        "Add `--explain true` for one picture per case (`./predictions/cases/<case_id>.png` and `index.html`): the "
-        "inputs with a Grad-CAM map each, the table given, the probabilities and the inputs the model completed.",
-        "",
-        "`models/model.ts` is TorchScript with both inputs: `torch.jit.load(path)(image, tabular)` returns logits.",
-        "",
-        "## Limitations",
-        "",
-        "- Research use only; not validated for clinical decisions.",
-        f"- Trained and evaluated on one dataset (`{data['dataset']}`); performance on other sites, scanners or "
-        "populations is unknown.",
-        "- The table schema (categories, means) is the training one: an unseen category is encoded as missing.",
-        "- Metrics come from the run's own test split"
-        + (f" of {sweep[0].get('n', '?')} cases" if sweep else "")
-        + "; small test sets give wide confidence intervals.",
-        "- The outputs are logits; probabilities are not recalibrated (see ECE above).",
-        "- The case pages' maps (Grad-CAM, `--explain true`) show which parts of each image moved the predicted "
-        "class's score in this network, coarsely (one cell of the encoder's last stage spans many pixels) and "
-        "relative within each image; they do not show where a lesion is, that the prediction is right, or anything "
-        "about an input the model completed (it has no map).",
-        "",
-        "## Changelog",
-        "",
-        *[f"- {v}: {text}" for v, text in metadata.get("changelog", {}).items()],
-        "",
-    ]
-    return "\n".join(lines)
+
+def _zip(out: str) -> None:
+    """``<out>.zip`` with the bundle folder inside, written beside and renamed: a reader never sees a partial zip."""
+    base = shutil.make_archive(out + ".partial", "zip", root_dir=os.path.dirname(out), base_dir=os.path.basename(out))
+    os.replace(base, out + ".zip")
 
 
 def package_bundle(
@@ -503,22 +234,11 @@ def package_bundle(
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-", dir=os.path.dirname(out))
     try:
-        for sub in ("configs", "models", "docs"):
-            os.makedirs(os.path.join(tmp, sub))
-        models = os.path.join(tmp, "models")
-        # a plain state dict: what ckpt_export and load_network both read without a key
-        weights = os.path.join(models, WEIGHTS_NAME)
-        torch.save(network.state_dict(), weights)
-        desc = {k: v for k, v in description.items() if k != "model_dir"}
-        desc["weights_sha256"] = file_sha256(weights)
-        atomic_write_json(os.path.join(models, DESCRIPTION_NAME), desc, indent=2)
-        export_torchscript(models, out=os.path.join(models, TORCHSCRIPT_NAME))
+        _write_models(tmp, network, description)
         metadata = bundle_metadata(description, run_dir, version, changelog, base_meta)
-        atomic_write_json(os.path.join(tmp, "configs", "metadata.json"), metadata, indent=4)
-        atomic_write_json(os.path.join(tmp, "configs", "inference.json"), inference, indent=4)
-        atomic_write_json(os.path.join(tmp, "configs", "evaluate.json"), packaged_evaluate_config(), indent=4)
-        shutil.copy(_project_file("configs", "logging.conf"), os.path.join(tmp, "configs", "logging.conf"))
+        _write_configs(tmp, metadata, inference)
         shutil.copy(license_file or _project_file("LICENSE"), os.path.join(tmp, "LICENSE"))
+        os.makedirs(os.path.join(tmp, "docs"))
         with open(os.path.join(tmp, "docs", "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(description, metadata, run_dir))
         if os.path.isdir(out):
@@ -528,10 +248,6 @@ def package_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if make_zip:
-        # written beside and renamed: a reader never sees a partial zip
-        base = shutil.make_archive(
-            out + ".partial", "zip", root_dir=os.path.dirname(out), base_dir=os.path.basename(out)
-        )
-        os.replace(base, out + ".zip")
+        _zip(out)
     logger.info("bundle: %s%s", out, " (+ .zip)" if make_zip else "")
     return out

@@ -225,6 +225,128 @@ def _training_run(client: mlflow.MlflowClient, run_id: str | None) -> mlflow.ent
     return run if run.info.lifecycle_stage == "active" else None
 
 
+def _model_metadata(desc: Mapping[str, Any], columns: list[str]) -> dict[str, Any]:
+    """The pyfunc model's metadata: what a caller needs to build its inputs and read its outputs."""
+    data, args = desc["data"], desc["network"]["args"]
+    return {
+        "cmml_monai_version": cmml_monai.__version__,
+        "dataset": data["dataset"],
+        "method": str(args.get("method", "cmml")),
+        "class_names": [str(c) for c in data["class_names"]],
+        "multi_label": bool(data["multi_label"]),
+        "modalities": data["modalities"],
+        "image_shape": desc["inputs"]["image"],
+        "tabular_columns": columns,
+        "weights_sha256": desc.get("weights_sha256"),
+        "missing": "an all-NaN image modality or table value is missing",
+    }
+
+
+def _version_tags(
+    meta: Mapping[str, Any], columns: list[str], metrics: Mapping[str, float], state: Mapping[str, Any]
+) -> dict[str, str]:
+    """The version's tags: inputs, classes, the sweep metrics (``metric.*``) and the training run's link."""
+    tags = {
+        "dataset": meta["dataset"],
+        "method": meta["method"],
+        "classes": ",".join(meta["class_names"]),
+        "image_shape": "x".join(str(s) for s in meta["image_shape"]),
+        "tabular_columns": ",".join(columns),
+        **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
+    }
+    if state.get("parent"):
+        tags[TRAINING_RUN_TAG] = str(state["parent"])
+        tags[_TRAINING_URI_TAG] = str(state.get("tracking_uri", ""))
+    return tags
+
+
+def _version_text(meta: Mapping[str, Any], columns: list[str], metrics: Mapping[str, float]) -> str:
+    """The version's default description: method, dataset, classes, inputs and the average AUCs."""
+    return (
+        f"{meta['method']} on {meta['dataset']}: classes {', '.join(meta['class_names'])}; inputs image "
+        f"{meta['image_shape']}"
+        + (f" and tabular {columns}" if columns else "")
+        + "".join(
+            f"; average {k.replace('avg_auc_', '')} AUC over the missing rates {v:.4f}"
+            for k, v in metrics.items()
+            if k.startswith("avg_auc_")
+        )
+    )
+
+
+def _model_run(
+    client: mlflow.MlflowClient,
+    training: mlflow.entities.Run | None,
+    experiment_name: str,
+    name: str,
+    tags: Mapping[str, str],
+) -> str:
+    """The run that holds the model: the training run, else a new one of ``experiment_name`` linked to it."""
+    if training is not None:
+        return training.info.run_id
+    experiment = client.get_experiment_by_name(experiment_name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
+    run_tags = {k: tags[k] for k in (TRAINING_RUN_TAG, _TRAINING_URI_TAG) if k in tags}
+    return client.create_run(experiment_id, run_name=f"register-{name}", tags=run_tags).info.run_id
+
+
+def _log_model(
+    run_id: str,
+    desc: Mapping[str, Any],
+    weights: str,
+    meta: Mapping[str, Any],
+    tags: Mapping[str, str],
+    metrics: Mapping[str, float],
+    in_training_run: bool,
+) -> Any:
+    """Log the pyfunc model (and its metrics) into run ``run_id`` of the current tracking URI."""
+    requirements = [
+        f"cmml-monai=={cmml_monai.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"mlflow=={mlflow.__version__}",
+    ]
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=CMMLPyfuncModel(),
+            artifacts={_WEIGHTS_KEY: weights, _DESCRIPTION_KEY: os.path.join(desc["model_dir"], DESCRIPTION_NAME)},
+            signature=model_signature(desc),
+            pip_requirements=requirements,
+            metadata=dict(meta),
+            tags={k: v for k, v in tags.items() if not k.startswith("metric.")},
+        )
+        if metrics:
+            mlflow.log_metrics(dict(metrics), model_id=info.model_id)
+            if not in_training_run:  # the training run has them already (its test_* metrics)
+                mlflow.log_metrics(dict(metrics))
+    return info
+
+
+def _register_version(
+    client: mlflow.MlflowClient, name: str, info: Any, run_id: str, tags: Mapping[str, str], text: str
+) -> mlflow.entities.model_registry.ModelVersion:
+    """A new version of registered model ``name`` (created if new) from the logged model ``info``."""
+    # the client, not the fluent API: a registry URI set globally by the caller does not redirect it
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name, description="cmml-monai: multimodal diagnosis with missing modalities")
+    return client.create_model_version(
+        name, info.model_uri, run_id=run_id, tags=dict(tags), description=text, model_id=info.model_id
+    )
+
+
+def _store(run_root: str, tracking_uri: str | None) -> tuple[str, dict[str, Any], mlflow.MlflowClient]:
+    """The target store's URI (checked reachable), the training run's recorded state and a client on it."""
+    state = _training_state(run_root)
+    try:
+        uri = _resolve_uri(run_root, tracking_uri, state)
+    except ValueError as e:
+        raise DataError(str(e)) from e
+    check_tracking_server(uri, run_root)
+    return uri, state, mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def register_model(
     run_dir: str,
     name: str | None = None,
@@ -266,97 +388,25 @@ def register_model(
             f"model name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     run_root = os.path.dirname(folder) if os.path.basename(os.path.normpath(folder)) == "models" else folder
-    state = _training_state(run_root)
-    try:
-        uri = _resolve_uri(run_root, tracking_uri, state)
-    except ValueError as e:
-        raise DataError(str(e)) from e
-    check_tracking_server(uri, run_root)
-    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    same_store = state.get("tracking_uri") == uri
-    training = _training_run(client, state.get("parent")) if same_store else None
-
-    data = desc["data"]
-    metrics = run_metrics(run_root)
-    columns = _table_columns(desc)
-    args = desc["network"]["args"]
-    meta = {
-        "cmml_monai_version": cmml_monai.__version__,
-        "dataset": data["dataset"],
-        "method": str(args.get("method", "cmml")),
-        "class_names": [str(c) for c in data["class_names"]],
-        "multi_label": bool(data["multi_label"]),
-        "modalities": data["modalities"],
-        "image_shape": desc["inputs"]["image"],
-        "tabular_columns": columns,
-        "weights_sha256": desc.get("weights_sha256"),
-        "missing": "an all-NaN image modality or table value is missing",
-    }
-    tags = {
-        "dataset": meta["dataset"],
-        "method": meta["method"],
-        "classes": ",".join(meta["class_names"]),
-        "image_shape": "x".join(str(s) for s in meta["image_shape"]),
-        "tabular_columns": ",".join(columns),
-        **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
-    }
-    if state.get("parent"):
-        tags[TRAINING_RUN_TAG] = str(state["parent"])
-        tags[_TRAINING_URI_TAG] = str(state.get("tracking_uri", ""))
-    text = description or (
-        f"{meta['method']} on {meta['dataset']}: classes {', '.join(meta['class_names'])}; inputs image "
-        f"{meta['image_shape']}"
-        + (f" and tabular {columns}" if columns else "")
-        + "".join(
-            f"; average {k.replace('avg_auc_', '')} AUC over the missing rates {v:.4f}"
-            for k, v in metrics.items()
-            if k.startswith("avg_auc_")
-        )
-    )
-    requirements = [
-        f"cmml-monai=={cmml_monai.__version__}",
-        f"torch=={torch.__version__.split('+')[0]}",
-        f"mlflow=={mlflow.__version__}",
-    ]
+    uri, state, client = _store(run_root, tracking_uri)
+    training = _training_run(client, state.get("parent")) if state.get("tracking_uri") == uri else None
+    metrics, columns = run_metrics(run_root), _table_columns(desc)
+    meta = _model_metadata(desc, columns)
+    tags = _version_tags(meta, columns, metrics, state)
+    text = description or _version_text(meta, columns, metrics)
 
     # the fluent API logs the model (it links it to the run); the global URI is restored afterwards.
     # set_tracking_uri also sets MLFLOW_TRACKING_URI, so the variable's old value is what is restored
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
-        if training is not None:
-            run_id = training.info.run_id
-        else:
-            experiment = client.get_experiment_by_name(experiment_name)
-            experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
-            run_tags = {k: tags[k] for k in (TRAINING_RUN_TAG, _TRAINING_URI_TAG) if k in tags}
-            run_id = client.create_run(experiment_id, run_name=f"register-{name}", tags=run_tags).info.run_id
+        run_id = _model_run(client, training, experiment_name, name, tags)
         status = client.get_run(run_id).info.status
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=CMMLPyfuncModel(),
-                artifacts={_WEIGHTS_KEY: weights, _DESCRIPTION_KEY: os.path.join(folder, DESCRIPTION_NAME)},
-                signature=model_signature(desc),
-                pip_requirements=requirements,
-                metadata=meta,
-                tags={k: v for k, v in tags.items() if not k.startswith("metric.")},
-            )
-            if metrics:
-                mlflow.log_metrics(metrics, model_id=info.model_id)
-                if training is None:  # the training run has them already (its test_* metrics)
-                    mlflow.log_metrics(metrics)
+        info = _log_model(run_id, desc, weights, meta, tags, metrics, training is not None)
         if training is not None and status not in ("FINISHED", "RUNNING"):
             client.update_run(run_id, status=status)  # start_run reopened the run and ended it FINISHED
-        # the client, not the fluent API: a registry URI set globally by the caller does not redirect it; still
-        # inside the block, as the store resolves the source models:/<model id> through the global tracking URI
-        try:
-            client.get_registered_model(name)
-        except mlflow.exceptions.MlflowException:
-            client.create_registered_model(name, description="cmml-monai: multimodal diagnosis with missing modalities")
-        version = client.create_model_version(
-            name, info.model_uri, run_id=run_id, tags=tags, description=text, model_id=info.model_id
-        )
+        # still inside the block: the store resolves the source models:/<model id> through the global tracking URI
+        version = _register_version(client, name, info, run_id, tags, text)
     finally:
         mlflow.set_tracking_uri(previous)
     logger.info("registered %s version %s (run %s) at %s", name, version.version, run_id, uri)

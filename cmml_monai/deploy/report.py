@@ -188,45 +188,13 @@ def _evidence(case: StudyCase, used: Mapping[str, Any]) -> list[Any]:
     return evidence
 
 
-def build_sr(
-    case: StudyCase,
-    result: CaseResult,
-    model_name: str,
-    model_version: str,
-    series_number: int = SR_SERIES_NUMBER,
-    previous: Sequence[Any] = (),
-    pages: Sequence[Any] = (),
-) -> Any:
-    """The Comprehensive SR of one result, filed with ``case.study``.
-
-    Args:
-        previous: earlier SRs of the same study this one replaces (Predecessor Documents Sequence).
-        pages: Secondary Captures of the case page (:mod:`cmml_monai.deploy.capture`) the SR references.
-
-    Raises:
-        DataError: no series was used (an SR must reference its source images).
-
-    Example:
-        >>> sr = build_sr(case, predict_case(net, desc, case), *model_identity(desc))  # doctest: +SKIP
-        >>> sr.StudyInstanceUID == case.study.uid
-        True
-    """
+def _algorithm_items(model_name: str, model_version: str) -> list[Any]:
+    """The SR's research-use comment and the algorithm's name and version."""
     import highdicom as hd
-    from highdicom.coding_schemes import CodingSchemeIdentificationItem
     from pydicom.sr.codedict import codes
-    from pydicom.uid import generate_uid
 
-    used = {m: s for m, s in case.selection.items() if s is not None}
-    if not used:
-        raise DataError(
-            f"{case.case_id}: no series matches any of the model's sequences; the SR must reference "
-            "the images it was computed from: check the series rules (--rules) or the study"
-        )
-    # headers only: the evidence lists each instance of the series used and gives the patient/study module
-    evidence = _evidence(case, used)
     rel = hd.sr.RelationshipTypeValues
-    unit = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
-    items = [
+    return [
         hd.sr.TextContentItem(codes.DCM.Comment, RESEARCH_USE_ONLY, relationship_type=rel.CONTAINS),
         hd.sr.TextContentItem(
             hd.sr.CodedConcept("111001", "DCM", "Algorithm Name"), model_name, relationship_type=rel.CONTAINS
@@ -235,6 +203,16 @@ def build_sr(
             hd.sr.CodedConcept("111003", "DCM", "Algorithm Version"), model_version, relationship_type=rel.CONTAINS
         ),
     ]
+
+
+def _result_items(result: CaseResult, used: Mapping[str, Any]) -> list[Any]:
+    """The SR's findings, probabilities, inputs present (with their series) and inputs the model completed."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    rel = hd.sr.RelationshipTypeValues
+    unit = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
+    items: list[Any] = []
     # code values are short (SH, 16 characters): the class index; the class name is the meaning
     index = {label: i for i, label in enumerate(result.probabilities)}
     for label in result.prediction:
@@ -268,18 +246,62 @@ def build_sr(
                 _code("input-completed", "Input completed by model"), name, relationship_type=rel.CONTAINS
             )
         )
-    # -- issue 32: the case page's Secondary Capture, referenced as an image (and listed as evidence) --
-    for page in pages:
-        items.append(
-            hd.sr.ImageContentItem(
-                _code("case-page", "Case page (research use only)"),
-                page.SOPClassUID,
-                page.SOPInstanceUID,
-                relationship_type=rel.CONTAINS,
-            )
+    return items
+
+
+def _page_items(pages: Sequence[Any]) -> list[Any]:
+    """Issue 32: the case page's Secondary Captures, referenced as images (the caller lists them as evidence)."""
+    import highdicom as hd
+
+    rel = hd.sr.RelationshipTypeValues
+    return [
+        hd.sr.ImageContentItem(
+            _code("case-page", "Case page (research use only)"),
+            page.SOPClassUID,
+            page.SOPInstanceUID,
+            relationship_type=rel.CONTAINS,
         )
+        for page in pages
+    ]
+
+
+def build_sr(
+    case: StudyCase,
+    result: CaseResult,
+    model_name: str,
+    model_version: str,
+    series_number: int = SR_SERIES_NUMBER,
+    previous: Sequence[Any] = (),
+    pages: Sequence[Any] = (),
+) -> Any:
+    """The Comprehensive SR of one result, filed with ``case.study``.
+
+    Args:
+        previous: earlier SRs of the same study this one replaces (Predecessor Documents Sequence).
+        pages: Secondary Captures of the case page (:mod:`cmml_monai.deploy.capture`) the SR references.
+
+    Raises:
+        DataError: no series was used (an SR must reference its source images).
+
+    Example:
+        >>> sr = build_sr(case, predict_case(net, desc, case), *model_identity(desc))  # doctest: +SKIP
+        >>> sr.StudyInstanceUID == case.study.uid
+        True
+    """
+    import highdicom as hd
+    from highdicom.coding_schemes import CodingSchemeIdentificationItem
+    from pydicom.uid import generate_uid
+
+    used = {m: s for m, s in case.selection.items() if s is not None}
+    if not used:
+        raise DataError(
+            f"{case.case_id}: no series matches any of the model's sequences; the SR must reference "
+            "the images it was computed from: check the series rules (--rules) or the study"
+        )
+    # headers only: the evidence lists each instance of the series used and gives the patient/study module
+    evidence = _evidence(case, used)
+    items = [*_algorithm_items(model_name, model_version), *_result_items(result, used), *_page_items(pages)]
     evidence += list(pages)
-    # -- end issue 32 --
     root = hd.sr.ContainerContentItem(_code("cmml-report", "CMML multimodal diagnosis (research use only)"))
     root.ContentSequence = hd.sr.ContentSequence(items)
     return hd.sr.ComprehensiveSR(

@@ -119,6 +119,61 @@ def pooled_comparison_table(strata: Mapping[str, Sequence[dict]]) -> tuple[list[
     return columns, table
 
 
+def _stratum_terms(
+    per: Mapping[str, Mapping[str, dict]], method: str, reference: str
+) -> tuple[list[float], list[float], list[int], int]:
+    """Per stratum, ``method``'s mean difference, its variance of the mean and its degrees of freedom; and
+    the pairs over all strata."""
+    diffs, variances, dofs, pairs = [], [], [], 0
+    for label, rows in per.items():
+        if method not in rows:
+            raise ValueError(
+                f"stratum {label!r} has no seed-paired {method!r} - {reference!r}: "
+                "pool strata where every method was run with the same seeds"
+            )
+        row = rows[method]
+        if row["pairs"] < 2 or math.isnan(row["diff std"]):
+            raise ValueError(
+                f"stratum {label!r}, method {method!r}: {row['pairs']} seed pair(s); pooling needs "
+                "at least 2 per stratum for its spread (train more --seeds)"
+            )
+        diffs.append(row["AVG AUC diff"])
+        variances.append(row["diff std"] ** 2 / row["pairs"])
+        dofs.append(row["pairs"] - 1)
+        pairs += row["pairs"]
+    return diffs, variances, dofs, pairs
+
+
+def _pooled_row(
+    method: str, reference: str, terms: tuple[list[float], list[float], list[int], int], confidence: float
+) -> dict:
+    """One row of :func:`pooled_paired_table`: the stratified mean and its Welch-Satterthwaite interval."""
+    from scipy import stats
+
+    diffs, variances, dofs, pairs = terms
+    d, v, nu = np.asarray(diffs), np.asarray(variances), np.asarray(dofs, dtype=float)
+    k = len(d)
+    out = {
+        "method": method,
+        "reference": reference,
+        "strata": k,
+        "pairs": pairs,
+        "AVG AUC diff": float(d.mean()),
+        "CI low": float(d.mean()),
+        "CI high": float(d.mean()),
+        "df": math.nan,
+        "strata ahead": int((d > 0).sum()),
+        "p": math.nan,
+    }
+    if v.sum() > 0:
+        se = math.sqrt(v.sum()) / k
+        out["df"] = float(v.sum() ** 2 / (v**2 / nu).sum())
+        half = stats.t.ppf(0.5 + confidence / 2, out["df"]) * se
+        out["CI low"], out["CI high"] = float(d.mean() - half), float(d.mean() + half)
+        out["p"] = float(2 * stats.t.sf(abs(d.mean()) / se, out["df"]))
+    return out
+
+
 def pooled_paired_table(strata: Mapping[str, Sequence[dict]], confidence: float = 0.95) -> tuple[list[str], list[dict]]:
     """Seed-paired differences pooled over strata (stratified mean, Welch-Satterthwaite t interval).
 
@@ -143,8 +198,6 @@ def pooled_paired_table(strata: Mapping[str, Sequence[dict]], confidence: float 
         >>> strata = {d: read_comparison_folder(f"outputs/compare_{d}")[1] for d in ("a", "b", "c")}  # doctest: +SKIP
         >>> columns, table = pooled_paired_table(strata)  # doctest: +SKIP
     """
-    from scipy import stats
-
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}.")
     if not strata:
@@ -158,44 +211,5 @@ def pooled_paired_table(strata: Mapping[str, Sequence[dict]], confidence: float 
     per = {label: {r["method"]: r for r in rows if r["pairs"] > 0} for label, rows in strata.items()}
     methods = list(dict.fromkeys(m for rows in per.values() for m in rows))
     reference = next(iter(references), "")
-    table = []
-    for m in methods:
-        diffs, variances, dofs, pairs = [], [], [], 0
-        for label, rows in per.items():
-            if m not in rows:
-                raise ValueError(
-                    f"stratum {label!r} has no seed-paired {m!r} - {reference!r}: "
-                    "pool strata where every method was run with the same seeds"
-                )
-            row = rows[m]
-            if row["pairs"] < 2 or math.isnan(row["diff std"]):
-                raise ValueError(
-                    f"stratum {label!r}, method {m!r}: {row['pairs']} seed pair(s); pooling needs "
-                    "at least 2 per stratum for its spread (train more --seeds)"
-                )
-            diffs.append(row["AVG AUC diff"])
-            variances.append(row["diff std"] ** 2 / row["pairs"])
-            dofs.append(row["pairs"] - 1)
-            pairs += row["pairs"]
-        d, v, nu = np.asarray(diffs), np.asarray(variances), np.asarray(dofs, dtype=float)
-        k = len(d)
-        out = {
-            "method": m,
-            "reference": reference,
-            "strata": k,
-            "pairs": pairs,
-            "AVG AUC diff": float(d.mean()),
-            "CI low": float(d.mean()),
-            "CI high": float(d.mean()),
-            "df": math.nan,
-            "strata ahead": int((d > 0).sum()),
-            "p": math.nan,
-        }
-        if v.sum() > 0:
-            se = math.sqrt(v.sum()) / k
-            out["df"] = float(v.sum() ** 2 / (v**2 / nu).sum())
-            half = stats.t.ppf(0.5 + confidence / 2, out["df"]) * se
-            out["CI low"], out["CI high"] = float(d.mean() - half), float(d.mean() + half)
-            out["p"] = float(2 * stats.t.sf(abs(d.mean()) / se, out["df"]))
-        table.append(out)
+    table = [_pooled_row(m, reference, _stratum_terms(per, m, reference), confidence) for m in methods]
     return list(POOLED_PAIRED_COLUMNS), table

@@ -7,7 +7,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -247,15 +247,73 @@ PAIRED_COLUMNS = (
 )
 
 
+_SeedRuns = dict[int, tuple[str, dict[float, dict]]]
+
+
+def _runs_by_seed(grouped: Mapping[str, Mapping[str, dict[float, dict]]]) -> dict[str, _SeedRuns]:
+    """method -> seed -> (run, {rate: row}); runs without a recorded seed are not paired."""
+    runs: dict[str, _SeedRuns] = {m: {} for m in grouped}
+    for m, method_runs in grouped.items():
+        for run, per_rate in method_runs.items():
+            seed = next(iter(per_rate.values())).get("seed")
+            if seed is None:
+                continue
+            if seed in runs[m]:
+                raise ValueError(
+                    f"method {m!r} has two runs with seed {seed}: {runs[m][seed][0]} and {run}; "
+                    "give one of them another label (LABEL=PATH)"
+                )
+            runs[m][seed] = (run, per_rate)
+    return runs
+
+
+def _seed_diffs(method_runs: _SeedRuns, reference_runs: _SeedRuns) -> tuple[list[int], list[float]]:
+    """The seeds both ran and, per seed, the method's AVG AUC minus the reference's."""
+    seeds = sorted(set(method_runs) & set(reference_runs))
+    diffs = []
+    for seed in seeds:
+        (ref_run, ref), (run, other) = reference_runs[seed], method_runs[seed]
+        if sorted(ref) != sorted(other) or any(ref[q]["n"] != other[q]["n"] for q in ref):
+            raise ValueError(
+                f"seed {seed}: {run} and {ref_run} were not evaluated on the same rates and cases; "
+                "pair runs that share the masks (one --shared_dir)"
+            )
+        diffs.append(np.mean([other[q]["auc"] for q in other]) - np.mean([ref[q]["auc"] for q in ref]))
+    return seeds, diffs
+
+
+def _paired_row(method: str, reference: str, seeds: list[int], diffs: list[float], confidence: float) -> dict:
+    """One row of :func:`paired_table`: the mean difference, its spread, interval and t-test."""
+    from scipy import stats
+
+    d = np.asarray(diffs, dtype=float)
+    row = {
+        "method": method,
+        "reference": reference,
+        "pairs": len(d),
+        "seeds": " ".join(map(str, seeds)),
+        "AVG AUC diff": float(d.mean()) if len(d) else math.nan,
+        "diff std": float(d.std(ddof=1)) if len(d) > 1 else math.nan,
+        "CI low": math.nan,
+        "CI high": math.nan,
+        "ahead": int((d > 0).sum()),
+        "p": math.nan,
+    }
+    if len(d) > 1:
+        half = stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * row["diff std"] / math.sqrt(len(d))
+        row["CI low"], row["CI high"] = float(row["AVG AUC diff"] - half), float(row["AVG AUC diff"] + half)
+        if row["diff std"] > 0:
+            row["p"] = float(stats.ttest_1samp(d, 0.0).pvalue)
+    return row
+
+
 def paired_table(
     rows: Sequence[dict], reference: str | None = None, confidence: float = 0.95
 ) -> tuple[list[str], list[dict]]:
     """Seed-paired AVG AUC differences of every method against ``reference``.
 
     Runs of two methods with the same training seed (``seed`` from ``read_sweep``) and the same
-    masks share the data split, the missing modalities and the seed, so their difference is free of
-    the split-to-split part of the spread; averaging such differences ranks methods with fewer seeds
-    than comparing the two means. For each other method: ``pairs`` (seeds run by both), ``AVG AUC
+    masks are paired (why: docs/evaluation.md). For each other method: ``pairs`` (seeds run by both), ``AVG AUC
     diff`` (method minus reference, mean over the pairs), ``diff std``, the ``confidence`` interval
     of the mean difference (Student t; NaN with one pair), ``ahead`` (pairs where the method's AVG
     AUC is higher) and ``p`` (two-sided paired t-test; NaN with one pair or identical differences).
@@ -275,8 +333,6 @@ def paired_table(
 
         >>> columns, table = paired_table(read_sweep("a/sweep/sweep.csv") + read_sweep("b/sweep/sweep.csv"))
     """
-    from scipy import stats
-
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}.")
     grouped = _runs_by_method(rows)
@@ -284,52 +340,10 @@ def paired_table(
     reference = methods[0] if reference is None and methods else reference
     if reference not in methods:
         raise ValueError(f"reference method {reference!r} is not among the runs' methods {methods}")
-    # method -> seed -> (run, {rate: row}); runs without a recorded seed are not paired
-    runs: dict[str, dict[int, tuple[str, dict[float, dict]]]] = {m: {} for m in methods}
-    for m, method_runs in grouped.items():
-        for run, per_rate in method_runs.items():
-            seed = next(iter(per_rate.values())).get("seed")
-            if seed is None:
-                continue
-            if seed in runs[m]:
-                raise ValueError(
-                    f"method {m!r} has two runs with seed {seed}: {runs[m][seed][0]} and {run}; "
-                    "give one of them another label (LABEL=PATH)"
-                )
-            runs[m][seed] = (run, per_rate)
-    table = []
-    for m in methods:
-        if m == reference:
-            continue
-        seeds = sorted(set(runs[m]) & set(runs[reference]))
-        diffs = []
-        for seed in seeds:
-            (ref_run, ref), (run, other) = runs[reference][seed], runs[m][seed]
-            if sorted(ref) != sorted(other) or any(ref[q]["n"] != other[q]["n"] for q in ref):
-                raise ValueError(
-                    f"seed {seed}: {run} and {ref_run} were not evaluated on the same rates and cases; "
-                    "pair runs that share the masks (one --shared_dir)"
-                )
-            diffs.append(np.mean([other[q]["auc"] for q in other]) - np.mean([ref[q]["auc"] for q in ref]))
-        d = np.asarray(diffs, dtype=float)
-        row = {
-            "method": m,
-            "reference": reference,
-            "pairs": len(d),
-            "seeds": " ".join(map(str, seeds)),
-            "AVG AUC diff": float(d.mean()) if len(d) else math.nan,
-            "diff std": float(d.std(ddof=1)) if len(d) > 1 else math.nan,
-            "CI low": math.nan,
-            "CI high": math.nan,
-            "ahead": int((d > 0).sum()),
-            "p": math.nan,
-        }
-        if len(d) > 1:
-            half = stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * row["diff std"] / math.sqrt(len(d))
-            row["CI low"], row["CI high"] = float(row["AVG AUC diff"] - half), float(row["AVG AUC diff"] + half)
-            if row["diff std"] > 0:
-                row["p"] = float(stats.ttest_1samp(d, 0.0).pvalue)
-        table.append(row)
+    runs = _runs_by_seed(grouped)
+    table = [
+        _paired_row(m, reference, *_seed_diffs(runs[m], runs[reference]), confidence) for m in methods if m != reference
+    ]
     return list(PAIRED_COLUMNS), table
 
 
