@@ -250,7 +250,7 @@ def _result_items(result: CaseResult, used: Mapping[str, Any]) -> list[Any]:
 
 
 def _page_items(pages: Sequence[Any]) -> list[Any]:
-    """Issue 32: the case page's Secondary Captures, referenced as images (the caller lists them as evidence)."""
+    """The case page's Secondary Captures, referenced as images (the caller lists them as evidence)."""
     import highdicom as hd
 
     rel = hd.sr.RelationshipTypeValues
