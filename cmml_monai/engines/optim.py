@@ -181,6 +181,9 @@ def cosine_scheduler(
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Cosine decay over ``max_epochs`` epochs, after an optional linear warm-up (stepped once per epoch).
 
+    Not MONAI's ``WarmupCosineSchedule``: its cosine falls to 0 and clips at ``end_lr``, where this one
+    (torch's ``CosineAnnealingLR``) scales the cosine between the LR and its floor; the warm-up is the same.
+
     With ``warmup_epochs = W > 0`` the first ``W`` epochs rise linearly from ``warmup_start_factor``
     times each group's LR to the LR (torch's ``LinearLR``), then the cosine runs over the remaining
     ``max_epochs - W`` epochs (``SequentialLR``): a freshly initialised head or fusion block does not
