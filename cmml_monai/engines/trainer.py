@@ -52,9 +52,11 @@ _DECOLLATE = Decollated(keys=None, detach=True)
 
 
 def _decollate_keeping_losses(engine: SupervisedTrainer) -> None:
-    """MONAI's decollation of ``state.batch`` and ``state.output`` (one item per case), except that the
-    0-d loss tensors stay tensors in every item: MONAI's turns each into a float with ``.item()``, a host
-    sync per term and step."""
+    """Split ``state.batch`` and ``state.output`` into one item per case with MONAI's public ``Decollated``.
+
+    Not the workflow's own ``decollate=True``: that turns each 0-d loss into a float with ``.item()`` (a host
+    sync per term and step); here the loss tensors stay on the device, shared by every item.
+    """
     if isinstance(engine.state.batch, (list, dict)):
         engine.state.batch = _DECOLLATE(engine.state.batch)
     output = engine.state.output

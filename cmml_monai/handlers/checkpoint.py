@@ -345,6 +345,10 @@ class LoadNetworkHandler:
         network: the network to load into.
         key: key of the network in the checkpoint dict.
         required: raise ``FileNotFoundError`` when there is no checkpoint.
+
+    Example::
+
+        >>> LoadNetworkHandler("out/stage1", network).attach(stage2_trainer)  # doctest: +SKIP
     """
 
     def __init__(self, checkpoint_dir: str, network: torch.nn.Module, key: str = "network", required: bool = False):

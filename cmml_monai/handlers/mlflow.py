@@ -474,8 +474,15 @@ class StageMLFlowHandler(MLFlowHandler):
 def save_executed_config(path: str, argv: Sequence[str] | None = None) -> str | None:
     """Rebuild the config of this ``python -m monai.bundle run`` call (files + overrides) into ``path``.
 
+    Not ``ConfigWorkflow``'s executed-config saving: MONAI writes that file only under ``--tracking``, which
+    this bundle refuses (:func:`refuse_monai_tracking`), so the files and overrides are read back from argv.
+
     Returns:
         ``path``, or None when the process was not started with ``--config_file`` (e.g. a test).
+
+    Example:
+        >>> save_executed_config("out/config.json", ["run", "--config_file", "configs/train.json"])  # doctest: +SKIP
+        'out/config.json'
     """
     argv = list(sys.argv if argv is None else argv)
     if "--config_file" not in argv:
