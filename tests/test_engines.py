@@ -312,6 +312,26 @@ def test_autocast_is_a_noop_on_cpu():
     assert y.dtype == torch.float32
 
 
+@pytest.mark.parametrize(
+    "device, amp, expected", [("cuda", True, {"dtype": torch.bfloat16}), ("cuda", False, {}), ("cpu", True, {})]
+)
+def test_one_amp_path_for_trainer_and_evaluator(device, amp, expected):
+    """Both engines take MONAI's ``amp`` / ``amp_kwargs`` from the same rule (built only: no CUDA needed)."""
+    net = _net("zero_fill")
+    trainer = CMMLTrainer(
+        device=device,
+        max_epochs=1,
+        train_data_loader=_batches(1),
+        network=net,
+        optimizer=stage_optimizer(net, 2),
+        loss_function=CMMLLoss(stage=2),
+        amp=amp,
+    )
+    evaluator = CMMLEvaluator(device=device, val_data_loader=_batches(1), network=net, amp=amp)
+    for engine in (trainer, evaluator):
+        assert engine.amp is bool(expected) and engine.amp_kwargs == expected
+
+
 def test_evaluator_macro_auc_metric_on_served_path():
     net = _net("zero_fill")
     ev = CMMLEvaluator(

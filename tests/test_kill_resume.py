@@ -228,7 +228,7 @@ def test_error_inside_an_epoch_keeps_its_message_and_a_resumable_state(dataset_d
 
     w = workflow(TRAIN, **overrides)
     w.run()
-    assert w.parser.get_parsed_content("stage1#handlers")[0].resume.loaded_from.endswith("checkpoint_epoch=1.pt")
+    assert w.parser.get_parsed_content("stage1#handlers#0").loaded_from.endswith("checkpoint_epoch=1.pt")
     assert w.parser.get_parsed_content("stage1#trainer").state.epoch == 2
 
 

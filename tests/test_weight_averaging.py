@@ -41,7 +41,7 @@ def averaged_run(tmp_path_factory) -> dict:
         ),
     )
     evaluator = w.parser.get_parsed_content("validate#evaluator")
-    averager = w.parser.get_parsed_content("train#averager")
+    averager = w.parser.get_parsed_content("stage2#averager")
     network = w.parser.get_parsed_content("network")
     seen: dict = {"epochs": [], "batches": []}
 

@@ -48,6 +48,38 @@ def test_check_properties_nothing_missing(synthetic_dir, tmp_path):
     assert type(w.trainer).__name__ == "CMMLTrainer" and type(w.evaluator).__name__ == "CMMLEvaluator"
     assert w.parser.get_parsed_content("train#trainer").stage == 2
     assert w.parser.get_parsed_content("stage1#trainer").stage == 1
+    # stage 2 under its symmetric name is the object MONAI's train#trainer / validate#evaluator name
+    assert w.parser.get_parsed_content("stage2#trainer") is w.trainer
+    assert w.parser.get_parsed_content("stage2#evaluator") is w.evaluator
+
+
+def test_every_handler_is_a_config_item_in_attach_order(synthetic_dir, tmp_path):
+    """Both stages list their handlers by ``_target_`` in train.json (docs/training.md's table); one
+    command-line override reaches a handler inside a list, and the MLflow handlers are left out when
+    tracking is off rather than built half."""
+    overrides = {"stage2#early_stop#patience": 5, "stage1#handlers#6#iteration_log": True}
+    w = workflow(TRAIN, **tiny(synthetic_dir, str(tmp_path), **overrides))
+    names = {
+        key: [type(h).__name__ for h in w.parser.get_parsed_content(key)]
+        for key in ("stage1#handlers", "stage2#handlers", "stage1#val_handlers", "stage2#val_handlers")
+    }
+    after_load = ["WeightAverager", "EpochLossAverager", "ValidationHandler", "LrScheduleHandler"]
+    logs = ["StageCheckpointSaver", "StatsHandler", "ProgressBar"]
+    assert names["stage1#handlers"] == ["ResumeHandler", *after_load, *logs]
+    assert names["stage2#handlers"] == ["ResumeHandler", "LoadNetworkHandler", *after_load, *logs]
+    assert names["stage1#val_handlers"] == ["StatsHandler", "BestCheckpointSaver"]
+    assert names["stage2#val_handlers"] == ["StatsHandler", "BestCheckpointSaver", "ResumableEarlyStopHandler"]
+    assert w.parser.get_parsed_content("stage2#early_stop").patience == 5
+    assert w.parser.get_parsed_content("stage1#handlers")[6].iteration_log is True
+    # one checkpoint dict per stage, shared by the resume and the epoch saver, holding the trainer once attached
+    stage1 = w.parser.get_parsed_content("stage1#handlers")
+    trainer = w.parser.get_parsed_content("stage1#trainer")
+    assert stage1[0].load_dict is stage1[5].save_dict is w.parser.get_parsed_content("stage1#checkpoint")
+    assert stage1[0].load_dict["trainer"] is trainer
+    tracked = workflow(TRAIN, **tiny(synthetic_dir, str(tmp_path / "tracked"), mlflow_enabled=True))
+    assert [type(h).__name__ for h in tracked.parser.get_parsed_content("stage2#val_handlers")][2] == (
+        "StageMLFlowHandler"
+    )
 
 
 def test_network_components_are_config_items(synthetic_dir, tmp_path):
@@ -77,11 +109,11 @@ def test_two_stage_run_end_to_end(synthetic_dir, tmp_path):
     assert {"network", "optimizer", "lr_scheduler", "trainer"} <= set(full)
     assert full["trainer"]["iteration"] == full["trainer"]["epoch_length"]  # saved after epoch 1
     # stage 2 started from the stage-1 checkpoint
-    loader = w.parser.get_parsed_content("train#handlers")[0].init
+    loader = w.parser.get_parsed_content("stage2#handlers#1")
     assert loader.loaded_from.endswith(os.path.join("stage1", "checkpoint_epoch=1.pt"))
     assert os.path.isfile(os.path.join(out, "models", "model.pt"))
     # one-epoch stages: best_min_epoch 2 falls back to their only epoch, so both best files exist
-    assert w.parser.get_parsed_content("train#best_saver").first_eligible_epoch == 1
+    assert w.parser.get_parsed_content("stage2#best_saver").first_eligible_epoch == 1
 
     # stage-1 checkpoints serve the stage-1 head (validated on it), the published model the fusion head
     def served_flag(path: str) -> bool:
@@ -106,32 +138,33 @@ def test_resume_continues_from_next_epoch(synthetic_dir, tmp_path):
     assert os.path.isfile(os.path.join(out, "stage1", "checkpoint_epoch=1.pt"))
 
     saved_best = torch.load(os.path.join(out, "stage1", "checkpoint_epoch=1.pt"), weights_only=False)["best"]
-    assert len(saved_best["_saved"]) == 1  # (score, file) of model_best.pt travels with the checkpoint
+    assert saved_best["best_score"] is not None  # the score of model_best.pt travels with the checkpoint
 
     w2 = workflow(TRAIN, **tiny(synthetic_dir, out, run=stage1_only, stage1_epochs=2))
     trainer = w2.parser.get_parsed_content("stage1#trainer")
     best_saver = w2.parser.get_parsed_content("stage1#best_saver")
     restored: list = []
-    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: restored.append(best_saver.state_dict()["_saved"]))
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: restored.append(best_saver.state_dict()))
     started: list[int] = []
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: started.append(e.state.epoch))
     w2.run()
     assert started == [2]  # epoch 1 was restored, not repeated
     # the best score of epoch 1 is known before epoch 2 validates: a worse epoch 2 cannot replace model_best.pt
-    assert [tuple(x) for x in restored[0]] == [tuple(x) for x in saved_best["_saved"]]
+    assert restored[0] == saved_best
     assert trainer.state.epoch == 2
-    resume = w2.parser.get_parsed_content("stage1#handlers")[0].resume
+    resume = w2.parser.get_parsed_content("stage1#handlers#0")
     assert resume.loaded_from.endswith("checkpoint_epoch=1.pt")
     assert os.path.isfile(os.path.join(out, "stage1", "checkpoint_epoch=2.pt"))
 
     # stage 2 alone (stage 1 given 0 epochs) starts from the stage-1 checkpoint of the earlier run
     stage2_only = [
         "$cmml_monai.evaluation.run_stage(@stage1#trainer, 'stage 1')",
-        "$cmml_monai.evaluation.run_stage(@train#trainer, 'stage 2')",
+        "$@stage2#early_stop.set_trainer(@stage2#trainer)",
+        "$cmml_monai.evaluation.run_stage(@stage2#trainer, 'stage 2')",
     ]
     w3 = workflow(TRAIN, **tiny(synthetic_dir, out, run=stage2_only, stage1_epochs=0, stage2_epochs=1))
     w3.run()
-    loader = w3.parser.get_parsed_content("train#handlers")[0].init
+    loader = w3.parser.get_parsed_content("stage2#handlers#1")
     assert loader.loaded_from.endswith("checkpoint_epoch=2.pt")
     assert w3.parser.get_parsed_content("stage1#trainer").state.epoch == 0  # stage 1 did not run
     assert os.path.isfile(os.path.join(out, "stage2", "checkpoint_epoch=1.pt"))
@@ -159,7 +192,7 @@ def test_best_checkpoint_ignores_epochs_before_min_epoch(min_epoch, max_epochs, 
         engine.run([0], max_epochs=len(scores) if max_epochs is None else max(max_epochs, 1))
     best = torch.load(os.path.join(str(tmp_path), "model_best.pt"), weights_only=True)
     assert best.get("network", best)["weight"].item() == saved_epoch  # one object: saved unwrapped
-    assert saver.state_dict()["_saved"][0][0] == scores[saved_epoch - 1]  # (score, file)
+    assert saver.state_dict()["best_score"] == scores[saved_epoch - 1]
     assert f"model_best.pt saved: epoch {saved_epoch}" in caplog.text
     if saver.first_eligible_epoch > 1:
         assert "epoch 1 is before best_min_epoch" in caplog.text
@@ -220,16 +253,19 @@ def test_bad_serve_stops_the_run_before_training(synthetic_dir, tmp_path):
 def test_early_stop_state_survives_resume(synthetic_dir, tmp_path):
     """Patience keeps counting across a resume, and a stage that stopped early stays stopped."""
     out = str(tmp_path / "early")
-    stage2_only = ["$cmml_monai.evaluation.run_stage(@train#trainer, 'stage 2')"]
-    flat = {"train#early_stop#score_function": "$lambda engine: 0.0", "early_stop_patience": 2}
+    stage2_only = [
+        "$@stage2#early_stop.set_trainer(@stage2#trainer)",
+        "$cmml_monai.evaluation.run_stage(@stage2#trainer, 'stage 2')",
+    ]
+    flat = {"stage2#early_stop#score_function": "$lambda engine: 0.0", "early_stop_patience": 2}
 
     def run(epochs: int) -> tuple[list[int], object]:
         w = workflow(TRAIN, **tiny(synthetic_dir, out, run=stage2_only, stage1_epochs=0, stage2_epochs=epochs, **flat))
-        trainer = w.parser.get_parsed_content("train#trainer")
+        trainer = w.parser.get_parsed_content("stage2#trainer")
         started: list[int] = []
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: started.append(e.state.epoch))
         w.run()
-        return started, w.parser.get_parsed_content("train#early_stop")
+        return started, w.parser.get_parsed_content("stage2#early_stop")
 
     started, stop = run(2)  # epoch 1 sets the best score, epoch 2 does not improve: counter 1 of 2
     assert started == [1, 2] and stop.state_dict() == {"counter": 1, "best_score": 0.0, "stopped": False}
@@ -253,7 +289,7 @@ def test_method_overlay_builds_and_steps(method, synthetic_dir, tmp_path):
     assert w.parser.get_parsed_content("method") == method
     epochs = w.parser.get_parsed_content("epochs")
     assert sum(epochs) == 2  # the same total budget for every method
-    key = "train#trainer" if epochs[1] else "stage1#trainer"
+    key = "stage2#trainer" if epochs[1] else "stage1#trainer"
     trainer = w.parser.get_parsed_content(key)
     batch = next(iter(trainer.data_loader))
     before = [p.detach().clone() for p in trainer.network.parameters()]
@@ -347,7 +383,7 @@ def test_derm7pt_overlay_sets_the_stage1_head_of_cmml_only(method, synthetic_dir
         net = w.parser.get_parsed_content("network_def")
         assert type(net.encoder.image_encoders[0].backbone).__name__ == "EfficientNetFeatures"
         assert w.parser.get_parsed_content("normalization")["mean"] == [0.5, 0.5, 0.5]
-        assert w.parser.get_parsed_content("train#loss").w_distill == 2.0
+        assert w.parser.get_parsed_content("stage2#loss").w_distill == 2.0
         assert w.parser.get_parsed_content("stage1#loss").w_distill == 0.0
         if method == "cmml":
             assert net.stage1_head == "concat_mlp"
@@ -357,7 +393,7 @@ def test_derm7pt_overlay_sets_the_stage1_head_of_cmml_only(method, synthetic_dir
 
 def test_warmup_epochs_reaches_both_stage_schedulers(synthetic_dir, tmp_path):
     w = workflow(TRAIN, **tiny(synthetic_dir, str(tmp_path), warmup_epochs=1, stage1_epochs=2, stage2_epochs=2))
-    for key in ("stage1#lr_scheduler", "train#lr_scheduler"):
+    for key in ("stage1#lr_scheduler", "stage2#lr_scheduler"):
         scheduler = w.parser.get_parsed_content(key)
         assert isinstance(scheduler, torch.optim.lr_scheduler.SequentialLR), key
         # the first epoch runs at warmup_start_factor (0.1) of the stage's learning rate

@@ -14,12 +14,13 @@ from cmml_monai.engines.optim import (
     stage_parameter_groups,
 )
 from cmml_monai.engines.prepare import CMMLPrepareBatch
-from cmml_monai.engines.trainer import CMMLTrainer, autocast_context
+from cmml_monai.engines.trainer import CMMLTrainer, amp_kwargs, autocast_context
 
 __all__ = [
     "CMMLTrainer",
     "CMMLEvaluator",
     "CMMLPrepareBatch",
+    "amp_kwargs",
     "autocast_context",
     "stage_optimizer",
     "stage_parameter_groups",

@@ -189,6 +189,18 @@ def shard_sampler(dataset: torch.utils.data.Dataset) -> DistributedSampler | Non
     return DistributedSampler(dataset, even_divisible=False, shuffle=False)
 
 
+#: the layers ``SyncBatchNorm.convert_sync_batchnorm`` converts, by their public classes
+BATCH_NORMS = (
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.LazyBatchNorm1d,
+    torch.nn.LazyBatchNorm2d,
+    torch.nn.LazyBatchNorm3d,
+    torch.nn.SyncBatchNorm,
+)
+
+
 def convert_sync_batchnorm(network: torch.nn.Module) -> int:
     """Replace every BatchNorm layer of ``network`` by ``torch.nn.SyncBatchNorm`` in place; returns how many.
 
@@ -203,9 +215,9 @@ def convert_sync_batchnorm(network: torch.nn.Module) -> int:
         >>> convert_sync_batchnorm(net), type(net[1]).__name__
         (1, 'SyncBatchNorm')
     """
-    if isinstance(network, torch.nn.modules.batchnorm._BatchNorm):
+    if isinstance(network, BATCH_NORMS):
         raise ValueError("convert_sync_batchnorm converts the layers inside a network, not a single BatchNorm")
-    count = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in network.modules())
+    count = sum(isinstance(m, BATCH_NORMS) for m in network.modules())
     converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
     if converted is not network:  # PyTorch replaces the children in place and returns the same object
         raise RuntimeError("torch.nn.SyncBatchNorm.convert_sync_batchnorm returned a new network")

@@ -11,7 +11,7 @@ from monai.inferers import Inferer, SimpleInferer
 from torch.utils.data import DataLoader
 
 from cmml_monai.engines.prepare import CMMLPrepareBatch
-from cmml_monai.utils import as_bool
+from cmml_monai.engines.trainer import amp_kwargs
 
 __all__ = ["CMMLEvaluator"]
 
@@ -41,7 +41,7 @@ class CMMLEvaluator(SupervisedEvaluator):
         postprocessing: Callable | None = None,
         **kwargs: Any,
     ) -> None:
-        use_amp = as_bool(amp, "amp") and torch.device(device).type == "cuda"
+        autocast_kwargs = amp_kwargs(amp, device)  # the trainer's AMP settings
         super().__init__(
             device=device,
             val_data_loader=val_data_loader,
@@ -51,7 +51,7 @@ class CMMLEvaluator(SupervisedEvaluator):
             key_val_metric=key_val_metric,
             val_handlers=val_handlers,
             postprocessing=postprocessing,
-            amp=use_amp,
-            amp_kwargs={"dtype": torch.bfloat16} if use_amp else None,
+            amp=autocast_kwargs is not None,
+            amp_kwargs=autocast_kwargs,
             **kwargs,
         )

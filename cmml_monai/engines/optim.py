@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 
 import torch
+from monai.optimizers import generate_param_groups
 
 from cmml_monai.networks import ImageEncoder
 from cmml_monai.utils import as_bool
@@ -125,17 +126,22 @@ def stage_parameter_groups(
     frozen = {id(p) for p in frozen_backbone_parameters(network)}
     crta_fn = getattr(network, "crta_parameters", None)
     crta_ids = {id(p) for p in crta_fn()} if callable(crta_fn) else None
-    crta, encoder, rest = [], [], []
-    for name, p in network.named_parameters():
+
+    def part(item: tuple[str, torch.nn.Parameter]) -> str | None:
+        """``"crta"``, ``"encoder"`` or ``"rest"`` for a parameter this stage trains, else None."""
+        name, p = item
         if id(p) not in chosen or id(p) in frozen:
-            continue
-        is_crta = id(p) in crta_ids if crta_ids is not None else name.split(".")[0] in crta_prefixes
-        if is_crta:
-            crta.append(p)
-        elif name.startswith("encoder."):
-            encoder.append(p)
-        else:
-            rest.append(p)
+            return None
+        if (id(p) in crta_ids) if crta_ids is not None else name.split(".")[0] in crta_prefixes:
+            return "crta"
+        return "encoder" if name.startswith("encoder.") else "rest"
+
+    # MONAI's grouping by name filters, in the network's parameter order; the stage decides the LRs below
+    names = ("crta", "encoder", "rest")
+    found = generate_param_groups(
+        network, [lambda item, n=n: part(item) == n for n in names], "filter", [lr] * 3, include_others=False
+    )
+    crta, encoder, rest = (list(group["params"]) for group in found)
     if stage == 1 and encoder_lr_scale == 1.0:
         groups = [{"params": crta + encoder + rest, "lr": lr, "name": "all"}]
     elif stage == 1:
@@ -180,6 +186,9 @@ def cosine_scheduler(
     warmup_start_factor: float = 0.1,
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Cosine decay over ``max_epochs`` epochs, after an optional linear warm-up (stepped once per epoch).
+
+    Not MONAI's ``WarmupCosineSchedule``: its cosine falls to 0 and clips at ``end_lr``, where this one
+    (torch's ``CosineAnnealingLR``) scales the cosine between the LR and its floor; the warm-up is the same.
 
     With ``warmup_epochs = W > 0`` the first ``W`` epochs rise linearly from ``warmup_start_factor``
     times each group's LR to the LR (torch's ``LinearLR``), then the cosine runs over the remaining

@@ -21,24 +21,42 @@ from cmml_monai.engines.distributed import DistributedTrainNetwork
 from cmml_monai.engines.prepare import CMMLPrepareBatch
 from cmml_monai.utils import as_bool
 
-__all__ = ["CMMLTrainer", "autocast_context"]
+__all__ = ["CMMLTrainer", "amp_kwargs", "autocast_context"]
+
+
+def amp_kwargs(amp: bool, device: torch.device | str) -> dict | None:
+    """MONAI's ``amp_kwargs`` of both engines: bf16 autocast on CUDA when ``amp`` is set, else None (AMP off).
+
+    Example:
+        >>> amp_kwargs(True, "cuda"), amp_kwargs(True, "cpu")
+        ({'dtype': torch.bfloat16}, None)
+    """
+    if as_bool(amp, "amp") and torch.device(device).type == "cuda":
+        return {"dtype": torch.bfloat16}
+    return None
 
 
 def autocast_context(amp: bool, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when ``amp`` is set; a no-op on CPU (one code path for both)."""
-    device = torch.device(device)
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The engines' autocast outside an engine (e.g. a test recomputing a validation): ``torch.autocast("cuda",
+    **amp_kwargs(amp, device))``, a no-op where AMP is off.
+
+    Example:
+        >>> isinstance(autocast_context(True, "cpu"), contextlib.nullcontext)
+        True
+    """
+    kwargs = amp_kwargs(amp, device)
+    return contextlib.nullcontext() if kwargs is None else torch.autocast("cuda", **kwargs)
 
 
 _DECOLLATE = Decollated(keys=None, detach=True)
 
 
 def _decollate_keeping_losses(engine: SupervisedTrainer) -> None:
-    """MONAI's decollation of ``state.batch`` and ``state.output`` (one item per case), except that the
-    0-d loss tensors stay tensors in every item: MONAI's turns each into a float with ``.item()``, a host
-    sync per term and step."""
+    """Split ``state.batch`` and ``state.output`` into one item per case with MONAI's public ``Decollated``.
+
+    Not the workflow's own ``decollate=True``: that turns each 0-d loss into a float with ``.item()`` (a host
+    sync per term and step); here the loss tensors stay on the device, shared by every item.
+    """
     if isinstance(engine.state.batch, (list, dict)):
         engine.state.batch = _DECOLLATE(engine.state.batch)
     output = engine.state.output
@@ -88,7 +106,7 @@ class CMMLTrainer(SupervisedTrainer):
         optimizer: optimizer over ``network.stage_parameters(stage)``.
         loss_function: ``CMMLLoss(stage, multi_label)``.
         stage: 1 (CRTA synthesis) or 2 (alignment + classification).
-        amp: bf16 autocast when running on CUDA; ignored on CPU.
+        amp: bf16 autocast when ``device`` is CUDA (MONAI's ``amp``, ``amp_kwargs``, as the evaluator); off on CPU.
         grad_clip: max gradient norm (0 = off).
         finite_check_interval: iterations between the checks of the loss for NaN/inf (1 = every step).
         postprocessing: transform applied to each decollated item (MONAI's ``postprocessing``).
@@ -133,6 +151,7 @@ class CMMLTrainer(SupervisedTrainer):
             )
         if not hasattr(network, "forward_train"):
             raise ValueError(f"network {type(network).__name__} has no forward_train(image, tabular, stage)")
+        autocast_kwargs = amp_kwargs(amp, device)
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -147,7 +166,8 @@ class CMMLTrainer(SupervisedTrainer):
             # decollation and postprocessing are registered below, through Ignite's public events
             postprocessing=None,
             decollate=False,
-            amp=False,
+            amp=autocast_kwargs is not None,
+            amp_kwargs=autocast_kwargs,
             **kwargs,
         )
         if decollate:
@@ -155,7 +175,6 @@ class CMMLTrainer(SupervisedTrainer):
         if postprocessing is not None:
             self.add_event_handler(IterationEvents.MODEL_COMPLETED, _postprocess, postprocessing)
         self.stage = stage
-        self.use_amp = as_bool(amp, "amp")
         self.grad_clip = float(grad_clip)
         self.finite_check_interval = finite_check_interval
         self._unchecked: list[tuple[int, torch.Tensor]] = []  # (iteration, loss) since the last check
@@ -175,15 +194,15 @@ class CMMLTrainer(SupervisedTrainer):
 
     def _forget_unchecked(self, engine: CMMLTrainer) -> None:
         """Drop losses left unchecked by an earlier run that raised."""
-        engine._unchecked = []
+        self._unchecked = []
 
     def _check_finite(self, engine: CMMLTrainer) -> None:
         """Raise ``FloatingPointError`` at the first non-finite loss since the last check (one host copy)."""
-        if not engine._unchecked:
+        if not self._unchecked:
             return
-        iterations = [i for i, _ in engine._unchecked]
-        values = torch.stack([v for _, v in engine._unchecked]).tolist()
-        engine._unchecked = []
+        iterations = [i for i, _ in self._unchecked]
+        values = torch.stack([v for _, v in self._unchecked]).tolist()
+        self._unchecked = []
         for iteration, value in zip(iterations, values):
             if not math.isfinite(value):
                 raise FloatingPointError(f"stage {engine.stage}: the loss is {value} at iteration {iteration}")
@@ -197,7 +216,8 @@ class CMMLTrainer(SupervisedTrainer):
         engine.state.output = {Keys.LABEL: label}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
-        with autocast_context(engine.use_amp, engine.state.device):
+        # MONAI's SupervisedTrainer autocast; no GradScaler: bf16 keeps fp32's exponent range
+        with torch.autocast("cuda", **engine.amp_kwargs) if engine.amp else contextlib.nullcontext():
             outputs = engine.network.forward_train(image, tabular, stage=engine.stage)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             losses = engine.loss_function(outputs, label)
@@ -207,12 +227,12 @@ class CMMLTrainer(SupervisedTrainer):
             for k, v in losses.items()
             if isinstance(v, torch.Tensor) and v.numel() == 1
         }
-        engine._unchecked.append((engine.state.iteration, terms["loss"]))
+        self._unchecked.append((engine.state.iteration, terms["loss"]))  # engine is self (MONAI's _iteration)
         epoch_length = engine.state.epoch_length
         if engine.state.iteration % engine.finite_check_interval == 0 or (
             epoch_length is not None and engine.state.iteration % epoch_length == 0
         ):
-            engine._check_finite(engine)
+            self._check_finite(engine)
         engine.state.output[Keys.PRED] = outputs["logits"].detach().float()
         engine.state.output[Keys.LOSS] = terms["loss"]
         for key, value in terms.items():

@@ -1,8 +1,9 @@
 """cmml_monai.handlers: Ignite handlers attached to the engines.
 
 Owns the macro AUC metric handler, MLflow parent/stage runs, checkpoint save/resume/load, early
-stopping, epoch loss averages, and the handler lists of a training stage (``StageHandlers``,
-``ValidationHandlers``). Handlers use the layers below (``metrics``, ``engines``, ``data``,
+stopping and epoch loss averages. ``configs/train.json`` lists each stage's handlers, in attach order,
+under ``stage1#handlers`` / ``stage1#val_handlers`` and ``stage2#handlers`` / ``stage2#val_handlers``
+(docs/training.md has the table). Handlers use the layers below (``metrics``, ``engines``, ``data``,
 ``utils``); the sweep, reports and plots that consume their outputs live in ``evaluation``.
 """
 
@@ -24,7 +25,6 @@ from cmml_monai.handlers.mlflow import (
     save_executed_config,
 )
 from cmml_monai.handlers.rng import RandomState
-from cmml_monai.handlers.stage import STAGE_NAMES, StageHandlers, ValidationHandlers
 from cmml_monai.handlers.stats import EpochLossAverager
 
 __all__ = [
@@ -38,9 +38,6 @@ __all__ = [
     "ResumeHandler",
     "StageCheckpointSaver",
     "BestCheckpointSaver",
-    "StageHandlers",
-    "ValidationHandlers",
-    "STAGE_NAMES",
     "ResumableEarlyStopHandler",
     "LoadNetworkHandler",
     "RandomState",

@@ -50,9 +50,8 @@ class StageCheckpointSaver:
     every epoch (``checkpoint_epoch=N.pt``, the last ``n_saved`` kept) and at the end or at an error
     (``checkpoint_final.pt``); the attached trainer joins ``save_dict`` as ``"trainer"``.
 
-    Our own handler around Ignite's because a resumable stage needs three things Ignite's ``Checkpoint``
-    does not do: delete epoch files an earlier (killed) run left, make the final file a link to the last
-    epoch's instead of a second full copy, and save the state at an error.
+    Not MONAI's ``CheckpointSaver`` (nor Ignite's ``Checkpoint`` under it): they keep the epoch files an
+    earlier (killed) run left, write the final state as a second full copy, and save nothing at an error.
 
     A config cannot reference the trainer inside the trainer's own handler list (a reference cycle),
     so the trainer is added when the handler is attached.
@@ -93,6 +92,7 @@ class StageCheckpointSaver:
         self.n_saved = n_saved
         self.epoch_checkpoint: Checkpoint | None = None
         self.final_checkpoint: Checkpoint | None = None
+        self.kept: list[str] = []  # the epoch files this saver wrote and Ignite keeps (its last n_saved)
 
     def attach(self, engine: Engine) -> None:
         self.save_dict.setdefault("trainer", engine)
@@ -118,7 +118,10 @@ class StageCheckpointSaver:
         self.epoch_checkpoint(engine)
         if idist.get_rank() > 0:
             return
-        kept = {os.path.basename(str(name)) for _, name in self.epoch_checkpoint.state_dict()["_saved"]}
+        last = self.epoch_checkpoint.last_checkpoint
+        if last is not None and os.path.basename(str(last)) not in self.kept:
+            self.kept = [*self.kept, os.path.basename(str(last))][-self.n_saved :]
+        kept = set(self.kept)
         for path in glob.glob(os.path.join(glob.escape(self.save_dir), "checkpoint_epoch=*.pt")):
             if _EPOCH_RE.search(os.path.basename(path)) and os.path.basename(path) not in kept:
                 os.remove(path)
@@ -174,9 +177,10 @@ class BestCheckpointSaver:
     ``state_dict`` (the saved file and its score) then travels with every epoch checkpoint and
     ``ResumeHandler`` restores it, so a resumed run only replaces ``model_best.pt`` with a better score.
 
-    Our own handler because Ignite's ``Checkpoint`` keeps a fixed file name only once (it never replaces
-    a saved name with a better score); the file itself is written by Ignite's ``Checkpoint`` and
-    ``DiskSaver`` (atomic, rank 0, the single object's state dict saved unwrapped).
+    Not MONAI's ``CheckpointSaver(save_key_metric=True)``: it has no first eligible epoch and no
+    ``state_dict``, so it keeps a warm-up epoch's lucky score and forgets the best score at a resume. The
+    file itself is written by Ignite's ``Checkpoint`` and ``DiskSaver`` (atomic, rank 0, the single object's
+    state dict saved unwrapped).
 
     Validations before ``min_epoch`` (the stage's epoch, which the evaluator carries) are not
     candidates. The first epoch after a stage starts is a warm-up: its validation score on a small
@@ -197,7 +201,7 @@ class BestCheckpointSaver:
         >>> import tempfile
         >>> saver = BestCheckpointSaver(tempfile.mkdtemp(), {"network": torch.nn.Linear(1, 1)}, min_epoch=2)
         >>> saver.state_dict()
-        {'_saved': []}
+        {'best_score': None, 'filename': 'model_best.pt'}
         >>> saver.first_eligible_epoch
         2
     """
@@ -257,12 +261,18 @@ class BestCheckpointSaver:
         logger.info("%s saved: epoch %d, score %.4f", self.filename, engine.state.epoch, score)
 
     def state_dict(self) -> dict:
-        """The best checkpoint so far as ``{"_saved": [(score, file)]}`` (empty before the first save)."""
-        return {"_saved": [] if self.best_score is None else [(self.best_score, self.filename)]}
+        """The best score so far and the file it was saved to (``best_score`` None before the first save)."""
+        return {"best_score": self.best_score, "filename": self.filename}
 
     def load_state_dict(self, state: dict) -> None:
-        saved = state.get("_saved", [])
-        self.best_score = float(saved[-1][0]) if saved else None
+        """Restore a ``state_dict``.
+
+        Raises:
+            ValueError: ``best_score`` is missing.
+        """
+        if "best_score" not in state:
+            raise ValueError(f"best-checkpoint state lacks 'best_score'; got keys {sorted(state)}")
+        self.best_score = None if state["best_score"] is None else float(state["best_score"])
 
 
 def _fresh_data_iterator(engine: Engine) -> None:
@@ -283,12 +293,20 @@ class ResumeHandler:
     epoch, random generators) when one exists, so an interrupted run continues where it stopped; every
     epoch draws its data order from a new loader iterator, whether resumed or not.
 
+    MONAI's ``CheckpointLoader`` loads the file; this handler finds the latest ``checkpoint_epoch=N.pt``
+    when the stage starts (a ``CheckpointLoader`` needs the path when the config is built).
+
     Attach it first among the trainer handlers. With ``enabled=False`` (or no checkpoint) it does nothing.
 
     Args:
         checkpoint_dir: where the stage's ``checkpoint_epoch=N.pt`` files are saved.
         load_dict: the objects to restore, the same dict the :class:`StageCheckpointSaver` saved.
         enabled: resume at all.
+
+    Example::
+
+        >>> state = {"network": torch.nn.Linear(1, 1)}
+        >>> ResumeHandler("out/stage1", state).attach(trainer)  # doctest: +SKIP
     """
 
     def __init__(self, checkpoint_dir: str, load_dict: dict, enabled: bool = True) -> None:
@@ -316,6 +334,9 @@ class ResumeHandler:
 class LoadNetworkHandler:
     """At ``STARTED`` of a fresh stage (epoch 0), load network weights from an earlier stage's checkpoint.
 
+    Not MONAI's ``CheckpointLoader``: that loads a path fixed when the config is built, also into a resumed
+    stage; this finds the earlier stage's latest epoch file when the stage starts and skips a resumed one.
+
     Stage 2 starts from stage 1: from the stage-1 network state, whether stage 1 ran in this process or
     an earlier one. A missing file is fine when ``required`` is False (e.g. baselines without stage 1).
 
@@ -324,6 +345,10 @@ class LoadNetworkHandler:
         network: the network to load into.
         key: key of the network in the checkpoint dict.
         required: raise ``FileNotFoundError`` when there is no checkpoint.
+
+    Example::
+
+        >>> LoadNetworkHandler("out/stage1", network).attach(stage2_trainer)  # doctest: +SKIP
     """
 
     def __init__(self, checkpoint_dir: str, network: torch.nn.Module, key: str = "network", required: bool = False):

@@ -14,10 +14,19 @@ __all__ = ["MacroAUC"]
 class MacroAUC(IgniteMetricHandler):
     """Macro AUC (one-vs-rest for multi-class, per label for multi-label) as an Ignite metric.
 
+    Not MONAI's ``ROCAUC``: it averages a class absent from the data in as NaN, so a small validation set
+    without one class would have no key metric; this skips the class and names it in the log. A label
+    outside ``[0, num_classes)`` is refused with one line naming it.
+
     Args:
         multi_label: multi-label task.
         activation: applied to ``pred`` first (``None`` when postprocessing already did it).
         output_transform: ``engine.state.output`` -> ``(y_pred, y)``, e.g. ``from_engine(["pred", "label"])``.
+
+    Example:
+        >>> from monai.handlers import from_engine
+        >>> auc = MacroAUC(output_transform=from_engine(["pred", "label"]))
+        >>> auc.attach(evaluator, "val_auc")  # doctest: +SKIP
     """
 
     def __init__(

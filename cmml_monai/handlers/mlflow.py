@@ -398,15 +398,24 @@ class StageMLFlowHandler(MLFlowHandler):
 
     Attach one to a stage's trainer (epoch losses, LR; ``close_on_complete=True``) and one to its
     evaluator (validation metrics, with ``step_engine`` = the trainer so the step is the training epoch).
+    With tracking off leave it out: ``configs/train.json`` gives each one ``"_disabled_": "$not @mlflow.enabled"``.
 
     Args:
-        tracker: the shared ``MLflowTracker``; nothing is attached when it is disabled.
+        tracker: the shared, enabled ``MLflowTracker``.
         stage: nested run name, e.g. ``"stage1"``.
         step_engine: engine whose epoch is the metric step (default: the attached engine).
         close_on_complete: mark the stage's run finished when the engine completes (after the artifacts
             are logged). Done here through the client rather than by ``MLFlowHandler.close``, which also
             disposes the SQLite engine that the tracker's client still uses.
         kwargs: other ``MLFlowHandler`` arguments (``artifacts``, ...).
+
+    Raises:
+        ValueError: the tracker is disabled (a handler without a run to log into).
+
+    Example::
+
+        >>> tracker = MLflowTracker("out", enabled=True)  # doctest: +SKIP
+        >>> StageMLFlowHandler(tracker, "stage1", close_on_complete=True).attach(trainer)  # doctest: +SKIP
     """
 
     def __init__(
@@ -420,13 +429,15 @@ class StageMLFlowHandler(MLFlowHandler):
         close_on_complete: bool = False,
         **kwargs: Any,
     ) -> None:
+        if not tracker.enabled:
+            raise ValueError(
+                f"StageMLFlowHandler({stage!r}): the MLflow tracker is disabled; leave the handler out "
+                '("_disabled_": "$not @mlflow.enabled" in the config)'
+            )
         self.tracker = tracker
         self.stage = stage
         self.step_engine = step_engine
         self.finish_on_complete = as_bool(close_on_complete, "close_on_complete")
-        if not tracker.enabled:
-            self.cur_run = None
-            return
         super().__init__(
             tracking_uri=tracker.tracking_uri,
             iteration_log=iteration_log,
@@ -444,10 +455,9 @@ class StageMLFlowHandler(MLFlowHandler):
         return int(self.step_engine.state.epoch) if self.step_engine is not None else int(epoch)
 
     def attach(self, engine: Engine) -> None:
-        if self.tracker.enabled:
-            super().attach(engine)
-            if self.finish_on_complete:  # after MLFlowHandler's own COMPLETED handler logs the artifacts
-                engine.add_event_handler(Events.COMPLETED, self.finish)
+        super().attach(engine)
+        if self.finish_on_complete:  # after MLFlowHandler's own COMPLETED handler logs the artifacts
+            engine.add_event_handler(Events.COMPLETED, self.finish)
 
     def finish(self, engine: Engine) -> None:
         """Mark the stage's run finished (the tracker's ``close`` ends the parent run)."""
@@ -464,8 +474,15 @@ class StageMLFlowHandler(MLFlowHandler):
 def save_executed_config(path: str, argv: Sequence[str] | None = None) -> str | None:
     """Rebuild the config of this ``python -m monai.bundle run`` call (files + overrides) into ``path``.
 
+    Not ``ConfigWorkflow``'s executed-config saving: MONAI writes that file only under ``--tracking``, which
+    this bundle refuses (:func:`refuse_monai_tracking`), so the files and overrides are read back from argv.
+
     Returns:
         ``path``, or None when the process was not started with ``--config_file`` (e.g. a test).
+
+    Example:
+        >>> save_executed_config("out/config.json", ["run", "--config_file", "configs/train.json"])  # doctest: +SKIP
+        'out/config.json'
     """
     argv = list(sys.argv if argv is None else argv)
     if "--config_file" not in argv:

@@ -31,8 +31,17 @@ class EpochLossAverager:
     first param group's learning rate) in ``engine.state.metrics`` so ``StatsHandler`` prints them and
     ``MLFlowHandler`` logs them per epoch. Attach it before those.
 
+    Not Ignite's ``Average.attach``: attached at the first iteration that has an entry, its ``EPOCH_COMPLETED``
+    would run after ``StatsHandler``'s and MLflow's, which would log the previous epoch's means.
+
     Args:
         prefix: name prefix, e.g. ``"train_"``.
+
+    Example::
+
+        >>> EpochLossAverager("train_").attach(trainer)  # doctest: +SKIP
+        >>> trainer.state.metrics["train_loss"]  # after an epoch  # doctest: +SKIP
+        0.6931
     """
 
     def __init__(self, prefix: str = "train_") -> None:
