@@ -54,8 +54,9 @@ class CMMLNet(nn.Module):
 
     ``forward(image, tabular=None) -> logits`` is the served and exported path (NaN = missing, §2, §14);
     ``forward_train(image, tabular=None, stage) -> dict`` the training path of stage 1 or 2 (§7, §13). The
-    components are factories, built in the order of the arguments: ``configs/train.json``'s ``encoder``,
-    ``context``, ``crta``, ``memory``, ``reference`` and ``alignment`` (``"_mode_": "callable"``).
+    components are factories, ``configs/train.json``'s ``encoder``, ``context``, ``crta``, ``memory``,
+    ``reference`` and ``alignment`` (``"_mode_": "callable"``), built in one fixed order (docs/method.md,
+    "Building the network"), so one seed gives the same initial weights however they are handed over.
 
     Args:
         spec: the inputs and outputs the dataset fixes (``input_spec`` in ``configs/train.json``).
