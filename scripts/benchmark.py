@@ -39,7 +39,14 @@ from functools import partial
 import torch
 
 from cmml_monai.losses import CMMLLoss
-from cmml_monai.networks import CMMLNet, LateFusionNet, MultiModalEncoder, attach_feature_cache, random_keep_mask
+from cmml_monai.networks import (
+    CMMLNet,
+    InputSpec,
+    LateFusionNet,
+    MultiModalEncoder,
+    attach_feature_cache,
+    random_keep_mask,
+)
 
 
 @dataclass
@@ -143,11 +150,13 @@ def run_benchmarks(names: list[str], cfg: BenchConfig) -> dict[str, dict]:
 def _net_args(cfg: BenchConfig, **encoder_options) -> dict:
     _, _, _, cards = make_batch(BenchConfig(batch_size=1, image_size=1, spatial_dims=cfg.spatial_dims))
     return dict(
-        image_modalities=cfg.image_modalities,
-        image_channels=3 if cfg.spatial_dims == 2 else 1,
-        spatial_dims=cfg.spatial_dims,
-        num_classes=cfg.num_classes,
-        tabular_cardinalities=cards,
+        spec=InputSpec(
+            image_modalities=cfg.image_modalities,
+            image_channels=3 if cfg.spatial_dims == 2 else 1,
+            spatial_dims=cfg.spatial_dims,
+            num_classes=cfg.num_classes,
+            tabular_cardinalities=cards,
+        ),
         feature_dim=cfg.feature_dim,
         encoder=partial(
             MultiModalEncoder,
@@ -248,12 +257,14 @@ def e2e_pipeline(
         pin_memory=device.type == "cuda",
     )
     args = dict(
-        image_modalities=info.image_modalities,
-        image_channels=info.image_channels,
-        spatial_dims=info.spatial_dims,
-        num_classes=info.num_classes,
-        tabular_cardinalities=info.tabular_cardinalities,
-        multi_label=info.multi_label,
+        spec=InputSpec(
+            image_modalities=info.image_modalities,
+            image_channels=info.image_channels,
+            spatial_dims=info.spatial_dims,
+            num_classes=info.num_classes,
+            tabular_cardinalities=info.tabular_cardinalities,
+            multi_label=info.multi_label,
+        ),
         feature_dim=cfg.feature_dim,
         encoder=partial(MultiModalEncoder, image_encoder=cfg.image_encoder),
     )

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cmml_monai.evaluation.casepage import save_page  # noqa: E402
 from cmml_monai.evaluation.explain import Explainer  # noqa: E402
-from cmml_monai.networks import CMMLNet, MultiModalEncoder  # noqa: E402
+from cmml_monai.networks import CMMLNet, InputSpec, MultiModalEncoder  # noqa: E402
 
 SETUPS = {
     "2D (Derm7pt: 2 x 224 px RGB + table)": dict(m=2, c=3, spatial=(224, 224), classes=5),
@@ -56,11 +56,7 @@ def main() -> None:
     out = tempfile.mkdtemp()
     for name, s in SETUPS.items():
         net = CMMLNet(
-            s["m"],
-            s["c"],
-            len(s["spatial"]),
-            s["classes"],
-            [0, 3],
+            InputSpec(s["m"], s["c"], len(s["spatial"]), s["classes"], [0, 3]),
             feature_dim=256,
             encoder=partial(MultiModalEncoder, image_encoder=args.encoder),
         ).eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from functools import partial
@@ -10,7 +11,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 from monai.utils import optional_import
 
-from cmml_monai.networks import MultiModalEncoder
+from cmml_monai.networks import CMMLNet, CMMLOptions, InputSpec, MultiModalEncoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
@@ -64,14 +65,30 @@ def workflow(config_file, **override) -> ConfigWorkflow:
     return w
 
 
+def build_network(cls: type, **kw) -> torch.nn.Module:
+    """``cls`` (``CMMLNet`` or ``LateFusionNet``) from flat keyword arguments, as the tests write them: the
+    :class:`InputSpec` fields go into ``spec``, for ``CMMLNet`` the :class:`CMMLOptions` fields into ``options``."""
+    spec = InputSpec(**{f.name: kw.pop(f.name) for f in dataclasses.fields(InputSpec) if f.name in kw})
+    if issubclass(cls, CMMLNet):
+        options = {f.name: kw.pop(f.name) for f in dataclasses.fields(CMMLOptions) if f.name in kw}
+        if options:
+            kw["options"] = CMMLOptions(**options)
+    return cls(spec, **kw)
+
+
 def method_network(method: str, **args) -> torch.nn.Module:
-    """The network that ``configs/methods/<method>.json`` selects, built with the shared constructor ``args``:
-    the overlay's ``network_def#_target_`` class with its ``network_def#...`` flags, as train.json builds it."""
+    """The network that ``configs/methods/<method>.json`` selects, built with the flat ``args`` (see
+    :func:`build_network`): the overlay's class and options, as train.json builds it (a baseline overlay points
+    ``network_def`` at ``late_fusion_def`` and sets its ``mode``; a CMML overlay sets ``network_def#...``)."""
+    with open(TRAIN, encoding="utf-8") as f:
+        train = json.load(f)
     with open(os.path.join(ROOT, "configs", "methods", f"{method}.json"), encoding="utf-8") as f:
         overlay = json.load(f)
-    # an overlay either sets network_def#<key> entries or replaces network_def (its references are the shared args)
-    flags = {k: v for k, v in overlay.get("network_def", {}).items() if not str(v).startswith(("@", "$"))}
-    flags.update({k.split("#", 1)[1]: v for k, v in overlay.items() if k.startswith("network_def#")})
-    module, _, name = flags.pop("_target_").rpartition(".")
-    cls, _ = optional_import(module, name=name)
-    return cls(**args, **flags)
+    name = "late_fusion_def" if overlay.get("network_def") == "@late_fusion_def" else "network_def"
+    # train.json's own values (mode), not its references (spec, encoder, ...) nor nested objects (options)
+    flags = {k: v for k, v in train[name].items() if not isinstance(v, dict) and not str(v).startswith(("@", "$"))}
+    # the last part of the key: network_def#options#use_stage2 sets CMMLOptions.use_stage2
+    flags.update({k.rsplit("#", 1)[1]: v for k, v in overlay.items() if k.startswith(name + "#")})
+    module, _, cls_name = flags.pop("_target_").rpartition(".")
+    cls, _ = optional_import(module, name=cls_name)
+    return build_network(cls, **args, **flags)

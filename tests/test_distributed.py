@@ -214,13 +214,15 @@ def test_one_process_without_group(monkeypatch):
         is_main_process,
         shard_sampler,
     )
-    from cmml_monai.networks import CMMLNet, ModalityMemoryBank, MultiModalEncoder
+    from cmml_monai.networks import CMMLNet, InputSpec, ModalityMemoryBank, MultiModalEncoder
 
     RESNET10 = partial(MultiModalEncoder, image_encoder="resnet10")
 
     assert (get_rank(), get_world_size(), is_main_process()) == (0, 1, True)
     barrier()
-    net = CMMLNet(2, 3, 2, 3, feature_dim=16, encoder=RESNET10, memory=partial(ModalityMemoryBank, num_slots=4))
+    net = CMMLNet(
+        InputSpec(2, 3, 2, 3), feature_dim=16, encoder=RESNET10, memory=partial(ModalityMemoryBank, num_slots=4)
+    )
     broadcast_buffers(net)
     assert shard_sampler(list(range(5))) is None
     for key in ("WORLD_SIZE", "RANK"):
@@ -271,10 +273,12 @@ def test_sync_batchnorm_conversion_keeps_names_and_eval_outputs():
     from functools import partial
 
     from cmml_monai.engines.distributed import DistributedTrainNetwork, convert_sync_batchnorm
-    from cmml_monai.networks import CMMLNet, MultiModalEncoder
+    from cmml_monai.networks import CMMLNet, InputSpec, MultiModalEncoder
 
     torch.manual_seed(0)
-    net = CMMLNet(2, 3, 2, 3, feature_dim=16, encoder=partial(MultiModalEncoder, image_encoder="resnet10")).eval()
+    net = CMMLNet(
+        InputSpec(2, 3, 2, 3), feature_dim=16, encoder=partial(MultiModalEncoder, image_encoder="resnet10")
+    ).eval()
     image = torch.randn(2, 6, 32, 32)
     before, names = net(image), sorted(net.state_dict())
     batchnorms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())

@@ -45,12 +45,13 @@ from cmml_monai.evaluation.explain import MISSING_COMPLETED, MISSING_NOT_USED, P
 from cmml_monai.networks import (
     CascadedResidualTransformerAE,
     CMMLNet,
+    InputSpec,
     LateFusionNet,
     ModalityMemoryBank,
     MultiModalEncoder,
 )
 
-from bundle_helpers import RESNET10
+from bundle_helpers import RESNET10, build_network
 from pacs_helpers import MARKER, MARKER_DATE, PHI, ROOT, free_port, make_study, send_study, study_files
 
 INFERENCE = os.path.join(ROOT, "configs", "inference.json")
@@ -90,7 +91,7 @@ def quadrant_mass(saliency: np.ndarray, quad: int) -> float:
 def square_net() -> LateFusionNet:
     """Trained 30 steps (seconds on one thread): test accuracy 1.0 on the seeded draw below."""
     torch.manual_seed(0)
-    net = LateFusionNet(2, 1, 2, 2, None, feature_dim=8, encoder=RESNET10, mode="zero_fill", dropout=0.0)
+    net = LateFusionNet(InputSpec(2, 1, 2, 2), feature_dim=8, encoder=RESNET10, mode="zero_fill", dropout=0.0)
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     gen = torch.Generator().manual_seed(0)
     net.train()
@@ -166,7 +167,11 @@ def test_a_missing_modality_has_no_map_and_its_marking(method, marking, spatial)
         feature_dim=8,
         encoder=RESNET10,
     )
-    net = (CMMLNet(**args, **SMALL_CMML) if method == "cmml" else LateFusionNet(**args, mode=method)).eval()
+    net = (
+        build_network(CMMLNet, **args, **SMALL_CMML)
+        if method == "cmml"
+        else build_network(LateFusionNet, **args, mode=method)
+    ).eval()
     explainer = Explainer(
         net, [("t1", 1), ("t2", 1), ("flair", 1)], completes_missing(net), ["a", "b", "c"], table_name="table"
     )
@@ -185,7 +190,8 @@ def test_a_missing_modality_has_no_map_and_its_marking(method, marking, spatial)
 @pytest.mark.usefixtures("one_thread", "seeded")
 def test_the_pretrained_frozen_efficientnet_of_the_derm7pt_overlays_gets_gradcam_maps():
     enc = partial(MultiModalEncoder, image_encoder="efficientnet-lite0", pretrained=True, freeze_backbone=True)
-    net = CMMLNet(2, 3, 2, 3, tabular_cardinalities=[0, 2], feature_dim=8, encoder=enc, **SMALL_CMML).eval()
+    spec = dict(image_modalities=2, image_channels=3, spatial_dims=2, num_classes=3, tabular_cardinalities=[0, 2])
+    net = build_network(CMMLNet, **spec, feature_dim=8, encoder=enc, **SMALL_CMML).eval()
     explainer = Explainer(net, [("clinic", 3), ("derm", 3)], True, ["a", "b", "c"], table_name="table")
     assert explainer.method == "gradcam" and explainer.layers[0].endswith("backbone.net._bn1")
     image = torch.randn(1, 6, 64, 64)
@@ -209,11 +215,7 @@ def test_torchscript_gets_occlusion_and_a_shared_encoder_its_own_row(square_net)
     with pytest.raises(ValueError, match="occlusion"):
         Explainer(traced, [("a", 1), ("b", 1)], False, ["none", "square"], method="gradcam")
     shared = LateFusionNet(
-        2,
-        1,
-        2,
-        2,
-        None,
+        InputSpec(2, 1, 2, 2),
         feature_dim=8,
         mode="zero_fill",
         encoder=partial(RESNET10, share_image_encoder=True, encode_present_only=True),
@@ -277,7 +279,11 @@ def _served(tmp_path, dataset: str, method: str, spatial: tuple[int, ...], **syn
         encoder=RESNET10,
     )
     torch.manual_seed(0)
-    net = CMMLNet(**args, **SMALL_CMML) if method == "cmml" else LateFusionNet(**args, mode=method)
+    net = (
+        build_network(CMMLNet, **args, **SMALL_CMML)
+        if method == "cmml"
+        else build_network(LateFusionNet, **args, mode=method)
+    )
     run = str(tmp_path / "run")
     os.makedirs(os.path.join(run, "models"))
     torch.save(net.state_dict(), os.path.join(run, "models", "model.pt"))

@@ -7,6 +7,7 @@ One tiny run of configs/train.json (synthetic Derm7pt, 32 px, resnet10, d=16, 1 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -37,7 +38,7 @@ from cmml_monai.deploy import (
 )
 from cmml_monai.deploy.export import check_export, example_inputs, export_onnx, main
 from cmml_monai.deploy.inference import inference_cases
-from cmml_monai.networks import LateFusionNet
+from cmml_monai.networks import CMMLOptions, InputSpec, LateFusionNet
 
 from bundle_helpers import RESNET10, tiny_overrides, workflow
 
@@ -101,7 +102,14 @@ def test_description_rebuilds_the_served_network_alone(trained, tmp_path):
         "_target_": "cmml_monai.networks.CascadedResidualTransformerAE",
         "num_blocks": NUM_BLOCKS,
         "mlp_ratio": 2.0,
+        "reads_context": True,
     }
+    # the input spec and the options are written as the config gives them, and rebuilt as objects
+    spec = args["spec"]
+    assert spec["_target_"] == "cmml_monai.networks.InputSpec" and spec["num_classes"] == 5
+    assert (spec["image_modalities"], spec["image_channels"], spec["multi_label"]) == (2, 3, False)
+    assert args["options"] == {"_target_": "cmml_monai.networks.CMMLOptions", **dataclasses.asdict(CMMLOptions())}
+    assert args["context"] == {"_target_": "cmml_monai.networks.ContextTokens", "num_tokens": 8, "conditioned": False}
     assert args["feature_dim"] == 16
     assert desc["data"]["class_names"] == ["BCC", "NEV", "MEL", "MISC", "SK"]
     assert [m["name"] for m in desc["data"]["modalities"]] == ["clinic", "derm", "table"]
@@ -400,17 +408,23 @@ def test_multi_label_inference_uses_a_sigmoid_per_label(tmp_path):
 
 
 def test_a_pre_release_description_is_refused_in_one_line(trained, tmp_path):
-    """A version-1 description (written before this package's first release) is refused, naming the way to write
-    it again; nothing is migrated."""
-    served = tmp_path / "v1"
-    served.mkdir()
-    shutil.copy(os.path.join(trained["models"], "model.pt"), served)
+    """Descriptions of earlier formats (version 1: a builder and a method; version 2: CMMLNet's flat arguments,
+    before the input spec and the options were grouped) are refused, naming the way to write them again; nothing
+    is migrated."""
+    shutil.copy(os.path.join(trained["models"], "model.pt"), tmp_path)
     desc = load_description(trained["models"])
     desc.pop("model_dir")
-    v1 = dict(desc, version=1, network={"builder": "cmml_monai.engines.build_network", "args": {"method": "cmml"}})
-    (served / DESCRIPTION_NAME).write_text(json.dumps(v1))
-    with pytest.raises(DataError, match=r"description version 1, this package reads 2; write it again: .*describe"):
-        load_network(str(served))
+    flat = {"image_modalities": 2, "image_channels": 3, "spatial_dims": 2, "num_classes": 5, "use_memory": True}
+    older = {
+        1: {"builder": "cmml_monai.engines.build_network", "args": {"method": "cmml"}},
+        2: {**desc["network"], "args": flat},
+    }
+    for version, network in older.items():
+        (tmp_path / DESCRIPTION_NAME).write_text(json.dumps(dict(desc, version=version, network=network)))
+        with pytest.raises(
+            DataError, match=rf"description version {version}, this package reads 3; write it again: .*describe.json"
+        ):
+            load_network(str(tmp_path))
 
 
 def test_a_baseline_is_served_and_completes_nothing(trained, tmp_path):
@@ -462,11 +476,13 @@ def test_3d_preprocessing_follows_the_description(tmp_path):
     schema = fit_schema(cases)
     info = DatasetInfo(cases, schema)
     net = LateFusionNet(
-        image_modalities=info.image_modalities,
-        image_channels=info.image_channels,
-        spatial_dims=info.spatial_dims,
-        num_classes=info.num_classes,
-        tabular_cardinalities=info.tabular_cardinalities,
+        InputSpec(
+            image_modalities=info.image_modalities,
+            image_channels=info.image_channels,
+            spatial_dims=info.spatial_dims,
+            num_classes=info.num_classes,
+            tabular_cardinalities=info.tabular_cardinalities,
+        ),
         feature_dim=8,
         encoder=RESNET10,
         mode="zero_fill",

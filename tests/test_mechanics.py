@@ -34,9 +34,9 @@ from cmml_monai.data.dataset import build_dataset
 from cmml_monai.evaluation import MissingRateSweep
 from cmml_monai.losses import AlignmentLoss, CMMLLoss, SupConLoss
 from cmml_monai.metrics import expected_calibration_error
-from cmml_monai.networks import CascadedResidualTransformerAE, CMMLNet, LateFusionNet, ModalityMemoryBank
+from cmml_monai.networks import CascadedResidualTransformerAE, CMMLNet, ContextTokens, LateFusionNet, ModalityMemoryBank
 
-from bundle_helpers import RESNET10
+from bundle_helpers import RESNET10, build_network
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
@@ -48,7 +48,7 @@ SMALL = dict(
     crta=partial(CascadedResidualTransformerAE, num_blocks=2),
     memory=partial(ModalityMemoryBank, num_slots=8),
     projection_dim=8,
-    num_context_tokens=4,
+    context=partial(ContextTokens, num_tokens=4),
     dropout=0.0,
 )
 SWEEP_RATES = [0.0, 0.3, 0.7]
@@ -64,7 +64,7 @@ def tiny_cmml(**kw) -> CMMLNet:
     args = dict(image_modalities=2, image_channels=3, spatial_dims=2, num_classes=5, tabular_cardinalities=[0, 4, 0])
     args.update(SMALL)
     args.update(kw)
-    return CMMLNet(**args)
+    return build_network(CMMLNet, **args)
 
 
 def mask_inputs(
@@ -158,7 +158,7 @@ def derm(tmp_path_factory) -> dict:
 
 def derm_net(derm: dict, seed: int) -> CMMLNet:
     torch.manual_seed(seed)
-    return CMMLNet(**derm["net_args"], **SMALL).eval()
+    return build_network(CMMLNet, **derm["net_args"], **SMALL).eval()
 
 
 @torch.no_grad()

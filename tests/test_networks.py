@@ -13,6 +13,10 @@ from cmml_monai.losses import CMMLLoss
 from cmml_monai.networks import (
     CascadedResidualTransformerAE,
     CMMLNet,
+    CMMLOptions,
+    ContextTokens,
+    InputSpec,
+    InstanceAdaptiveReference,
     LateFusionNet,
     ModalityMemoryBank,
     MultiModalEncoder,
@@ -20,19 +24,25 @@ from cmml_monai.networks import (
     random_keep_mask,
 )
 
-from bundle_helpers import RESNET10
+from bundle_helpers import RESNET10, build_network
 
 NAN = float("nan")
 D = 32
 CARDS = [0, 3, 0]  # numeric, categorical (3 codes), numeric
+SMALL_CRTA = partial(CascadedResidualTransformerAE, num_blocks=2)
 SMALL = dict(
     feature_dim=D,
     encoder=RESNET10,
-    crta=partial(CascadedResidualTransformerAE, num_blocks=2),
+    crta=SMALL_CRTA,
     memory=partial(ModalityMemoryBank, num_slots=8),
     projection_dim=16,
     dropout=0.0,
 )
+# the component options the variants below change (train.json: instance_context, crta_reads_context, ...)
+NO_CONTEXT = dict(context=None)
+NO_MEMORY = dict(memory=None)
+INSTANCE_CONTEXT = dict(context=partial(ContextTokens, conditioned=True))
+CRTA_WITHOUT_CONTEXT = dict(crta=partial(SMALL_CRTA, reads_context=False))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
@@ -63,14 +73,15 @@ ENCODER_OPTIONS = ("image_encoder", "share_image_encoder", "pretrained_path", "t
 
 
 def cmml(**kw) -> CMMLNet:
-    """A small CMMLNet; the encoder's options in ``kw`` go to its encoder component, as train.json's ``encoder``."""
+    """A small CMMLNet; the encoder's options in ``kw`` go to its encoder component, as train.json's ``encoder``,
+    the input spec's and ``CMMLOptions``' fields to ``spec`` and ``options``."""
     args = dict(image_modalities=2, image_channels=3, spatial_dims=2, num_classes=5, tabular_cardinalities=CARDS)
     args.update(SMALL)
     options = {k: kw.pop(k) for k in ENCODER_OPTIONS if k in kw}
     if options:
         args["encoder"] = partial(MultiModalEncoder, **{"image_encoder": "resnet10", **options})
     args.update(kw)
-    return CMMLNet(**args)
+    return build_network(CMMLNet, **args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,14 +245,14 @@ def test_no_nan_table_missing_and_one_image():
     "kwargs",
     [
         dict(),
-        dict(use_context=False, use_memory=False),
+        dict(**NO_CONTEXT, **NO_MEMORY),
         dict(share_image_encoder=True),
         dict(mark_synthesized=True),
         dict(residual_head=False),
         dict(stage1_head="concat_mlp"),
         dict(stage1_head="norm_mean"),
-        dict(instance_context=True),
-        dict(crta_reads_context=False),
+        INSTANCE_CONTEXT,
+        CRTA_WITHOUT_CONTEXT,
     ],
     ids=[
         "cmml",
@@ -270,7 +281,7 @@ def test_every_parameter_gets_gradient_from_its_stage(kwargs):
         "alignment.attn.q.weight",
         "alignment.attn.q.bias",
     )
-    dead = set() if kwargs.get("use_context", True) else set(query_path)
+    dead = set() if kwargs.get("context", ContextTokens) is not None else set(query_path)
     for stage in (1, 2):
         net.zero_grad(set_to_none=True)
         loss = CMMLLoss(stage=stage)(net.forward_train(image, tab, stage=stage), label)["loss"]
@@ -290,7 +301,7 @@ def test_every_parameter_gets_gradient_from_its_stage(kwargs):
         assert leaked == [], f"stage {stage}: gradient outside the stage for {leaked}"
     assert {id(p) for p in net.parameters()} == {id(p) for s in (1, 2) for p in net.stage_parameters(s)}
     crta = {id(p) for p in net.crta_parameters()}
-    unread = set() if net.crta_reads_context or net.context is None else {id(p) for p in net.context.parameters()}
+    unread = set() if net.crta.reads_context or net.context is None else {id(p) for p in net.context.parameters()}
     assert crta - unread <= {id(p) for p in net.stage_parameters(1)} and crta <= {
         id(p) for p in net.stage_parameters(2)
     }
@@ -309,7 +320,7 @@ def test_memory_written_only_in_stage1_training():
 
 
 def test_memory_write_stage2_keeps_the_banks_on_the_current_features():
-    net = cmml(memory_write_stage2=True)
+    net = cmml(memory=partial(ModalityMemoryBank, num_slots=8, write_stage2=True))
     image, tab = make_batch(all_patterns(3))
     net.train().forward_train(image, tab, stage=1)
     after_stage1 = net.memory.memory.clone()
@@ -337,10 +348,10 @@ def test_memory_write_stage2_keeps_the_banks_on_the_current_features():
         lambda: cmml(residual_head=False),
         lambda: cmml(stage1_head="concat_mlp"),
         lambda: cmml(stage1_head="norm_mean"),
-        lambda: cmml(instance_context=True),
-        lambda: cmml(crta_reads_context=False),
-        lambda: cmml(use_stage2=False, use_memory=False, use_context=False),
-        lambda: LateFusionNet(2, 3, 2, 5, CARDS, feature_dim=D, encoder=RESNET10, mode="mean_impute"),
+        lambda: cmml(**INSTANCE_CONTEXT),
+        lambda: cmml(**CRTA_WITHOUT_CONTEXT),
+        lambda: cmml(use_stage2=False, **NO_MEMORY, **NO_CONTEXT),
+        lambda: LateFusionNet(InputSpec(2, 3, 2, 5, CARDS), feature_dim=D, encoder=RESNET10, mode="mean_impute"),
     ],
     ids=[
         "cmml_present_only",
@@ -374,14 +385,14 @@ def test_trace_matches_eager_for_other_patterns(make):
     "kwargs",
     [
         dict(),
-        dict(use_stage2=False, use_context=False),
+        dict(use_stage2=False, **NO_CONTEXT),
         dict(mark_synthesized=True),
         dict(residual_head=False),
         dict(stage1_head="concat_mlp"),
         dict(stage1_head="concat_mlp", use_stage2=False),
         dict(stage1_head="norm_mean"),
-        dict(instance_context=True),
-        dict(crta_reads_context=False),
+        INSTANCE_CONTEXT,
+        CRTA_WITHOUT_CONTEXT,
     ],
     ids=[
         "cmml",
@@ -456,8 +467,8 @@ def test_determinism():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(use_memory=False),
-        dict(use_context=False),
+        NO_MEMORY,
+        NO_CONTEXT,
         dict(use_stage2=False),
         dict(share_image_encoder=True),
         dict(tabular_cardinalities=None),
@@ -486,7 +497,7 @@ def test_ablations_build_and_run(kwargs):
 @pytest.mark.parametrize("mode", ["zero_fill", "modality_dropout", "mean_impute"])
 def test_late_fusion_baselines(mode):
     net = LateFusionNet(
-        2, 3, 2, 4, CARDS, multi_label=True, feature_dim=D, encoder=RESNET10, mode=mode, dropout_prob=0.5
+        InputSpec(2, 3, 2, 4, CARDS, multi_label=True), feature_dim=D, encoder=RESNET10, mode=mode, dropout_prob=0.5
     )
     present = all_patterns(3)
     image, tab = make_batch(present)
@@ -500,7 +511,7 @@ def test_late_fusion_baselines(mode):
         assert net.mean_initialized.all() and net.running_mean.abs().sum() > 0
     if mode == "modality_dropout":  # training drops tokens: rows with several modalities change
         net = LateFusionNet(
-            2, 3, 2, 4, CARDS, feature_dim=D, encoder=RESNET10, mode=mode, dropout_prob=1.0, dropout=0.0
+            InputSpec(2, 3, 2, 4, CARDS), feature_dim=D, encoder=RESNET10, mode=mode, dropout_prob=1.0, dropout=0.0
         ).train()
         dropped, full = net.forward_train(image, tab)["logits"], net(image, tab)
         several = present.sum(1) > 1
@@ -515,11 +526,7 @@ def test_modality_dropout_two_view_gives_the_observed_and_the_dropped_view():
     image, tab = make_batch(present)
     torch.manual_seed(0)
     net = LateFusionNet(
-        2,
-        3,
-        2,
-        4,
-        CARDS,
+        InputSpec(2, 3, 2, 4, CARDS),
         feature_dim=D,
         encoder=RESNET10,
         mode="modality_dropout",
@@ -541,11 +548,11 @@ def test_modality_dropout_two_view_gives_the_observed_and_the_dropped_view():
     assert all(p.grad is not None for p in net.head.parameters())
     assert set(net.eval().forward_train(image, tab)) == {"logits", "present"}  # one view outside training
     with pytest.raises(ValueError, match="two_view"):
-        LateFusionNet(2, 3, 2, 4, CARDS, feature_dim=D, encoder=RESNET10, mode="mean_impute", two_view=True)
+        LateFusionNet(InputSpec(2, 3, 2, 4, CARDS), feature_dim=D, encoder=RESNET10, mode="mean_impute", two_view=True)
 
 
 def test_3d_and_densenet_and_pretrained(tmp_path):
-    net = CMMLNet(3, 1, 3, 2, None, **SMALL).eval()
+    net = build_network(CMMLNet, image_modalities=3, image_channels=1, spatial_dims=3, num_classes=2, **SMALL).eval()
     vol = torch.randn(2, 3, 16, 16, 16)
     vol[0, 1] = NAN
     assert net(vol).shape == (2, 2)
@@ -571,7 +578,7 @@ def test_argument_checks():
     with pytest.raises(ValueError, match="stage1_drop_prob"):
         cmml(stage1_drop_prob=1.5)
     with pytest.raises(ValueError, match="mode"):
-        LateFusionNet(2, 3, 2, 5, mode="bogus")
+        LateFusionNet(InputSpec(2, 3, 2, 5), mode="bogus")
     with pytest.raises(ValueError, match="stage"):
         cmml().forward_train(torch.randn(1, 6, 16, 16), None, stage=3)
 
@@ -665,7 +672,9 @@ def test_residual_head_starts_stage2_from_the_stage1_prediction():
     plain_aux = {id(p) for p in list(plain.aux_head.parameters()) + list(plain.aux_norm.parameters())}
     assert not plain_aux & {id(p) for p in plain.stage_parameters(2)}  # without it stage 2 leaves that head
     # the head layout travels with the weights: loading into the other layout is refused, by name
-    with pytest.raises(RuntimeError, match="trained with residual_head=True .* network_def#residual_head true"):
+    with pytest.raises(
+        RuntimeError, match="trained with residual_head=True .* --network_def#options#residual_head true"
+    ):
         plain.load_state_dict(net.state_dict())
     with pytest.raises(RuntimeError, match='Missing key.*"residual_head_flag"'):  # the flag travels with the weights
         cmml().load_state_dict({k: v for k, v in plain.state_dict().items() if k != "residual_head_flag"})
@@ -683,9 +692,9 @@ def test_concat_stage1_head_gives_each_modality_slot_its_own_weights():
     assert not torch.allclose(net._stage1_head(tokens), net._stage1_head(swapped), atol=1e-4)
     mean = cmml().eval()
     assert torch.allclose(mean._stage1_head(tokens), mean._stage1_head(swapped), atol=1e-5)
-    with pytest.raises(RuntimeError, match="with stage1_head='concat_mlp' .* network_def#stage1_head concat_mlp"):
+    with pytest.raises(RuntimeError, match="with stage1_head='concat_mlp' .* --stage1_head concat_mlp"):
         mean.load_state_dict(net.state_dict())
-    with pytest.raises(RuntimeError, match="trained with stage1_head='mean' .* network_def#stage1_head mean"):
+    with pytest.raises(RuntimeError, match="trained with stage1_head='mean' .* --stage1_head mean"):
         net.load_state_dict(mean.state_dict())
     cmml(stage1_head="concat_mlp").load_state_dict(net.state_dict())
     with pytest.raises(ValueError, match="stage1_head must be one of .* got 'concat'"):
@@ -705,9 +714,9 @@ def test_mean_stage1_head_keeps_the_length_of_the_pooled_token():
     assert torch.allclose(mean._stage1_head(3 * tokens) - bias, 3 * (mean._stage1_head(tokens) - bias), atol=1e-5)
     assert torch.allclose(mean._stage1_head(tokens), mean.aux_head(tokens.mean(dim=1)), atol=1e-6)
     assert torch.allclose(norm._stage1_head(3 * tokens), norm._stage1_head(tokens), atol=1e-4)
-    with pytest.raises(RuntimeError, match="trained with stage1_head='norm_mean' .* network_def#stage1_head norm_mean"):
+    with pytest.raises(RuntimeError, match="trained with stage1_head='norm_mean' .* --stage1_head norm_mean"):
         mean.load_state_dict(norm.state_dict())
-    with pytest.raises(RuntimeError, match="trained with stage1_head='mean' .* network_def#stage1_head mean"):
+    with pytest.raises(RuntimeError, match="trained with stage1_head='mean' .* --stage1_head mean"):
         norm.load_state_dict(mean.state_dict())
     cmml(stage1_head="norm_mean").load_state_dict(norm.state_dict())
     cmml().load_state_dict(mean.state_dict())
@@ -715,7 +724,7 @@ def test_mean_stage1_head_keeps_the_length_of_the_pooled_token():
 
 @pytest.mark.parametrize("reads_context", [True, False])
 def test_reference_keys_follow_reference_reads_context(reads_context):
-    net = cmml(reference_reads_context=reads_context).eval()
+    net = cmml(reference=partial(InstanceAdaptiveReference, reads_context=reads_context)).eval()
     image, tab = make_batch(all_patterns(3))
     with torch.no_grad():
         out = net.forward_train(image, tab, stage=2)
@@ -725,9 +734,9 @@ def test_reference_keys_follow_reference_reads_context(reads_context):
         synth, context, _ = net.crta(tokens, present, prior)
         completed = net.memory(synth, present)
         keys = torch.cat([context, completed], dim=1) if reads_context else completed
-        expected = net.reference_proj(net.reference(prior, keys).mean(dim=1))
+        expected = net.reference_proj(net.reference.attn(prior, keys).mean(dim=1))
         other = torch.cat([context, completed], dim=1) if not reads_context else completed
-        not_expected = net.reference_proj(net.reference(prior, other).mean(dim=1))
+        not_expected = net.reference_proj(net.reference.attn(prior, other).mean(dim=1))
     torch.testing.assert_close(out["reference"], expected)
     assert not torch.allclose(out["reference"], not_expected)
 
@@ -735,23 +744,21 @@ def test_reference_keys_follow_reference_reads_context(reads_context):
 def test_components_handed_by_reference_keep_the_default_build():
     """configs/train.json hands CMMLNet its encoder, CRTA, memory, reference and alignment as components (classes
     or partials); the default ones give the same parameter names and, from one seed, the same weights."""
-    from cmml_monai.networks import CrossModalAlignment, InstanceAdaptiveReference
+    from cmml_monai.networks import CrossModalAlignment
 
     torch.manual_seed(0)
-    default = CMMLNet(2, 3, 2, 5, CARDS, feature_dim=D)
+    default = CMMLNet(InputSpec(2, 3, 2, 5, CARDS), feature_dim=D)
     torch.manual_seed(0)
     composed = CMMLNet(
-        2,
-        3,
-        2,
-        5,
-        CARDS,
+        InputSpec(2, 3, 2, 5, CARDS),
         feature_dim=D,
         encoder=partial(MultiModalEncoder, image_encoder="resnet18"),
-        crta=partial(CascadedResidualTransformerAE, num_blocks=3, mlp_ratio=2.0),
-        memory=partial(ModalityMemoryBank, num_slots=64, tau=0.1, momentum=0.9),
-        reference=InstanceAdaptiveReference,
+        context=partial(ContextTokens, num_tokens=8, conditioned=False),
+        crta=partial(CascadedResidualTransformerAE, num_blocks=3, mlp_ratio=2.0, reads_context=True),
+        memory=partial(ModalityMemoryBank, num_slots=64, tau=0.1, momentum=0.9, write_stage2=False),
+        reference=partial(InstanceAdaptiveReference, reads_context=True),
         alignment=CrossModalAlignment,
+        options=CMMLOptions(),
     )
     a, b = default.state_dict(), composed.state_dict()
     assert list(a) == list(b)
@@ -764,7 +771,7 @@ def test_components_handed_by_reference_keep_the_default_build():
 def test_instance_context_is_the_prior_shifted_by_the_observed_tokens():
     """``C_i = C + W mean(present tokens of case i)``: the shared prior at initialisation (W = 0), then a shift
     that reads only the observed (or, in stage 1, kept) modality tokens; weights of the other setting are refused."""
-    net = cmml(instance_context=True).eval()
+    net = cmml(**INSTANCE_CONTEXT).eval()
     present = all_patterns(3)
     image, tab = make_batch(present)
     tokens, observed = net.encoder(image, tab)
@@ -782,16 +789,16 @@ def test_instance_context_is_the_prior_shifted_by_the_observed_tokens():
         changed[~observed] = 100.0
         torch.testing.assert_close(net._context(changed, observed), expected)
         assert not torch.allclose(expected[0], expected[1])  # cases with different inputs get different tokens
-    with pytest.raises(RuntimeError, match="network_def#instance_context true"):
+    with pytest.raises(RuntimeError, match="--instance_context true"):
         cmml().load_state_dict(net.state_dict())
-    with pytest.raises(RuntimeError, match="network_def#instance_context false"):
+    with pytest.raises(RuntimeError, match="--instance_context false"):
         net.load_state_dict(cmml().state_dict())
 
 
 def test_crta_without_context_completes_from_the_observed_tokens_only():
     """``crta_reads_context=False``: the completed tokens do not change with the context tokens, the reference
     still does; stage 1 does not train the context tokens."""
-    net = cmml(crta_reads_context=False).eval()
+    net = cmml(**CRTA_WITHOUT_CONTEXT).eval()
     image, tab = make_batch(all_patterns(3))
     with torch.no_grad():
         torch.manual_seed(1)  # the same extra drops of the second view in both calls
@@ -802,7 +809,7 @@ def test_crta_without_context_completes_from_the_observed_tokens_only():
         tokens, present = net.encoder(image, tab)
         expected, _, _ = net.crta(tokens, present, None)
     torch.testing.assert_close(after["synth"], before["synth"])
-    torch.testing.assert_close(net.crta(tokens, present, net._crta_context(net._context(tokens, present)))[0], expected)
+    torch.testing.assert_close(net.crta(tokens, present, net._context(tokens, present))[0], expected)
     assert not torch.allclose(after["reference"], before["reference"])
     stage1 = {id(p) for p in net.stage_parameters(1)}
     assert id(net.context.tokens) not in stage1 and id(net.context.tokens) in {id(p) for p in net.stage_parameters(2)}
@@ -813,12 +820,12 @@ def test_crta_without_context_completes_from_the_observed_tokens_only():
     [
         lambda multi: cmml(multi_label=multi),
         lambda multi: LateFusionNet(
-            2, 3, 2, 5, CARDS, multi_label=multi, feature_dim=D, encoder=RESNET10, mode="zero_fill"
+            InputSpec(2, 3, 2, 5, CARDS, multi_label=multi), feature_dim=D, encoder=RESNET10, mode="zero_fill"
         ),
     ],
 )
 def test_multi_label_is_accepted_and_changes_nothing(make):
-    """``multi_label`` stays a constructor argument (the configs pass it), not network state: same logits."""
+    """``multi_label`` is part of the input spec (it describes the outputs), not network state: same logits."""
     torch.manual_seed(0)
     single = make(False).eval()
     torch.manual_seed(0)

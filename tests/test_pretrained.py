@@ -24,6 +24,7 @@ from cmml_monai.networks import (
     CMMLNet,
     FeatureCache,
     ImageEncoder,
+    InputSpec,
     MultiModalEncoder,
     attach_feature_cache,
     build_image_backbone,
@@ -137,7 +138,8 @@ def test_a_frozen_backbone_keeps_its_weights_and_statistics_and_is_served_from_t
     torch.manual_seed(0)
     enc = partial(MultiModalEncoder, image_encoder="efficientnet-lite0", pretrained=True, freeze_backbone=True)
     net = attach_feature_cache(
-        CMMLNet(2, 3, 2, 3, tabular_cardinalities=[0, 4], feature_dim=16, encoder=enc), str(tmp_path / "features")
+        CMMLNet(InputSpec(2, 3, 2, 3, tabular_cardinalities=[0, 4]), feature_dim=16, encoder=enc),
+        str(tmp_path / "features"),
     )
     backbone = net.encoder.image_encoders[0].backbone
     before = {k: v.clone() for k, v in backbone.state_dict().items()}

@@ -28,14 +28,15 @@ def test_lowercase_false_reaches_the_consumers(tmp_path):
 
     from cmml_monai.engines.optim import stage_parameter_groups
     from cmml_monai.handlers import MLflowTracker, ResumeHandler
-    from cmml_monai.networks import CMMLNet, MultiModalEncoder
+    from cmml_monai.networks import CMMLNet, CMMLOptions, InputSpec, MultiModalEncoder
 
     RESNET10 = partial(MultiModalEncoder, image_encoder="resnet10")
 
     assert MLflowTracker(str(tmp_path), enabled="false").enabled is False
     assert ResumeHandler(str(tmp_path), {}, enabled="false").enabled is False
-    net = CMMLNet(1, 3, 2, 2, feature_dim=16, encoder=RESNET10)
+    net = CMMLNet(InputSpec(1, 3, 2, 2), feature_dim=16, encoder=RESNET10)
     groups = stage_parameter_groups(net, 2, 1e-3, freeze_crta="true")
     assert [g["name"] for g in groups] == ["main", "encoder"]  # the CRTA group is left out, not trained
-    off = CMMLNet(1, 3, 2, 2, feature_dim=16, encoder=RESNET10, use_memory="false", mark_synthesized="False")
-    assert off.memory is None and not hasattr(off, "synth_embedding")
+    options = CMMLOptions(use_stage2="true", mark_synthesized="False")
+    off = CMMLNet(InputSpec(1, 3, 2, 2, multi_label="no"), feature_dim=16, encoder=RESNET10, options=options)
+    assert off.use_stage2 and not hasattr(off, "synth_embedding") and off.spec.multi_label is False

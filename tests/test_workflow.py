@@ -83,12 +83,23 @@ def test_every_handler_is_a_config_item_in_attach_order(synthetic_dir, tmp_path)
 
 
 def test_network_components_are_config_items(synthetic_dir, tmp_path):
-    """encoder, crta, memory, reference and alignment are components of their own: an override reaches the network."""
-    overrides = {"crta#num_blocks": 2, "memory#num_slots": 5, "encoder#share_image_encoder": True}
+    """encoder, context, crta, memory, reference and alignment are components of their own, the rest of CMML's
+    options one ``network_def#options`` object: an override of either reaches the network."""
+    overrides = {
+        "crta#num_blocks": 2,
+        "memory#num_slots": 5,
+        "encoder#share_image_encoder": True,
+        "context#num_tokens": 3,
+        "instance_context": "true",
+        "crta_reads_context": "false",
+        "network_def#options#residual_head": "false",
+    }
     w = workflow(TRAIN, **tiny(synthetic_dir, str(tmp_path), **overrides))
     net = w.parser.get_parsed_content("network_def")
     assert len(net.crta.blocks) == 2 and net.memory.memory.shape[1] == 5
     assert len(net.encoder.image_encoders) == 1  # one backbone shared by both images
+    assert net.context.tokens.shape[0] == 3 and net.instance_context and not net.crta.reads_context
+    assert not net.residual_head and net.options.stage1_head == "mean"
     assert type(net.reference).__name__ == "InstanceAdaptiveReference"
     assert type(net.alignment).__name__ == "CrossModalAlignment"
 

@@ -5,12 +5,15 @@ Training builds the network from the training data (``configs/train.json``: ``ne
 ``<output_dir>/models/network.json`` when it publishes the weights: the network class (``network_def``'s
 ``_target_``), its resolved constructor arguments (every ``network_def`` override included), the method's
 name, the modalities, classes, table schema and the preprocessing. :func:`load_network` rebuilds the
-network from that file alone and loads the weights. Version 1 files (written when a method name chose the
-class) are read too.
+network from that file alone and loads the weights. Each argument is written as the config gives it: a
+component factory (``"_mode_": "callable"``) or an options object (:class:`cmml_monai.networks.InputSpec`,
+:class:`cmml_monai.networks.CMMLOptions`) as ``{"_target_": path, **its options}``. Only this version is read;
+an older file is refused with the command that writes it again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -49,7 +52,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DESCRIPTION_NAME = "network.json"
-DESCRIPTION_VERSION = 2
+DESCRIPTION_VERSION = 3
 WEIGHTS_NAME = "model.pt"
 _FORMAT = "cmml-monai network description"
 # constructor or component options that point at files of the training machine: the served weights replace them
@@ -60,10 +63,13 @@ _NETWORKS_PACKAGE = "cmml_monai.networks"
 
 def _plain(value: Any, where: str) -> Any:
     """``value`` as plain JSON types (tuples -> lists, numpy scalars -> Python, a network component's class or
-    ``functools.partial`` -> ``{"_target_": path, **its options}`` as the config writes it); anything else is an
-    error, so a description never holds a value that cannot be read back as it was."""
+    ``functools.partial`` and an options dataclass -> ``{"_target_": path, **its options}`` as the config writes
+    it); anything else is an error, so a description never holds a value that cannot be read back as it was."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _plain(getattr(value, f.name), f"{where}.{f.name}") for f in dataclasses.fields(value)}
+        return {"_target_": _target_of(type(value)), **fields}
     if isinstance(value, functools.partial) or isinstance(value, type):
         func = value.func if isinstance(value, functools.partial) else value
         if isinstance(value, functools.partial) and value.args:
@@ -110,7 +116,7 @@ def completes_missing(network: torch.nn.Module | Mapping[str, Any]) -> bool:
         DataError: a description whose network is not a class of ``cmml_monai.networks``.
 
     Example:
-        >>> completes_missing(LateFusionNet(**shared_args, mode="zero_fill"))  # doctest: +SKIP
+        >>> completes_missing(LateFusionNet(InputSpec(2, 3, 2, 5), mode="zero_fill"))  # doctest: +SKIP
         False
         >>> completes_missing(load_description("bundle/men_cmml/models"))  # doctest: +SKIP
         True
@@ -170,16 +176,7 @@ def describe_network(
         "version": DESCRIPTION_VERSION,
         "weights": WEIGHTS_NAME,
         "network": {"target": target, "method": method, "args": _plain(args, "network_def")},
-        "data": {
-            "dataset": case_list.name,
-            "dataset_options": _plain(dict(dataset_options or {}), "dataset_options"),
-            "modalities": [{"name": m.name, "kind": m.kind, "channels": int(m.channels)} for m in case_list.modalities],
-            "class_names": [str(c) for c in case_list.class_names],
-            "multi_label": bool(case_list.multi_label),
-            "activation": "sigmoid" if case_list.multi_label else "softmax",
-            "table_columns": [str(c) for c in case_list.table_columns],
-            "table_schema": schema.to_json() if schema is not None and case_list.has_table else None,
-        },
+        "data": _data_section(case_list, schema, dataset_options),
         "preprocessing": {
             "kind": kind,
             "spatial_size": [int(s) for s in spatial_size],
@@ -193,6 +190,22 @@ def describe_network(
             "image": [sum(int(m.channels) for m in images), *[int(s) for s in spatial_size]],
             "tabular": schema.num_features if schema is not None and case_list.has_table else None,
         },
+    }
+
+
+def _data_section(
+    case_list: CaseList, schema: TableSchema | None, dataset_options: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The description's ``data``: the dataset's modalities, classes and table schema."""
+    return {
+        "dataset": case_list.name,
+        "dataset_options": _plain(dict(dataset_options or {}), "dataset_options"),
+        "modalities": [{"name": m.name, "kind": m.kind, "channels": int(m.channels)} for m in case_list.modalities],
+        "class_names": [str(c) for c in case_list.class_names],
+        "multi_label": bool(case_list.multi_label),
+        "activation": "sigmoid" if case_list.multi_label else "softmax",
+        "table_columns": [str(c) for c in case_list.table_columns],
+        "table_schema": schema.to_json() if schema is not None and case_list.has_table else None,
     }
 
 
@@ -337,11 +350,13 @@ def _target_of(cls: type) -> str:
     return f"{_NETWORKS_PACKAGE}.{cls.__name__}"
 
 
-def _network_class(target: Any) -> type[torch.nn.Module]:
-    """The class a description names; only classes of ``cmml_monai.networks``."""
+def _network_class(target: Any, options: bool = False) -> type:
+    """The class a description names; only networks (and, with ``options``, option dataclasses) of
+    ``cmml_monai.networks``."""
     module, _, name = str(target).rpartition(".")
     cls = getattr(importlib.import_module(_NETWORKS_PACKAGE), name, None) if module == _NETWORKS_PACKAGE else None
-    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+    is_options = options and dataclasses.is_dataclass(cls)
+    if not (isinstance(cls, type) and (issubclass(cls, torch.nn.Module) or is_options)):
         raise DataError(f"{DESCRIPTION_NAME}: network target {target!r} is not a network class of {_NETWORKS_PACKAGE}")
     return cls
 
@@ -357,11 +372,14 @@ def _without_dropped(args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _component(value: Any) -> Any:
-    """A ``{"_target_": path, **options}`` argument as the class or ``functools.partial`` the network calls."""
+    """A ``{"_target_": path, **options}`` argument as the network takes it: an options dataclass built, a
+    component as the class or ``functools.partial`` the network calls."""
     if not (isinstance(value, Mapping) and "_target_" in value):
         return value
     options = {k: v for k, v in value.items() if k != "_target_"}
-    cls = _network_class(value["_target_"])
+    cls = _network_class(value["_target_"], options=True)
+    if dataclasses.is_dataclass(cls):
+        return cls(**options)
     return functools.partial(cls, **options) if options else cls
 
 

@@ -24,12 +24,16 @@ from cmml_monai.networks.pretrained import (
     EfficientNetFeatures,
     input_normalization,
 )
+from cmml_monai.networks.spec import STAGE1_HEADS, CMMLOptions, InputSpec
 from cmml_monai.networks.tabular import TabularEncoder
 from cmml_monai.networks.utils import masked_mean, presence_from_nan, random_keep_mask
 from cmml_monai.networks.wrappers import TrainingForward
 
 __all__ = [
     "CMMLNet",
+    "CMMLOptions",
+    "InputSpec",
+    "STAGE1_HEADS",
     "LateFusionNet",
     "LATE_FUSION_MODES",
     "MultiModalEncoder",

@@ -7,30 +7,41 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cmml_monai.networks.utils import AttentionLayer, TransformerLayer
+from cmml_monai.utils import as_bool
 
 __all__ = ["InstanceAdaptiveReference", "CrossModalAlignment", "FusionHead", "ProjectionHead"]
 
 
 class InstanceAdaptiveReference(nn.Module):
-    """``R_i = C + CrossAttn(C, tokens_i)``: context tokens infused with the completed case.
+    """``R_i = C + CrossAttn(C, [C^N_i; tokens_i])``: context tokens infused with the completed case (§9).
 
     Args:
         feature_dim: ``d``.
         num_heads: attention heads.
         dropout: attention dropout.
+        reads_context: the keys include the CRTA-refined context tokens when given; False reads the completed
+            modality tokens only, so every key carries the case.
 
     Example::
 
-        >>> InstanceAdaptiveReference(32)(torch.randn(2, 8, 32), torch.randn(2, 3, 32)).shape
+        >>> ref = InstanceAdaptiveReference(32)
+        >>> ref(torch.randn(2, 8, 32), torch.randn(2, 3, 32), torch.randn(2, 8, 32)).shape
         torch.Size([2, 8, 32])
     """
 
-    def __init__(self, feature_dim: int = 256, num_heads: int = 4, dropout: float = 0.0) -> None:
+    def __init__(
+        self, feature_dim: int = 256, num_heads: int = 4, dropout: float = 0.0, reads_context: bool = True
+    ) -> None:
         super().__init__()
+        self.reads_context = as_bool(reads_context, "reads_context")
         self.attn = AttentionLayer(feature_dim, num_heads, dropout)
 
-    def forward(self, context: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.attn(context, tokens)
+    def forward(self, query: torch.Tensor, tokens: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``query [B, K, d]`` (the context prior) reads ``tokens [B, k, d]`` and the refined ``context``."""
+        keys = tokens
+        if self.reads_context and context is not None:
+            keys = torch.cat([context, tokens], dim=1)
+        return self.attn(query, keys)
 
 
 class CrossModalAlignment(nn.Module):

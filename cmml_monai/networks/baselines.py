@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
 from cmml_monai.networks.encoders import MultiModalEncoder
+from cmml_monai.networks.spec import InputSpec
 from cmml_monai.networks.utils import constructor_args, masked_mean, random_keep_mask
 from cmml_monai.utils import as_bool
 
@@ -28,10 +29,10 @@ class LateFusionNet(nn.Module):
     - ``mean_impute``: a missing token is replaced by the running mean (EMA buffer, updated in
       ``forward_train`` while training) of that modality's real tokens; no indicators.
 
-    ``image_modalities``, ``image_channels``, ``spatial_dims``, ``num_classes``, ``tabular_cardinalities``,
-    ``multi_label``, ``feature_dim`` and ``encoder`` are the shared constructor's (see ``CMMLNet``).
-
     Args:
+        spec: the inputs and outputs the dataset fixes, as :class:`CMMLNet` takes them.
+        feature_dim: token width ``d``.
+        encoder: builds every modality's encoder, as :class:`CMMLNet` calls it.
         mode: one of ``LATE_FUSION_MODES``.
         dropout_prob: modality dropout probability (``modality_dropout`` only).
         hidden_dim: MLP hidden width (default ``feature_dim``).
@@ -44,19 +45,14 @@ class LateFusionNet(nn.Module):
 
         >>> from functools import partial
         >>> resnet10 = partial(MultiModalEncoder, image_encoder="resnet10")
-        >>> net = LateFusionNet(2, 3, 2, 5, [0, 3], feature_dim=32, encoder=resnet10)
+        >>> net = LateFusionNet(InputSpec(2, 3, 2, 5, [0, 3]), feature_dim=32, encoder=resnet10)
         >>> net(torch.randn(4, 6, 32, 32), torch.randn(4, 2)).shape
         torch.Size([4, 5])
     """
 
     def __init__(
         self,
-        image_modalities: int,
-        image_channels: int,
-        spatial_dims: int,
-        num_classes: int,
-        tabular_cardinalities: Sequence[int] | None = None,
-        multi_label: bool = False,
+        spec: InputSpec,
         feature_dim: int = 256,
         encoder: Callable[..., nn.Module] = MultiModalEncoder,
         mode: str = "zero_fill",
@@ -75,8 +71,6 @@ class LateFusionNet(nn.Module):
             raise ValueError(f"mode must be one of {LATE_FUSION_MODES}, got {mode!r}.")
         if not 0.0 <= dropout_prob <= 1.0:
             raise ValueError(f"dropout_prob must be in [0, 1], got {dropout_prob}.")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         if not 0.0 <= mean_momentum < 1.0:
             raise ValueError(f"mean_momentum must be in [0, 1), got {mean_momentum}.")
         self.mode = mode
@@ -88,11 +82,12 @@ class LateFusionNet(nn.Module):
         self.mean_momentum = mean_momentum
         if not callable(encoder):
             raise ValueError(f"encoder must be a class or callable that builds the module, got {encoder!r}.")
+        self.spec = spec
         self.encoder = encoder(
-            image_modalities=image_modalities,
-            image_channels=image_channels,
-            spatial_dims=spatial_dims,
-            tabular_cardinalities=tabular_cardinalities,
+            image_modalities=spec.image_modalities,
+            image_channels=spec.image_channels,
+            spatial_dims=spec.spatial_dims,
+            tabular_cardinalities=None if spec.tabular_cardinalities is None else list(spec.tabular_cardinalities),
             feature_dim=feature_dim,
             num_heads=num_heads,
         )
@@ -104,7 +99,7 @@ class LateFusionNet(nn.Module):
         hidden = hidden_dim or feature_dim
         in_dim = k * feature_dim + (k if self.use_indicators else 0)
         self.head = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+            nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, spec.num_classes)
         )
 
     def stage_parameters(self, stage: int) -> list[nn.Parameter]:

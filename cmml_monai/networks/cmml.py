@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -18,15 +18,27 @@ from cmml_monai.networks.context import ContextTokens
 from cmml_monai.networks.crta import CascadedResidualTransformerAE
 from cmml_monai.networks.encoders import MultiModalEncoder
 from cmml_monai.networks.memory import ModalityMemoryBank
+from cmml_monai.networks.spec import CMMLOptions, InputSpec
 from cmml_monai.networks.utils import constructor_args, masked_mean, random_keep_mask
-from cmml_monai.utils import as_bool
 
-__all__ = ["CMMLNet", "STAGE1_HEADS"]
+__all__ = ["CMMLNet"]
 
-#: stage-1 (auxiliary) head layouts: a linear classifier on the mean of the completed modality tokens,
-#: the same on the layer-normed mean, or an MLP on their concatenation
-#: (each token layer-normed first)
-STAGE1_HEADS = ("mean", "norm_mean", "concat_mlp")
+# the configs/train.json key that sets each setting the weights carry (named when weights are refused)
+_OVERRIDE = {
+    "stage1_head": "stage1_head",
+    "instance_context": "instance_context",
+    "residual_head": "network_def#options#residual_head",
+}
+
+
+def _check_components(feature_dim: int, options: CMMLOptions, *parts: Callable[..., nn.Module] | None) -> None:
+    """Refuse a ``num_heads`` that does not divide ``feature_dim`` and a component that builds nothing."""
+    if feature_dim % options.num_heads != 0:
+        raise ValueError(f"num_heads ({options.num_heads}) must divide feature_dim ({feature_dim}).")
+    names = ("encoder", "context", "crta", "memory", "reference", "alignment")
+    for name, factory in zip(names, parts):
+        if not (callable(factory) or (factory is None and name in ("context", "memory"))):
+            raise ValueError(f"{name} must be a class or callable that builds the module, got {factory!r}.")
 
 
 def _refuse_another_head_layout(module: CMMLNet, state_dict: dict, prefix: str, *args: object) -> None:
@@ -38,110 +50,41 @@ def _refuse_another_head_layout(module: CMMLNet, state_dict: dict, prefix: str, 
 
 
 class CMMLNet(nn.Module):
-    """CMML for images (2D or 3D, several modalities) plus an optional clinical table.
+    """CMML for images (2D or 3D, several modalities) plus an optional clinical table (docs/method.md §3-§16).
 
-    ``forward(image, tabular=None) -> logits`` is the served / exported path: presence from NaN,
-    encoders, CRTA completion of the missing tokens, memory enrichment, instance-adaptive
-    reference, alignment, fusion, classifier (with ``use_stage2=False``: CRTA + the stage-1
-    auxiliary head). Until stage 2 has trained (the ``stage2_trained`` buffer, set by the first
-    stage-2 training step and saved with the weights) it serves the stage-1 head instead, so
-    stage-1 validation and a model trained by stage 1 alone are scored on the head that was
-    trained, not on an untrained fusion head. It has no data-dependent Python branch (the heads are
-    selected with ``torch.where``), so a trace made with one missing pattern handles every pattern;
-    it is also scriptable (`torch.jit.script`).
-
-    ``forward_train(image, tabular=None, stage) -> dict`` is the training path. Every present
-    modality is encoded once; the extra missingness is made by masking tokens afterwards.
-
-    - stage 1: ``logits`` (stage-1 head on the completed modality tokens), ``synth`` ``[B, k, d]``
-      (final CRTA tokens), ``synth_blocks`` ``[N, B, k, d]`` (the cascade), ``target`` ``[B, k, d]``
-      (real tokens, detached), ``recon_mask`` ``[B, k]`` (dropped but truly present slots),
-      ``present``, ``keep`` (the reduced mask). The memory banks are written when training; they are
-      read only in stage 2 (docs/method.md §6).
-    - stage 2: two views in one batched pass: view 1 keeps the observed presence (what the served
-      path sees), view 2 drops further present modalities at random (``stage2_drop_prob``).
-      ``logits`` (view 1), ``logits_dropped`` (view 2: the classifier on CRTA-completed tokens),
-      ``aligned`` ``[B, k, p]`` and ``reference`` ``[B, p]`` (view 1 projections), ``synth``
-      ``[B, k, d]`` (view-2 CRTA output), ``target`` and ``recon_mask`` (view 2's dropped but truly
-      present slots, for an optional stage-2 reconstruction term), ``align_mask`` ``[B, k]``
-      (= ``present``: only real modalities are aligned),
-      ``proj`` ``[2B, p]`` (normalised projections, view 1 rows then view 2 rows),
-      ``proj_present`` ``[2B, k]`` and ``present``.
+    ``forward(image, tabular=None) -> logits`` is the served and exported path (NaN = missing, §2, §14);
+    ``forward_train(image, tabular=None, stage) -> dict`` the training path of stage 1 or 2 (§7, §13). The
+    components are factories, ``configs/train.json``'s ``encoder``, ``context``, ``crta``, ``memory``,
+    ``reference`` and ``alignment`` (``"_mode_": "callable"``), built in one fixed order (docs/method.md,
+    "Building the network"), so one seed gives the same initial weights however they are handed over.
 
     Args:
-        image_modalities: number of image modalities ``M`` (packed along channels).
-        image_channels: channels per image modality ``C``.
-        spatial_dims: 2 or 3.
-        num_classes: number of classes (single-label) or labels (multi-label).
-        tabular_cardinalities: table feature cardinalities (0 = numeric), None for no table.
-        multi_label: accepted so every method shares one constructor (configs pass it); the network returns
-            logits either way, and the loss and the activation read ``multi_label`` themselves.
+        spec: the inputs and outputs the dataset fixes (``input_spec`` in ``configs/train.json``).
         feature_dim: token width ``d``.
-        encoder: builds the encoders of every modality: called as ``encoder(image_modalities=M,
-            image_channels=C, spatial_dims=..., tabular_cardinalities=..., feature_dim=d, num_heads=...)``;
-            a class or a ``functools.partial`` holding its own options (the backbone ``image_encoder``:
-            ``resnet10/18/34/50`` or ``densenet121``, ``share_image_encoder``, ``pretrained_path``,
-            ``tabular_layers``, ``encode_present_only``; see :class:`MultiModalEncoder`).
-        num_context_tokens: ``K``.
-        crta: builds the CRTA: called as ``crta(num_modalities=k, feature_dim=d, num_heads=..., dropout=...)``;
-            a class or a ``functools.partial`` holding its own options (``configs/train.json``'s ``crta``
-            component, ``"_mode_": "callable"``), e.g. ``partial(CascadedResidualTransformerAE, num_blocks=2)``.
-        memory: builds the memory bank: ``memory(num_modalities=k, feature_dim=d)`` (its slots, read
-            temperature and write momentum are its own options); not called with ``use_memory=False``.
-        reference: builds the instance-adaptive reference: ``reference(feature_dim=d, num_heads=..., dropout=...)``;
-            not called with ``use_context=False`` or ``use_stage2=False``.
-        alignment: builds the cross-modal alignment, called as ``reference`` is; not called with
-            ``use_stage2=False``.
-        use_memory: ablation flag: memory bank enrichment.
-        use_context: ablation flag: context tokens (without them the CRTA runs over modality tokens
-            only and the reference is the pooled CRTA output).
-        use_stage2: ablation flag: build stage 2; without it the served path is the stage-1 head.
-        stage1_drop_prob: probability of dropping each present modality in stage 1.
-        stage2_drop_prob: probability of dropping each present modality in the second stage-2 view
-            (0.5: the sweep tests rates up to 0.7, so the classifier must see heavily completed cases).
-        projection_dim: width ``p`` of the alignment / contrastive projections.
-        num_heads: attention heads of every transformer part (must divide ``feature_dim``).
-        fusion_layers: transformer layers of the fusion head.
-        dropout: dropout in the transformer parts.
-        mark_synthesized: add a learned per-modality embedding to synthesized slots before the
-            reference, alignment and fusion, so stage 2 knows which tokens are real.
-        residual_head: the stage-2 logits are the fusion head's plus the stage-1 head's (on the same
-            CRTA output, trained on in stage 2 too), and the fusion classifier starts near zero, so
-            stage 2 refines the trained stage-1 prediction instead of restarting from an untrained
-            head. Saved with the weights; weights trained with the other setting are refused on load.
-        stage1_head: layout of the stage-1 (auxiliary) head, one of ``STAGE1_HEADS``: ``"mean"``, a
-            linear classifier on the mean of the completed modality tokens (its length grows when the
-            modalities agree, so it is not normalised away); ``"norm_mean"``, the same on the
-            layer-normed mean; or ``"concat_mlp"``, an MLP (hidden width
-            ``feature_dim``) on the concatenated, layer-normed tokens, which gives each modality slot
-            its own weights. With ``residual_head`` it is also part of the stage-2 logits. Weights
-            trained with another layout are refused on load.
-        memory_write_stage2: also write the memory banks from the real tokens in stage-2 training.
-            Off, the banks keep the stage-1 encoders' features while stage 2 trains the encoders on.
-        reference_reads_context: the reference's cross-attention reads the CRTA-refined context tokens
-            as well as the completed modality tokens; False reads the modality tokens only, so every
-            key carries the case (the refined context tokens start from the shared prior and can make
-            the reference nearly the same for every case).
-        instance_context: the context tokens are shifted per case by a linear map (starting at zero) of the
-            mean of the case's observed modality tokens (:class:`ContextTokens` ``conditioned``), so the CRTA
-            and the reference start from the case instead of one prior shared by all; the stage-1 drops are
-            applied first, so dropped modalities are not read. Weights trained with the other setting are
-            refused on load.
-        crta_reads_context: the CRTA attends to the context tokens as well as the modality tokens; False
-            runs it over the modality tokens only (missing slots are then completed from the case's observed
-            tokens alone) while the reference still queries with the context tokens. The context tokens are
-            then trained in stage 2 only.
+        encoder: ``encoder(image_modalities=, image_channels=, spatial_dims=, tabular_cardinalities=,
+            feature_dim=, num_heads=)`` builds every modality's encoder (:class:`MultiModalEncoder`).
+        context: ``context(feature_dim=)`` builds the context tokens (:class:`ContextTokens`); None is the
+            no-context ablation (no tokens, no reference).
+        crta: ``crta(num_modalities=, feature_dim=, num_heads=, dropout=)`` builds the CRTA
+            (:class:`CascadedResidualTransformerAE`).
+        memory: ``memory(num_modalities=, feature_dim=)`` builds the memory bank (:class:`ModalityMemoryBank`);
+            None is the no-memory ablation.
+        reference: ``reference(feature_dim=, num_heads=, dropout=)`` builds the instance-adaptive reference
+            (:class:`InstanceAdaptiveReference`); built with stage 2 and context tokens only.
+        alignment: called as ``reference`` is, builds the cross-modal alignment (:class:`CrossModalAlignment`);
+            built with stage 2 only.
+        options: the options no single component holds (:class:`CMMLOptions`); None takes its defaults.
 
-    The components (``encoder``, ``crta``, ``memory``, ``reference``, ``alignment``) are built where the
-    constructor always built them, so a network built from the
-    default components has the same parameter names and, from the same seed, the same initial weights
-    as one built without them; the built modules are ``crta``, ``memory``, ``reference`` and ``alignment``.
+    Raises:
+        ValueError: ``num_heads`` does not divide ``feature_dim``, or a component is not callable.
 
     Example::
 
         >>> from functools import partial
-        >>> resnet10 = partial(MultiModalEncoder, image_encoder="resnet10")
-        >>> net = CMMLNet(2, 3, 2, 5, tabular_cardinalities=[0, 4], feature_dim=32, encoder=resnet10)
+        >>> spec = InputSpec(2, 3, 2, 5, tabular_cardinalities=[0, 4])
+        >>> encoder = partial(MultiModalEncoder, image_encoder="resnet10")
+        >>> options = CMMLOptions(stage1_head="norm_mean")
+        >>> net = CMMLNet(spec, feature_dim=32, encoder=encoder, memory=None, options=options)
         >>> image = torch.randn(4, 6, 32, 32); image[0, :3] = float("nan")   # case 0: first image missing
         >>> net(image, torch.randn(4, 2)).shape
         torch.Size([4, 5])
@@ -150,136 +93,97 @@ class CMMLNet(nn.Module):
     """
 
     # constant for TorchScript: the stage-2 branch is not compiled when the modules do not exist
-    __constants__ = [
-        "use_stage2",
-        "mark_synthesized",
-        "residual_head",
-        "stage1_head",
-        "reference_reads_context",
-        "crta_reads_context",
-    ]
+    __constants__ = ["use_stage2", "mark_synthesized", "residual_head", "stage1_head"]
 
     def __init__(
         self,
-        image_modalities: int,
-        image_channels: int,
-        spatial_dims: int,
-        num_classes: int,
-        tabular_cardinalities: Sequence[int] | None = None,
-        multi_label: bool = False,
+        spec: InputSpec,
         feature_dim: int = 256,
         encoder: Callable[..., nn.Module] = MultiModalEncoder,
-        num_context_tokens: int = 8,
+        context: Callable[..., nn.Module] | None = ContextTokens,
         crta: Callable[..., nn.Module] = CascadedResidualTransformerAE,
-        memory: Callable[..., nn.Module] = ModalityMemoryBank,
+        memory: Callable[..., nn.Module] | None = ModalityMemoryBank,
         reference: Callable[..., nn.Module] = InstanceAdaptiveReference,
         alignment: Callable[..., nn.Module] = CrossModalAlignment,
-        use_memory: bool = True,
-        use_context: bool = True,
-        use_stage2: bool = True,
-        stage1_drop_prob: float = 0.5,
-        stage2_drop_prob: float = 0.5,
-        projection_dim: int = 128,
-        num_heads: int = 4,
-        fusion_layers: int = 1,
-        dropout: float = 0.1,
-        mark_synthesized: bool = False,
-        residual_head: bool = True,
-        stage1_head: str = "mean",
-        memory_write_stage2: bool = False,
-        reference_reads_context: bool = True,
-        instance_context: bool = False,
-        crta_reads_context: bool = True,
+        options: CMMLOptions | None = None,
     ) -> None:
         # before any other local: the arguments as given, for the served model's description
         build_args = constructor_args(locals())
         super().__init__()
         self.build_args = build_args
-        # switches may arrive as command-line strings ("false"); the encoder checks its own
-        use_memory = as_bool(use_memory, "use_memory")
-        use_context = as_bool(use_context, "use_context")
-        use_stage2 = as_bool(use_stage2, "use_stage2")
-        mark_synthesized = as_bool(mark_synthesized, "mark_synthesized")
-        residual_head = as_bool(residual_head, "residual_head")
-        memory_write_stage2 = as_bool(memory_write_stage2, "memory_write_stage2")
-        self.reference_reads_context = as_bool(reference_reads_context, "reference_reads_context")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
-        for name, p in (("stage1_drop_prob", stage1_drop_prob), ("stage2_drop_prob", stage2_drop_prob)):
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {p}.")
-        if feature_dim % num_heads != 0:
-            raise ValueError(f"num_heads ({num_heads}) must divide feature_dim ({feature_dim}).")
-        if stage1_head not in STAGE1_HEADS:
-            raise ValueError(f"stage1_head must be one of {STAGE1_HEADS}, got {stage1_head!r}.")
-        parts = {"encoder": encoder, "crta": crta, "memory": memory, "reference": reference, "alignment": alignment}
-        for name, factory in parts.items():
-            if not callable(factory):
-                raise ValueError(f"{name} must be a class or callable that builds the module, got {factory!r}.")
-        self.num_classes = num_classes
-        self.use_memory = use_memory
-        self.use_context = use_context
-        self.use_stage2 = use_stage2
-        self.mark_synthesized = mark_synthesized
-        self.residual_head = residual_head and use_stage2
-        self.memory_write_stage2 = memory_write_stage2
-        self.stage1_drop_prob = stage1_drop_prob
-        self.stage2_drop_prob = stage2_drop_prob
+        opts = options or CMMLOptions()
+        _check_components(feature_dim, opts, encoder, context, crta, memory, reference, alignment)
+        self.spec, self.options, self.num_classes = spec, opts, spec.num_classes
+        self.use_stage2, self.mark_synthesized = opts.use_stage2, opts.mark_synthesized
+        self.residual_head = opts.residual_head and opts.use_stage2
+        self.stage1_head = opts.stage1_head
+        self.stage1_drop_prob, self.stage2_drop_prob = opts.stage1_drop_prob, opts.stage2_drop_prob
         self.encoder = encoder(
-            image_modalities=image_modalities,
-            image_channels=image_channels,
-            spatial_dims=spatial_dims,
-            tabular_cardinalities=tabular_cardinalities,
+            image_modalities=spec.image_modalities,
+            image_channels=spec.image_channels,
+            spatial_dims=spec.spatial_dims,
+            tabular_cardinalities=None if spec.tabular_cardinalities is None else list(spec.tabular_cardinalities),
             feature_dim=feature_dim,
-            num_heads=num_heads,
+            num_heads=opts.num_heads,
         )
-        k = self.encoder.num_modalities
-        self.num_modalities = k
-        self.instance_context = as_bool(instance_context, "instance_context") and use_context
-        self.crta_reads_context = as_bool(crta_reads_context, "crta_reads_context")
-        self.context = (
-            ContextTokens(num_context_tokens, feature_dim, conditioned=self.instance_context) if use_context else None
-        )
+        k = self.num_modalities = self.encoder.num_modalities
         # every part is built in this order (the random initialisation depends on it)
-        self.crta = crta(num_modalities=k, feature_dim=feature_dim, num_heads=num_heads, dropout=dropout)
-        self.stage1_head = stage1_head
-        # "mean" reads the pooled token as it is: a LayerNorm would remove its length, which carries
-        # how strongly the modalities agree
-        self.aux_norm = nn.Identity() if stage1_head == "mean" else nn.LayerNorm(feature_dim)
-        self.aux_head = (
-            nn.Sequential(
-                nn.Linear(k * feature_dim, feature_dim),
-                nn.GELU(),
-                nn.Dropout(dropout),
-                nn.Linear(feature_dim, num_classes),
-            )
-            if stage1_head == "concat_mlp"
-            else nn.Linear(feature_dim, num_classes)
-        )
+        self.context = context(feature_dim=feature_dim) if context is not None else None
+        self.use_context = self.context is not None
+        self.instance_context = bool(getattr(self.context, "conditioned", False))
+        self.crta = crta(num_modalities=k, feature_dim=feature_dim, num_heads=opts.num_heads, dropout=opts.dropout)
+        self._build_stage1_head(k, feature_dim, opts)
         self.memory: ModalityMemoryBank | None = (
-            memory(num_modalities=k, feature_dim=feature_dim) if use_memory else None
+            memory(num_modalities=k, feature_dim=feature_dim) if memory is not None else None
         )
+        self.use_memory = self.memory is not None
         # False until the first stage-2 training step: the served path uses the stage-1 head until then
         self.register_buffer("stage2_trained", torch.zeros((), dtype=torch.bool))
         # saved with the weights, so weights trained with the other head layout are refused on load
         self.register_buffer("residual_head_flag", torch.tensor(self.residual_head))
         self.register_load_state_dict_pre_hook(_refuse_another_head_layout)
-        if use_stage2:
-            self.reference = (
-                reference(feature_dim=feature_dim, num_heads=num_heads, dropout=dropout) if use_context else None
+        if self.use_stage2:
+            self._build_stage2(k, feature_dim, opts, reference, alignment)
+
+    def _build_stage1_head(self, k: int, feature_dim: int, opts: CMMLOptions) -> None:
+        """The stage-1 head of ``opts.stage1_head`` (§8)."""
+        # "mean" reads the pooled token as it is: a LayerNorm would remove its length, which carries
+        # how strongly the modalities agree
+        self.aux_norm = nn.Identity() if opts.stage1_head == "mean" else nn.LayerNorm(feature_dim)
+        self.aux_head = (
+            nn.Sequential(
+                nn.Linear(k * feature_dim, feature_dim),
+                nn.GELU(),
+                nn.Dropout(opts.dropout),
+                nn.Linear(feature_dim, self.num_classes),
             )
-            self.alignment = alignment(feature_dim=feature_dim, num_heads=num_heads, dropout=dropout)
-            self.fusion = FusionHead(feature_dim, num_classes, fusion_layers, num_heads, dropout)
-            self.align_proj = ProjectionHead(feature_dim, projection_dim)
-            self.reference_proj = ProjectionHead(feature_dim, projection_dim)
-            self.contrast_proj = ProjectionHead(feature_dim, projection_dim)
-            if self.residual_head:
-                # the fusion head starts as a near-zero correction of the trained stage-1 head
-                nn.init.normal_(self.fusion.classifier.weight, std=0.01)
-                nn.init.zeros_(self.fusion.classifier.bias)
-            if mark_synthesized:
-                # learned per-modality offset added to synthesized slots only (starts as a no-op)
-                self.synth_embedding = nn.Parameter(torch.zeros(k, feature_dim))
+            if opts.stage1_head == "concat_mlp"
+            else nn.Linear(feature_dim, self.num_classes)
+        )
+
+    def _build_stage2(
+        self,
+        k: int,
+        feature_dim: int,
+        opts: CMMLOptions,
+        reference: Callable[..., nn.Module],
+        alignment: Callable[..., nn.Module],
+    ) -> None:
+        """Reference, alignment, fusion and projection heads (§9-§12), in this order."""
+        heads, drop = opts.num_heads, opts.dropout
+        self.reference = reference(feature_dim=feature_dim, num_heads=heads, dropout=drop) if self.use_context else None
+        self.alignment = alignment(feature_dim=feature_dim, num_heads=heads, dropout=drop)
+        self.fusion = FusionHead(feature_dim, self.num_classes, opts.fusion_layers, heads, drop)
+        self.align_proj = ProjectionHead(feature_dim, opts.projection_dim)
+        self.reference_proj = ProjectionHead(feature_dim, opts.projection_dim)
+        self.contrast_proj = ProjectionHead(feature_dim, opts.projection_dim)
+        if self.residual_head:
+            # the fusion head starts as a near-zero correction of the trained stage-1 head
+            nn.init.normal_(self.fusion.classifier.weight, std=0.01)
+            nn.init.zeros_(self.fusion.classifier.bias)
+        if opts.mark_synthesized:
+            # learned per-modality offset added to synthesized slots only (starts as a no-op)
+            self.synth_embedding = nn.Parameter(torch.zeros(k, feature_dim))
 
     # ----------------------------------------------------------------------------------------
     # parameter groups (the trainer freezes / lowers the LR of the CRTA in stage 2)
@@ -299,7 +203,7 @@ class CMMLNet(nn.Module):
         """
         if stage == 1:
             # without the CRTA reading them, nothing in stage 1 reads the context tokens
-            crta = self.crta_parameters() if self.crta_reads_context else list(self.crta.parameters())
+            crta = self.crta_parameters() if getattr(self.crta, "reads_context", True) else list(self.crta.parameters())
             return (
                 list(self.encoder.parameters())
                 + crta
@@ -328,10 +232,6 @@ class CMMLNet(nn.Module):
             return self.context(tokens.shape[0])
         return self.context(tokens.shape[0], masked_mean(tokens, present))
 
-    def _crta_context(self, prior: torch.Tensor | None) -> torch.Tensor | None:
-        """The context tokens the CRTA attends to (none with ``crta_reads_context=False``)."""
-        return prior if self.crta_reads_context else None
-
     def _stage1_head(self, tokens: torch.Tensor) -> torch.Tensor:
         # the completed modality tokens carry the case; the context tokens (a shared prior) are not read
         if self.stage1_head == "concat_mlp":
@@ -347,7 +247,7 @@ class CMMLNet(nn.Module):
         Returns logits, the stage-1 head's logits (on the same CRTA output), u, R, pooled, CRTA output.
         """
         prior = self._context(tokens, present)
-        synth, context, _ = self.crta(tokens, present, self._crta_context(prior))
+        synth, context, _ = self.crta(tokens, present, prior)
         completed = synth
         if self.memory is not None:
             completed = self.memory(completed, present)
@@ -359,10 +259,7 @@ class CMMLNet(nn.Module):
         if self.reference is not None and prior is not None:
             # R_i = C + CrossAttn(C, CRTA output of case i): the dataset prior C queries the
             # case's refined context and completed (memory-enriched) modality tokens
-            keys = completed
-            if self.reference_reads_context and context is not None:
-                keys = torch.cat([context, completed], dim=1)
-            reference = self.reference(prior, keys)
+            reference = self.reference(prior, completed, context)
         else:
             reference = completed.mean(dim=1, keepdim=True)
         aligned = self.alignment(completed, reference)
@@ -378,7 +275,7 @@ class CMMLNet(nn.Module):
         if self.use_stage2:
             logits, stage1_logits, _, _, _, _ = self._stage2(tokens, present)
             return torch.where(self.stage2_trained, logits, stage1_logits)
-        completed, _, _ = self.crta(tokens, present, self._crta_context(self._context(tokens, present)))
+        completed, _, _ = self.crta(tokens, present, self._context(tokens, present))
         return self._stage1_head(completed)
 
     def _head_layout_mismatch(self, state_dict: dict, prefix: str) -> str:
@@ -405,20 +302,29 @@ class CMMLNet(nn.Module):
                 word = str(value).lower() if isinstance(value, bool) else value
                 return (
                     f"the weights were trained with {name}={value!r} but the network was built with "
-                    f"{name}={built!r}: build it with network_def#{name} {word}"
+                    f"{name}={built!r}: build it with --{_OVERRIDE[name]} {word}"
                 )
         return ""
 
     def forward_train(
         self, image: torch.Tensor, tabular: torch.Tensor | None = None, stage: int = 2
     ) -> dict[str, torch.Tensor]:
-        """Training path, see the class docstring for the returned keys."""
+        """Training path: one encoder pass, the extra missingness made by masking tokens (§7, §13).
+
+        Returns:
+            stage 1: ``logits`` (stage-1 head), ``synth`` ``[B, k, d]`` and ``synth_blocks`` ``[N, B, k, d]`` (the
+            CRTA output and its cascade), ``target`` (the real tokens, detached), ``recon_mask`` (dropped but
+            present slots), ``present`` and ``keep``. Stage 2: ``logits`` and ``logits_dropped`` (the observed
+            and the dropped view), ``synth``, ``target``, ``recon_mask`` (view 2), ``aligned`` ``[B, k, p]``,
+            ``reference`` ``[B, p]``, ``align_mask``, ``proj`` ``[2B, p]`` (normalised, view 1 rows first),
+            ``proj_present`` ``[2B, k]`` and ``present``.
+        """
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}.")
         tokens, present = self.encoder(image, tabular)  # the only encoder pass of the step
         if stage == 1:
             keep = random_keep_mask(present, self.stage1_drop_prob)
-            synth, _, cascade = self.crta(tokens, keep, self._crta_context(self._context(tokens, keep)))
+            synth, _, cascade = self.crta(tokens, keep, self._context(tokens, keep))
             if self.training and self.memory is not None:
                 self.memory.update(tokens, present)
             return {
@@ -434,7 +340,7 @@ class CMMLNet(nn.Module):
             raise ValueError("forward_train(stage=2) needs a network built with use_stage2=True.")
         if self.training:
             self.stage2_trained.fill_(True)
-            if self.memory is not None and self.memory_write_stage2:
+            if self.memory is not None and getattr(self.memory, "write_stage2", False):
                 # the encoders keep training in stage 2: keep the slots in their current feature space
                 self.memory.update(tokens, present)
         b = tokens.shape[0]

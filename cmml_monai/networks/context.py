@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from cmml_monai.utils import as_bool
+
 __all__ = ["ContextTokens"]
 
 
@@ -20,7 +22,8 @@ class ContextTokens(nn.Module):
     Args:
         num_tokens: ``K`` (our default 8; the paper's abstract gives no value).
         feature_dim: ``d``.
-        conditioned: add the per-case shift (needs ``case`` in ``forward``).
+        conditioned: add the per-case shift (needs ``case`` in ``forward``); ``instance_context`` in
+            ``configs/train.json`` (docs/method.md §4).
 
     Example::
 
@@ -37,7 +40,7 @@ class ContextTokens(nn.Module):
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}.")
         self.tokens = nn.Parameter(torch.randn(num_tokens, feature_dim) * 0.02)
-        self.conditioned = bool(conditioned)
+        self.conditioned = as_bool(conditioned, "conditioned")
         if self.conditioned:
             self.condition = nn.Linear(feature_dim, num_tokens * feature_dim)
             nn.init.zeros_(self.condition.weight)

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from cmml_monai.networks.utils import GroupedLinear, TransformerLayer
+from cmml_monai.utils import as_bool
 
 __all__ = ["CascadedResidualTransformerAE"]
 
@@ -26,6 +27,9 @@ class CascadedResidualTransformerAE(nn.Module):
         num_heads: attention heads.
         mlp_ratio: MLP width of the transformer layers.
         dropout: dropout in the transformer layers.
+        reads_context: attend to the context tokens; False runs over the modality tokens only, so a missing
+            slot is completed from the case's observed tokens alone (``crta_reads_context`` in
+            ``configs/train.json``, docs/method.md §4).
 
     Example::
 
@@ -44,6 +48,7 @@ class CascadedResidualTransformerAE(nn.Module):
         num_heads: int = 4,
         mlp_ratio: float = 2.0,
         dropout: float = 0.0,
+        reads_context: bool = True,
     ) -> None:
         super().__init__()
         if num_modalities < 1:
@@ -51,6 +56,7 @@ class CascadedResidualTransformerAE(nn.Module):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}.")
         self.num_modalities = num_modalities
+        self.reads_context = as_bool(reads_context, "reads_context")
         self.missing_token = nn.Parameter(torch.randn(num_modalities, feature_dim) * 0.02)
         self.slot_embed = nn.Parameter(torch.randn(num_modalities, feature_dim) * 0.02)
         self.blocks = nn.ModuleList(
@@ -66,11 +72,14 @@ class CascadedResidualTransformerAE(nn.Module):
         Args:
             tokens: ``[B, k, d]`` modality tokens (values of missing slots are ignored).
             present: ``[B, k]`` bool.
-            context: ``[B, K, d]`` context tokens, or None (the no-context ablation).
+            context: ``[B, K, d]`` context tokens, or None (the no-context ablation); not read with
+                ``reads_context=False``.
 
         Returns:
             ``(final tokens [B, k, d], refined context [B, K, d] or None, per-block tokens [N, B, k, d])``.
         """
+        if not self.reads_context:
+            context = None
         keep = present.unsqueeze(-1)
         f = torch.where(keep, tokens, self.missing_token.to(tokens.dtype).expand_as(tokens))
         missing = (~keep).to(tokens.dtype)

@@ -437,7 +437,8 @@ def attach_feature_cache(network: nn.Module, cache_dir: str | None = None) -> nn
 
     Example:
         >>> enc = partial(MultiModalEncoder, image_encoder="efficientnet-lite0", freeze_backbone=True)  # doctest: +SKIP
-        >>> net = attach_feature_cache(CMMLNet(2, 3, 2, 5, encoder=enc), "outputs/features")  # doctest: +SKIP
+        >>> net = CMMLNet(InputSpec(2, 3, 2, 5), encoder=enc)  # doctest: +SKIP
+        >>> net = attach_feature_cache(net, "outputs/features")  # doctest: +SKIP
     """
     frozen = [m for m in network.modules() if isinstance(m, ImageEncoder) and m.freeze_backbone]
     for module in frozen:

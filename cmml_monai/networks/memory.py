@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cmml_monai.networks.utils import GroupedLinear
+from cmml_monai.utils import as_bool
 
 __all__ = ["ModalityMemoryBank"]
 
@@ -34,6 +35,8 @@ class ModalityMemoryBank(nn.Module):
         num_slots: ``S`` (our default 64; the paper's abstract gives no value).
         tau: softmax temperature of the read.
         momentum: EMA momentum of the write.
+        write_stage2: :class:`CMMLNet` also writes the bank in stage-2 training (docs/method.md §6); off, the
+            slots keep the stage-1 encoders' features while stage 2 trains the encoders on.
 
     Example::
 
@@ -51,6 +54,7 @@ class ModalityMemoryBank(nn.Module):
         num_slots: int = 64,
         tau: float = 0.1,
         momentum: float = 0.9,
+        write_stage2: bool = False,
     ) -> None:
         super().__init__()
         if num_slots < 1:
@@ -61,6 +65,7 @@ class ModalityMemoryBank(nn.Module):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
         self.tau = tau
         self.momentum = momentum
+        self.write_stage2 = as_bool(write_stage2, "write_stage2")
         self.register_buffer("memory", F.normalize(torch.randn(num_modalities, num_slots, feature_dim), dim=-1))
         self.register_buffer("initialized", torch.zeros(num_modalities, dtype=torch.bool))
         self.gate = GroupedLinear(num_modalities, 2 * feature_dim, feature_dim)

@@ -24,9 +24,9 @@ class TrainingForward(nn.Module):
     Example::
 
         >>> from functools import partial
-        >>> from cmml_monai.networks import LateFusionNet, MultiModalEncoder
+        >>> from cmml_monai.networks import InputSpec, LateFusionNet, MultiModalEncoder
         >>> resnet10 = partial(MultiModalEncoder, image_encoder="resnet10")
-        >>> net = LateFusionNet(1, 3, 2, 2, feature_dim=32, encoder=resnet10)
+        >>> net = LateFusionNet(InputSpec(1, 3, 2, 2), feature_dim=32, encoder=resnet10)
         >>> sorted(TrainingForward(net)(torch.randn(2, 3, 16, 16), None, 1))
         ['logits', 'present']
     """
