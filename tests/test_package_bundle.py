@@ -123,6 +123,9 @@ def test_bundle_layout_metadata_and_model_card(packaged):
     # the description travels with the weights it was written for
     desc = load_description(os.path.join(b, "models"))
     assert desc["data"]["class_names"] == CLASSES and desc["weights_sha256"]
+    # the card names the trained method and backbone from the description (not a default)
+    encoder = desc["network"]["args"]["encoder"]["image_encoder"]
+    assert f"- Method: `{desc['network']['method']}`, image encoder `{encoder}`," in card
     with zipfile.ZipFile(packaged["zip"]) as z:
         assert sorted(n for n in z.namelist() if not n.endswith("/")) == [f"{NAME}/{f}" for f in files]
 

@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from cmml_monai.deploy import example_inputs, load_description, load_network
+from cmml_monai.deploy.description import described_image_encoder, described_method
+from cmml_monai.deploy.register import default_model_name, register_model, run_metrics
 from cmml_monai.deploy.register import main as register_main
-from cmml_monai.deploy.register import register_model, run_metrics
 
 from bundle_helpers import train_tiny_derm7pt
 
@@ -158,3 +159,15 @@ def test_run_metrics_keeps_nan(tmp_path):
     metrics = run_metrics(str(tmp_path))
     assert metrics["auc_rate_0"] == pytest.approx(0.7) and np.isnan(metrics["auc_rate_0.5"])
     assert metrics["avg_auc_test"] == pytest.approx(0.7) and len(metrics) == 9
+
+
+def test_default_model_name_names_the_trained_method():
+    # the method sits beside the network's arguments, the backbone inside its encoder component
+    desc = {
+        "data": {"dataset": "derm7pt"},
+        "network": {"method": "zero_fill", "args": {"encoder": {"image_encoder": "resnet10"}}},
+    }
+    assert default_model_name(desc) == "cmml-derm7pt-zero_fill"
+    assert described_method(desc) == "zero_fill" and described_image_encoder(desc) == "resnet10"
+    assert described_method({"network": {"method": None, "args": {}}}) == "cmml"
+    assert described_image_encoder({"network": {"args": {"encoder": "$custom_encoder"}}}) is None

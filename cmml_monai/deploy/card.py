@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import cmml_monai
+from cmml_monai.deploy.description import described_image_encoder, described_method
 
 __all__ = ["network_data_format", "bundle_metadata", "model_card", "PACKAGE_NAME", "DEFAULT_VERSION"]
 
@@ -208,8 +209,8 @@ def bundle_metadata(
         >>> meta = bundle_metadata(load_description("runs/derm/models"), "runs/derm", "1.0.0")  # doctest: +SKIP
     """
     base = dict(base or {})
-    data, args = description["data"], description["network"]["args"]
-    method = str(args.get("method", "cmml"))
+    data = description["data"]
+    method = described_method(description)
     entry = (
         f"packaged from run {os.path.basename(os.path.normpath(run_dir))}: method {method}, "
         f"dataset {data['dataset']}, {datetime.date.today().isoformat()}"
@@ -257,7 +258,7 @@ def _card_model_inputs_data(
         "",
         "## Model",
         "",
-        f"- Method: `{args.get('method')}`, image encoder `{args.get('image_encoder')}`, "
+        f"- Method: `{described_method(description)}`, image encoder `{described_image_encoder(description)}`, "
         f"feature dimension {args.get('feature_dim')}.",
         f"- Output: {metadata['network_data_format']['outputs']['pred']['format']}.",
         f"- {'Labels' if data['multi_label'] else 'Classes'}: {', '.join(map(str, data['class_names']))}.",

@@ -38,6 +38,8 @@ __all__ = [
     "DESCRIPTION_VERSION",
     "WEIGHTS_NAME",
     "describe_network",
+    "described_method",
+    "described_image_encoder",
     "save_description",
     "load_description",
     "check_description",
@@ -101,6 +103,27 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def described_method(desc: Mapping[str, Any]) -> str:
+    """The method a description's network was trained as (``method`` in the config; ``"cmml"`` when unnamed).
+
+    Example:
+        >>> described_method(load_description("runs/derm/models"))  # doctest: +SKIP
+        'zero_fill'
+    """
+    return str(desc["network"].get("method") or "cmml")
+
+
+def described_image_encoder(desc: Mapping[str, Any]) -> str | None:
+    """The image backbone's name (``image_encoder``) of a description's network, or None for a custom encoder.
+
+    Example:
+        >>> described_image_encoder(load_description("runs/derm/models"))  # doctest: +SKIP
+        'efficientnet-lite0'
+    """
+    encoder = dict(desc["network"].get("args") or {}).get("encoder")
+    return str(encoder["image_encoder"]) if isinstance(encoder, Mapping) and "image_encoder" in encoder else None
 
 
 def completes_missing(network: torch.nn.Module | Mapping[str, Any]) -> bool:

@@ -44,7 +44,13 @@ from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 import cmml_monai
 from cmml_monai.data.errors import DataError
-from cmml_monai.deploy.description import DESCRIPTION_NAME, WEIGHTS_NAME, load_description, load_network
+from cmml_monai.deploy.description import (
+    DESCRIPTION_NAME,
+    WEIGHTS_NAME,
+    described_method,
+    load_description,
+    load_network,
+)
 from cmml_monai.deploy.inference import probabilities
 from cmml_monai.handlers.mlflow import RUN_STATE_NAME, TRAINING_RUN_TAG, check_tracking_server, resolve_tracking_uri
 
@@ -179,7 +185,7 @@ def default_model_name(description: Mapping[str, Any]) -> str:
         >>> default_model_name(load_description("outputs/derm7pt_cmml/models"))  # doctest: +SKIP
         'cmml-derm7pt-cmml'
     """
-    name = f"cmml-{description['data']['dataset']}-{description['network']['args'].get('method', 'cmml')}"
+    name = f"cmml-{description['data']['dataset']}-{described_method(description)}"
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
@@ -227,11 +233,11 @@ def _training_run(client: mlflow.MlflowClient, run_id: str | None) -> mlflow.ent
 
 def _model_metadata(desc: Mapping[str, Any], columns: list[str]) -> dict[str, Any]:
     """The pyfunc model's metadata: what a caller needs to build its inputs and read its outputs."""
-    data, args = desc["data"], desc["network"]["args"]
+    data = desc["data"]
     return {
         "cmml_monai_version": cmml_monai.__version__,
         "dataset": data["dataset"],
-        "method": str(args.get("method", "cmml")),
+        "method": described_method(desc),
         "class_names": [str(c) for c in data["class_names"]],
         "multi_label": bool(data["multi_label"]),
         "modalities": data["modalities"],

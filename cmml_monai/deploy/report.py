@@ -22,7 +22,7 @@ import torch
 import cmml_monai
 from cmml_monai.data.errors import DataError
 from cmml_monai.data.jsonio import atomic_path, atomic_write_json
-from cmml_monai.deploy.description import completes_missing
+from cmml_monai.deploy.description import completes_missing, described_method
 from cmml_monai.deploy.inference import MULTI_LABEL_THRESHOLD, probabilities
 from cmml_monai.deploy.study import StudyCase
 
@@ -155,7 +155,7 @@ def model_identity(description: Mapping[str, Any], bundle_dir: str | None = None
         >>> model_identity(load_description("bundle/models"), "bundle")  # doctest: +SKIP
         ('CMML missing-modality diagnosis', '0.1.0 (weights 3f2a9c01d4e5)')
     """
-    name = f"cmml-monai {description['network']['args'].get('method', 'model')}"
+    name = f"cmml-monai {described_method(description)}"
     version = cmml_monai.__version__
     folders = [bundle_dir, os.path.dirname(os.path.abspath(bundle_dir))] if bundle_dir else []
     for folder in folders:
