@@ -19,12 +19,12 @@ from cmml_monai.handlers.early_stop import ResumableEarlyStopHandler
 from cmml_monai.handlers.metrics import MacroAUC
 from cmml_monai.handlers.mlflow import (
     MLflowTracker,
-    StageMLFlowHandler,
     refuse_monai_tracking,
     resolve_tracking_uri,
     save_executed_config,
 )
 from cmml_monai.handlers.rng import RandomState
+from cmml_monai.handlers.stage_mlflow import StageMLFlowHandler
 from cmml_monai.handlers.stats import EpochLossAverager
 
 __all__ = [
