@@ -36,6 +36,7 @@ from cmml_monai.utils import as_bool
 __all__ = [
     "load_odir",
     "ODIR_LABELS",
+    "ODIR_COLUMNS",
     "ODIR_ANNOTATION_FILE",
     "ODIR_IMAGE_DIRS",
     "ODIR_TABLE_COLUMNS",
@@ -45,7 +46,8 @@ ODIR_LABELS = ["N", "D", "G", "C", "A", "H", "M", "O"]
 ODIR_ANNOTATION_FILE = "ODIR-5K_Training_Annotations(Updated)_V2.xlsx"
 ODIR_IMAGE_DIRS = ("ODIR-5K_Training_Dataset", "Training Images")
 ODIR_TABLE_COLUMNS = ["Patient Age", "Patient Sex"]
-_REQUIRED = [
+#: the annotation sheet's columns the adapter reads (the synthetic generator writes the same)
+ODIR_COLUMNS = [
     "ID",
     "Patient Age",
     "Patient Sex",
@@ -100,7 +102,7 @@ def load_odir(
             f"ODIR-5K: {xlsx} not found; dataset_dir must hold {ODIR_ANNOTATION_FILE} (or set annotation_file)"
         )
     img_root = _image_root(dataset_dir, image_dir)
-    required = _REQUIRED if labels else [c for c in _REQUIRED if c not in ODIR_LABELS and "Keywords" not in c]
+    required = ODIR_COLUMNS if labels else [c for c in ODIR_COLUMNS if c not in ODIR_LABELS and "Keywords" not in c]
     df = read_table(xlsx, sheet=sheet, required=required)  # type: ignore[arg-type]
     ids = case_ids(df["ID"], xlsx, "ID")  # type: ignore[arg-type]
 

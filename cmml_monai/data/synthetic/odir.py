@@ -13,22 +13,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
-from cmml_monai.data.adapters.odir import ODIR_ANNOTATION_FILE, ODIR_LABELS
+from cmml_monai.data.adapters.odir import ODIR_ANNOTATION_FILE, ODIR_COLUMNS, ODIR_LABELS
 from cmml_monai.data.adapters.splits import DEFAULT_FRACTIONS, stratified_split
 from cmml_monai.data.synthetic.common import manifest_counts, write_jpeg
 
 __all__ = ["make_odir"]
-
-_ODIR_COLUMNS = [
-    "ID",
-    "Patient Age",
-    "Patient Sex",
-    "Left-Fundus",
-    "Right-Fundus",
-    "Left-Diagnostic Keywords",
-    "Right-Diagnostic Keywords",
-    *ODIR_LABELS,
-]
 
 _ODIR_KEYWORDS = {
     "N": ["normal fundus"],
@@ -166,7 +155,7 @@ def make_odir(root: str, n: int, rng: np.random.Generator) -> dict[str, Any]:
         row, missing[str(i)] = _odir_case(rng, img_dir, i, n, labels_arr[i], shared[i], absent)
         rows.append(row)
         labels[str(i)] = [int(v) for v in labels_arr[i]]
-    pd.DataFrame(rows, columns=_ODIR_COLUMNS).to_excel(
+    pd.DataFrame(rows, columns=ODIR_COLUMNS).to_excel(
         os.path.join(root, ODIR_ANNOTATION_FILE), sheet_name="Sheet1", index=False
     )
     dropped = [(str(n - 1), "every modality missing")]
