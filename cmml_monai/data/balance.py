@@ -7,6 +7,8 @@ train split only and handed to :class:`cmml_monai.losses.CMMLLoss`, so every met
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
 from cmml_monai.data.cases import CaseList
@@ -58,7 +60,7 @@ def class_weights(case_list: CaseList, mode: str = "none", split: str = "train")
         if absent:
             raise ValueError(f"class_balance {mode!r}: no positive {split} case for labels {absent}; use 'none'")
         return [float(w) for w in ((len(cases) - pos) / pos) ** power]
-    counts = np.bincount([int(c.label) for c in cases], minlength=len(names)).astype(float)
+    counts = np.bincount([int(cast(int, c.label)) for c in cases], minlength=len(names)).astype(float)
     absent = [n for n, k in zip(names, counts) if k == 0]
     if absent:
         raise ValueError(f"class_balance {mode!r}: no {split} case of classes {absent}; use 'none'")

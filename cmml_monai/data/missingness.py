@@ -178,7 +178,7 @@ def save_masks(
     path: str | os.PathLike,
     case_ids: Sequence[str],
     modality_names: Sequence[str],
-    masks: Mapping[float | str, np.ndarray],
+    masks: Mapping[Any, np.ndarray],
     seed: int | None = None,
     fingerprint: str | None = None,
     dataset: str | None = None,

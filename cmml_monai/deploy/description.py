@@ -20,7 +20,7 @@ import importlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -363,7 +363,7 @@ def check_description(desc: Any, source: str) -> dict[str, Any]:
     return desc
 
 
-def _target_of(cls: type) -> str:
+def _target_of(cls: Callable[..., Any]) -> str:
     """``cmml_monai.networks.Name``, the path ``network_def`` names the class by."""
     package = importlib.import_module(_NETWORKS_PACKAGE)
     if getattr(package, cls.__name__, None) is not cls:

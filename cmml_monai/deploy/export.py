@@ -172,7 +172,7 @@ def export_torchscript(
 
 
 def _check_or_remove(path: str, diffs: dict[str, float], atol: float, what: str) -> float:
-    worst = max(diffs, key=diffs.get)
+    worst = max(diffs, key=lambda name: diffs[name])
     if not diffs[worst] <= atol:
         os.remove(path)
         raise RuntimeError(

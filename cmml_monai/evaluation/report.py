@@ -8,6 +8,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -287,7 +288,7 @@ def _paired_row(method: str, reference: str, seeds: list[int], diffs: list[float
     from scipy import stats
 
     d = np.asarray(diffs, dtype=float)
-    row = {
+    row: dict[str, Any] = {
         "method": method,
         "reference": reference,
         "pairs": len(d),

@@ -12,7 +12,7 @@ import torch
 __all__ = ["RandomState"]
 
 
-def _numpy_state(state: tuple) -> dict[str, Any]:
+def _numpy_state(state: Any) -> dict[str, Any]:
     """``np.random.RandomState.get_state()`` as tensors and numbers (loadable with ``weights_only=True``)."""
     name, keys, pos, has_gauss, gauss = state
     return {
