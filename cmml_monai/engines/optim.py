@@ -12,7 +12,6 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from monai.optimizers import generate_param_groups
 
 from cmml_monai.networks import ImageEncoder
 from cmml_monai.utils import as_bool
@@ -136,12 +135,10 @@ def stage_parameter_groups(
             return "crta"
         return "encoder" if name.startswith("encoder.") else "rest"
 
-    # MONAI's grouping by name filters, in the network's parameter order; the stage decides the LRs below
-    names = ("crta", "encoder", "rest")
-    found = generate_param_groups(
-        network, [lambda item, n=n: part(item) == n for n in names], "filter", [lr] * 3, include_others=False
-    )
-    crta, encoder, rest = (list(group["params"]) for group in found)
+    parts: dict[str | None, list[torch.nn.Parameter]] = {"crta": [], "encoder": [], "rest": [], None: []}
+    for item in network.named_parameters():
+        parts[part(item)].append(item[1])
+    crta, encoder, rest = parts["crta"], parts["encoder"], parts["rest"]
     if stage == 1 and encoder_lr_scale == 1.0:
         groups = [{"params": crta + encoder + rest, "lr": lr, "name": "all"}]
     elif stage == 1:
