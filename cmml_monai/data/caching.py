@@ -26,7 +26,7 @@ from monai.transforms import Compose
 from monai.utils import optional_import
 
 from cmml_monai.data.cases import CaseList
-from cmml_monai.data.errors import DataError
+from cmml_monai.data.errors import DataError, find_data_error
 from cmml_monai.data.transforms import TableEncoder
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
@@ -39,26 +39,7 @@ __all__ = [
     "settings_fingerprint",
     "item_nbytes",
     "check_disk",
-    "unwrap_data_error",
 ]
-
-
-def unwrap_data_error(err: BaseException) -> BaseException:
-    """The DataError behind MONAI's ``RuntimeError("applying transform ...")`` wrappers, else ``err``.
-
-    Example:
-        >>> try:
-        ...     raise RuntimeError("applying transform") from DataError("case 1: bad file")
-        ... except RuntimeError as e:
-        ...     print(unwrap_data_error(e))
-        case 1: bad file
-    """
-    seen = err
-    while seen is not None:
-        if isinstance(seen, DataError):
-            return seen
-        seen = seen.__cause__  # type: ignore[assignment]
-    return err
 
 
 @contextmanager
@@ -67,8 +48,8 @@ def _plain_errors() -> Iterator[None]:
     try:
         yield
     except RuntimeError as err:
-        found = unwrap_data_error(err)
-        if found is err:
+        found = find_data_error(err)
+        if found is None:
             raise
         raise found from None
 
@@ -134,8 +115,8 @@ class _DeferringCompose(Compose):
         try:
             return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
         except Exception as err:
-            found = unwrap_data_error(err)
-            if not (self.deferring and isinstance(found, DataError)):
+            found = find_data_error(err)
+            if not (self.deferring and found is not None):
                 raise
             return _LoadFailure(found)
 

@@ -26,7 +26,6 @@ from cmml_monai.data.caching import (
     hash_with_file_stats,
     item_nbytes,
     settings_fingerprint,
-    unwrap_data_error,
 )
 from cmml_monai.data.cases import SPLITS, Case, CaseList
 from cmml_monai.data.readers import LoadModalityd
@@ -57,9 +56,6 @@ __all__ = [
     "collate_cases",
     "build_dataloader",
 ]
-
-# the name preflight imported before the datasets moved to cmml_monai.data.caching
-_unwrap_data_error = unwrap_data_error
 
 RESERVED_KEYS = ("image", "tabular", "label", "case_id", "table")
 CACHE_MODES = ("none", "cache", "persistent")

@@ -33,9 +33,9 @@ from monai.data import Dataset, PersistentDataset
 from monai.transforms import Compose, RandomizableTrait, Transform
 from monai.utils import optional_import
 
-from cmml_monai.data.caching import CaseCacheDataset, unwrap_data_error
+from cmml_monai.data.caching import CaseCacheDataset
 from cmml_monai.data.cases import CaseList
-from cmml_monai.data.errors import DataError
+from cmml_monai.data.errors import DataError, find_data_error
 from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.utils import as_bool
 
@@ -160,8 +160,8 @@ def _run_checks(
         try:
             check(index)
         except Exception as err:
-            found = unwrap_data_error(err)
-            if not isinstance(found, DataError):
+            found = find_data_error(err)
+            if found is None:
                 raise
             return split, index, found
         return split, index, None
@@ -191,8 +191,8 @@ def _diagnose(
     try:
         run(base)
     except Exception as err:  # the case itself (label, table) is bad: no modality to blame
-        found = unwrap_data_error(err)
-        if not isinstance(found, DataError):
+        found = find_data_error(err)
+        if found is None:
             raise
         return [PreflightProblem(split, case, None, None, str(found))]
     out = []
@@ -200,8 +200,8 @@ def _diagnose(
         try:
             run({**base, key: item[key]})
         except Exception as err:
-            found = unwrap_data_error(err)
-            if not isinstance(found, DataError):
+            found = find_data_error(err)
+            if found is None:
                 raise
             out.append(PreflightProblem(split, case, key, str(item[key]), str(found)))
     return out or [PreflightProblem(split, case, None, None, str(error))]
