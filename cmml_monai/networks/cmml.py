@@ -136,7 +136,6 @@ class CMMLNet(nn.Module):
         self.memory: ModalityMemoryBank | None = (
             memory(num_modalities=k, feature_dim=feature_dim) if memory is not None else None
         )
-        self.use_memory = self.memory is not None
         # False until the first stage-2 training step: the served path uses the stage-1 head until then
         self.register_buffer("stage2_trained", torch.zeros((), dtype=torch.bool))
         # saved with the weights, so weights trained with the other head layout are refused on load
