@@ -42,25 +42,18 @@ __all__ = [
 ]
 
 
-@contextmanager
-def _plain_errors() -> Iterator[None]:
-    """Raise the DataError behind a MONAI ``RuntimeError`` wrapper as itself (one line for the user)."""
-    try:
-        yield
-    except RuntimeError as err:
-        found = find_data_error(err)
-        if found is None:
-            raise
-        raise found from None
-
-
 class _PlainErrors:
     """Mixin: surface a DataError raised inside a transform as itself (one line for the user)
     instead of the nested RuntimeErrors that MONAI's ``Compose`` wraps it in."""
 
     def __getitem__(self, index: Any) -> Any:
-        with _plain_errors():
+        try:
             return super().__getitem__(index)  # type: ignore[misc]
+        except RuntimeError as err:
+            found = find_data_error(err)
+            if found is None:
+                raise
+            raise found from None
 
 
 class CaseDataset(_PlainErrors, Dataset):
@@ -160,8 +153,7 @@ class CaseCacheDataset(_PlainErrors, CacheDataset):
         self.defer_errors = bool(defer_errors)
         self.load_errors: dict[int, DataError] = {}
         kwargs["runtime_cache"] = []  # replaced by set_data: one entry per data item
-        with _plain_errors():
-            super().__init__(data, _DeferringCompose(transform), *args, **kwargs)
+        super().__init__(data, _DeferringCompose(transform), *args, **kwargs)
 
     def set_data(self, data: Sequence) -> None:
         """Replace the data and fill the cache again (``load_errors`` lists the new data's bad items)."""
@@ -179,12 +171,11 @@ class CaseCacheDataset(_PlainErrors, CacheDataset):
             return super().__getitem__(index)
         index = int(index)
         position = index + len(self) if index < 0 else index  # MONAI reads a negative index past cache_num wrong
-        with _plain_errors():
+        data = super().__getitem__(position)  # _PlainErrors: a DataError surfaces as itself
+        if isinstance(data, _LoadFailure):
+            # the fill deferred this item's error: decode it again (raising while its file is still bad)
+            self.runtime_cache[position] = None
             data = super().__getitem__(position)
-            if isinstance(data, _LoadFailure):
-                # the fill deferred this item's error: decode it again (raising while its file is still bad)
-                self.runtime_cache[position] = None
-                data = super().__getitem__(position)
         return dict(data) if isinstance(data, dict) else data
 
     def reload(self, index: int) -> None:
@@ -297,7 +288,7 @@ def _fill(ds: CaseCacheDataset, indices: Sequence[int]) -> None:
         return
     if ds.progress and not has_tqdm:
         warnings.warn("tqdm is not installed, will not show the caching progress bar.")
-    with _filling(ds), _plain_errors(), ThreadPool(ds.num_workers) as pool:
+    with _filling(ds), ThreadPool(ds.num_workers) as pool:  # _PlainErrors.__getitem__ unwraps a DataError
         results = pool.imap(super(CaseCacheDataset, ds).__getitem__, indices)
         if ds.progress and has_tqdm:
             results = tqdm(results, total=len(indices), desc="Loading dataset")
