@@ -20,6 +20,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
 # the small image backbone of the tests, as train.json's encoder component gives it (--image_encoder resnet10)
 RESNET10 = partial(MultiModalEncoder, image_encoder="resnet10")
+# the small sizes of a CPU training run of seconds (train.json overrides)
+SMALL_SIZES = {
+    "spatial_size": [32, 32],
+    "feature_dim": 16,
+    "batch_size": 8,
+    "stage1_epochs": 1,
+    "stage2_epochs": 1,
+    "progress_bar": False,
+}
 # the command-line form of the small sizes, as README.md's commands take them
 TINY_ARGS = [
     "--feature_dim",
@@ -80,14 +89,9 @@ def tiny_overrides(dataset_dir: str, output_dir: str, **extra) -> dict:
         "dataset_dir": dataset_dir,
         "output_dir": output_dir,
         "shared_dir": os.path.join(output_dir, "shared"),
-        "spatial_size": [32, 32],
+        **SMALL_SIZES,
         "image_encoder": "resnet10",
         "pretrained": False,  # the dataset overlays name a pretrained encoder; resnet10 has no 2D weights
-        "feature_dim": 16,
-        "batch_size": 8,
-        "stage1_epochs": 1,
-        "stage2_epochs": 1,
-        "progress_bar": False,
         "missing_rates": [0.0, 0.5],
         "sweep#subsets": False,
         "sweep#roc": False,
