@@ -50,7 +50,17 @@ from cmml_monai.networks import (
 )
 
 from bundle_helpers import RESNET10, build_network, run_bundle
-from pacs_helpers import MARKER, MARKER_DATE, PHI, ROOT, free_port, make_study, send_study, study_files
+from pacs_helpers import (
+    MARKER,
+    MARKER_DATE,
+    PHI,
+    ROOT,
+    STUDY_ATTRIBUTES,
+    free_port,
+    make_study,
+    send_study,
+    study_files,
+)
 
 INFERENCE = os.path.join(ROOT, "configs", "inference.json")
 S = 64  # image side: resnet10's last stage is 2 x 2, one cell per quadrant
@@ -356,17 +366,6 @@ class TwoClassPacs:
 
     def stop(self) -> None:
         self.server.shutdown()
-
-
-#: the attributes highdicom copies from the study (the SC may carry the marker there, nowhere else)
-STUDY_ATTRIBUTES = {
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "AccessionNumber",
-    "StudyID",
-    "ReferringPhysicianName",
-}
 
 
 def _check_sc(sc_path: str, png_path: str, study_uid: str, sr: pydicom.Dataset) -> None:

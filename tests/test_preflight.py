@@ -20,7 +20,7 @@ from cmml_monai.data.errors import DataError, find_data_error
 from cmml_monai.data.preflight import run_preflight
 from cmml_monai.data.table import TableSchema
 
-from bundle_helpers import run_bundle
+from bundle_helpers import SMALL_SIZES, run_bundle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
@@ -235,12 +235,7 @@ def _tiny(root: str, out: str) -> list[str]:
         "synthetic": False,
         "output_dir": out,
         "shared_dir": os.path.join(out, "shared"),
-        "spatial_size": [32, 32],
-        "feature_dim": 16,
-        "batch_size": 8,
-        "stage1_epochs": 1,
-        "stage2_epochs": 1,
-        "progress_bar": False,
+        **SMALL_SIZES,
         "mlflow_enabled": False,
         "missing_rates": [0.0],
     }
