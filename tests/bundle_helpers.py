@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 from functools import partial
 
 import torch
@@ -17,6 +20,65 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
 # the small image backbone of the tests, as train.json's encoder component gives it (--image_encoder resnet10)
 RESNET10 = partial(MultiModalEncoder, image_encoder="resnet10")
+# the small sizes of a CPU training run of seconds (train.json overrides)
+SMALL_SIZES = {
+    "spatial_size": [32, 32],
+    "feature_dim": 16,
+    "batch_size": 8,
+    "stage1_epochs": 1,
+    "stage2_epochs": 1,
+    "progress_bar": False,
+}
+# the command-line form of the small sizes, as README.md's commands take them
+TINY_ARGS = [
+    "--feature_dim",
+    "16",
+    "--image_encoder",
+    "resnet10",
+    "--batch_size",
+    "8",
+    "--val_batch_size",
+    "8",
+    "--num_workers",
+    "0",
+    "--stage1_epochs",
+    "1",
+    "--stage2_epochs",
+    "1",
+    "--progress_bar",
+    "false",
+    "--mlflow_enabled",
+    "false",
+    "--amp",
+    "false",
+]
+
+
+def bundle_env() -> dict:
+    """The environment of a bundle subprocess: this checkout first on ``PYTHONPATH``, one OpenMP thread."""
+    return {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+
+def run_bundle(
+    config: str, bundle_root: str | None, *args: str, cwd: str = ROOT, env: dict | None = None, **run_kw
+) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run --config_file config --bundle_root bundle_root *args`` in ``cwd``, output captured
+    as text (``run_kw`` replaces ``subprocess.run``'s arguments, e.g. ``stderr=subprocess.STDOUT``).
+
+    ``bundle_root=None`` leaves it out, as a user types it; ``--progress_bar false`` is added unless ``args`` set it;
+    ``env`` defaults to :func:`bundle_env`. The caller checks ``returncode``.
+    """
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config]
+    cmd += ["--bundle_root", bundle_root] if bundle_root is not None else []
+    cmd += [*args, *([] if "--progress_bar" in args else ["--progress_bar", "false"])]
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "timeout": 600, **run_kw}
+    return subprocess.run(cmd, cwd=str(cwd), env=bundle_env() if env is None else env, **kw)
+
+
+def read_predictions(output_dir: str) -> dict[str, dict[str, str]]:
+    """The rows of ``output_dir``/predictions.csv by ``case_id``."""
+    with open(os.path.join(output_dir, "predictions.csv"), newline="") as f:
+        return {r["case_id"]: r for r in csv.DictReader(f)}
 
 
 def tiny_overrides(dataset_dir: str, output_dir: str, **extra) -> dict:
@@ -27,14 +89,9 @@ def tiny_overrides(dataset_dir: str, output_dir: str, **extra) -> dict:
         "dataset_dir": dataset_dir,
         "output_dir": output_dir,
         "shared_dir": os.path.join(output_dir, "shared"),
-        "spatial_size": [32, 32],
+        **SMALL_SIZES,
         "image_encoder": "resnet10",
         "pretrained": False,  # the dataset overlays name a pretrained encoder; resnet10 has no 2D weights
-        "feature_dim": 16,
-        "batch_size": 8,
-        "stage1_epochs": 1,
-        "stage2_epochs": 1,
-        "progress_bar": False,
         "missing_rates": [0.0, 0.5],
         "sweep#subsets": False,
         "sweep#roc": False,

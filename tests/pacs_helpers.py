@@ -48,6 +48,15 @@ PHI = {
     "StudyID": MARKER[:16],
     "StationName": MARKER,
 }
+#: the attributes highdicom copies from the study into the SC (the marker may sit there, nowhere else)
+STUDY_ATTRIBUTES = {
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+}
 PLAIN_PATIENT = {
     "PatientName": "Test^Patient",
     "PatientID": "TP001",

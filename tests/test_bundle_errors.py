@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from cmml_monai.data.errors import DataError, find_data_error
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bundle_helpers import run_bundle
 
 
 def test_find_data_error_walks_the_wrapping_chain():
@@ -31,24 +29,13 @@ def test_bundle_run_with_missing_dataset_dir_prints_one_line(tmp_path, show_trac
     if show_traceback:
         env["CMML_TRACEBACK"] = "1"
     missing = tmp_path / "no_such_release_v0"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            "['configs/train.json','configs/datasets/derm7pt.json']",
-            "--dataset_dir",
-            str(missing),
-            "--bundle_root",
-            str(tmp_path),
-            "--mlflow_enabled",
-            "false",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = run_bundle(
+        "['configs/train.json','configs/datasets/derm7pt.json']",
+        str(tmp_path),
+        "--dataset_dir",
+        str(missing),
+        "--mlflow_enabled",
+        "false",
         timeout=300,
         env=env,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+from functools import partial
 
 import nibabel as nib
 import numpy as np
@@ -417,24 +418,11 @@ def test_persistent_cache_over_its_bound_is_refused_before_writing(derm_like, tm
     case_list, schema = derm_like
     one = item_nbytes(case_list, SIZE_2D)
     cache_dir = tmp_path / "pcache"
-    with pytest.raises(DataError, match=r"persistent cache of split train needs about .* GB \(3 items\), more than"):
-        build_dataset(
-            case_list,
-            "train",
-            schema,
-            spatial_size=SIZE_2D,
-            cache="persistent",
-            cache_dir=str(cache_dir),
-            cache_max_gb=2 * one / 1e9,
-        )
-    assert not cache_dir.exists()  # nothing written
-    ds = build_dataset(
-        case_list,
-        "train",
-        schema,
-        spatial_size=SIZE_2D,
-        cache="persistent",
-        cache_dir=str(cache_dir),
-        cache_max_gb=4 * one / 1e9,
+    persistent = partial(
+        build_dataset, case_list, "train", schema, spatial_size=SIZE_2D, cache="persistent", cache_dir=str(cache_dir)
     )
+    with pytest.raises(DataError, match=r"persistent cache of split train needs about .* GB \(3 items\), more than"):
+        persistent(cache_max_gb=2 * one / 1e9)
+    assert not cache_dir.exists()  # nothing written
+    ds = persistent(cache_max_gb=4 * one / 1e9)
     assert len(_items(ds)) == 3

@@ -44,7 +44,7 @@ from cmml_monai.deploy.report import predict_case, read_sr_result
 from cmml_monai.deploy.study import load_study
 from cmml_monai.evaluation.casepage import PAGE_SIZE, read_page
 
-from pacs_helpers import MARKER, MARKER_DATE, PHI, ROOT, make_study, trained_men_bundle
+from pacs_helpers import MARKER, MARKER_DATE, PHI, ROOT, STUDY_ATTRIBUTES, make_study, trained_men_bundle
 
 APP = os.path.join(ROOT, "deploy_app", "app.py")
 REQUIREMENTS = os.path.join(ROOT, "deploy_app", "requirements.txt")
@@ -237,17 +237,6 @@ def test_app_in_its_own_venv_matches_the_cli(bundle, tmp_path):
     assert last.startswith("error: ") and f"{tmp_path / 'empty'}: no TorchScript model" in last
     assert os.listdir(tmp_path / "app_bad") == []
     print(f"total {time.monotonic() - start:.0f} s")
-
-
-#: the attributes highdicom copies from the study into the SC (the marker may sit there, nowhere else)
-STUDY_ATTRIBUTES = {
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "AccessionNumber",
-    "StudyID",
-    "ReferringPhysicianName",
-}
 
 
 def _check_page_and_sc(out, study_uid: str) -> tuple[str, pydicom.Dataset]:

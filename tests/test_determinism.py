@@ -7,8 +7,7 @@ import os
 import torch
 from monai.bundle import ConfigWorkflow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "configs", "train.json")
+from bundle_helpers import ROOT, SMALL_SIZES, TRAIN
 
 
 def _train(tmp_path, name: str, seed: int) -> str:
@@ -23,12 +22,7 @@ def _train(tmp_path, name: str, seed: int) -> str:
         shared_dir=str(tmp_path / "shared"),
         seed=seed,
         device="cpu",
-        spatial_size=[32, 32],
-        feature_dim=16,
-        batch_size=8,
-        stage1_epochs=1,
-        stage2_epochs=1,
-        progress_bar=False,
+        **SMALL_SIZES,
         missing_rates=[0.0, 0.5],
         mlflow_enabled=False,
         **{"sweep#subsets": False, "sweep#roc": False},

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 import time
 from functools import partial
 
@@ -51,8 +49,18 @@ from cmml_monai.networks import (
     MultiModalEncoder,
 )
 
-from bundle_helpers import RESNET10, build_network
-from pacs_helpers import MARKER, MARKER_DATE, PHI, ROOT, free_port, make_study, send_study, study_files
+from bundle_helpers import RESNET10, build_network, run_bundle
+from pacs_helpers import (
+    MARKER,
+    MARKER_DATE,
+    PHI,
+    ROOT,
+    STUDY_ATTRIBUTES,
+    free_port,
+    make_study,
+    send_study,
+    study_files,
+)
 
 INFERENCE = os.path.join(ROOT, "configs", "inference.json")
 S = 64  # image side: resnet10's last stage is 2 x 2, one cell per quadrant
@@ -303,14 +311,8 @@ def _served(tmp_path, dataset: str, method: str, spatial: tuple[int, ...], **syn
 def test_inference_config_explain_writes_one_page_per_case(tmp_path, dataset, method, spatial, synthetic):
     run, data = _served(tmp_path, dataset, method, spatial, **synthetic)
     pred = str(tmp_path / "pred")
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
+    done = run_bundle(
         INFERENCE,
-        "--bundle_root",
         ROOT,
         "--model_dir",
         os.path.join(run, "models"),
@@ -320,15 +322,11 @@ def test_inference_config_explain_writes_one_page_per_case(tmp_path, dataset, me
         dataset,
         "--output_dir",
         pred,
-        "--progress_bar",
-        "false",
         "--device",
         "cpu",
         "--explain",
         "true",
-    ]
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     cases = sorted(f[:-5] for f in os.listdir(os.path.join(pred, "cases")) if f.endswith(".json"))
     pages = sorted(f[:-4] for f in os.listdir(os.path.join(pred, "cases")) if f.endswith(".png"))
@@ -368,17 +366,6 @@ class TwoClassPacs:
 
     def stop(self) -> None:
         self.server.shutdown()
-
-
-#: the attributes highdicom copies from the study (the SC may carry the marker there, nowhere else)
-STUDY_ATTRIBUTES = {
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "AccessionNumber",
-    "StudyID",
-    "ReferringPhysicianName",
-}
 
 
 def _check_sc(sc_path: str, png_path: str, study_uid: str, sr: pydicom.Dataset) -> None:

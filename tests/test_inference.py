@@ -11,8 +11,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -40,7 +38,7 @@ from cmml_monai.deploy.export import check_export, example_inputs, export_onnx, 
 from cmml_monai.deploy.inference import inference_cases
 from cmml_monai.networks import CMMLOptions, InputSpec, LateFusionNet
 
-from bundle_helpers import RESNET10, tiny_overrides, workflow
+from bundle_helpers import RESNET10, read_predictions, run_bundle, tiny_overrides, workflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
@@ -185,14 +183,8 @@ def _incomplete_copy(trained: dict, dest: str) -> tuple[str, str, str]:
 def test_inference_bundle_predicts_image_only_and_table_only_cases(trained, tmp_path):
     data, image_only, table_only = _incomplete_copy(trained, str(tmp_path / "new_cases"))
     pred = str(tmp_path / "pred")
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
+    done = run_bundle(
         INFERENCE,
-        "--bundle_root",
         ROOT,
         "--model_dir",
         trained["models"],
@@ -204,14 +196,9 @@ def test_inference_bundle_predicts_image_only_and_table_only_cases(trained, tmp_
         pred,
         "--split",
         "test",
-        "--progress_bar",
-        "false",
-    ]
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    with open(os.path.join(pred, "predictions.csv"), newline="") as f:
-        rows = {r["case_id"]: r for r in csv.DictReader(f)}
+    rows = read_predictions(pred)
     classes = ["BCC", "NEV", "MEL", "MISC", "SK"]
     header = list(next(iter(rows.values())))
     assert header == ["case_id", *[f"prob_{c}" for c in classes], "prediction", "present", "completed"]
@@ -234,14 +221,8 @@ def test_inference_bundle_without_description_prints_one_line(trained, tmp_path)
     old_run = tmp_path / "models"
     old_run.mkdir()
     shutil.copy(os.path.join(trained["models"], "model.pt"), old_run)
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
+    done = run_bundle(
         INFERENCE,
-        "--bundle_root",
         ROOT,
         "--model_dir",
         str(old_run),
@@ -251,9 +232,7 @@ def test_inference_bundle_without_description_prints_one_line(trained, tmp_path)
         "derm7pt",
         "--output_dir",
         str(tmp_path / "pred"),
-    ]
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    )
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "configs/describe.json" in errors[0], done.stderr[-2000:]

@@ -28,7 +28,7 @@ from cmml_monai.deploy.description import description_schema
 from cmml_monai.deploy.export import main as export_main
 from cmml_monai.deploy.inference import unseen_categories
 
-from bundle_helpers import tiny_overrides, workflow
+from bundle_helpers import TINY_ARGS, read_predictions, run_bundle, tiny_overrides, workflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
@@ -188,14 +188,8 @@ def test_trains_infers_and_exports(trained, data, tmp_path):
     work.mkdir()
     manifest = _write(new, str(work / "new_cases.csv"), data["base"])
     pred = str(tmp_path / "pred")
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
+    done = run_bundle(
         INFERENCE,
-        "--bundle_root",
         ROOT,
         "--model_dir",
         trained["models"],
@@ -203,17 +197,14 @@ def test_trains_infers_and_exports(trained, data, tmp_path):
         manifest,
         "--output_dir",
         pred,
-        "--progress_bar",
-        "false",
         "--preflight",
         "off",
-    ]
-    done = subprocess.run(
-        cmd, cwd=str(work), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
+        cwd=str(work),
+        env=ENV,
+        stderr=subprocess.STDOUT,
     )
     assert done.returncode == 0, done.stdout[-3000:]
-    with open(os.path.join(pred, "predictions.csv"), newline="") as f:
-        rows = {r["case_id"]: r for r in csv.DictReader(f)}
+    rows = read_predictions(pred)
     assert sorted(rows) == sorted(new["Case"])
     first = rows[new["Case"].iloc[0]]
     assert "table" not in first["present"].split(";") and "table" in first["completed"].split(";")
@@ -242,41 +233,10 @@ def test_evaluates_like_the_native_adapters(trained, data):
 @pytest.mark.e2e
 def test_readme_recipe_trains_from_the_command_line(data, tmp_path):
     """README / docs/datasets.md "Your own data": the overlay with roles set on the command line, from a fresh cwd."""
-    tiny = [
-        "--feature_dim",
-        "16",
-        "--image_encoder",
-        "resnet10",
-        "--batch_size",
-        "8",
-        "--val_batch_size",
-        "8",
-        "--num_workers",
-        "0",
-        "--stage1_epochs",
-        "1",
-        "--stage2_epochs",
-        "1",
-        "--progress_bar",
-        "false",
-        "--mlflow_enabled",
-        "false",
-        "--amp",
-        "false",
-        "--missing_rates",
-        "[0.0]",
-        "--sweep#subsets",
-        "false",
-        "--sweep#roc",
-        "false",
-    ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
+    tiny = [*TINY_ARGS, "--missing_rates", "[0.0]", "--sweep#subsets", "false", "--sweep#roc", "false"]
+    done = run_bundle(
         repr([TRAIN, OVERLAY]),
+        None,
         "--dataset_dir",
         data["manifest"],
         "--spatial_size",
@@ -286,8 +246,9 @@ def test_readme_recipe_trains_from_the_command_line(data, tmp_path):
         "--dataset_options#label_columns",
         "grade",
         *tiny,
-    ]
-    done = subprocess.run(cmd, cwd=str(tmp_path), env=ENV, capture_output=True, text=True, timeout=600)
+        cwd=str(tmp_path),
+        env=ENV,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     desc = load_description(str(tmp_path / "outputs" / "manifest_cmml" / "models"))
     assert desc["data"]["dataset_options"]["image_columns"] == ["t1c", "t2w"]

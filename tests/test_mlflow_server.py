@@ -10,8 +10,7 @@ import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from monai.bundle import ConfigWorkflow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "configs", "train.json")
+from bundle_helpers import ROOT, SMALL_SIZES, TRAIN
 
 
 @pytest.mark.slow  # ~1 min: .ci/run runs it (pytest -m slow -k ...)
@@ -26,12 +25,7 @@ def test_training_logs_parent_and_stage_runs_to_server(mlflow_server, tmp_path, 
         synthetic_cases=24,
         output_dir=out,
         shared_dir=os.path.join(out, "shared"),
-        spatial_size=[32, 32],
-        feature_dim=16,
-        batch_size=8,
-        stage1_epochs=1,
-        stage2_epochs=1,
-        progress_bar=False,
+        **SMALL_SIZES,
         missing_rates=[0.0, 0.5],
         tracking_uri=mlflow_server,
         experiment_name="cmml_server_test",

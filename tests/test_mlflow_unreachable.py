@@ -11,8 +11,8 @@ from monai.bundle import ConfigWorkflow
 from cmml_monai.data.errors import DataError, find_data_error
 from cmml_monai.handlers import MLflowTracker
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "configs", "train.json")
+from bundle_helpers import ROOT, SMALL_SIZES, TRAIN
+
 HTTP_SETTINGS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
 
 
@@ -48,12 +48,7 @@ def test_bundle_stops_before_the_first_epoch(closed_port_uri, tmp_path):
         synthetic_cases=30,
         output_dir=str(out),
         shared_dir=str(out / "shared"),
-        spatial_size=[32, 32],
-        feature_dim=16,
-        batch_size=8,
-        stage1_epochs=1,
-        stage2_epochs=1,
-        progress_bar=False,
+        **SMALL_SIZES,
         tracking_uri=closed_port_uri,
         mlflow_enabled=True,
     )

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from monai.bundle import ConfigWorkflow
 
 from cmml_monai.data.errors import DataError, find_data_error
 from cmml_monai.handlers import refuse_monai_tracking
+
+from bundle_helpers import bundle_env, run_bundle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
@@ -82,16 +82,10 @@ def test_monai_tracking_switch_is_refused_before_anything_runs(tmp_path, configs
         pytest.skip(_wiring(*configs))
     work = tmp_path / "work"
     work.mkdir()
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = bundle_env()
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
+    done = run_bundle(
         repr(configs),
-        "--bundle_root",
         ROOT,
         "--dataset_dir",
         str(tmp_path / "syn"),
@@ -100,8 +94,9 @@ def test_monai_tracking_switch_is_refused_before_anything_runs(tmp_path, configs
         *TINY,
         "--tracking",
         "mlflow",
-    ]
-    done = subprocess.run(cmd, cwd=str(work), env=env, capture_output=True, text=True, timeout=600)
+        cwd=str(work),
+        env=env,
+    )
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert done.returncode != 0 and len(errors) == 1, done.stderr[-3000:]
     assert "--tracking (MONAI's switch" in errors[0] and "--tracking_uri" in errors[0]

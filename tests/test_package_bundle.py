@@ -28,7 +28,7 @@ from cmml_monai.deploy import load_description, load_network
 from cmml_monai.deploy.export import example_inputs
 from cmml_monai.deploy.package import bundle_metadata, package_bundle, packaged_inference_config
 
-from bundle_helpers import train_tiny_derm7pt
+from bundle_helpers import read_predictions, run_bundle, train_tiny_derm7pt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFERENCE = os.path.join(ROOT, "configs", "inference.json")
@@ -65,25 +65,9 @@ def _json(path: str) -> dict:
 
 def _predict(config: str, bundle_root: str, data: str, cwd: str, *extra: str) -> dict[str, dict[str, str]]:
     """Run ``config`` with ``python -m monai.bundle run`` in ``cwd``; the rows of ./predictions/predictions.csv."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        config,
-        "--bundle_root",
-        bundle_root,
-        "--dataset_dir",
-        data,
-        "--progress_bar",
-        "false",
-        *extra,
-    ]
-    done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    done = run_bundle(config, bundle_root, "--dataset_dir", data, *extra, cwd=cwd, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
-    with open(os.path.join(cwd, "predictions", "predictions.csv"), newline="") as f:
-        return {r["case_id"]: r for r in csv.DictReader(f)}
+    return read_predictions(os.path.join(cwd, "predictions"))
 
 
 # -- what the bundle holds ------------------------------------------------------------------------------

@@ -6,8 +6,6 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,6 +19,8 @@ from cmml_monai.data.dataset import build_dataset
 from cmml_monai.data.errors import DataError, find_data_error
 from cmml_monai.data.preflight import run_preflight
 from cmml_monai.data.table import TableSchema
+
+from bundle_helpers import SMALL_SIZES, run_bundle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
@@ -235,12 +235,7 @@ def _tiny(root: str, out: str) -> list[str]:
         "synthetic": False,
         "output_dir": out,
         "shared_dir": os.path.join(out, "shared"),
-        "spatial_size": [32, 32],
-        "feature_dim": 16,
-        "batch_size": 8,
-        "stage1_epochs": 1,
-        "stage2_epochs": 1,
-        "progress_bar": False,
+        **SMALL_SIZES,
         "mlflow_enabled": False,
         "missing_rates": [0.0],
     }
@@ -251,24 +246,7 @@ def test_bundle_stops_before_training_naming_the_truncated_test_jpeg(truncated_t
     root, victim = truncated_test_jpeg
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "CMML_TRACEBACK"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            TRAIN,
-            "--bundle_root",
-            ROOT,
-            *_tiny(root, str(out)),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    proc = run_bundle(TRAIN, ROOT, *_tiny(root, str(out)), timeout=300, env=env)
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "error: preflight: 1 problem(s) in 1 case(s)" in proc.stderr

@@ -4,7 +4,6 @@ from training to every way the run is served."""
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from cmml_monai.networks import (
 )
 from cmml_monai.networks.pretrained import efficientnet_backbone, lite_weights_path
 
-from bundle_helpers import ROOT, TRAIN, train_tiny_derm7pt, workflow
+from bundle_helpers import ROOT, TRAIN, read_predictions, run_bundle, train_tiny_derm7pt, workflow
 
 skimage_data = pytest.importorskip("skimage.data")
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
@@ -226,28 +225,13 @@ def test_torchscript_export_and_packaged_bundle_serve_the_pretrained_run(lite_ru
         ("project", os.path.join(ROOT, "configs", "inference.json"), ROOT),
     ]:
         out = str(tmp_path / name)
-        cmd = [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            config,
-            "--bundle_root",
-            root,
-            "--dataset_dir",
-            lite_run["data"],
-            "--output_dir",
-            out,
-            "--progress_bar",
-            "false",
-        ]
-        if name == "project":
-            cmd += ["--model_dir", lite_run["models"], "--dataset", "derm7pt"]
-        done = subprocess.run(cmd, cwd=str(tmp_path), env=ENV, capture_output=True, text=True, timeout=600)
+        extra = ["--model_dir", lite_run["models"], "--dataset", "derm7pt"] if name == "project" else []
+        done = run_bundle(
+            config, root, "--dataset_dir", lite_run["data"], "--output_dir", out, *extra, cwd=str(tmp_path), env=ENV
+        )
         assert done.returncode == 0, done.stderr[-3000:]
-        with open(os.path.join(out, "predictions.csv"), newline="") as f:
-            preds[name] = {r["case_id"]: [float(r[f"prob_{c}"]) for c in CLASSES] for r in csv.DictReader(f)}
+        rows = read_predictions(out).values()
+        preds[name] = {r["case_id"]: [float(r[f"prob_{c}"]) for c in CLASSES] for r in rows}
     assert preds["packaged"].keys() == preds["project"].keys() and len(preds["packaged"]) > 20
     for case_id, probs in preds["project"].items():
         assert preds["packaged"][case_id] == pytest.approx(probs, abs=1e-5), case_id

@@ -18,32 +18,12 @@ import sys
 import numpy as np
 import pytest
 
+from bundle_helpers import TINY_ARGS as TINY
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
 EVALUATE = os.path.join(ROOT, "configs", "evaluate.json")
 RATES = [0.0, 0.1, 0.3, 0.5, 0.7]
-TINY = [
-    "--feature_dim",
-    "16",
-    "--image_encoder",
-    "resnet10",
-    "--batch_size",
-    "8",
-    "--val_batch_size",
-    "8",
-    "--num_workers",
-    "0",
-    "--stage1_epochs",
-    "1",
-    "--stage2_epochs",
-    "1",
-    "--progress_bar",
-    "false",
-    "--mlflow_enabled",
-    "false",
-    "--amp",
-    "false",
-]
 
 pytestmark = pytest.mark.e2e
 

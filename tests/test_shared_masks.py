@@ -15,8 +15,7 @@ from cmml_monai.data.errors import DataError, find_data_error
 from cmml_monai.data.fingerprint import case_fingerprint, fingerprint_of
 from cmml_monai.data.missingness import ensure_masks, simulate_presence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "configs", "train.json")
+from bundle_helpers import ROOT, SMALL_SIZES, TRAIN
 
 
 def _run(bundle_root: str, dataset_dir: str, cases: int, method: str = "cmml", **extra) -> ConfigWorkflow:
@@ -26,12 +25,7 @@ def _run(bundle_root: str, dataset_dir: str, cases: int, method: str = "cmml", *
         dataset_dir=dataset_dir,
         synthetic_cases=cases,
         method=method,
-        spatial_size=[32, 32],
-        feature_dim=16,
-        batch_size=8,
-        stage1_epochs=1,
-        stage2_epochs=1,
-        progress_bar=False,
+        **SMALL_SIZES,
         missing_rates=[0.0, 0.5],
         mlflow_enabled=False,
         **{"sweep#subsets": False, "sweep#roc": False},
