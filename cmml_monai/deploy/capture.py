@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cmml_monai.data.jsonio import atomic_path
-from cmml_monai.deploy.inference import case_explainer
+from cmml_monai.deploy.inference import PAGES_INDEX_NAME, case_explainer
 from cmml_monai.deploy.report import RESEARCH_USE_ONLY, TYPE2_ATTRIBUTES, result_stem
 from cmml_monai.deploy.study import StudyCase
 from cmml_monai.evaluation.casepage import save_page, write_index
@@ -39,8 +39,6 @@ logger = logging.getLogger(__name__)
 
 SC_SERIES_NUMBER = 9902
 SC_SERIES_DESCRIPTION = "CMML case page - research use only"
-#: the run's list of case pages in the output folder
-INDEX_NAME = "index.html"
 
 
 #: what the SC takes from the study: its patient and general study modules, nothing of the equipment or staff
@@ -132,7 +130,7 @@ def update_index(out_dir: str) -> str:
                 "page": name,
             }
         )
-    return write_index(entries, os.path.join(out_dir, INDEX_NAME), title="CMML case pages")
+    return write_index(entries, os.path.join(out_dir, PAGES_INDEX_NAME), title="CMML case pages")
 
 
 class StudyExplainer:

@@ -45,6 +45,7 @@ __all__ = [
     "check_description",
     "resolve_model_dir",
     "description_schema",
+    "description_preprocessing",
     "build_from_description",
     "load_network",
     "completes_missing",
@@ -415,6 +416,25 @@ def description_schema(desc: Mapping[str, Any]) -> TableSchema | None:
     """
     data = desc["data"].get("table_schema")
     return None if data is None else TableSchema.from_json(data, source=DESCRIPTION_NAME)
+
+
+def description_preprocessing(desc: Mapping[str, Any]) -> dict[str, Any]:
+    """The preprocessing a description records, as keyword arguments of
+    :func:`~cmml_monai.data.dataset.case_transforms` and :func:`~cmml_monai.data.dataset.build_dataset`.
+
+    Example:
+        >>> description_preprocessing(load_description("outputs/derm7pt_cmml/models"))["spatial_size"]  # doctest: +SKIP
+        [224, 224]
+    """
+    prep = desc["preprocessing"]
+    return {
+        "spatial_size": prep["spatial_size"],
+        "pixdim": prep.get("pixdim"),
+        "reader": prep.get("reader", "itk"),
+        "series": prep.get("series"),
+        "mean": prep.get("mean"),
+        "std": prep.get("std"),
+    }
 
 
 def build_from_description(desc: Mapping[str, Any]) -> torch.nn.Module:

@@ -28,7 +28,7 @@ from cmml_monai.data.errors import DataError
 from cmml_monai.data.jsonio import atomic_write_json
 from cmml_monai.data.preflight import run_preflight
 from cmml_monai.data.table import TableSchema, is_empty_cell, normalise_category
-from cmml_monai.deploy.description import completes_missing, description_schema
+from cmml_monai.deploy.description import completes_missing, description_preprocessing, description_schema
 from cmml_monai.evaluation.casepage import save_page, write_index
 from cmml_monai.evaluation.explain import Explainer
 from cmml_monai.metrics import classification_metrics
@@ -195,7 +195,7 @@ def inference_dataset(
         >>> inference_dataset(desc, cases)[0]["image"].shape  # doctest: +SKIP
         torch.Size([6, 224, 224])
     """
-    prep = description["preprocessing"]
+    preprocessing = description_preprocessing(description)
     schema = description_schema(description)
     wanted = None if split is None else ({split} if isinstance(split, str) else set(split))
     # one dataset per split: the preflight matches its problems to cases by (split, case id)
@@ -210,12 +210,7 @@ def inference_dataset(
             case_list,
             s,
             schema,
-            spatial_size=prep["spatial_size"],
-            pixdim=prep.get("pixdim"),
-            reader=prep.get("reader", "itk"),
-            series=prep.get("series"),
-            mean=prep.get("mean"),
-            std=prep.get("std"),
+            **preprocessing,
             with_label=False,
         )
         for s in splits

@@ -29,7 +29,7 @@ from monai.transforms import Activationsd, Compose, EnsureTyped, Transform
 from cmml_monai.data.cases import CaseList, ModalitySpec
 from cmml_monai.data.dataset import case_transforms
 from cmml_monai.data.errors import DataError
-from cmml_monai.deploy.description import description_schema
+from cmml_monai.deploy.description import description_preprocessing, description_schema
 
 __all__ = ["LabelRequestd", "label_postprocessing", "MODALITY_KEY"]
 
@@ -76,7 +76,6 @@ class LabelRequestd(Transform):
         image_key: str = "image",
         modality_key: str = MODALITY_KEY,
     ) -> None:
-        prep = description["preprocessing"]
         self.case_list = _case_list(description)
         self.names = [m.name for m in self.case_list.image_modalities]
         self.modality = self._check(modality or self.names[0])
@@ -86,12 +85,7 @@ class LabelRequestd(Transform):
         self.chain = case_transforms(
             self.case_list,
             description_schema(description),
-            prep["spatial_size"],
-            pixdim=prep.get("pixdim"),
-            reader=prep.get("reader", "itk"),
-            series=prep.get("series"),
-            mean=prep.get("mean"),
-            std=prep.get("std"),
+            **description_preprocessing(description),
             with_label=False,
         )
 

@@ -25,6 +25,7 @@ Importable only where ``monailabel`` is installed (its own environment, see ``do
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Mapping
@@ -73,12 +74,17 @@ class CasePageInferTask(BundleInferTask):
         #: device -> the explainer on the eager network there (built on the first page)
         self.page_explainers: dict[str, Explainer] = {}
 
+    @functools.cached_property
+    def network_description(self) -> dict[str, Any]:
+        """The bundle's ``models/network.json``, read once (on the first page)."""
+        return load_description(self.model_dir)
+
     def page_explainer(self, device: Any) -> Explainer:
         """The Grad-CAM explainer of the bundle's eager network on ``device``, built once."""
         key = str(device)
         if key not in self.page_explainers:
-            description = load_description(self.model_dir)
-            self.page_explainers[key] = case_explainer(load_network(self.model_dir, device=key), description)
+            network = load_network(self.model_dir, device=key)
+            self.page_explainers[key] = case_explainer(network, self.network_description)
         return self.page_explainers[key]
 
     def writer(self, data: dict[str, Any], extension: Any = None, dtype: Any = None) -> tuple[Any, Any]:
@@ -90,7 +96,7 @@ class CasePageInferTask(BundleInferTask):
         # LabelRequestd's packed input (NaN = missing), as a plain tensor: MONAI's hooks need no metadata
         image = convert_to_tensor(data["image"], dtype=torch.float32, track_meta=False)[None]
         explanation = explainer(image, None, str(data.get("case_id") or "request"))
-        prep = load_description(self.model_dir).get("preprocessing") or {}
+        prep = self.network_description.get("preprocessing") or {}
         # a temporary file: the server deletes a result file once it has sent it
         fd, png = tempfile.mkstemp(prefix="cmml-case-page-", suffix=".png")
         os.close(fd)

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from cmml_monai.data.jsonio import atomic_path, atomic_write_text
+from cmml_monai.data.table import is_empty_cell
 from cmml_monai.evaluation.explain import PRESENT, CaseExplanation
 
 __all__ = [
@@ -154,8 +155,7 @@ def _inputs_text(explanation: CaseExplanation) -> str:
     if explanation.table is not None:
         lines.append(f"  table: {'present' if explanation.table_status == PRESENT else explanation.table_status}")
         for column, value in explanation.table.items():
-            given = value is not None and not (isinstance(value, float) and np.isnan(value)) and str(value) != ""
-            lines.append(f"    {column}: {str(value)[:20] if given else '(missing)'}")
+            lines.append(f"    {column}: {'(missing)' if is_empty_cell(value) else str(value)[:20]}")
     if explanation.completed:
         lines.append("Completed by the model: " + ", ".join(explanation.completed))
     return "\n".join(lines[:40])
