@@ -436,3 +436,15 @@ def test_listener_sends_the_sc_with_the_sr(men_bundle, tmp_path, caplog):
     assert refs[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sc.SOPInstanceUID
     assert "case page (Grad-CAM maps)" in caplog.text and "stored at PACS" in caplog.text
     assert MARKER not in caplog.text and MARKER_DATE not in caplog.text
+
+
+def test_page_marks_a_cell_missing_by_the_rule_that_made_it_nan_for_the_model():
+    # a blank or NA cell is missing for the model (data.table.is_empty_cell), so the page must not call it given
+    from cmml_monai.evaluation.casepage import _inputs_text
+    from cmml_monai.evaluation.explain import PRESENT, CaseExplanation
+
+    table = {"age": "  ", "sex": float("nan"), "site": None, "size": 3.5, "kind": "ab"}
+    text = _inputs_text(CaseExplanation("c1", {"a": 1.0}, "a", "Grad-CAM", [], 2, table, PRESENT))
+    for column in ("age", "sex", "site"):
+        assert f"    {column}: (missing)" in text
+    assert "    size: 3.5" in text and "    kind: ab" in text
